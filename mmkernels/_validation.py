@@ -1,0 +1,65 @@
+"""Input checks shared by every op family.
+
+Each raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
+shape, device, value) with a message naming the argument, before any kernel
+runs.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tensor(x, name: str, ndim: int | None = None) -> torch.Tensor:
+    """Check that ``x`` is a tensor of rank ``ndim`` (when given)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def floating(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Check that ``x`` has a supported floating dtype (fp32, bf16, fp16, fp64)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return x
+
+
+def same_dtype(*named: tuple[str, torch.Tensor]) -> None:
+    """Check that all tensors share one dtype."""
+    (n0, t0), rest = named[0], named[1:]
+    for n, t in rest:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but {n0} has dtype {t0.dtype}; use one dtype")
+
+
+def same_device(*named: tuple[str, torch.Tensor]) -> None:
+    """Check that all tensors live on one device."""
+    (n0, t0), rest = named[0], named[1:]
+    for n, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device}; use one device")
+
+
+def nonempty(x: torch.Tensor, name: str) -> None:
+    """Check that no dimension of ``x`` is zero."""
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+
+
+def index_range(idx: torch.Tensor, name: str, upper: int) -> None:
+    """Check ``0 <= idx < upper`` elementwise without a host synchronisation on CUDA.
+
+    On CPU (eager) this is a ``ValueError``. On CUDA, or while compiling, it is
+    an asynchronous device-side assert (``torch._assert_async``), so the op
+    stays free of host synchronisation and CUDA-graph safe.
+    """
+    ok = (idx >= 0) & (idx < upper)
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            bad = idx[~ok][0].item()
+            raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
+    else:
+        torch._assert_async(ok.all(), f"{name} out of range [0, {upper})")

@@ -1,0 +1,195 @@
+"""Contrastive losses users call: ``contrastive_loss``, ``infonce_loss``, ``ContrastiveLoss``.
+
+The ``[N, M]`` logits are never materialised on the ``cpu`` and ``triton``
+backends: the registered op ``mmkernels::contrastive_stats`` returns per-row
+and per-column log-sum-exp, sums and positive logits, and the loss is an O(N)
+expression of them. With label smoothing ``eps`` (as in
+``torch.nn.functional.cross_entropy``) the cross-entropy of row ``i`` is
+``lse_i - (1 - eps) * L[i, t_i] - eps * mean_j L[i, j]``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .. import _backend
+from .. import _validation as check
+from . import reference
+from .ops import contrastive_stats, stats_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class ContrastiveStats(NamedTuple):
+    """Top-1 retrieval accuracy computed in the loss's own pass (0-dim float32 tensors).
+
+    A row (column) counts as correct when its positive logit equals the row's
+    (column's) maximum; ties with the maximum count as correct.
+    """
+    i2t_accuracy: torch.Tensor
+    t2i_accuracy: torch.Tensor
+
+
+def _scale_tensor(logit_scale, like: torch.Tensor) -> torch.Tensor:
+    """``logit_scale`` (float, or tensor of one element) as a 0-dim float32 tensor on ``like``'s device
+    (float64 for float64 features).
+
+    A tensor keeps its autograd graph, so a learnable scale receives its gradient.
+    """
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must have one element, got shape {tuple(logit_scale.shape)}")
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
+        return logit_scale.reshape(()).to(device=like.device, dtype=stats_dtype(like.dtype))
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a float or a 0-dim tensor, got {type(logit_scale).__name__}")
+    return torch.full((), float(logit_scale), dtype=stats_dtype(like.dtype), device=like.device)
+
+
+def _check_options(label_smoothing: float, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
+    check.tensor(a, a_name, 2)
+    check.tensor(b, b_name, 2)
+    check.floating(a, a_name)
+    check.floating(b, b_name)
+    check.same_dtype((a_name, a), (b_name, b))
+    check.same_device((a_name, a), (b_name, b))
+    check.nonempty(a, a_name)
+    check.nonempty(b, b_name)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{a_name} has feature size {a.shape[1]} but {b_name} has {b.shape[1]}")
+
+
+def _resolve(features: torch.Tensor) -> str:
+    which = _backend.resolve(features.device)
+    if which == "triton" and features.dtype == torch.float64:
+        raise TypeError("the triton backend takes float32, bfloat16 or float16 features, got float64 "
+                        "(the cpu and reference backends take float64)")
+    return which
+
+
+def _cross_entropy(lse, pos, total, classes: int, label_smoothing: float):
+    """Per-row cross-entropy from the stats (float32 ``[N]``)."""
+    if label_smoothing == 0.0:
+        return lse - pos
+    return lse - (1.0 - label_smoothing) * pos - (label_smoothing / classes) * total
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
+                     label_smoothing: float = 0.0, reduction: str = "mean", return_stats: bool = False):
+    """Symmetric CLIP loss without the ``[N, N]`` logits: OpenCLIP ``ClipLoss`` on one process.
+
+    Args:
+        image_features: ``[N, D]`` float32/bfloat16/float16; row i pairs with row i of ``text_features``.
+        text_features: ``[N, D]``, same dtype and device. Used as given (normalise beforehand).
+        logit_scale: float or 0-dim tensor (a learnable one receives its gradient).
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        reduction: ``"mean"`` (default), ``"sum"``, or ``"none"`` (``[N]``, the mean of
+            pair i's image-to-text and text-to-image terms).
+        return_stats: also return ``ContrastiveStats(i2t_accuracy, t2i_accuracy)``.
+
+    Returns:
+        The loss in the features' dtype (0-dim, or ``[N]`` for ``"none"``), and the
+        stats when asked.
+
+    ``loss = (CE(L, arange(N)) + CE(L.T, arange(N))) / 2`` with ``L = logit_scale *
+    image_features @ text_features.T``; memory O(N * D) on the ``cpu``/``triton`` backends.
+    """
+    _check_pair(image_features, text_features, "image_features", "text_features")
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"image_features has {image_features.shape[0]} rows but text_features has "
+                         f"{text_features.shape[0]}; the symmetric loss needs one text per image "
+                         "(use infonce_loss for rectangular problems)")
+    _check_options(label_smoothing, reduction)
+    scale = _scale_tensor(logit_scale, image_features)
+    which = _resolve(image_features)
+    if which == "reference":
+        return reference.contrastive_loss_reference(
+            image_features, text_features, scale.to(image_features.dtype), label_smoothing=label_smoothing,
+            reduction=reduction, return_stats=return_stats)
+
+    n = image_features.shape[0]
+    targets = torch.arange(n, device=image_features.device)
+    row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum = contrastive_stats(
+        image_features, text_features, scale, targets, True, which)
+    per_pair = 0.5 * (_cross_entropy(row_lse, pos, row_sum, n, label_smoothing)
+                      + _cross_entropy(col_lse, pos, col_sum, n, label_smoothing))
+    loss = reference.reduce(per_pair, reduction).to(image_features.dtype)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        stats = ContrastiveStats((pos >= row_max).to(torch.float32).mean(),
+                                 (pos >= col_max).to(torch.float32).mean())
+    return loss, stats
+
+
+def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targets=None,
+                 label_smoothing: float = 0.0, reduction: str = "mean"):
+    """One-direction InfoNCE over a rectangular ``[N, M]`` similarity, never materialised.
+
+    Args:
+        queries: ``[N, D]`` float32/bfloat16/float16.
+        keys: ``[M, D]``, same dtype and device (e.g. ``[text; queue]`` in ALBEF/BLIP/MoCo,
+            or features gathered from all ranks).
+        logit_scale: float or 0-dim tensor (a learnable one receives its gradient).
+        targets: ``[N]`` int64 indices into ``keys`` (default ``arange(N)``, which needs
+            ``M >= N``; offset by rank for OpenCLIP's local loss).
+        label_smoothing: as in ``torch.nn.functional.cross_entropy`` (over the M classes).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``).
+
+    Returns ``CE(logit_scale * queries @ keys.T, targets)`` in the queries' dtype.
+    On CUDA the range check of ``targets`` is an asynchronous device assert (no host sync).
+    """
+    _check_pair(queries, keys, "queries", "keys")
+    _check_options(label_smoothing, reduction)
+    n, m = queries.shape[0], keys.shape[0]
+    if targets is None:
+        if m < n:
+            raise ValueError(f"default targets arange({n}) need at least {n} keys, got {m}; pass targets")
+        targets = torch.arange(n, device=queries.device)
+    else:
+        check.tensor(targets, "targets", 1)
+        if targets.dtype != torch.int64:
+            raise TypeError(f"targets must be int64, got {targets.dtype}")
+        if targets.shape[0] != n:
+            raise ValueError(f"targets has {targets.shape[0]} entries but queries has {n} rows")
+        check.same_device(("queries", queries), ("targets", targets))
+        check.index_range(targets, "targets", m)
+    scale = _scale_tensor(logit_scale, queries)
+    which = _resolve(queries)
+    if which == "reference":
+        return reference.infonce_loss_reference(
+            queries, keys, scale.to(queries.dtype), targets=targets,
+            label_smoothing=label_smoothing, reduction=reduction)
+    row_lse, _, row_sum, pos, _, _, _ = contrastive_stats(queries, keys, scale, targets, False, which)
+    per_row = _cross_entropy(row_lse, pos, row_sum, m, label_smoothing)
+    return reference.reduce(per_row, reduction).to(queries.dtype)
+
+
+class ContrastiveLoss(nn.Module):
+    """Drop-in for OpenCLIP ``ClipLoss`` on one process: ``forward(image_features, text_features, logit_scale)``.
+
+    Options are those of :func:`contrastive_loss`.
+    """
+
+    def __init__(self, *, label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        _check_options(label_smoothing, reduction)
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+
+    def forward(self, image_features, text_features, logit_scale):
+        return contrastive_loss(image_features, text_features, logit_scale,
+                                label_smoothing=self.label_smoothing, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"

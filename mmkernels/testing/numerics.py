@@ -1,0 +1,56 @@
+"""The project's one tolerance table and comparison rule (DESIGN.md, "Numerics").
+
+An output passes when every element satisfies ``|out - ref| <= atol + rtol * |ref|``
+against a float64 reference, and, when the same computation done by eager
+PyTorch in the output's dtype is given, its largest error is at most twice
+eager's (plus ``atol``). NaN never passes unless the reference is NaN there.
+"""
+from __future__ import annotations
+
+import torch
+
+#: dtype -> (atol, rtol)
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    "tf32": (3e-4, 3e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def tolerance(dtype, scale: float = 1.0) -> tuple[float, float]:
+    """``(atol, rtol)`` for ``dtype``; ``scale`` widens both for quantities summed over many terms."""
+    atol, rtol = TOLERANCES[dtype]
+    return atol * scale, rtol * scale
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype=None, *, eager: torch.Tensor | None = None,
+                 scale: float = 1.0, name: str = "output") -> None:
+    """Assert ``actual`` matches the float64 ``reference`` under the table's tolerance for ``dtype``.
+
+    ``dtype`` defaults to ``actual.dtype``. ``eager``: the same quantity computed by eager
+    PyTorch in ``dtype``; when given, ``max|actual - ref| <= 2 * max|eager - ref| + atol`` must hold too.
+    """
+    dtype = actual.dtype if dtype is None else dtype
+    atol, rtol = tolerance(dtype, scale)
+    if actual.shape != reference.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}")
+    a = actual.detach().to(torch.float64).cpu()
+    r = reference.detach().to(torch.float64).cpu()
+    nan_ok = torch.isnan(a) == torch.isnan(r)
+    if not bool(nan_ok.all()):
+        raise AssertionError(f"{name}: NaN pattern differs from the reference")
+    finite = ~torch.isnan(r)
+    err = (a - r).abs()[finite]
+    bound = (atol + rtol * r.abs())[finite]
+    if err.numel() and not bool((err <= bound).all()):
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(
+            f"{name} ({dtype}): max error {err.max().item():.3g}, worst element error {err[worst].item():.3g} "
+            f"> bound {bound[worst].item():.3g} (atol {atol:g}, rtol {rtol:g})")
+    if eager is not None and err.numel():
+        e = (eager.detach().to(torch.float64).cpu() - r).abs()[finite]
+        if err.max() > 2 * e.max() + atol:
+            raise AssertionError(f"{name} ({dtype}): max error {err.max().item():.3g} is more than twice "
+                                 f"eager PyTorch's {e.max().item():.3g} (+ atol {atol:g})")

@@ -1,0 +1,167 @@
+"""Every contrastive backend against the float64 reference: forward, every gradient, stats."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels.contrastive import reference
+from mmkernels.testing.numerics import assert_close
+
+from contrastive_cases import BACKENDS, features, have_backend, run_loss
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, D): every N in {1, 7, 97, 129} and every D in {1, 33, 88, 256} appears
+SHAPES = [(1, 33), (7, 1), (7, 88), (97, 33), (129, 256), (97, 88), (129, 1)]
+
+
+def _require(backend):
+    if not have_backend(backend):
+        pytest.fail(f"backend {backend} is not available in this test environment")
+
+
+def _compare_symmetric(backend, n, d, dtype, *, scale=14.3, label_smoothing=0.0, reduction="mean",
+                       normalize=True, magnitude=1.0, transform=lambda x: x):
+    img = features(n, d, dtype, seed=1, normalize=normalize, magnitude=magnitude)
+    txt = features(n, d, dtype, seed=2, normalize=normalize, magnitude=magnitude)
+    s = torch.tensor(scale, dtype=torch.float32)
+    weight = n if reduction == "mean" else 1.0
+    kw = dict(label_smoothing=label_smoothing, reduction=reduction)
+    out, (gi, gt), gs = run_loss(lambda a, b, c, **k: mmkernels.contrastive_loss(transform(a), transform(b), c, **k),
+                                 backend, [img, txt], s, weight, **kw)
+    ref, (ri, rt), rs = run_loss(reference.contrastive_loss_reference,
+                                 "reference", [img.double(), txt.double()], s.double(), weight, **kw)
+    eager, (ei, et), es = run_loss(reference.contrastive_loss_reference,
+                                   "reference", [img, txt], s.to(dtype), weight, **kw)
+    assert out.dtype == dtype and gi.dtype == dtype and gt.dtype == dtype
+    assert out.shape == ref.shape
+    assert_close(out, ref, eager=eager, name="loss")
+    assert_close(gi, ri, eager=ei, name="d image_features")
+    assert_close(gt, rt, eager=et, name="d text_features")
+    assert gs.dtype == torch.float32
+    assert_close(gs, rs, dtype, scale=4.0, name="d logit_scale")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_symmetric_matches_reference(backend, dtype, n, d):
+    _require(backend)
+    _compare_symmetric(backend, n, d, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_reductions_and_label_smoothing(backend, reduction, label_smoothing):
+    _require(backend)
+    _compare_symmetric(backend, 97, 33, torch.float32, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_scale_unnormalised_is_overflow_safe(backend, dtype):
+    """logit_scale 100 on features of norm ~6: logits in the thousands, exp would overflow naively."""
+    _require(backend)
+    _compare_symmetric(backend, 97, 33, dtype, scale=100.0, normalize=False, magnitude=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    _require(backend)
+    # a transposed copy viewed back (column-major) and a strided slice of a wider buffer
+    _compare_symmetric(backend, 97, 33, torch.float32, transform=lambda x: x.T.contiguous().T)
+    _compare_symmetric(backend, 97, 33, torch.float32,
+                       transform=lambda x: torch.cat([x, x], dim=1)[:, ::2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_logit_scale_and_no_grad_scale(backend):
+    _require(backend)
+    img, txt = features(33, 16, seed=3), features(33, 16, seed=4)
+    with mmkernels.backend(backend):
+        a = mmkernels.contrastive_loss(img, txt, 20.0)
+        b = mmkernels.contrastive_loss(img, txt, torch.tensor(20.0))
+    ref = reference.contrastive_loss_reference(img.double(), txt.double(), 20.0)
+    assert_close(a, ref)
+    assert_close(b, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_match_reference_accuracy(backend):
+    _require(backend)
+    n, d = 129, 8  # small D: many near-ties, so accuracy is neither 0 nor 1
+    img = features(n, d, seed=5)
+    txt = (img.double() + 0.8 * features(n, d, seed=6).double()).float()
+    with mmkernels.backend(backend):
+        loss, stats = mmkernels.contrastive_loss(img, txt, 10.0, return_stats=True)
+    _, (i2t, t2i) = reference.contrastive_loss_reference(img, txt, 10.0, return_stats=True)
+    assert 0.0 < float(i2t) < 1.0
+    assert stats.i2t_accuracy.item() == pytest.approx(i2t.item(), abs=1.5 / n)
+    assert stats.t2i_accuracy.item() == pytest.approx(t2i.item(), abs=1.5 / n)
+    # exact ties: identical features give identical logits in a row; the positive ties the max
+    same = features(1, d, seed=7).expand(5, d).contiguous()
+    with mmkernels.backend(backend):
+        _, tie = mmkernels.contrastive_loss(same, same, 3.0, return_stats=True)
+    assert tie.i2t_accuracy.item() == 1.0 and tie.t2i_accuracy.item() == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_features_give_nan_loss(backend):
+    _require(backend)
+    img, txt = features(7, 16, seed=8), features(7, 16, seed=9)
+    img[3, 5] = float("nan")
+    with mmkernels.backend(backend):
+        assert torch.isnan(mmkernels.contrastive_loss(img, txt, 10.0))
+        assert torch.isnan(mmkernels.infonce_loss(img, txt, 10.0))
+
+
+def _compare_infonce(backend, q, k, targets, dtype=torch.float32, label_smoothing=0.0, reduction="mean"):
+    s = torch.tensor(12.0)
+    kw = dict(targets=targets, label_smoothing=label_smoothing, reduction=reduction)
+    weight = q.shape[0] if reduction == "mean" else 1.0
+    out, (gq, gk), gs = run_loss(mmkernels.infonce_loss, backend, [q.to(dtype), k.to(dtype)], s, weight, **kw)
+    ref, (rq, rk), rs = run_loss(reference.infonce_loss_reference, "reference",
+                                 [q.double(), k.double()], s.double(), weight, **kw)
+    assert_close(out, ref, dtype, name="loss")
+    assert_close(gq, rq, dtype, name="d queries")
+    assert_close(gk, rk, dtype, name="d keys")
+    assert_close(gs, rs, dtype, scale=4.0, name="d logit_scale")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infonce_with_queue(backend, dtype):
+    """ALBEF/BLIP/MoCo style: keys are [in-batch texts; queue], default targets arange(N)."""
+    _require(backend)
+    q = features(37, 40, seed=10)
+    keys = torch.cat([features(37, 40, seed=11), features(160, 40, seed=12)])
+    _compare_infonce(backend, q, keys, None, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing,reduction", [(0.0, "mean"), (0.1, "none"), (0.2, "sum")])
+def test_infonce_with_offset_targets(backend, label_smoothing, reduction):
+    """OpenCLIP local loss: keys gathered from 3 ranks, targets offset by this rank (1)."""
+    _require(backend)
+    n = 29
+    q = features(n, 24, seed=13)
+    keys = features(3 * n, 24, seed=14)
+    targets = torch.arange(n) + n
+    _compare_infonce(backend, q, keys, targets, label_smoothing=label_smoothing, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_random_targets_fewer_keys_than_queries(backend):
+    _require(backend)
+    g = torch.Generator().manual_seed(15)
+    q, k = features(97, 33, seed=16), features(7, 33, seed=17)
+    _compare_infonce(backend, q, k, torch.randint(0, 7, (97,), generator=g))
+
+
+def test_module_matches_function():
+    img, txt = features(33, 16, seed=18), features(33, 16, seed=19)
+    mod = mmkernels.ContrastiveLoss(label_smoothing=0.1)
+    assert_close(mod(img, txt, torch.tensor(9.0)),
+                 reference.contrastive_loss_reference(img.double(), txt.double(), 9.0, label_smoothing=0.1))
+    assert "label_smoothing=0.1" in repr(mod)
