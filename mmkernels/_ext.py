@@ -7,13 +7,14 @@ tensors are served by the ``reference`` backend.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 C = None          # the module, or None
 LOAD_ERROR = None  # why it failed to load, as text
 
 try:  # pragma: no branch
-    from . import _C as C  # type: ignore[attr-defined, no-redef]
+    C = importlib.import_module("mmkernels._C")
 except Exception as exc:  # ImportError, or an undefined-symbol OSError from a torch mismatch
     C = None
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
