@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: the one command to run on a lent GPU machine.
+#
+#   device tool:  run(command="BENCH_GIT_COMMIT=<sha> bash bench/gpu_check.sh", timeout_s=480)
+#                 (<sha> = `git rev-parse HEAD` here, pasted in: the machine gets the
+#                 working tree without .git, so the results would say commit "unknown")
+#   with peers:   bash bench/fetch_peer_wheels.sh here first, then
+#                 run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=480)
+#
+# What it does (about 7 minutes at most, nothing fetched from any network,
+# nothing built: the GPU path is pure Python, run from this checkout with
+# PYTHONPATH=$PWD and MMKERNELS_NO_EXT=1):
+#   1. prints nvidia-smi, clocks and versions                       -> $OUT/env.txt
+#   2. installs carried wheels from .whl/ into /tmp/site, if any     (pip --no-index)
+#   3. python3 -m pytest -m gpu -x -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 180) -> $OUT/tests.log
+#      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
+#      the reference's loss and gradients at small sizes on the GPU
+#      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 60)  -> appended to tests.log
+#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 180) -> $OUT/bench.log
+#      and moves its results.json, results.md and plot.png to the top of $OUT
+#      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
+# The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
+# failed or timed out; 2 bench failed (an mmkernels measurement errored, or the
+# bench crashed); 4 a bench provider disagrees with the reference.
+# Commit what it wrote under bench/results/<date>-<gpu>/.
+#
+# Outside the device tool, OUT defaults to bench/out/gpu_check. For a dry run
+# of the script's plumbing on a machine without a GPU:
+#   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+OUT=${OUT:-$PWD/bench/out/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+TEST_T=${GPU_CHECK_TEST_TIMEOUT:-180}
+AGREE_T=${GPU_CHECK_AGREE_TIMEOUT:-60}
+BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-180}
+export PYTHONUNBUFFERED=1 MMKERNELS_NO_EXT=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+# 1. the machine ------------------------------------------------------------
+{
+  echo "== gpu_check $(date -u +%FT%TZ) on $(uname -srm)"
+  nvidia-smi || echo "nvidia-smi failed"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit \
+    --format=csv 2>/dev/null || true
+  "$PY" - <<'PYEOF'
+import sys
+import torch
+print(f"python {sys.version.split()[0]} | torch {torch.__version__} (CUDA {torch.version.cuda}) | cuda available: {torch.cuda.is_available()}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except Exception as exc:
+    print(f"triton not importable: {exc}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+PYEOF
+} 2>&1 | tee "$OUT/env.txt"
+
+# 2. carried wheels (peers), never the network ------------------------------------
+if compgen -G ".whl/*.whl" >/dev/null; then
+  echo "== installing carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')" | tee -a "$OUT/env.txt"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      2>&1 | tee -a "$OUT/env.txt"; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  else
+    echo "wheel install failed: the peers will be skipped" | tee -a "$OUT/env.txt"
+  fi
+else
+  echo "== no .whl/ carried: open_clip and inf_cl will be skipped (bench/fetch_peer_wheels.sh)" | tee -a "$OUT/env.txt"
+fi
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/env.txt"
+import importlib
+for name in ("mmkernels", "open_clip", "inf_cl"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"import {name}: ok {getattr(mod, '__version__', '')}")
+    except Exception as exc:
+        print(f"import {name}: {type(exc).__name__}: {exc}")
+PYEOF
+
+# 3. GPU tests ---------------------------------------------------------------
+TEST_RC=0
+if [ -d tests ]; then
+  echo "== [$(elapsed) s] pytest -m gpu -x -q tests (limit ${TEST_T} s)"
+  timeout -k 10 "$TEST_T" "$PY" -m pytest -m gpu -x -q tests 2>&1 | tee "$OUT/tests.log"
+  TEST_RC=${PIPESTATUS[0]}
+  case $TEST_RC in
+    0) echo "GPU tests: passed" ;;
+    5) echo "GPU tests: none collected (pytest exit 5)"; TEST_RC=0 ;;
+    124 | 137) echo "GPU tests: TIMED OUT after ${TEST_T} s" ;;
+    *) echo "GPU tests: FAILED (pytest exit $TEST_RC)" ;;
+  esac
+else
+  echo "== no tests/ folder: GPU tests skipped" | tee "$OUT/tests.log"
+fi
+
+# 3b. the bench's providers compute the same function as the reference (small sizes)
+echo "== [$(elapsed) s] pytest bench/test_bench.py -k agrees on $DEVICE (limit ${AGREE_T} s)"
+BENCH_DEVICE=$DEVICE timeout -k 10 "$AGREE_T" "$PY" -m pytest bench/test_bench.py -k agrees -q -p no:cacheprovider \
+  2>&1 | tee -a "$OUT/tests.log"
+AGREE_RC=${PIPESTATUS[0]}
+[ "$AGREE_RC" -eq 5 ] && AGREE_RC=0
+[ "$AGREE_RC" -ne 0 ] && echo "bench providers: DISAGREE with the reference or failed (exit $AGREE_RC)"
+
+# 4. quick benchmark ---------------------------------------------------------------
+echo "== [$(elapsed) s] python -m bench --quick --device $DEVICE (limit ${BENCH_T} s)"
+timeout -k 15 "$BENCH_T" "$PY" -m bench --quick --device "$DEVICE" --out "$OUT/bench" \
+  --time-budget $((BENCH_T > 60 ? BENCH_T - 40 : BENCH_T / 2)) 2>&1 | tee "$OUT/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+for f in results.json results.md plot.png; do
+  if [ -f "$OUT/bench/$f" ]; then mv "$OUT/bench/$f" "$OUT/$f"; else echo "missing: bench/$f"; fi
+done
+rm -rf "$OUT/bench"
+
+RC=0
+[ "$TEST_RC" -ne 0 ] && RC=1
+[ "$BENCH_RC" -ne 0 ] && RC=$((RC + 2))
+[ "$AGREE_RC" -ne 0 ] && RC=$((RC + 4))
+echo "== gpu_check done in $(elapsed) s: tests exit $TEST_RC, providers-agree exit $AGREE_RC, bench exit $BENCH_RC -> exit $RC"
+echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+exit $RC

@@ -1,0 +1,237 @@
+"""The benchmark cases under pytest-benchmark, plus checks of the harness.
+
+``pytest bench/`` runs the same cases and providers as ``python -m bench``
+(both read ``bench/cases/``), at small CPU sizes by default (profile
+``pytest``). Environment variables pick others::
+
+    pytest bench/ --benchmark-disable -q               # every case once: a smoke test
+    pytest bench/ --benchmark-only --benchmark-save=X  # store timings (.benchmarks/)
+    pytest bench/ --benchmark-only --benchmark-compare # compare with the last stored run
+    BENCH_PROFILE=quick pytest bench/ --benchmark-only # the --quick sizes (CPU: N 1024/4096)
+    BENCH_DEVICE=cuda BENCH_PROFILE=quick pytest bench/ --benchmark-only
+
+Only relative numbers between commits on the same machine mean anything here;
+the performance record is ``python -m bench`` on a GPU (bench/results/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench import harness, report
+from bench.cases import FAMILIES, collect
+from bench.cases import contrastive as C
+
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+PROFILE = os.environ.get("BENCH_PROFILE", "pytest")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+_DEVICE_OK = DEVICE == "cpu" or torch.cuda.is_available()
+PAIRS = harness.plan(collect(list(FAMILIES), DEVICE, PROFILE)) if _DEVICE_OK else []
+
+
+def _pair_id(pair) -> str:
+    case, prov = pair
+    return f"{case.id}-{prov.name}"
+
+
+def _sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------
+# The cases, timed by pytest-benchmark
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,provider", PAIRS, ids=[_pair_id(p) for p in PAIRS])
+def test_case(benchmark, case, provider):
+    reason = harness.preflight(case, provider, harness.RunOptions())
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(case.seed)
+    inputs = case.make_inputs(case)
+    leaves = harness.grad_leaves(inputs)
+    step = harness.make_step(case, provider, inputs)
+
+    def run():
+        out = step()
+        _sync()
+        return out
+
+    benchmark.group = case.id
+    benchmark.extra_info.update(
+        case=case.id, provider=provider.name, shape=dict(case.shape), dtype=case.dtype, device=case.device, mode=case.mode
+    )
+    out = benchmark.pedantic(run, setup=lambda: harness.clear_grads(leaves), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    assert torch.isfinite(out).all()
+    if case.mode == "fwd+bwd":
+        for leaf in leaves:
+            assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+# --------------------------------------------------------------------------
+# Every provider computes the same function (so that the speedups compare
+# like with like): loss and gradients against the reference in float64
+# --------------------------------------------------------------------------
+
+TOL = {"float32": (2e-4, 1e-5), "bfloat16": (3e-2, 3e-2), "float16": (5e-3, 5e-3)}
+AGREE = [
+    (c, p)
+    for c, p in PAIRS
+    if not c.rate_probe and p.name != "reference" and any(q.name == "reference" for q in c.providers)
+]
+
+
+@pytest.mark.parametrize("case,provider", AGREE, ids=[_pair_id(p) for p in AGREE])
+def test_provider_agrees_with_reference(case, provider):
+    reason = harness.preflight(case, provider, harness.RunOptions())
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(case.seed)
+    inputs = case.make_inputs(case)
+    out = provider.fn(**inputs)
+    out.backward()
+    ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    ref = case.provider("reference").fn(**ref_inputs)
+    ref.backward()
+    rtol, atol = TOL[case.dtype]
+    torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=rtol, atol=atol)
+    for name, v in inputs.items():
+        if v.requires_grad:
+            torch.testing.assert_close(v.grad.double(), ref_inputs[name].grad, rtol=rtol, atol=atol, msg=lambda m: f"grad of {name}: {m}")
+
+
+# --------------------------------------------------------------------------
+# The harness itself
+# --------------------------------------------------------------------------
+
+
+def test_reference_is_openclip_formula():
+    """The reference provider equals the symmetric InfoNCE written out by hand."""
+    case = C.clip_case(64, 16, "float64", "cpu")
+    x = case.make_inputs(case)
+    img, txt, s = x["image_features"], x["text_features"], x["logit_scale"]
+    logits = s * img @ txt.T
+    lse_rows = torch.logsumexp(logits, dim=1)
+    lse_cols = torch.logsumexp(logits, dim=0)
+    diag = torch.diagonal(logits)
+    expect = ((lse_rows - diag).mean() + (lse_cols - diag).mean()) / 2
+    torch.testing.assert_close(C.clip_reference(img, txt, s), expect)
+
+
+def test_cli_writes_json_md_png(tmp_path):
+    from bench.__main__ import main
+
+    out = tmp_path / "run"
+    rc = main(
+        ["--profile", "pytest", "--device", "cpu", "--family", "contrastive", "--providers", "reference",
+         "--size", "N=64,128", "--size", "D=32", "--no-isolate", "--out", str(out)]
+    )
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    for key in ("device_name", "torch", "triton", "python", "git_commit", "date"):
+        assert key in doc["env"]
+    res = doc["results"]
+    ran = [r for r in res if r["provider"] == "reference"]
+    assert ran and all(r["status"] == "ok" and r["time_ms"] > 0 for r in ran)
+    assert any(r["rate_probe"] and r["status"] == "ok" for r in res)
+    skipped = [r for r in res if r["status"] == "skipped"]
+    assert all(r["reason"] for r in skipped)
+    md = (out / "results.md").read_text()
+    assert "| 64 | 32 | fp32 | reference |" in md and "GPU-only" in md
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_isolated_cpu_measurement_reports_memory():
+    case = C.clip_case(512, 64, "float32", "cpu")
+    rec = harness.measure_isolated(case, case.provider("reference"), harness.RunOptions(cpu_max_reps=3, timeout_s=300))
+    assert rec["status"] == "ok", rec
+    logits = 512 * 512 * 4
+    # the reference holds at least two N x N logits-sized matrices at its peak
+    assert 2 * logits <= rec["mem_extra_bytes"] <= 40 * logits, rec
+    assert rec["mem_method"].startswith("rss")
+
+
+def _oom(**_):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+
+
+def _huge(case):
+    return 1 << 60
+
+
+def test_skips_are_recorded_with_reasons():
+    case = C.clip_case(64, 16, "float32", "cpu")
+    opts = harness.RunOptions()
+    rec = harness.measure(case, harness.Provider("oom", _oom), opts)
+    assert (rec["status"], rec["reason"]) == ("skipped", "out of memory")
+    rec = harness.measure(case, harness.Provider("big", C.clip_reference, mem_estimate=_huge), opts)
+    assert rec["status"] == "skipped" and rec["reason"].startswith("estimated")
+
+
+def test_report_ratios_and_markdown():
+    case = C.clip_case(4096, 512, "float32", "cpu")
+
+    def rec(provider, ms, mem):
+        r = harness.base_record(case, case.provider(provider))
+        r.update(status="ok", time_ms=ms, reps=3, mem_extra_bytes=mem, tflops=case.flops / (ms * 1e-3) / 1e12)
+        return r
+
+    base, ref = rec("mmkernels", 10.0, 4 * harness.MiB), rec("reference", 25.0, 400 * harness.MiB)
+    speed, mem = report.ratios(ref, base)
+    assert speed == pytest.approx(2.5) and mem == pytest.approx(100.0)
+    env = {"device_name": "test", "argv": ["python -m bench"], "git_commit": "abc"}
+    md = report.markdown(env, [base, ref], [])
+    assert "2.50x / 100x" in md
+
+
+class _FakeEvent:
+    """CUDA event stand-in: host clock (enough to drive the CUDA code path on CPU tensors)."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        import time
+
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+def _cpu_inputs_for_fake_cuda(case):
+    import dataclasses
+
+    return C.make_clip_inputs(dataclasses.replace(case, device="cpu"))
+
+
+def test_cuda_code_path_with_a_fake_device(monkeypatch):
+    """The CUDA-only branch of measure() (events, peak memory, L2 flush), driven on
+    CPU tensors with torch.cuda stubbed, so that CI without a GPU still runs it."""
+    import dataclasses
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(cuda, "empty_cache", lambda *a, **k: None)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda *a, **k: (64 << 30, 80 << 30))
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda *a, **k: 1000)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda *a, **k: 1000 + 5 * harness.MiB)
+    monkeypatch.setattr(cuda, "Event", _FakeEvent)
+    monkeypatch.setitem(harness._FLUSH, "cuda", torch.empty(1 << 20, dtype=torch.int8))
+    case = dataclasses.replace(C.clip_case(256, 64, "float32", "cuda"), make_inputs=_cpu_inputs_for_fake_cuda)
+    opts = harness.RunOptions(budget_ms=20, warmup_ms=5, min_reps=3, max_reps=8)
+    rec = harness.measure(case, case.provider("reference"), opts)
+    assert rec["status"] == "ok", rec
+    assert 3 <= rec["reps"] <= 8 and rec["time_ms"] > 0
+    grads = 2 * 256 * 64 * 4 + 4
+    assert rec["grad_bytes"] == grads and rec["mem_extra_bytes"] == 5 * harness.MiB - grads
+    assert rec["mem_method"] == "cuda max_memory_allocated"
