@@ -1,0 +1,537 @@
+"""Compile Triton kernels for the H100/H200 (sm_90a) on a machine without a GPU.
+
+Usage::
+
+    from mmkernels.testing import sm90
+    rep = sm90.compile_sm90(my_kernel, signature={"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"},
+                            constexprs={"BLOCK": 128}, num_warps=4, num_stages=3,
+                            divisible_by_16=["x_ptr", "n"])
+    sm90.assert_sm90_ok(rep, tensor_cores=True)   # no spills, smem <= 227 KB, wgmma/HGMMA
+    print(rep.summary())
+
+``compile_sm90_many`` compiles a list of :class:`CompileJob` (optionally in
+parallel worker processes) and returns one :class:`Sm90Report` per job;
+a job that fails to compile gives a report whose ``error`` is set.
+
+How it works: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 128))``
+produces PTX and a cubin with Triton's bundled ptxas.  ``ptxas -v --gpu-name
+sm_90a`` is run again on the PTX to read registers and spills, and
+``cuobjdump --dump-sass`` on the cubin to look for HGMMA/HMMA.  Both tools ship
+inside the triton wheel (``triton/backends/nvidia/bin``); ``TRITON_PTXAS_PATH``
+and ``TRITON_CUOBJDUMP_PATH`` override them.
+
+Interpreter mode: with ``TRITON_INTERPRET=1`` set when the kernel's module was
+imported, ``@triton.jit`` returns an interpreter wrapper that cannot be
+compiled (nor can the jitted helpers it calls).  In that case (or when asked
+with ``in_subprocess=True`` / ``workers > 1``) the jobs run in a fresh Python
+process without ``TRITON_INTERPRET``, which re-imports the kernel by module and
+qualified name (so kernels must be module-level objects), and the reports come
+back as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SMEM_LIMIT_BYTES = 232448  # 227 KB: the most one H100/H200 block can use
+TARGET_ARCH = 90
+# GPUTarget's third field is the warp size; the CUDA driver reports 32 (the NVIDIA
+# backend takes the warp size from its options, so any value compiles the same).
+TARGET_WARP_SIZE = 32
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Sm90ToolMissing(RuntimeError):
+    """ptxas or cuobjdump (bundled with triton) could not be found."""
+
+
+class Sm90CompileError(RuntimeError):
+    """triton.compile or ptxas failed for a job."""
+
+
+@dataclass
+class CompileJob:
+    kernel: Any  # JITFunction, InterpretedFunction, Autotuner/Heuristics wrapper or plain function
+    signature: dict  # name -> "*bf16" | "i32" | "fp32" | "constexpr" | ...
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    divisible_by_16: Sequence[str] = ()
+    options: dict = field(default_factory=dict)  # extra triton compile options
+    label: str = ""
+
+
+@dataclass
+class Sm90Report:
+    label: str
+    kernel_name: str
+    num_warps: int
+    num_stages: int
+    error: str | None = None
+    shared_bytes: int = 0  # dynamic shared memory Triton asks for at launch (+ static from ptxas)
+    registers: int = 0
+    spill_stores: int = 0  # bytes
+    spill_loads: int = 0  # bytes
+    stack_frame: int = 0  # bytes
+    triton_version: str = ""
+    ptx_wgmma: bool = False
+    ptx_mma: bool = False
+    sass_hgmma: bool = False
+    sass_hmma: bool = False
+    ptxas_log: str = field(default="", repr=False)
+    ptx: str = field(default="", repr=False)
+    sass: str = field(default="", repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def tensor_cores(self) -> bool:
+        return (self.ptx_wgmma or self.ptx_mma) and (self.sass_hgmma or self.sass_hmma)
+
+    def summary(self) -> str:
+        if self.error:
+            first = self.error.strip().splitlines()[-1] if self.error.strip() else "?"
+            return f"{self.label or self.kernel_name}: ERROR {first}"
+        tc = "wgmma/HGMMA" if self.ptx_wgmma and self.sass_hgmma else (
+            "mma/HMMA" if self.ptx_mma and self.sass_hmma else "none")
+        return (f"{self.label or self.kernel_name}: warps={self.num_warps} stages={self.num_stages} "
+                f"regs={self.registers} spill_st={self.spill_stores} spill_ld={self.spill_loads} "
+                f"smem={self.shared_bytes} tensor_cores={tc}")
+
+
+# ---------------------------------------------------------------------------
+# tools
+# ---------------------------------------------------------------------------
+
+
+def _missing(name: str, env: str) -> Sm90ToolMissing:
+    return Sm90ToolMissing(
+        f"{name} not found: expected it in triton/backends/nvidia/bin/ (shipped with the triton "
+        f"wheel for NVIDIA) or at ${env}. The sm_90 compile tier needs it; install the "
+        f"triton wheel with its NVIDIA backend or point {env} at a CUDA toolkit's {name}.")
+
+
+def _bundled(name: str) -> Path | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return p if p.exists() else None
+
+
+def ptxas_path() -> str:
+    """The ptxas Triton itself uses for sm_90 (Triton 3.9 picks its newer 'ptxas-blackwell')."""
+    override = os.environ.get("TRITON_PTXAS_PATH")
+    if override and os.path.exists(override):
+        return override
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        p = get_ptxas(TARGET_ARCH).path
+        if p and os.path.exists(p):
+            return p
+    except Exception:
+        pass
+    p = _bundled("ptxas")
+    if p is None:
+        raise _missing("ptxas", "TRITON_PTXAS_PATH")
+    return str(p)
+
+
+def cuobjdump_path() -> str:
+    override = os.environ.get("TRITON_CUOBJDUMP_PATH")
+    if override and os.path.exists(override):
+        return override
+    try:
+        from triton import knobs
+        p = knobs.nvidia.cuobjdump.path
+        if p and os.path.exists(p):
+            return p
+    except Exception:
+        pass
+    p = _bundled("cuobjdump")
+    if p is None:
+        raise _missing("cuobjdump", "TRITON_CUOBJDUMP_PATH")
+    return str(p)
+
+
+def check_tools() -> None:
+    """Raise Sm90ToolMissing with a clear message if a tool is missing."""
+    ptxas_path()
+    cuobjdump_path()
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------
+# in-process compilation
+# ---------------------------------------------------------------------------
+
+
+def _python_fn(kernel):
+    """The undecorated Python function under jit/interpreter/autotune wrappers."""
+    f = kernel
+    for _ in range(16):
+        inner = getattr(f, "fn", None)
+        if inner is None:
+            break
+        f = inner
+    if not callable(f):
+        raise TypeError(f"not a kernel: {kernel!r}")
+    return f
+
+
+def _jit_function(kernel):
+    from triton.runtime.jit import JITFunction
+    f = kernel
+    for _ in range(16):
+        if isinstance(f, JITFunction):
+            return f
+        inner = getattr(f, "fn", None)
+        if inner is None:
+            break
+        f = inner
+    # a plain function, or an interpreter wrapper (TRITON_INTERPRET=1 at import):
+    # build the JITFunction directly (triton.jit would wrap it for the
+    # interpreter again).  Jitted helpers it calls must be JITFunctions too,
+    # which is why interpreter mode compiles in a subprocess by default.
+    return JITFunction(_python_fn(kernel))
+
+
+def _parse_ptxas(log: str) -> dict:
+    out = {"registers": 0, "spill_stores": 0, "spill_loads": 0, "stack_frame": 0, "static_smem": 0}
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        out["registers"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        out["stack_frame"], out["spill_stores"], out["spill_loads"] = map(int, m.groups())
+    m = re.search(r"(\d+) bytes smem", log)
+    if m:
+        out["static_smem"] = int(m.group(1))
+    return out
+
+
+def _target():
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", TARGET_ARCH, TARGET_WARP_SIZE)
+
+
+def _attrs_for(jit_fn, divisible: Iterable[str]):
+    """Divisibility hints in the ASTSource ``attrs`` format of Triton 3.3+."""
+    names = list(jit_fn.arg_names)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+
+
+def _compile_in_process(job: CompileJob) -> Sm90Report:
+    import triton
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(job.kernel)
+    name = getattr(fn, "__name__", "kernel")
+    rep = Sm90Report(label=job.label, kernel_name=name, num_warps=job.num_warps,
+                     num_stages=job.num_stages, triton_version=triton.__version__)
+    try:
+        arg_names = list(fn.arg_names)
+        missing = [n for n in arg_names if n not in job.signature]
+        if missing:
+            raise ValueError(f"signature lacks {missing}")
+        sig = {n: job.signature[n] for n in arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(job.constexprs),
+                        attrs=_attrs_for(fn, job.divisible_by_16))
+        opts = {"num_warps": job.num_warps, "num_stages": job.num_stages, **job.options}
+        compiled = triton.compile(src, target=_target(), options=opts)
+        ptx = compiled.asm["ptx"]
+        cubin = compiled.asm["cubin"]
+        rep.ptx = ptx
+        rep.shared_bytes = int(getattr(compiled.metadata, "shared", 0) or 0)
+        with tempfile.TemporaryDirectory(prefix="mmk_sm90_") as td:
+            ptx_file = Path(td) / "k.ptx"
+            ptx_file.write_text(ptx)
+            cubin_file = Path(td) / "k.cubin"
+            r = subprocess.run([ptxas_path(), "-lineinfo", "-v", "--gpu-name", "sm_90a",
+                                str(ptx_file), "-o", str(Path(td) / "v.cubin")],
+                               capture_output=True, text=True)
+            rep.ptxas_log = r.stdout + r.stderr
+            if r.returncode != 0:
+                raise Sm90CompileError(f"ptxas failed:\n{rep.ptxas_log}")
+            cubin_file.write_bytes(cubin)
+            r = subprocess.run([cuobjdump_path(), "--dump-sass", str(cubin_file)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise Sm90CompileError(f"cuobjdump failed:\n{r.stdout}{r.stderr}")
+            rep.sass = r.stdout
+        p = _parse_ptxas(rep.ptxas_log)
+        rep.registers = p["registers"]
+        rep.spill_stores = p["spill_stores"]
+        rep.spill_loads = p["spill_loads"]
+        rep.stack_frame = p["stack_frame"]
+        rep.shared_bytes += p["static_smem"]
+        rep.ptx_wgmma = "wgmma" in ptx
+        rep.ptx_mma = re.search(r"\bmma\.sync", ptx) is not None
+        rep.sass_hgmma = "HGMMA" in rep.sass
+        rep.sass_hmma = "HMMA" in rep.sass
+    except Sm90ToolMissing:
+        raise
+    except Exception:
+        rep.error = traceback.format_exc()
+    return rep
+
+
+# ---------------------------------------------------------------------------
+# subprocess compilation (interpreter mode, parallel workers)
+# ---------------------------------------------------------------------------
+
+
+def _encode_value(v):
+    try:
+        import triton.language as tl
+        if isinstance(v, tl.dtype):
+            return {"__tl_dtype__": v.name}
+    except ImportError:
+        pass
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    raise TypeError(f"constexpr value {v!r} cannot be sent to the compile subprocess; "
+                    "use bool/int/float/str/tl.dtype")
+
+
+def _decode_value(v):
+    if isinstance(v, dict) and "__tl_dtype__" in v:
+        import triton.language as tl
+        name = v["__tl_dtype__"]
+        return getattr(tl, _TL_NAMES.get(name, name))
+    return v
+
+
+_TL_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64",
+             "i32": "int32", "i64": "int64", "i16": "int16", "i8": "int8", "u8": "uint8",
+             "int1": "int1"}
+
+
+def _locate(kernel) -> dict:
+    f = _python_fn(kernel)
+    qual = f.__qualname__
+    if "<locals>" in qual:
+        raise Sm90CompileError(
+            f"kernel {qual} is defined inside a function; the compile subprocess can only "
+            "re-import module-level kernels (or run without TRITON_INTERPRET)")
+    mod = sys.modules.get(f.__module__)
+    file = getattr(mod, "__file__", None)
+    return {"module": f.__module__, "file": file, "qualname": qual}
+
+
+def _job_to_json(job: CompileJob) -> dict:
+    return {
+        "where": _locate(job.kernel),
+        "signature": dict(job.signature),
+        "constexprs": {k: _encode_value(v) for k, v in job.constexprs.items()},
+        "num_warps": job.num_warps, "num_stages": job.num_stages,
+        "divisible_by_16": list(job.divisible_by_16),
+        "options": {k: _encode_value(v) for k, v in job.options.items()},
+        "label": job.label,
+    }
+
+
+def _import_kernel(where: dict):
+    mod = None
+    try:
+        mod = importlib.import_module(where["module"])
+    except Exception:
+        if not where.get("file"):
+            raise
+    if mod is None or not _has_path(mod, where["qualname"]):
+        spec = importlib.util.spec_from_file_location(f"_mmk_sm90_{abs(hash(where['file']))}",
+                                                      where["file"])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    obj = mod
+    for part in where["qualname"].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_path(mod, qualname: str) -> bool:
+    obj = mod
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _report_to_json(rep: Sm90Report) -> dict:
+    return dataclasses.asdict(rep)
+
+
+def _worker_main() -> int:
+    jobs = json.loads(sys.stdin.read())
+    out = []
+    for j in jobs:
+        try:
+            kernel = _import_kernel(j["where"])
+            job = CompileJob(kernel=kernel, signature=j["signature"],
+                             constexprs={k: _decode_value(v) for k, v in j["constexprs"].items()},
+                             num_warps=j["num_warps"], num_stages=j["num_stages"],
+                             divisible_by_16=j["divisible_by_16"],
+                             options={k: _decode_value(v) for k, v in j["options"].items()},
+                             label=j["label"])
+            rep = _compile_in_process(job)
+        except Sm90ToolMissing as e:
+            out.append({"__tool_missing__": str(e)})
+            continue
+        except Exception:
+            rep = Sm90Report(label=j.get("label", ""), kernel_name=j["where"]["qualname"],
+                             num_warps=j["num_warps"], num_stages=j["num_stages"],
+                             error=traceback.format_exc())
+        out.append(_report_to_json(rep))
+    sys.stdout.write("\n@@MMK_SM90_JSON@@\n" + json.dumps(out))
+    return 0
+
+
+def _run_workers(jobs: list[CompileJob], workers: int, timeout: float | None) -> list[Sm90Report]:
+    payloads = [_job_to_json(j) for j in jobs]
+    workers = max(1, min(workers, len(jobs)))
+    shards = [list(range(i, len(jobs), workers)) for i in range(workers)]
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + [p for p in sys.path if p])
+    marker = "\n@@MMK_SM90_JSON@@\n"
+    results: list[Sm90Report | None] = [None] * len(jobs)
+    with tempfile.TemporaryDirectory(prefix="mmk_sm90_jobs_") as td:
+        procs = []
+        for w, shard in enumerate(shards):
+            # files, not pipes: a worker never blocks on a full pipe while we wait on another
+            inp = Path(td) / f"in{w}.json"
+            inp.write_text(json.dumps([payloads[i] for i in shard]))
+            out, err = Path(td) / f"out{w}.txt", Path(td) / f"err{w}.txt"
+            with open(inp) as fi, open(out, "w") as fo, open(err, "w") as fe:
+                p = subprocess.Popen([sys.executable, "-m", "mmkernels.testing.sm90", "--worker"],
+                                     stdin=fi, stdout=fo, stderr=fe, env=env, cwd=str(_REPO_ROOT))
+            procs.append((shard, p, out, err))
+        for shard, p, out, err in procs:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            stdout = out.read_text(errors="replace")
+            if marker not in stdout:
+                stderr = err.read_text(errors="replace")
+                for i in shard:
+                    results[i] = Sm90Report(
+                        label=jobs[i].label, kernel_name=_locate(jobs[i].kernel)["qualname"],
+                        num_warps=jobs[i].num_warps, num_stages=jobs[i].num_stages,
+                        error=f"compile worker failed (rc={p.returncode}):\n{stderr[-4000:]}")
+                continue
+            data = json.loads(stdout.split(marker, 1)[1])
+            for i, d in zip(shard, data):
+                if "__tool_missing__" in d:
+                    raise Sm90ToolMissing(d["__tool_missing__"])
+                results[i] = Sm90Report(**d)
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+def compile_sm90_many(jobs: Sequence[CompileJob], *, workers: int = 1,
+                      in_subprocess: bool | None = None,
+                      timeout: float | None = None) -> list[Sm90Report]:
+    """Compile every job for sm_90a; one report per job (errors in ``report.error``).
+
+    ``in_subprocess=None`` chooses a subprocess when TRITON_INTERPRET is active
+    or ``workers > 1``.  Raises Sm90ToolMissing if ptxas/cuobjdump are absent.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    check_tools()
+    if in_subprocess is None:
+        in_subprocess = _interpreting() or workers > 1
+    if in_subprocess:
+        return _run_workers(jobs, workers, timeout)
+    return [_compile_in_process(j) for j in jobs]
+
+
+def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
+                 num_stages: int = 3, divisible_by_16: Sequence[str] = (),
+                 options: dict | None = None, label: str = "",
+                 in_subprocess: bool | None = None) -> Sm90Report:
+    """Compile one kernel for sm_90a and return its report; raises on compile errors."""
+    job = CompileJob(kernel=kernel, signature=signature, constexprs=dict(constexprs or {}),
+                     num_warps=num_warps, num_stages=num_stages,
+                     divisible_by_16=tuple(divisible_by_16), options=dict(options or {}),
+                     label=label)
+    (rep,) = compile_sm90_many([job], in_subprocess=in_subprocess)
+    if rep.error:
+        raise Sm90CompileError(f"{label or rep.kernel_name}: compile failed\n{rep.error}")
+    return rep
+
+
+# ---------------------------------------------------------------------------
+# assertions
+# ---------------------------------------------------------------------------
+
+
+def assert_compiled(rep: Sm90Report) -> None:
+    assert rep.error is None, f"{rep.label or rep.kernel_name}: compile failed\n{rep.error}"
+
+
+def assert_no_spills(rep: Sm90Report) -> None:
+    assert_compiled(rep)
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, (
+        f"{rep.summary()}: register spills ({rep.spill_stores} B stored, {rep.spill_loads} B loaded)")
+
+
+def assert_shared_within(rep: Sm90Report, limit: int = SMEM_LIMIT_BYTES) -> None:
+    assert_compiled(rep)
+    assert rep.shared_bytes <= limit, f"{rep.summary()}: shared memory {rep.shared_bytes} > {limit}"
+
+
+def assert_tensor_cores(rep: Sm90Report, *, wgmma: bool = False) -> None:
+    """PTX has wgmma (or mma.sync) and SASS has HGMMA (or HMMA); ``wgmma=True`` demands Hopper's."""
+    assert_compiled(rep)
+    if wgmma:
+        assert rep.ptx_wgmma and rep.sass_hgmma, f"{rep.summary()}: no wgmma/HGMMA"
+    else:
+        assert rep.tensor_cores, f"{rep.summary()}: no tensor-core instructions"
+
+
+def assert_sm90_ok(rep: Sm90Report, *, tensor_cores: bool = False, wgmma: bool = False,
+                   smem_limit: int = SMEM_LIMIT_BYTES) -> None:
+    """Compiled, no spills, shared memory within the limit, and (optionally) tensor cores."""
+    assert_compiled(rep)
+    assert_no_spills(rep)
+    assert_shared_within(rep, smem_limit)
+    if tensor_cores or wgmma:
+        assert_tensor_cores(rep, wgmma=wgmma)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(_worker_main())
+    print(__doc__)

@@ -1,0 +1,144 @@
+"""sm_90 compile tier for the contrastive Triton kernels (no GPU needed).
+
+Every kernel at every configuration the launchers can pick (heuristic and
+autotune lists, for each dtype / input precision / BLOCK_K / alignment class
+of D, with and without column statistics) is compiled for the H100 (sm_90a)
+with Triton's own compiler.  Each must compile, use no more than 227 KB of
+shared memory, not spill registers, and -- except fp32 with exact ("ieee")
+products, which by design runs on FMA units -- use Hopper tensor cores
+(wgmma in the PTX, HGMMA in the SASS).
+
+Compilation runs in worker processes without TRITON_INTERPRET (see
+mmkernels.testing.sm90), one per CPU core.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from mmkernels.contrastive import kernels as K  # noqa: E402
+from mmkernels.testing import sm90  # noqa: E402
+
+# D values: D only reaches the compiled code through BLOCK_K and through
+# Triton's divisible-by-16 specialisation of D and the row strides.
+D_VALUES = (16, 32, 64, 88, 512, 768, 1536)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _jobs():
+    jobs, seen = [], set()
+    for kind in K.KERNEL_KINDS:
+        for dtype in DTYPES:
+            for prec in K.input_precisions(dtype):
+                for D in D_VALUES:
+                    for wc in (False, True):
+                        for cfg in K.candidate_configs(dtype, D, prec):
+                            key = (kind, dtype, prec, wc, cfg, D % 16 == 0)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            kernel, sig, constexprs, div = K.compile_specs(kind, dtype, D, wc, prec, cfg)
+                            label = (f"{kind}-{_DT[dtype]}-{prec}-{'cols' if wc else 'rows'}-"
+                                     f"{'D%16' if D % 16 == 0 else 'D' + str(D)}-"
+                                     f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}")
+                            jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps,
+                                                        cfg.num_stages, div, label=label))
+    return jobs
+
+
+JOBS = _jobs()
+
+
+@pytest.fixture(scope="module")
+def reports():
+    sm90.check_tools()  # fails (never skips) with a clear message when ptxas/cuobjdump are missing
+    reps = sm90.compile_sm90_many(JOBS, workers=max(1, os.cpu_count() or 1), in_subprocess=True)
+    return {r.label: r for r in reps}
+
+
+def test_tools_present():
+    sm90.check_tools()
+
+
+def test_every_kernel_argument_is_specified():
+    for job in JOBS:
+        fn = sm90._jit_function(job.kernel)
+        assert set(job.signature) == set(fn.arg_names), job.label
+        for name, ty in job.signature.items():
+            if ty == "constexpr":
+                assert name in job.constexprs, (job.label, name)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
+def test_sm90_compile(reports, job):
+    rep = reports[job.label]
+    exact_fp32 = "-fp32-ieee-" in job.label
+    sm90.assert_sm90_ok(rep, wgmma=not exact_fp32)
+    if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+        assert not rep.tensor_cores, rep.summary()
+    print(rep.summary())
+
+
+def test_default_configs_are_compiled():
+    """The heuristic config of every (dtype, precision, D) is among the compiled jobs."""
+    labels = {j.label for j in JOBS}
+    for dtype in DTYPES:
+        for prec in K.input_precisions(dtype):
+            for D in (1, 8, 33, 100, 4096):
+                cfg = K.heuristic_config(dtype, D, prec)
+                assert cfg in K.candidate_configs(dtype, D, prec)
+                part = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}"
+                assert any(part in lb and f"-{_DT[dtype]}-{prec}-" in lb for lb in labels), (dtype, prec, D)
+
+
+def test_every_candidate_config_is_compiled():
+    """candidate_configs() (the union the launchers can pick from) is fully covered."""
+    compiled = {(j.constexprs["BLOCK_M"], j.constexprs["BLOCK_N"], j.constexprs["BLOCK_K"],
+                 j.num_warps, j.num_stages) for j in JOBS}
+    for cfg in K.candidate_configs():
+        assert tuple(cfg) in compiled, cfg
+
+
+# ---------------------------------------------------------------------------
+# the helper itself, on a small module-level kernel
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _tiny_matmul(a_ptr, b_ptr, c_ptr, K_dim, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, K_dim, BK):
+        a = tl.load(a_ptr + rm[:, None] * K_dim + (k0 + rk)[None, :])
+        b = tl.load(b_ptr + rn[:, None] * K_dim + (k0 + rk)[None, :])
+        acc = tl.dot(a, tl.trans(b), acc)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+
+
+_TINY_SIG = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K_dim": "i32",
+             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}
+_TINY_DIV = ["a_ptr", "b_ptr", "c_ptr", "K_dim"]
+
+
+def test_helper_reports_wgmma_and_resources():
+    good, big = sm90.compile_sm90_many([
+        sm90.CompileJob(_tiny_matmul, _TINY_SIG, {"BM": 128, "BN": 128, "BK": 64}, 8, 3, _TINY_DIV,
+                        label="tiny"),
+        # 6 stages of 128x128 + 128x128 bf16 tiles: 384 KB of shared memory
+        sm90.CompileJob(_tiny_matmul, _TINY_SIG, {"BM": 128, "BN": 128, "BK": 128}, 8, 6, _TINY_DIV,
+                        label="too-big"),
+    ], workers=2)
+    sm90.assert_sm90_ok(good, wgmma=True)
+    assert good.registers > 0 and good.shared_bytes > 0
+    assert ".target sm_90a" in good.ptx and "HGMMA" in good.sass
+    # an impossible shared-memory budget is reported, never silently passed
+    assert big.error is not None or big.shared_bytes > sm90.SMEM_LIMIT_BYTES, big.summary()
+    with pytest.raises(AssertionError):
+        sm90.assert_sm90_ok(big)
