@@ -78,7 +78,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         # numpy<2.3: Triton 3.6's interpreter breaks with numpy>=2.3.
-        "test": ["pytest", "psutil", "expecttest", "numpy<2.3"],
+        "test": ["pytest", "psutil", "expecttest", "matplotlib", "numpy<2.3"],
         "bench": ["matplotlib", "psutil"],
     },
     zip_safe=False,
