@@ -67,6 +67,32 @@ class TileConfig(NamedTuple):
 
 
 @triton.jit
+def _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, stride_kd,
+                     INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """S tile ``[BLOCK_M, BLOCK_N]`` (fp32) = q rows . k rows over D, K-loop of BLOCK_K.
+
+    ``q_rows_ptr [BLOCK_M, 1]`` / ``k_cols_ptr [BLOCK_N, 1]``: pointers to the rows' starts;
+    masked (padded) rows, columns and features load as zeros, so their S is exactly 0.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < D
+        kk64 = kk.to(tl.int64)
+        a = tl.load(q_rows_ptr + kk64[None, :] * stride_qd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(k_cols_ptr + kk64[None, :] * stride_kd,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _contrastive_stats_kernel(
     q_ptr, k_ptr, scale_ptr, tgt_ptr,
     row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr,
@@ -87,7 +113,6 @@ def _contrastive_stats_kernel(
     q_rows_ptr = q_ptr + rows64[:, None] * stride_qn
     tgt = tl.load(tgt_ptr + rows64 * stride_t, mask=row_ok, other=-1)
     scale = tl.load(scale_ptr).to(tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max
     d_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(l - m_i)
@@ -109,19 +134,8 @@ def _contrastive_stats_kernel(
         col_ok = offs_n < M - n0
         k_cols_ptr = k_ptr + (n0 + offs_n).to(tl.int64)[:, None] * stride_kn
 
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < D
-            kk64 = kk.to(tl.int64)
-            a = tl.load(q_rows_ptr + kk64[None, :] * stride_qd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(k_cols_ptr + kk64[None, :] * stride_kd,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        acc = _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, stride_kd,
+                               INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         # Padded rows/columns were loaded as zeros, so their S is exactly 0:
         # plain sums over the tile only see valid logits (non-finite inputs
         # give NaN there, which only ever lands in rows/columns that are NaN).
@@ -222,23 +236,11 @@ def _contrastive_grad_block_kernel(
     col_ok = cols < n_cols
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     q_rows_ptr = q_ptr + rows64[:, None] * stride_qn
     k_cols_ptr = k_ptr + cols64[:, None] * stride_kn
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < D
-        kk64 = kk.to(tl.int64)
-        a = tl.load(q_rows_ptr + kk64[None, :] * stride_qd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(k_cols_ptr + kk64[None, :] * stride_kd,
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    acc = _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, stride_kd,
+                           INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     scale = tl.load(scale_ptr).to(tl.float32)
     logits = acc * scale
 
