@@ -176,3 +176,8 @@ def test_module_matches_function():
     assert_close(mod(img, txt, torch.tensor(9.0)),
                  reference.contrastive_loss_reference(img.double(), txt.double(), 9.0, label_smoothing=0.1))
     assert "label_smoothing=0.1" in repr(mod)
+    out = mmkernels.ContrastiveLoss(False, False, True, 0, 1)(img, txt, 9.0, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    assert_close(out["contrastive_loss"], reference.contrastive_loss_reference(img.double(), txt.double(), 9.0))
+    with pytest.raises(ValueError, match="one process"):
+        mmkernels.ContrastiveLoss(world_size=2, rank=1)

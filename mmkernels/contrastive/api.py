@@ -176,20 +176,31 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
 
 
 class ContrastiveLoss(nn.Module):
-    """Drop-in for OpenCLIP ``ClipLoss`` on one process: ``forward(image_features, text_features, logit_scale)``.
+    """Drop-in for OpenCLIP ``ClipLoss`` on one process.
 
-    Options are those of :func:`contrastive_loss`.
+    ``ContrastiveLoss()`` replaces ``open_clip.loss.ClipLoss()``; ``forward(image_features,
+    text_features, logit_scale, output_dict=False)`` returns the loss, or
+    ``{"contrastive_loss": loss}`` with ``output_dict=True``, as ``ClipLoss`` does.
+    ``ClipLoss``'s constructor arguments are accepted so the construction line can stay;
+    only one process is supported (``world_size=1``). ``label_smoothing`` and ``reduction``
+    are those of :func:`contrastive_loss`.
     """
 
-    def __init__(self, *, label_smoothing: float = 0.0, reduction: str = "mean"):
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *,
+                 label_smoothing: float = 0.0, reduction: str = "mean"):
         super().__init__()
+        if world_size != 1 or rank != 0 or use_horovod:
+            raise ValueError("ContrastiveLoss runs on one process (world_size=1, rank=0, no horovod); "
+                             "for gathered keys use infonce_loss with targets offset by rank")
         _check_options(label_smoothing, reduction)
         self.label_smoothing = label_smoothing
         self.reduction = reduction
 
-    def forward(self, image_features, text_features, logit_scale):
-        return contrastive_loss(image_features, text_features, logit_scale,
+    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
+        loss = contrastive_loss(image_features, text_features, logit_scale,
                                 label_smoothing=self.label_smoothing, reduction=self.reduction)
+        return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
