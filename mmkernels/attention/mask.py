@@ -249,6 +249,17 @@ class MultimodalMask:
         return (self.q_mod, self.k_mod, self.q_seg, self.k_seg, self.q_pos, self.k_pos,
                 self.q_run, self.k_run, self.rules)
 
+    def metadata(self) -> list[torch.Tensor]:
+        """The kernels' view: ``[q_mod, k_mod, q_seg, k_seg, q_pos, k_pos, q_run, k_run, rules]``."""
+        return list(self._fields())
+
+    @classmethod
+    def from_metadata(cls, meta) -> "MultimodalMask":
+        """Rebuild a mask from :meth:`metadata` (no validation: the tensors come from a mask)."""
+        mask = cls.__new__(cls)
+        mask._set(*meta)
+        return mask
+
     # -- properties
     @property
     def shape(self) -> tuple[int, int, int]:
