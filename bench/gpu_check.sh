@@ -12,11 +12,11 @@
 # PYTHONPATH=$PWD and MMKERNELS_NO_EXT=1):
 #   1. prints nvidia-smi, clocks and versions                       -> $OUT/env.txt
 #   2. installs carried wheels from .whl/ into /tmp/site, if any     (pip --no-index)
-#   3. python3 -m pytest -m gpu -x -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 180) -> $OUT/tests.log
+#   3. python3 -m pytest -m gpu -x -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150) -> $OUT/tests.log
 #      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
 #      the reference's loss and gradients at small sizes on the GPU
 #      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 60)  -> appended to tests.log
-#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 180) -> $OUT/bench.log
+#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 240; contrastive first, then attention) -> $OUT/bench.log
 #      and moves its results.json, results.md and plot.png to the top of $OUT
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
 # The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
@@ -34,9 +34,9 @@ OUT=${OUT:-$PWD/bench/out/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-TEST_T=${GPU_CHECK_TEST_TIMEOUT:-180}
+TEST_T=${GPU_CHECK_TEST_TIMEOUT:-150}
 AGREE_T=${GPU_CHECK_AGREE_TIMEOUT:-60}
-BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-180}
+BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-240}
 export PYTHONUNBUFFERED=1 MMKERNELS_NO_EXT=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 elapsed() { echo $(( $(date +%s) - T0 )); }

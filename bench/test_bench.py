@@ -84,6 +84,7 @@ AGREE = [
     (c, p)
     for c, p in PAIRS
     if not c.rate_probe and p.name != "reference" and any(q.name == "reference" for q in c.providers)
+    and c.family != "attention"  # non-tensor mask input: test_attention_provider_agrees_with_reference
 ]
 
 
@@ -235,3 +236,126 @@ def test_cuda_code_path_with_a_fake_device(monkeypatch):
     grads = 2 * 256 * 64 * 4 + 4
     assert rec["grad_bytes"] == grads and rec["mem_extra_bytes"] == 5 * harness.MiB - grads
     assert rec["mem_method"] == "cuda max_memory_allocated"
+
+
+# --------------------------------------------------------------------------
+# The attention family
+# --------------------------------------------------------------------------
+
+from bench.cases import attention as A  # noqa: E402
+
+ATTN_AGREE = [
+    (c, p)
+    for c, p in PAIRS
+    if c.family == "attention" and c.op != A.OP_MASK and p.name != "reference"
+]
+
+
+def _attention_seen(inputs):
+    mask = inputs["ctx"].mask
+    if mask is None:
+        return None
+    return (A.visible_per_row(mask) > 0)[:, None, :, None]
+
+
+@pytest.mark.parametrize("case,provider", ATTN_AGREE, ids=[_pair_id(p) for p in ATTN_AGREE])
+def test_attention_provider_agrees_with_reference(case, provider):
+    """Output (rows that see a key), loss and q/k/v gradients against the reference in float64."""
+    reason = harness.preflight(case, provider, harness.RunOptions())
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(case.seed)
+    inputs = case.make_inputs(case)
+    ref_inputs = {
+        k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+        for k, v in inputs.items()
+    }
+    rtol, atol = TOL[case.dtype]
+    if case.mode == "fwd":
+        with torch.no_grad():
+            out = provider.fn(**inputs)
+            ref = case.provider("reference").fn(**ref_inputs)
+        seen = _attention_seen(inputs)
+        if seen is not None:
+            out, ref = torch.where(seen, out, 0), torch.where(seen, ref, 0)
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+        return
+    out = provider.fn(**inputs)
+    out.backward()
+    ref = case.provider("reference").fn(**ref_inputs)
+    ref.backward()
+    torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=rtol, atol=atol * inputs["q"].numel() ** 0.5)
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(inputs[name].grad.double(), ref_inputs[name].grad, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("kind,B,H,S,D", [r for r in A.PYTEST_CASES if r[0] != "full"], ids=lambda v: str(v))
+def test_attention_mask_mod_and_visible_pairs_match_dense(kind, B, H, S, D):
+    """The flex mask_mod (also used to count visible pairs) is the mask's to_dense(), element for
+    element; visible_pairs (analytic) counts the dense mask."""
+    mask = A.build_mask(kind, B, S)
+    dense = mask.to_dense()[:, 0]
+    b = torch.arange(B)[:, None, None]
+    qi, ki = torch.arange(S)[None, :, None], torch.arange(S)[None, None, :]
+    assert torch.equal(A.mask_mod_for(mask)(b, 0, qi, ki), dense)
+    assert torch.equal(A.visible_per_row(mask, chunk_elems=B * S * 5), dense.sum(-1))
+    A.visible_pairs.cache_clear()
+    assert A.visible_pairs(kind, B, S) == int(dense.sum())
+
+
+def test_attention_cases_match_the_issue():
+    """The GPU suite has the issue's layouts and shapes, each forward and forward + backward, plus the
+    mask-construction op; --quick keeps a few; FLOPs count visible pairs only."""
+    full = [c for c in A.cases("cuda", "full") if c.family == "attention"]
+    shapes = {(c.shape["mask"], c.shape["B"], c.shape["H"], c.shape["S"], c.shape["D"]) for c in full}
+    for want in [
+        ("blip2_itg:32+32", 128, 12, 64, 64), ("blip2_itg:32+128", 128, 12, 160, 64),
+        ("llava:576", 8, 32, 2048, 128), ("causal", 4, 16, 4096, 128), ("causal", 2, 16, 8192, 128),
+    ]:
+        assert want in shapes
+    assert any(k.startswith("instructblip") for k, *_ in shapes)
+    assert ("beit3_cap:197+64", 16, 64) in {(k, h, d) for k, _b, h, _s, d in shapes}
+    assert any(k == "packed:500-3000" and b == 1 and s == 16384 for k, b, _h, s, _d in shapes)
+    assert any(d == 88 for *_, d in shapes)
+    for op in (A.OP_FWD, A.OP_BWD):
+        assert {c.shape["mask"] for c in full if c.op == op} == {s[0] for s in shapes}
+    assert all(c.dtype == "bfloat16" for c in full)
+    c = next(c for c in full if c.op == A.OP_FWD and c.shape["mask"] == "causal" and c.shape["S"] == 4096)
+    assert c.flops == 4 * (4 * 4096 * 4097 // 2) * 128 * 16
+    cb = next(x for x in full if x.op == A.OP_BWD and x.shape == c.shape)
+    assert cb.flops == 2.5 * c.flops and cb.mode == "fwd+bwd" and c.mode == "fwd"
+    for dev in ("cuda", "cpu"):
+        quick = {c.shape["mask"] for c in A.cases(dev, "quick") if c.family == "attention"}
+        assert 2 <= len(quick) <= 3
+    cpu = [c for c in A.cases("cpu", "full") if c.family == "attention"]
+    assert max(c.shape["S"] for c in cpu) <= 1024 and all(c.dtype == "float32" for c in cpu)
+    assert any(c.shape["mask"] == "causal" and c.shape["S"] == 1024 for c in cpu)
+
+
+def test_attention_skips_without_the_op_and_flex_backward_on_cpu(monkeypatch):
+    import mmkernels
+
+    case = A.attention_case("causal", 1, 2, 32, 16, "float32", "cpu", "fwd", "pytest")
+    monkeypatch.delattr(mmkernels, "multimodal_attention", raising=False)
+    rec = harness.measure(case, case.provider("mmkernels"), harness.RunOptions())
+    assert (rec["status"], rec["reason"]) == ("skipped", "mmkernels.multimodal_attention not available")
+    bwd = A.attention_case("causal", 1, 2, 32, 16, "float32", "cpu", "fwd+bwd", "pytest")
+    assert "NotImplementedError" in harness.preflight(bwd, bwd.provider("flex"), harness.RunOptions())
+    blip = A.attention_case("blip2_itg:4+12", 2, 2, 16, 16, "float32", "cpu", "fwd", "pytest")
+    assert "causal" in harness.preflight(blip, blip.provider("sdpa_flash"), harness.RunOptions())
+
+
+def test_attention_cli_writes_report(tmp_path):
+    from bench.__main__ import main
+
+    out = tmp_path / "run"
+    rc = main(["--profile", "pytest", "--device", "cpu", "--family", "attention", "--providers", "sdpa_flash,dense",
+               "--size", "S=32", "--no-isolate", "--no-plot", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    ops = {(r["op"], r["mode"]) for r in res if r["status"] == "ok"}
+    assert ops == {(A.OP_FWD, "fwd"), (A.OP_BWD, "fwd+bwd"), (A.OP_MASK, "fwd")}
+    assert all(r["tflops"] and r["flops"] for r in res if r["status"] == "ok" and r["op"] != A.OP_MASK)
+    md = (out / "results.md").read_text()
+    assert "attention_fwd_bwd (fwd+bwd; FLOPs = 2.5*4*visible*D*H)" in md and "llava:10" in md

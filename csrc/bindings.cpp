@@ -1,6 +1,7 @@
 // mmkernels._C: Python bindings of the C++ CPU kernels.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "contrastive.h"
 
 namespace py = pybind11;
@@ -21,4 +22,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("targets"), py::arg("row_lse"),
         py::arg("col_lse"), py::arg("g_row_lse"), py::arg("g_row_sum"), py::arg("g_pos"),
         py::arg("g_col_lse"), py::arg("g_col_sum"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_fwd", &mmkernels::attention_fwd,
+        "Blockwise multimodal masked attention forward. meta: [] (no mask) or [q_mod, k_mod, q_seg,\n"
+        "k_seg, q_pos, k_pos, q_run, k_run, rules]. Returns (out in q.dtype, lse float32/float64).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("meta"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_bwd", &mmkernels::attention_bwd,
+        "Blockwise multimodal masked attention backward, recomputing P from lse. Returns (dq, dk, dv).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
+        py::arg("meta"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 }

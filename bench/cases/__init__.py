@@ -19,6 +19,7 @@ from typing import Optional
 FAMILIES = {
     "contrastive": "bench.cases.contrastive",
     "mm": "bench.cases.mm",
+    "attention": "bench.cases.attention",  # last: a time-limited full run records the others first
 }
 PROFILES = ("full", "quick", "pytest")
 

@@ -61,14 +61,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, meta, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *meta)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.backend, ctx.n_meta = scale, backend, len(meta)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *meta = ctx.saved_tensors
     dq, dk, dv = attention_bwd(q, k, v, out, lse, dout.contiguous(), meta, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, [None] * ctx.n_meta, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,109 @@
+"""sm_90 compile tier for the attention Triton kernels (no GPU needed).
+
+Every kernel (forward, backward preprocess, dk/dv -- both halves when the launcher
+splits it -- and dq) at every configuration the launchers can pick, for
+bf16/fp16/fp32 (fp32 with exact "ieee" products and with tf32), D in {64, 88, 128,
+256} (D is a constexpr of the kernels; 88 also exercises the ALIGN = 8 stride
+path), with and without a mask, is compiled for the H100 (sm_90a) with Triton's own
+compiler.  Each must compile, use at most 227 KB of shared memory, not spill
+registers, and -- except fp32 with exact products, which runs on FMA units, and the
+backward preprocess, which has no product -- use Hopper tensor cores (wgmma in the
+PTX, HGMMA in the SASS).
+
+Compilation runs in worker processes without TRITON_INTERPRET (see
+mmkernels.testing.sm90), one per CPU core.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mmkernels.attention import kernels as K  # noqa: E402
+from mmkernels.testing import sm90  # noqa: E402
+
+D_VALUES = (64, 88, 128, 256)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _label(kind, dtype, prec, D, has_mask, cfg, part):
+    split = "-split" if cfg.split else ""
+    return (f"{kind}{'-part' + str(part) if kind == 'bwd_dkdv' else ''}-{_DT[dtype]}-{prec}-D{D}-"
+            f"{'mask' if has_mask else 'nomask'}-{cfg.BLOCK_M}x{cfg.BLOCK_N}-w{cfg.num_warps}"
+            f"-s{cfg.num_stages}{split}")
+
+
+def _jobs():
+    jobs, seen = [], set()
+    for kind in K.KERNEL_KINDS:
+        for dtype in DTYPES:
+            for prec in K.input_precisions(dtype):
+                for D in D_VALUES:
+                    for has_mask in ((False,) if kind == "bwd_pre" else (False, True)):
+                        for cfg in K.candidate_configs(kind, dtype, D, prec, has_mask):
+                            parts = K.dkdv_parts(cfg) if kind == "bwd_dkdv" else (0,)
+                            for part in parts:
+                                label = _label(kind, dtype, prec, D, has_mask, cfg, part)
+                                if kind == "bwd_pre":  # no product: precision and 16-bit type irrelevant
+                                    key = (kind, dtype == torch.float32, D, cfg)
+                                    if key in seen:
+                                        continue
+                                    seen.add(key)
+                                kernel, sig, constexprs, div = K.compile_specs(
+                                    kind, dtype, D, prec, has_mask, cfg, part)
+                                jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps,
+                                                            cfg.num_stages, div, label=label))
+    return jobs
+
+
+JOBS = _jobs()
+
+
+@pytest.fixture(scope="module")
+def reports():
+    sm90.check_tools()  # fails (never skips) with a clear message when ptxas/cuobjdump are missing
+    reps = sm90.compile_sm90_many(JOBS, workers=max(1, os.cpu_count() or 1), in_subprocess=True)
+    return {r.label: r for r in reps}
+
+
+def test_tools_present():
+    sm90.check_tools()
+
+
+def test_every_kernel_argument_is_specified():
+    for job in JOBS:
+        fn = sm90._jit_function(job.kernel)
+        assert set(job.signature) == set(fn.arg_names), job.label
+        for name, ty in job.signature.items():
+            if ty == "constexpr":
+                assert name in job.constexprs, (job.label, name)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
+def test_sm90_compile(reports, job):
+    rep = reports[job.label]
+    print(rep.summary())
+    no_products = job.label.startswith("bwd_pre")
+    exact_fp32 = "-fp32-ieee-" in job.label
+    sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
+    if exact_fp32 and not no_products:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+        assert not rep.tensor_cores, rep.summary()
+
+
+def test_every_heuristic_config_is_compiled():
+    """The config of every (kind, dtype, precision, padded D) is among the compiled jobs."""
+    compiled = {(j.label.split("-")[0], j.num_warps, j.num_stages, j.constexprs["BLOCK_M"],
+                 j.constexprs.get("BLOCK_N", 0)) for j in JOBS}
+    for kind in K.KERNEL_KINDS:
+        for dtype in DTYPES:
+            for prec in K.input_precisions(dtype):
+                for D, has_mask in itertools.product((16, 33, 64, 80, 88, 96, 128, 200, 256), (False, True)):
+                    cfg = K.heuristic_config(kind, dtype, D, prec, has_mask)
+                    assert cfg in K.candidate_configs(kind, dtype, D, prec, has_mask)
+                    assert (kind, cfg.num_warps, cfg.num_stages, cfg.BLOCK_M, cfg.BLOCK_N) in compiled, \
+                        (kind, dtype, prec, D, cfg)
