@@ -621,9 +621,7 @@ def _mask_from_meta(meta) -> MultimodalMask | None:
         return None
     if len(meta) != 9:
         raise ValueError(f"meta must be [] or the 9 mask metadata tensors, got {len(meta)}")
-    mask = MultimodalMask.__new__(MultimodalMask)  # no validation: the caller built a valid mask
-    mask._set(*meta)
-    return mask
+    return MultimodalMask.from_metadata(meta)  # no validation: the caller built a valid mask
 
 
 def _mask_args(mask: MultimodalMask | None, B: int, Sq: int, Sk: int, bm: int, bn: int,
@@ -632,7 +630,7 @@ def _mask_args(mask: MultimodalMask | None, B: int, Sq: int, Sk: int, bm: int, b
     if mask is None:
         return dummy, (dummy,) * 9, 1
     tiles = mask.tile_map(bm, bn).contiguous()
-    return tiles, mask._fields(), mask.num_modalities
+    return tiles, mask.metadata(), mask.num_modalities
 
 
 def _align(*tensors: torch.Tensor) -> int:
