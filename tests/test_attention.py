@@ -1,11 +1,6 @@
 """multimodal_attention on every backend against the float64 reference, through the public API and the ops."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,6 +9,8 @@ import mmkernels
 from mmkernels import MultimodalMask
 from mmkernels.attention import multimodal_attention_reference
 from mmkernels.testing.numerics import assert_close
+
+from rss_probe import peak_extra
 
 BACKENDS = ["cpu", "triton"]
 
@@ -169,31 +166,31 @@ def test_opcheck_and_compile_cpu():
     assert_close(out, multimodal_attention_reference(q.double(), k.double(), v.double(), mask))
 
 
-_MEMORY_SCRIPT = textwrap.dedent("""
-    import gc, json, resource, sys
-    import psutil, torch, mmkernels
-    from mmkernels.attention import multimodal_attention_reference
-    which, s = sys.argv[1], int(sys.argv[2])
-    mask = mmkernels.MultimodalMask.causal(1, s)
+_MEMORY_BODY = """
+import torch, mmkernels
+from mmkernels.attention import multimodal_attention_reference
+
+def setup(which, s):
+    s = int(s)
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, s, 64, requires_grad=True) for _ in range(3))
-    def run(a, b, c, m):
-        if which == "reference":
-            return multimodal_attention_reference(a, b, c, m)
+    return which, q, k, v, mmkernels.MultimodalMask.causal(1, s)
+
+def run(state):
+    which, q, k, v, mask = state
+    for t in (q, k, v):
+        t.grad = None
+    if which == "reference":
+        out = multimodal_attention_reference(q, k, v, mask)
+    else:
         with mmkernels.backend(which):
-            return mmkernels.multimodal_attention(a, b, c, m)
-    w = [torch.randn(1, 4, 8, 64, requires_grad=True) for _ in range(3)]
-    run(*w, mmkernels.MultimodalMask.causal(1, 8)).sum().backward()     # warm up
-    gc.collect()
-    base = psutil.Process().memory_info().rss
-    run(q, k, v, mask).sum().backward()
-    print(json.dumps({"extra": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
-""")
+            out = mmkernels.multimodal_attention(q, k, v, mask)
+    out.sum().backward()
+"""
 
 
 def _extra(which, s):
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, which, str(s)], capture_output=True, text=True,
-                         timeout=600, check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    return peak_extra(_MEMORY_BODY, which, s)["extra"]
 
 
 def test_cpu_memory_grows_with_s_not_s_squared():

@@ -1,11 +1,7 @@
 """Registration (opcheck, torch.compile), float64 gradcheck, and the memory bound of the cpu backend."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from mmkernels.contrastive import reference
 from mmkernels.testing.numerics import assert_close
 
 from contrastive_cases import features, leaf
+from rss_probe import peak_extra
 
 needs_cpp = pytest.mark.skipif(not _ext.available() and os.environ.get("MMKERNELS_NO_EXT") == "1",
                                reason="pure-Python install asked for (MMKERNELS_NO_EXT=1)")
@@ -89,39 +86,33 @@ def test_gradcheck_float64(label_smoothing, reduction):
                                                    reduction=reduction), (q, keys, scale))
 
 
-_MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, gc
-    import psutil, torch
-    import mmkernels
-    from mmkernels.contrastive import reference
+_MEMORY_BODY = """
+import torch, mmkernels
+from mmkernels.contrastive import reference
+
+def setup(which, n, d):
     torch.manual_seed(0)
-    which, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    n, d = int(n), int(d)
     img = torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_()
     txt = torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_()
-    scale = torch.tensor(14.3, requires_grad=True)
-    img.grad = torch.zeros_like(img); txt.grad = torch.zeros_like(txt)   # gradients are not "extra"
-    def run(a, b, s):
-        if which == "reference":
-            return reference.contrastive_loss_reference(a, b, s)
+    img.grad, txt.grad = torch.zeros_like(img), torch.zeros_like(txt)  # gradients are not "extra"
+    return which, img, txt, torch.tensor(14.3, requires_grad=True)
+
+def run(state):
+    which, img, txt, scale = state
+    if which == "reference":
+        loss = reference.contrastive_loss_reference(img, txt, scale)
+    else:
         with mmkernels.backend(which):
-            return mmkernels.contrastive_loss(a, b, s)
-    # warm up on tiny inputs: the first custom-op call of a process costs ~100 MiB once
-    w = torch.randn(4, d, requires_grad=True)
-    run(w, w, scale).backward()
-    gc.collect()
-    base = psutil.Process().memory_info().rss
-    loss = run(img, txt, scale)
+            loss = mmkernels.contrastive_loss(img, txt, scale)
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra": peak - base, "loss": float(loss)}))
-""")
+    return float(loss)
+"""
 
 
 def _peak_extra(which: str, n: int, d: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, which, str(n), str(d)], capture_output=True,
-                         text=True, env=env, timeout=600, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = peak_extra(_MEMORY_BODY, which, n, d)
+    return {"extra": out["extra"], "loss": out["result"]}
 
 
 @needs_cpp
