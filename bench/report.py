@@ -10,6 +10,7 @@ notes, so a report can be rebuilt from a results.json alone::
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -357,6 +358,9 @@ def _si(v: float) -> str:
     return f"{v:g}"
 
 
+PLOT_COLUMNS = 4
+
+
 def write_plot(path: str, env: dict, results: list) -> bool:
     """Time and extra memory against the x shape key, one column per (op, other dims, dtype)."""
     import matplotlib
@@ -373,8 +377,13 @@ def write_plot(path: str, env: dict, results: list) -> bool:
         rest = tuple((k, v) for k, v in r["shape"].items() if k != xk)
         groups.setdefault((r["op"], xk, rest, r["dtype"]), []).append(r)
 
-    ncol = max(len(groups), 1)
-    fig, axes = plt.subplots(2, ncol, figsize=(max(4.6 * ncol, 7.0), 8.4), squeeze=False)
+    # one (time, memory) pair of panels per group, at most PLOT_COLUMNS pairs per row of the figure
+    ncol = max(min(len(groups), PLOT_COLUMNS), 1)
+    nrow = 2 * max(math.ceil(len(groups) / ncol), 1)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(4.6 * ncol, 7.0), 4.2 * nrow), squeeze=False)
+    for extra in range(len(groups), (nrow // 2) * ncol):  # unused panels of the last row
+        axes[2 * (extra // ncol)][extra % ncol].axis("off")
+        axes[2 * (extra // ncol) + 1][extra % ncol].axis("off")
     title = (
         f"mmkernels bench: {env.get('device_name')}\n"
         f"commit {str(env.get('git_commit'))[:10]}  |  {env.get('date')}  |  profile {env.get('profile', '?')}"
@@ -382,8 +391,8 @@ def write_plot(path: str, env: dict, results: list) -> bool:
     fig.suptitle(title, fontsize=10)
     if not groups:
         axes[0][0].text(0.5, 0.5, "no measurements", ha="center", va="center")
-    for col, ((op, xk, rest, dtype), recs) in enumerate(groups.items()):
-        ax_t, ax_m = axes[0][col], axes[1][col]
+    for index, ((op, xk, rest, dtype), recs) in enumerate(groups.items()):
+        ax_t, ax_m = axes[2 * (index // ncol)][index % ncol], axes[2 * (index // ncol) + 1][index % ncol]
         provs = []
         for r in recs:
             if r["provider"] not in provs:
@@ -412,7 +421,7 @@ def write_plot(path: str, env: dict, results: list) -> bool:
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xk)
             ax.grid(True, which="both", alpha=0.3)
-        ax_t.set_ylabel("time, fwd+bwd (ms, median)")
+        ax_t.set_ylabel("time (ms, median)")
         ax_t.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
         ax_t.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax_t.yaxis.set_minor_formatter(NullFormatter())
