@@ -48,12 +48,13 @@ are upcast there: ``DOT_UPCAST``, see mmkernels.contrastive.kernels).
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton import check_device, dot_upcast, input_precision, interpreting
 
 from .mask import MultimodalMask
 
@@ -584,32 +585,14 @@ def candidate_configs(kind: str, dtype: torch.dtype | None = None, D: int | None
     return out
 
 
-def _interpreting() -> bool:
-    try:
-        from triton import knobs
-        return bool(knobs.runtime.interpret)
-    except Exception:  # a triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32:
-        return "tf32"  # ignored by tl.dot for 16-bit inputs
-    if _interpreting():
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton's interpreter stores bfloat16 as uint16 and its tl.dot multiplies the bit
-    # patterns: feed it fp32 copies (exact). Never set on a GPU.
-    return dtype == torch.bfloat16 and _interpreting()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("mmkernels triton backend: CPU tensors need TRITON_INTERPRET=1 "
-                           f"(got tensors on {q.device})")
+    check_device(q)
     if q.dtype not in _DTYPES:
         raise TypeError(f"the triton attention kernels take float32/bfloat16/float16, got {q.dtype}")
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -675,7 +658,7 @@ def attention_fwd_triton(q, k, v, meta, scale, *, config=None):
     dev = q.device
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
-    prec = _input_precision(q.dtype)
+    prec = input_precision(q.dtype)
     mask = _mask_from_meta(meta)
     cfg = _pick("fwd", q.dtype, D, prec, config, mask is not None)
     tiles, fields, nm = _mask_args(mask, B, Sq, Sk, cfg.BLOCK_M, cfg.BLOCK_N, lse)
@@ -685,7 +668,7 @@ def attention_fwd_triton(q, k, v, meta, scale, *, config=None):
         q, k, v, out, lse, tiles, *fields,
         float(scale) * _LOG2E, Sq, Sk, Hq, Hq // Hkv, nm, n_tm, n_tn,
         *_strides(q, al), *_strides(k, al), *_strides(v, al), *_strides(out, al),
-        HAS_MASK=mask is not None, INPUT_PRECISION=prec, DOT_UPCAST=_dot_upcast(q.dtype),
+        HAS_MASK=mask is not None, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(q.dtype),
         D=D, ALIGN=al,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d(D),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -699,7 +682,7 @@ def attention_bwd_triton(q, k, v, out, lse, dout, meta, scale, *, config=None):
     Hkv, Sk = k.shape[1], k.shape[2]
     dev = q.device
     group = Hq // Hkv
-    prec = _input_precision(q.dtype)
+    prec = input_precision(q.dtype)
     bd = block_d(D)
     scale = float(scale)
     lse = lse.to(torch.float32).contiguous()
@@ -716,7 +699,7 @@ def attention_bwd_triton(q, k, v, out, lse, dout, meta, scale, *, config=None):
         BLOCK_M=pre.BLOCK_M, BLOCK_D=bd, num_warps=pre.num_warps, num_stages=pre.num_stages)
 
     al = _align(q, k, v, dout, dq, dk, dv)
-    common = dict(HAS_MASK=mask is not None, INPUT_PRECISION=prec, DOT_UPCAST=_dot_upcast(q.dtype),
+    common = dict(HAS_MASK=mask is not None, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(q.dtype),
                   D=D, ALIGN=al, BLOCK_D=bd)
     cfg = _pick("bwd_dkdv", q.dtype, D, prec, config, mask is not None)
     tiles, fields, nm = _mask_args(mask, B, Sq, Sk, cfg.BLOCK_M, cfg.BLOCK_N, lse)

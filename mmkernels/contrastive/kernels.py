@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import check_device, dot_upcast, input_precision, interpreting
+
 # ---------------------------------------------------------------------------
 # Budget constants of the backward pass: G is materialised in blocks of at
 # most BWD_ROW_CHUNK x BWD_COL_CHUNK elements (input dtype), plus one fp32
@@ -357,31 +359,14 @@ def _block_bounds() -> tuple[int, int, int]:
 _ALL_BLOCK_BOUNDS = _block_bounds()
 
 
-def _interpreting() -> bool:
-    try:
-        from triton import knobs
-        return bool(knobs.runtime.interpret)
-    except Exception:  # a triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32:
-        return "tf32"  # ignored by tl.dot for 16-bit inputs
-    if _interpreting():
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton's interpreter stores bfloat16 as uint16 and its tl.dot multiplies
-    # the bit patterns (triton-lang/triton#11584): feed it fp32 copies instead
-    # (exact: every bfloat16 value is a float32 value).  Never set on a GPU.
-    return dtype == torch.bfloat16 and _interpreting()
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("MMKERNELS_AUTOTUNE", "0") == "1" and not _interpreting()
+    return os.environ.get("MMKERNELS_AUTOTUNE", "0") == "1" and not interpreting()
 
 
 def _resolve_config(dtype, D, prec, config):
@@ -418,7 +403,7 @@ def _autotuned(kind: str, configs: tuple[TileConfig, ...]):
 def _launch(kind: str, grid_fn, args: tuple, dtype: torch.dtype, D: int, with_columns: bool,
             prec: str, config: TileConfig | None):
     flags = dict(WITH_COLUMNS=bool(with_columns), INPUT_PRECISION=prec,
-                 DOT_UPCAST=_dot_upcast(dtype))
+                 DOT_UPCAST=dot_upcast(dtype))
     if config is None:
         kernel = _autotuned(kind, tuple(autotune_configs(dtype, D, prec)))
         kernel[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **flags)
@@ -429,11 +414,6 @@ def _launch(kind: str, grid_fn, args: tuple, dtype: torch.dtype, D: int, with_co
         BLOCK_K=config.BLOCK_K, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _check_device(q: torch.Tensor):
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            "mmkernels triton backend: CPU tensors need TRITON_INTERPRET=1 "
-            f"(got tensors on {q.device})")
 
 
 def _scale_tensor(scale, device) -> torch.Tensor:
@@ -455,14 +435,14 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     ``config`` forces a tile configuration (tests); by default the heuristic
     one, or the autotuner's pick with MMKERNELS_AUTOTUNE=1 on a GPU.
     """
-    _check_device(q)
+    check_device(q)
     N, D = q.shape
     M = k.shape[0]
     dev = q.device
     f32 = torch.float32
     with_columns = bool(with_columns)
     scale_t = _scale_tensor(scale, dev)
-    prec = _input_precision(q.dtype)
+    prec = input_precision(q.dtype)
     cfg = _resolve_config(q.dtype, D, prec, config)
     min_bm, min_bn, max_bn = _bounds(cfg)
 
@@ -577,7 +557,7 @@ def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     BWD_ROW_CHUNK x BWD_COL_CHUNK) elements; ``config`` forces the tile
     configuration of the G kernel (tests).
     """
-    _check_device(q)
+    check_device(q)
     N, D = q.shape
     M = k.shape[0]
     dev = q.device
@@ -597,7 +577,7 @@ def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
         return (torch.zeros(N, D, dtype=q.dtype, device=dev), dk_acc.to(k.dtype),
                 torch.zeros((), dtype=f32, device=dev))
 
-    prec = _input_precision(q.dtype)
+    prec = input_precision(q.dtype)
     cfg = _resolve_config(q.dtype, D, prec, config)
     min_bm, min_bn, _ = _bounds(cfg)
     mode = _mm_f32_mode(dev, q.dtype)
