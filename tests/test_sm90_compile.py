@@ -67,12 +67,7 @@ def test_tools_present():
 
 
 def test_every_kernel_argument_is_specified():
-    for job in JOBS:
-        fn = sm90._jit_function(job.kernel)
-        assert set(job.signature) == set(fn.arg_names), job.label
-        for name, ty in job.signature.items():
-            if ty == "constexpr":
-                assert name in job.constexprs, (job.label, name)
+    sm90.assert_jobs_specify_every_argument(JOBS)
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])

@@ -798,17 +798,5 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, input_precision: str, h
         constexprs = {"HAS_MASK": bool(has_mask), "INPUT_PRECISION": input_precision,
                       "DOT_UPCAST": False, "D": D, "ALIGN": al, "BLOCK_M": config.BLOCK_M,
                       "BLOCK_N": config.BLOCK_N, "BLOCK_D": block_d(D), **extra}
-    divisible = list(sig)  # torch allocations are 256-byte aligned
-    for name in floats:
-        sig[name] = "fp32"
-    for name, v in ints.items():
-        if v == 1:
-            sig[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            sig[name] = "i32"
-            if v % 16 == 0:
-                divisible.append(name)
-    for name in constexprs:
-        sig[name] = "constexpr"
-    return kernel, sig, constexprs, divisible
+    from ..testing.sm90 import launch_signature
+    return (kernel, *launch_signature(sig, ints, constexprs, floats))

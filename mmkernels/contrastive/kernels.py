@@ -663,22 +663,12 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, with_columns: bool,
                 "stride_gm": BWD_COL_CHUNK, "stride_gn": 1}
     else:
         raise ValueError(kind)
-    divisible = [name for name in sig]  # torch allocations are 256-byte aligned
     constexprs = {"WITH_COLUMNS": bool(with_columns), "INPUT_PRECISION": input_precision,
                   "DOT_UPCAST": False,
                   "BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
                   "BLOCK_K": config.BLOCK_K}
-    for name, v in ints.items():
-        if v == 1:
-            sig[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            sig[name] = "i32"
-            if v % 16 == 0:
-                divisible.append(name)
-    for name in ("WITH_COLUMNS", "INPUT_PRECISION", "DOT_UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        sig[name] = "constexpr"
-    return kernel, sig, constexprs, divisible
+    from ..testing.sm90 import launch_signature
+    return (kernel, *launch_signature(sig, ints, constexprs))
 
 
 KERNEL_KINDS = ("stats", "grad")

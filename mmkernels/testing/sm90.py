@@ -458,6 +458,42 @@ def _run_workers(jobs: list[CompileJob], workers: int, timeout: float | None) ->
 # ---------------------------------------------------------------------------
 
 
+def launch_signature(pointers: dict, ints: dict, constexprs: dict, floats: Sequence[str] = ()):
+    """The ``(signature, constexprs, divisible_by_16)`` a launch would get from Triton's specialisation.
+
+    ``pointers``: name -> pointer type (``"*bf16"``...), all taken as 16-byte aligned (torch
+    allocations are); ``ints``: name -> the value a real launch passes (``== 1`` becomes a
+    constexpr, a multiple of 16 gets the divisibility hint); ``floats``: fp32 scalars;
+    ``constexprs``: the kernel's ``tl.constexpr`` values. Every family's ``compile_specs`` uses it.
+    """
+    sig = dict(pointers)
+    constexprs = dict(constexprs)
+    divisible = list(pointers)
+    for name in floats:
+        sig[name] = "fp32"
+    for name, v in ints.items():
+        if v == 1:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                divisible.append(name)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return sig, constexprs, divisible
+
+
+def assert_jobs_specify_every_argument(jobs: Iterable[CompileJob]) -> None:
+    """Each job's signature names every kernel argument, and every constexpr has a value."""
+    for job in jobs:
+        fn = _jit_function(job.kernel)
+        assert set(job.signature) == set(fn.arg_names), job.label
+        for name, ty in job.signature.items():
+            if ty == "constexpr":
+                assert name in job.constexprs, (job.label, name)
+
+
 def compile_sm90_many(jobs: Sequence[CompileJob], *, workers: int = 1,
                       in_subprocess: bool | None = None,
                       timeout: float | None = None) -> list[Sm90Report]:
