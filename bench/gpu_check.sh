@@ -12,7 +12,7 @@
 # PYTHONPATH=$PWD and MMKERNELS_NO_EXT=1):
 #   1. prints nvidia-smi, clocks and versions                       -> $OUT/env.txt
 #   2. installs carried wheels from .whl/ into /tmp/site, if any     (pip --no-index)
-#   3. python3 -m pytest -m gpu -x -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150) -> $OUT/tests.log
+#   3. python3 -m pytest -m gpu --maxfail=8 -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150) -> $OUT/tests.log
 #      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
 #      the reference's loss and gradients at small sizes on the GPU
 #      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 60)  -> appended to tests.log
@@ -87,8 +87,8 @@ PYEOF
 # 3. GPU tests ---------------------------------------------------------------
 TEST_RC=0
 if [ -d tests ]; then
-  echo "== [$(elapsed) s] pytest -m gpu -x -q tests (limit ${TEST_T} s)"
-  timeout -k 10 "$TEST_T" "$PY" -m pytest -m gpu -x -q tests 2>&1 | tee "$OUT/tests.log"
+  echo "== [$(elapsed) s] pytest -m gpu --maxfail=8 -q tests (limit ${TEST_T} s)"
+  timeout -k 10 "$TEST_T" "$PY" -m pytest -m gpu --maxfail=8 -q -rfE --durations=8 -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
   TEST_RC=${PIPESTATUS[0]}
   case $TEST_RC in
     0) echo "GPU tests: passed" ;;
