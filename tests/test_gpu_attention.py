@@ -70,17 +70,26 @@ def test_mask_build_and_op_without_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
+def _compiled_variants(kern) -> int:
+    # Triton 3.x: device_caches[device] = (kernel_cache, kernel_key_cache, target, backend, binder)
+    return sum(len(entry[0]) for entry in kern.device_caches.values())
+
+
 def test_no_recompilation_when_batch_or_length_change():
+    # head dim 72 is used by no other GPU test: the kernel caches are process-wide, so count only
+    # the variants this test adds
     mask_fn = MultimodalMask.causal
+    kerns = (kernels._attn_fwd_kernel, kernels._attn_bwd_dq_kernel, kernels._attn_bwd_dkdv_kernel)
+    before = [_compiled_variants(k) for k in kerns]
     for b, s in ((1, 1024), (3, 1024), (2, 1536), (2, 2048), (5, 1040)):
-        q, k, v = (t.requires_grad_() for t in _qkv(b, 4, 4, s, 64, torch.bfloat16))
+        q, k, v = (t.requires_grad_() for t in _qkv(b, 4, 4, s, 72, torch.bfloat16))
         mmkernels.multimodal_attention(q, k, v, mask_fn(b, s, device="cuda")).sum().backward()
     torch.cuda.synchronize()
-    for kern in (kernels._attn_fwd_kernel, kernels._attn_bwd_dq_kernel, kernels._attn_bwd_dkdv_kernel):
-        # Triton 3.x: device_caches[device] = (kernel_cache, kernel_key_cache, target, backend, binder)
-        variants = sum(len(entry[0]) for entry in kern.device_caches.values())
-        # one compile per (dtype, D, mask-or-not, integer specialisation) at most, never per shape
-        assert variants <= 3, f"{kern.fn.__name__} compiled {variants} variants for 5 shapes"
+    for kern, n0 in zip(kerns, before):
+        variants = _compiled_variants(kern) - n0
+        # Triton specialises ints on divisibility by 16 (the tile counts here: 8, 12, 16, 9 and
+        # 16, 24, 32, 17), never on the values themselves: a few variants, not one per shape
+        assert 1 <= variants <= 3, f"{kern.fn.__name__} compiled {variants} variants for 5 shapes"
 
 
 def test_memory_grows_with_s():

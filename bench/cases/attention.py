@@ -181,12 +181,13 @@ def mask_mod_for(mask):
 
     q_mod, k_mod, q_seg, k_seg = mask.q_mod, mask.k_mod, mask.q_seg, mask.k_seg
     q_pos, k_pos, q_run, k_run = mask.q_pos, mask.k_pos, mask.q_run, mask.k_run
-    nm = mask.num_modalities
-    rules = mask.rules.to(torch.int32).reshape(-1)
+    # [NM, NM], indexed by two tensors: no Python int in the traced expression (torch.compile
+    # turns a captured int into a SymInt once it has seen two masks, which vmap cannot multiply)
+    rules = mask.rules.to(torch.int32).reshape(mask.num_modalities, mask.num_modalities)
 
     def mask_mod(b, h, q_idx, kv_idx):
         qs = q_seg[b, q_idx]
-        rule = rules[q_mod[b, q_idx] * nm + k_mod[b, kv_idx]]
+        rule = rules[q_mod[b, q_idx], k_mod[b, kv_idx]]
         causal = k_pos[b, kv_idx] <= q_pos[b, q_idx]
         same_run = q_run[b, q_idx] == k_run[b, kv_idx]
         vis = (rule == FULL) | ((rule == CAUSAL) & causal) | ((rule == SPAN) & (causal | same_run))
