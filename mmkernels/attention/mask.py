@@ -317,11 +317,17 @@ class MultimodalMask:
         always full. With block size 1 the map is exact, and the tests check that it is exact for
         every builder's masks (causal, padding, prefix-LM, BLIP-2, InstructBLIP, BEiT-3, packed,
         image spans); it can be conservative for hand-made rule tables and positions.
+
+        On CUDA (power-of-two blocks, NM <= 31) the same map comes from one Triton launch
+        (:mod:`mmkernels.attention.tile_kernel`); elsewhere from torch ops.
         """
         block_m = _size(block_m, "block_m")
         block_n = _size(block_n, "block_n")
         b, sq, sk = self.shape
         nm = self.num_modalities
+        if self.device.type == "cuda" and _pow2(block_m) and _pow2(block_n) and nm <= 31:
+            from .tile_kernel import tile_map_triton  # the same map in one launch (triton is optional)
+            return tile_map_triton(self.metadata(), block_m, block_n)
         q = _TileSummary(self.q_mod, self.q_seg, self.q_pos, self.q_run, block_m, nm)
         k = _TileSummary(self.k_mod, self.k_seg, self.k_pos, self.k_run, block_n, nm)
 
@@ -525,6 +531,10 @@ def _two_part(cls, n_first, first_name, lengths, lengths_name, second_len, secon
     mod = (idx >= n_first).to(torch.int32).expand(lengths.shape[0], total)
     seg = _pad_segments(lengths, total, start=n_first)
     return cls(mod, torch.tensor(rules, dtype=torch.int8), segment_ids=seg)
+
+
+def _pow2(n: int) -> bool:
+    return n & (n - 1) == 0
 
 
 class _TileSummary:
