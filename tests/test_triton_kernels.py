@@ -287,6 +287,28 @@ def test_small_tiles_many_programs(dtype):
     check_grads(grads, ref_grads, q, k, scale, dtype, name="16x16")
 
 
+@pytest.mark.parametrize("col_splits", [1, 3, 9])
+@pytest.mark.parametrize("with_columns", [False, True])
+def test_stats_with_the_columns_split_across_programs(col_splits, with_columns):
+    """Each block of rows shared by 1, 3 or 9 programs (9 = one 16-column block each, the last
+    one ragged): the per-split row statistics merge to the reference's."""
+    N, M, D = 97, 130, 40
+    q, k, scale, targets, _ = make_inputs(N, M, D, torch.float32, seed=11)
+    cfg = K.TileConfig(16, 16, 16, 1, 1)
+    stats = K.contrastive_stats_triton(q, k, scale, targets, with_columns, config=cfg,
+                                       col_splits=col_splits)
+    check_stats(stats, dense_stats(q, k, scale, targets, with_columns), q, k, scale, with_columns,
+                name=f"{col_splits} splits")
+
+
+def test_cols_per_split_covers_every_column():
+    for n, m, splits in [(4096, 4096, None), (97, 130, 3), (1, 1, 8), (5, 1000, 1000)]:
+        cps = K._cols_per_split(n, m, 16, 64, torch.device("cpu"), splits)
+        assert cps % 64 == 0 and cps > 0
+        n_splits = -(-m // cps)
+        assert (n_splits - 1) * cps < m <= n_splits * cps
+
+
 def test_pos_is_bitwise_the_row_max_when_the_target_wins():
     N = M = 97
     D = 64

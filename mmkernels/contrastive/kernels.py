@@ -98,8 +98,8 @@ def _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, strid
 def _contrastive_stats_kernel(
     q_ptr, k_ptr, scale_ptr, tgt_ptr,
     row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr,
-    col_max_ptr, col_sumexp_ptr, col_sum_ptr, lock_ptr, col_tmp_ptr,
-    N, M, D,
+    col_max_ptr, col_sumexp_ptr, col_sum_ptr, lock_ptr, col_tmp_ptr, row_part_ptr,
+    N, M, D, cols_per_split,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_t,
     WITH_COLUMNS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -109,6 +109,8 @@ def _contrastive_stats_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -124,12 +126,16 @@ def _contrastive_stats_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     if WITH_COLUMNS:
         offs_n_c = tl.arange(0, BLOCK_N)  # separate range: gets its own compact layout
-        tmp_row_ptr = col_tmp_ptr + pid.to(tl.int64) * (3 * BLOCK_N)
+        tmp_row_ptr = col_tmp_ptr + (pid * n_splits + split).to(tl.int64) * (3 * BLOCK_N)
 
+    # this program's column blocks: split `split` of the columns (cols_per_split is a multiple
+    # of BLOCK_N), visited from a staggered start so programs rarely queue on one column lock
     num_cb = tl.cdiv(M, BLOCK_N)
-    start = pid % num_cb
-    for it in range(0, num_cb):
-        cb = (it + start) % num_cb
+    cb_lo = split * (cols_per_split // BLOCK_N)
+    n_my = tl.minimum(cols_per_split // BLOCK_N, num_cb - cb_lo)
+    start = pid % tl.maximum(n_my, 1)
+    for it in range(0, n_my):
+        cb = cb_lo + (it + start) % n_my
         n0 = cb * BLOCK_N
         # masks and target tests against the constant offs_n, not per-element
         # column indices: keeps the per-thread column indices out of registers
@@ -200,12 +206,20 @@ def _contrastive_stats_kernel(
             tl.debug_barrier()
             tl.atomic_xchg(lock, 0)
 
-    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    d_fin = tl.where(row_ok, d_i, 1.0)  # padded rows: no log(0)
-    tl.store(row_lse_ptr + rows64, m_fin + tl.log(d_fin), mask=row_ok)
-    tl.store(row_max_ptr + rows64, m_i, mask=row_ok)
-    tl.store(row_sum_ptr + rows64, s_i, mask=row_ok)
-    tl.store(pos_ptr + rows64, p_i, mask=row_ok)
+    if n_splits == 1:
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        d_fin = tl.where(row_ok, d_i, 1.0)  # padded rows: no log(0)
+        tl.store(row_lse_ptr + rows64, m_fin + tl.log(d_fin), mask=row_ok)
+        tl.store(row_max_ptr + rows64, m_i, mask=row_ok)
+        tl.store(row_sum_ptr + rows64, s_i, mask=row_ok)
+        tl.store(pos_ptr + rows64, p_i, mask=row_ok)
+    else:  # partial row stats [4, n_splits, N], merged by _merge_row_parts
+        part_stride = n_splits.to(tl.int64) * N
+        part = row_part_ptr + split.to(tl.int64) * N + rows64
+        tl.store(part, m_i, mask=row_ok)
+        tl.store(part + part_stride, d_i, mask=row_ok)
+        tl.store(part + 2 * part_stride, s_i, mask=row_ok)
+        tl.store(part + 3 * part_stride, p_i, mask=row_ok)
 
 
 @triton.jit
@@ -427,13 +441,46 @@ def _scale_tensor(scale, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+def _cols_per_split(N: int, M: int, bm: int, max_bn: int, device: torch.device,
+                    col_splits: int | None) -> int:
+    """Columns per program of the stats kernel (a multiple of every BLOCK_N it may use).
+
+    One program per block of ``bm`` rows leaves most of a GPU idle at moderate N (N = 4096:
+    32 programs for 132 SMs), so the columns are split until there are about two programs per
+    SM; each split's row statistics are merged afterwards (O(splits * N)). ``col_splits``
+    forces the number of splits (tests). Without CUDA (the interpreter): two splits, so the
+    merge is always exercised.
+    """
+    if col_splits is None:
+        row_blocks = triton.cdiv(max(N, 1), bm)
+        target = 2 * row_blocks
+        if device.type == "cuda":
+            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        col_splits = triton.cdiv(target, row_blocks)
+    col_splits = max(1, min(int(col_splits), triton.cdiv(max(M, 1), max_bn)))
+    return triton.cdiv(triton.cdiv(max(M, 1), col_splits), max_bn) * max_bn
+
+
+def _merge_row_parts(parts: torch.Tensor, row_lse, row_max, row_sum, pos) -> None:
+    """Merge per-split row statistics ``parts [4, splits, N]`` (max, sum of exp(l - max), sum of
+    logits, positive logit) into the [N] outputs, in place. O(splits * N), no host sync."""
+    m, d, s, p = parts
+    row_max.copy_(m.amax(0))
+    m_use = torch.where(row_max == _NEG_INF, torch.zeros_like(row_max), row_max)
+    total = (d * torch.exp(m - m_use)).sum(0)
+    torch.add(m_use, torch.log(total), out=row_lse)
+    torch.sum(s, 0, out=row_sum)
+    torch.sum(p, 0, out=pos)
+
+
 def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                              targets: torch.Tensor, with_columns: bool, *,
-                             config: TileConfig | None = None):
+                             config: TileConfig | None = None, col_splits: int | None = None):
     """(row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum), all float32.
 
     ``config`` forces a tile configuration (tests); by default the heuristic
     one, or the autotuner's pick with MMKERNELS_AUTOTUNE=1 on a GPU.
+    ``col_splits`` forces how many programs share each block of rows (tests).
     """
     check_device(q)
     N, D = q.shape
@@ -454,22 +501,29 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
         col_max = torch.full((M,), _NEG_INF, dtype=f32, device=dev)
         col_sumexp = torch.zeros(M, dtype=f32, device=dev)
         col_sum = torch.zeros(M, dtype=f32, device=dev)
+    cols_per_split = _cols_per_split(N, M, min_bm, max_bn, dev, col_splits)
+    n_splits = triton.cdiv(max(M, 1), cols_per_split)
+    if with_columns:
         locks = torch.zeros(triton.cdiv(max(M, 1), min_bn), dtype=torch.int32, device=dev)
         # one scratch row of 3 x BLOCK_N floats per program (see the kernel)
-        col_tmp = torch.empty(triton.cdiv(max(N, 1), min_bm) * 3 * max_bn, dtype=f32, device=dev)
+        col_tmp = torch.empty(triton.cdiv(max(N, 1), min_bm) * n_splits * 3 * max_bn, dtype=f32,
+                              device=dev)
     else:
         # never dereferenced (WITH_COLUMNS is a constexpr); real buffers, not null pointers
         col_max = col_sumexp = col_sum = col_tmp = row_lse
         locks = torch.zeros(1, dtype=torch.int32, device=dev)
+    row_part = torch.empty(4 * n_splits * N if n_splits > 1 else 1, dtype=f32, device=dev)
 
     if N > 0 and M > 0:
         args = (q, k, scale_t, targets,
                 row_lse, row_max, row_sum, pos,
-                col_max, col_sumexp, col_sum, locks, col_tmp,
-                N, M, D,
+                col_max, col_sumexp, col_sum, locks, col_tmp, row_part,
+                N, M, D, cols_per_split,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), targets.stride(0))
-        _launch("stats", lambda bm, bn: (triton.cdiv(N, bm),), args, q.dtype, D,
+        _launch("stats", lambda bm, bn: (triton.cdiv(N, bm), n_splits), args, q.dtype, D,
                 with_columns, prec, cfg)
+        if n_splits > 1:
+            _merge_row_parts(row_part.view(4, n_splits, N), row_lse, row_max, row_sum, pos)
     elif N > 0:  # M == 0: log-sum-exp of nothing
         row_lse.fill_(_NEG_INF)
         row_max.fill_(_NEG_INF)
@@ -647,8 +701,9 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, with_columns: bool,
             "row_lse_ptr": "*fp32", "row_max_ptr": "*fp32", "row_sum_ptr": "*fp32",
             "pos_ptr": "*fp32", "col_max_ptr": "*fp32", "col_sumexp_ptr": "*fp32",
             "col_sum_ptr": "*fp32", "lock_ptr": "*i32", "col_tmp_ptr": "*fp32",
+            "row_part_ptr": "*fp32",
         }
-        ints = {"N": big, "M": big, "D": D, "stride_qn": D, "stride_qd": 1,
+        ints = {"N": big, "M": big, "D": D, "cols_per_split": big // 8, "stride_qn": D, "stride_qd": 1,
                 "stride_kn": D, "stride_kd": 1, "stride_t": 1}
     elif kind == "grad":
         kernel = _contrastive_grad_block_kernel
