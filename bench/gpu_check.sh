@@ -15,10 +15,11 @@
 #   3. python3 -m pytest -m gpu --maxfail=8 -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150) -> $OUT/tests.log
 #      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
 #      the reference's loss and gradients at small sizes on the GPU
-#      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 60)  -> appended to tests.log
-#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 240; contrastive first, then attention) -> $OUT/bench.log
+#      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 100)  -> appended to tests.log
+#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 210; contrastive, attention, experts) -> $OUT/bench.log
 #      and moves its results.json, results.md and plot.png to the top of $OUT
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
+#   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45): device time per kernel -> $OUT/profile.md
 # The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
 # failed or timed out; 2 bench failed (an mmkernels measurement errored, or the
 # bench crashed); 4 a bench provider disagrees with the reference.
@@ -35,8 +36,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 TEST_T=${GPU_CHECK_TEST_TIMEOUT:-150}
-AGREE_T=${GPU_CHECK_AGREE_TIMEOUT:-60}
-BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-240}
+AGREE_T=${GPU_CHECK_AGREE_TIMEOUT:-100}
+BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-210}
+PROF_T=${GPU_CHECK_PROFILE_TIMEOUT:-45}
 export PYTHONUNBUFFERED=1 MMKERNELS_NO_EXT=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -117,6 +119,14 @@ for f in results.json results.md plot.png; do
   if [ -f "$OUT/bench/$f" ]; then mv "$OUT/bench/$f" "$OUT/$f"; else echo "missing: bench/$f"; fi
 done
 rm -rf "$OUT/bench"
+
+# 5. where the time goes: per-kernel device time of a few cases (informative, never fails the check)
+if [ "$DEVICE" = cuda ]; then
+  echo "== [$(elapsed) s] python -m bench.profile_gpu (limit ${PROF_T} s)"
+  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" >/dev/null 2>"$OUT/profile.err" \
+    || echo "profile_gpu: failed or timed out (see profile.err)"
+  [ -s "$OUT/profile.err" ] || rm -f "$OUT/profile.err"
+fi
 
 RC=0
 [ "$TEST_RC" -ne 0 ] && RC=1

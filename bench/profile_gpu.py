@@ -1,0 +1,132 @@
+"""Where the GPU time of one mmkernels call goes: a kernel table per case (torch.profiler).
+
+    python -m bench.profile_gpu [--out FILE]      # on a CUDA machine; about 30 s
+
+For each case it warms up, then profiles a few forward+backward calls and prints the CUDA
+kernels sorted by total device time, the number of kernel launches per call, and the wall time
+per call against the summed kernel time (a wall time far above the kernel time means the call
+is bound by host-side launches, not by the kernels). Use it to decide what to tune; the bench
+suite remains the record of speed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _contrastive(n: int, d: int):
+    import mmkernels
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1)
+    b = torch.nn.functional.normalize(a + 0.3 * torch.randn(n, d, device="cuda", generator=g), dim=-1)
+    a = a.to(torch.bfloat16).requires_grad_()
+    b = b.to(torch.bfloat16).requires_grad_()
+    s = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
+
+    def step():
+        mmkernels.contrastive_loss(a, b, s).backward()
+    return step
+
+
+def _attention(layout: str, b: int, h: int, s: int, d: int):
+    import mmkernels
+    from mmkernels import MultimodalMask
+    if layout == "causal":
+        mask = MultimodalMask.causal(b, s, device="cuda")
+    else:  # BLIP-2 ITG: 32 queries + (s - 32) text tokens
+        mask = MultimodalMask.blip2(32, torch.full((b,), s - 32), s - 32, objective="itg").to("cuda")
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+
+    def step():
+        mmkernels.multimodal_attention(q, k, v, mask).sum().backward()
+    return step
+
+
+def _experts():
+    import mmkernels
+    t, hdim, f = 64 * 237, 768, 3072
+    x = torch.randn(64, 237, hdim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w_in = (0.02 * torch.randn(2, f, hdim, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    w_out = (0.02 * torch.randn(2, hdim, f, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    b_in = torch.zeros(2, f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b_out = torch.zeros(2, hdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert t == x.shape[0] * x.shape[1]
+
+    def step():
+        mmkernels.modality_ffn(x, 40, w_in, b_in, w_out, b_out).sum().backward()
+    return step
+
+
+CASES = {
+    "contrastive N=4096 D=768": lambda: _contrastive(4096, 768),
+    "contrastive N=32768 D=768": lambda: _contrastive(32768, 768),
+    "attention blip2_itg B=128 H=12 S=160 D=64": lambda: _attention("blip2", 128, 12, 160, 64),
+    "attention causal B=2 H=16 S=8192 D=128": lambda: _attention("causal", 2, 16, 8192, 128),
+    "experts VLMo FFN B=64 40+197 768/3072": _experts,
+}
+
+
+def profile_case(name: str, make, calls: int = 3, top: int = 12) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    step = make()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "cuda_time_total", 0)
+        if dev_us > 0 and ev.count > 0:
+            rows.append((dev_us / calls, ev.count / calls, ev.key))
+    rows.sort(reverse=True)
+    kernel_ms = sum(r[0] for r in rows) / 1e3
+    launches = sum(r[1] for r in rows)
+    out = [f"## {name}",
+           f"wall {wall_ms:.3f} ms/call | kernels {kernel_ms:.3f} ms/call | {launches:.0f} kernel launches/call",
+           "| device us/call | launches/call | kernel |", "| ---: | ---: | --- |"]
+    for us, n, key in rows[:top]:
+        out.append(f"| {us:.1f} | {n:.0f} | {key[:110]} |")
+    return out + [""]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="also write the tables to this file")
+    ap.add_argument("--case", action="append", help="substring of a case name (default: all)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_gpu: no CUDA device", file=sys.stderr)
+        return 1
+    lines = [f"# mmkernels kernel profile: {torch.cuda.get_device_name()}", ""]
+    for name, make in CASES.items():
+        if args.case and not any(c in name for c in args.case):
+            continue
+        try:
+            lines += profile_case(name, make)
+        except Exception as exc:  # one failing case must not hide the others
+            lines += [f"## {name}", f"error: {type(exc).__name__}: {exc}", ""]
+        torch.cuda.empty_cache()
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
