@@ -7,6 +7,7 @@ Examples::
     python -m bench --family contrastive --device cpu --out /tmp/b
     python -m bench --providers reference,mmkernels --size N=4096,8192 --size D=512
     python -m bench --list                  # the plan, without running it
+    python -m bench --family experts --profile pytest --device cpu   # one family at tiny sizes
 
 Exit status: 0 when the run completed (skips and peer failures are results),
 3 when an mmkernels measurement failed with an error, 2 on bad arguments.

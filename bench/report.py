@@ -20,6 +20,8 @@ from bench.harness import BASELINE, DTYPE_SHORT, MiB, fmt_bytes
 
 SCHEMA = 1
 MEM_FLOOR = 1 * MiB  # memory ratios divide by max(mmkernels extra, this)
+# family -> the provider that is its speed of light; the summary adds a table of time / its time
+SPEED_OF_LIGHT = {"experts": "dense"}
 RESULTS_JSON, RESULTS_MD, PLOT_PNG = "results.json", "results.md", "plot.png"
 
 
@@ -148,6 +150,51 @@ def _gpu_state(s: Optional[dict]) -> str:
     )
 
 
+def overhead(rec: dict, sol: Optional[dict]) -> Optional[float]:
+    """time / the speed-of-light provider's time of the same case (1.0 = no overhead)."""
+    if sol is None or not _ok(sol) or not _ok(rec) or not sol.get("time_ms"):
+        return None
+    return rec["time_ms"] / sol["time_ms"]
+
+
+def _overhead_tables(ops: dict, cases: dict) -> list:
+    """Per op of a family in SPEED_OF_LIGHT: every provider's time over the speed of light's."""
+    L = []
+    for (op, mode), cids in ops.items():
+        first = next(iter(cases[cids[0]].values()))
+        sol_name = SPEED_OF_LIGHT.get(first.get("family"))
+        if sol_name is None or not any(sol_name in cases[c] for c in cids):
+            continue
+        provs = []
+        for cid in cids:
+            for p in cases[cid]:
+                if p != sol_name and p not in provs:
+                    provs.append(p)
+        keys = list(first["shape"].keys())
+        L.append(f"**{op}: routing overhead** (time / {sol_name} time; {sol_name} = one dense layer over all "
+                 f"tokens with one expert's weights, 1.00x = the speed of light)")
+        L.append("")
+        L.append("| " + " | ".join(keys) + f" | dtype | {sol_name} ms | " + " | ".join(provs) + " |")
+        L.append("|" + " --- |" * (len(keys) + 2 + len(provs)))
+        for cid in cids:
+            recs = cases[cid]
+            any_r = next(iter(recs.values()))
+            sol = recs.get(sol_name)
+            row = [str(any_r["shape"][k]) for k in keys] + [DTYPE_SHORT.get(any_r["dtype"], any_r["dtype"])]
+            row.append(_ms(sol["time_ms"]) if sol is not None and _ok(sol) else (sol["status"] if sol else "not run"))
+            for p in provs:
+                r = recs.get(p)
+                if r is None:
+                    row.append("-")
+                elif not _ok(r):
+                    row.append(r["status"])
+                else:
+                    row.append(_x(overhead(r, sol)))
+            L.append("| " + " | ".join(row) + " |")
+        L.append("")
+    return L
+
+
 def markdown(env: dict, results: list, notes: list) -> str:
     L = []
     commit = env.get("git_commit") or "unknown"
@@ -266,6 +313,7 @@ def markdown(env: dict, results: list, notes: list) -> str:
                         row.append(f"{_x(s)} / {_x(m)}" if s is not None else f"{_ms(r['time_ms'])} ms")
                 L.append("| " + " | ".join(row) + " |")
             L.append("")
+        L.extend(_overhead_tables(ops, cases))
 
     # full tables, one per op
     for (op, mode), cids in ops.items():

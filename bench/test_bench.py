@@ -84,7 +84,7 @@ AGREE = [
     (c, p)
     for c, p in PAIRS
     if not c.rate_probe and p.name != "reference" and any(q.name == "reference" for q in c.providers)
-    and c.family != "attention"  # non-tensor mask input: test_attention_provider_agrees_with_reference
+    and c.family not in ("attention", "experts")  # non-tensor inputs: the families' own agreement tests below
 ]
 
 
@@ -359,3 +359,171 @@ def test_attention_cli_writes_report(tmp_path):
     assert all(r["tflops"] and r["flops"] for r in res if r["status"] == "ok" and r["op"] != A.OP_MASK)
     md = (out / "results.md").read_text()
     assert "attention_fwd_bwd (fwd+bwd; FLOPs = 2.5*4*visible*D*H)" in md and "llava:10" in md
+
+
+# --------------------------------------------------------------------------
+# The experts family
+# --------------------------------------------------------------------------
+
+from bench.cases import experts as X  # noqa: E402
+
+EXPERTS_AGREE = [(c, p) for c, p in PAIRS if c.family == "experts"]
+# max |provider - oracle| <= tol * max |oracle| per tensor (gradients of weights sum over many tokens)
+EXPERTS_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+
+
+def _experts_oracle(case, provider):
+    """The provider that defines the function, evaluated in float64: mmkernels' reference where it
+    imports (and is not the provider under test), else CogVLM's boolean-mask loop."""
+    ref = case.provider("reference")
+    if provider.name != "reference" and harness.preflight(case, ref, harness.RunOptions()) is None:
+        return ref
+    return case.provider("cogvlm")
+
+
+def _close(got, want, tol, what):
+    got, want = got.double(), want.double()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g} > {tol} x max |oracle| {scale:.3g}"
+
+
+@pytest.mark.parametrize("case,provider", EXPERTS_AGREE, ids=[_pair_id(p) for p in EXPERTS_AGREE])
+def test_experts_provider_agrees_with_reference(case, provider):
+    """Loss and the gradients of x, weights and biases against the reference in float64 (dense: against
+    the reference with every token on expert 0, the one function it computes)."""
+    reason = harness.preflight(case, provider, harness.RunOptions())
+    if reason:
+        pytest.skip(reason)
+    oracle = _experts_oracle(case, provider)
+    torch.manual_seed(case.seed)
+    inputs = case.make_inputs(case)
+    out = provider.fn(**inputs)
+    out.backward()
+    ref_inputs = {
+        k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+        for k, v in inputs.items()
+    }
+    if provider.name == X.SPEED_OF_LIGHT:
+        ref_inputs["ctx"] = inputs["ctx"].all_on_expert0()
+    ref = oracle.fn(**ref_inputs)
+    ref.backward()
+    tol = EXPERTS_TOL[case.dtype]
+    n = inputs["dout"].numel()
+    assert abs(out.item() - ref.item()) <= tol * max(abs(ref.item()), n**0.5), (out.item(), ref.item(), oracle.name)
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            _close(v.grad, ref_inputs[name].grad, tol, f"grad of {name} (oracle {oracle.name})")
+
+
+def test_experts_layouts():
+    """Token counts per expert: VLMo text-first split, VL-FFN blocks of samples, BEiT-3 image-first split,
+    CogVLM [BOS] + image + text with 1226 image tokens per sample."""
+    assert X.expert_tokens("vlmo:40+197", 64) == [64 * 40, 64 * 197]
+    assert X.split_position("vlmo:40+197") == 40 and X.split_position("beit3:197+64") == 197
+    assert X.expert_tokens("beit3:197+64", 32) == [32 * 197, 32 * 64]
+    assert X.expert_tokens("vlmo_vl:40+197", 64) == [32 * 40, 32 * 197, 32 * 237]
+    assert X.num_experts("vlmo_vl:40+197") == 3 and X.split_position("vlmo_vl:40+197") is None
+    ids = X.layout_ids("cogvlm:1226+300", 4)
+    assert ids.shape == (4, 1526) and X.split_position("cogvlm:1226+300") is None
+    assert ids[:, 0].eq(0).all() and ids[:, 1:1227].eq(1).all() and ids[:, 1227:].eq(0).all()
+    ids = X.layout_ids("vlmo:40+197", 2)
+    assert ids[:, :40].eq(0).all() and ids[:, 40:].eq(1).all()
+
+
+def test_experts_cases_match_the_issue():
+    """GPU suite: VLMo-base FFN (B=64, 40+197, 768/3072, 2 experts) and its 3-expert VL-FFN layers, BEiT-3
+    large (1024/4096), CogVLM (B=4, 1226+300, H=4096) SwiGLU MLP 11008, QKV (H->3H) and dense (H->H);
+    --quick = VLMo FFN + CogVLM MLP; FLOPs 3 x forward, swiglu three GEMMs; CPU in fp32."""
+    full = [c for c in X.cases("cuda", "full") if c.family == "experts"]
+    ffn = {(c.shape["layout"], c.shape["E"], c.shape["B"], c.shape["H"], c.shape["F"], c.shape["act"])
+           for c in full if c.op == X.OP_FFN}
+    assert ffn == {
+        ("vlmo:40+197", 2, 64, 768, 3072, "gelu"), ("vlmo_vl:40+197", 3, 64, 768, 3072, "gelu"),
+        ("beit3:197+64", 2, 32, 1024, 4096, "gelu"), ("cogvlm:1226+300", 2, 4, 4096, 11008, "swiglu"),
+    }
+    lin = {(c.shape["layout"], c.shape["B"], c.shape["Hin"], c.shape["Hout"]) for c in full if c.op == X.OP_LINEAR}
+    assert lin == {("cogvlm:1226+300", 4, 4096, 12288), ("cogvlm:1226+300", 4, 4096, 4096)}
+    assert all(c.dtype == "bfloat16" and c.mode == "fwd+bwd" for c in full)
+    vlmo = next(c for c in full if c.shape["layout"] == "vlmo:40+197")
+    T = 64 * 237
+    assert vlmo.flops == 3 * 2 * T * 768 * 3072 * 2
+    cog = next(c for c in full if c.op == X.OP_FFN and c.shape["act"] == "swiglu")
+    assert cog.flops == 3 * 2 * (4 * 1526) * 4096 * 11008 * 3
+    qkv = next(c for c in full if c.op == X.OP_LINEAR and c.shape["Hout"] == 12288)
+    assert qkv.flops == 3 * 2 * (4 * 1526) * 4096 * 12288
+    names = {p.name for p in vlmo.providers}
+    assert {"mmkernels", "cogvlm", "torchscale", "grouped_mm", "dense", "reference"} <= names
+    quick = [c for c in X.cases("cuda", "quick") if c.family == "experts"]
+    assert {(c.op, c.shape["layout"]) for c in quick} == {(X.OP_FFN, "vlmo:40+197"), (X.OP_FFN, "cogvlm:1226+300")}
+    for prof in ("full", "quick"):
+        cpu = [c for c in X.cases("cpu", prof) if c.family == "experts"]
+        assert cpu and all(c.dtype == "float32" for c in cpu)
+        assert max(c.flops for c in cpu) < 1e11  # a few minutes on 2 cores for the whole profile
+    pyt = [c for c in X.cases("cpu", "pytest") if c.family == "experts"]
+    assert {X.parse_layout(c.shape["layout"])[0] for c in pyt} == set(X.KINDS)
+    assert max(c.shape["B"] * c.shape["S"] for c in pyt) <= 64
+
+
+def test_experts_skips_without_the_op(monkeypatch):
+    """Until mmkernels.modality_ffn / modality_linear exist, their rows are skips with a reason, not crashes;
+    torchscale needs a split layout, mmkernels_ids only runs where mmkernels uses the split."""
+    import mmkernels
+
+    for attr in ("modality_ffn", "modality_linear"):
+        monkeypatch.delattr(mmkernels, attr, raising=False)
+    opts = harness.RunOptions()
+    ffn = X.ffn_case("vlmo:5+11", 2, 64, 128, "gelu", True, "float32", "cpu")
+    rec = harness.measure(ffn, ffn.provider("mmkernels"), opts)
+    assert (rec["status"], rec["reason"]) == ("skipped", "mmkernels.modality_ffn does not exist yet")
+    lin = X.linear_case("cogvlm:9+7", 2, 64, 64, False, "float32", "cpu")
+    rec = harness.measure(lin, lin.provider("mmkernels"), opts)
+    assert (rec["status"], rec["reason"]) == ("skipped", "mmkernels.modality_linear does not exist yet")
+    assert "split" in harness.preflight(lin, lin.provider("torchscale"), opts)
+    assert "ids tensor" in harness.preflight(lin, lin.provider("mmkernels_ids"), opts)
+    assert harness.preflight(ffn, ffn.provider("torchscale"), opts) is None
+
+
+def test_experts_grouped_mm_skip_reason(monkeypatch):
+    X.grouped_mm_support.cache_clear()
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    try:
+        case = X.ffn_case("vlmo:5+11", 2, 64, 128, "gelu", True, "float32", "cpu")
+        assert "has no torch._grouped_mm" in harness.preflight(case, case.provider("grouped_mm"), harness.RunOptions())
+    finally:
+        X.grouped_mm_support.cache_clear()
+
+
+def test_experts_cli_writes_report(tmp_path):
+    """The CLI runs the family at the pytest profile (mmkernels rows may be skips until the op lands) and
+    the report has the routing-overhead table."""
+    from bench.__main__ import main
+
+    out = tmp_path / "run"
+    rc = main(["--profile", "pytest", "--device", "cpu", "--family", "experts", "--providers",
+               "mmkernels,cogvlm,torchscale,dense", "--size", "B=1", "--no-isolate", "--no-plot", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert {r["op"] for r in res if r["status"] == "ok"} == {X.OP_FFN, X.OP_LINEAR}
+    assert all(r["status"] in ("ok", "skipped") for r in res), [r for r in res if r["status"] == "error"]
+    assert all(r["tflops"] and r["flops"] for r in res if r["status"] == "ok")
+    assert all(r["reason"] for r in res if r["status"] == "skipped")
+    md = (out / "results.md").read_text()
+    assert "**modality_ffn: routing overhead**" in md and "cogvlm:9+7" in md
+    assert "modality_ffn (fwd+bwd; FLOPs = 3*2*T*H*(Fi+F)" in md
+
+
+def test_experts_routing_overhead_table():
+    case = X.ffn_case("vlmo:40+197", 2, 768, 3072, "gelu", True, "float32", "cpu")
+
+    def rec(provider, ms):
+        r = harness.base_record(case, case.provider(provider))
+        r.update(status="ok", time_ms=ms, reps=3)
+        return r
+
+    dense, cog, base = rec("dense", 10.0), rec("cogvlm", 25.0), rec("mmkernels", 12.5)
+    assert report.overhead(cog, dense) == pytest.approx(2.5)
+    md = report.markdown({"device_name": "test", "argv": ["python -m bench"]}, [base, cog, dense], [])
+    row = next(ln for ln in md.splitlines() if ln.startswith("| vlmo:40+197") and "10.000" in ln)
+    assert row.endswith("| 10.000 | 1.25x | 2.50x |")

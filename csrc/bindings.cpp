@@ -3,6 +3,7 @@
 
 #include "attention.h"
 #include "contrastive.h"
+#include "experts.h"
 
 namespace py = pybind11;
 
@@ -33,4 +34,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Blockwise multimodal masked attention backward, recomputing P from lse. Returns (dq, dk, dv).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
         py::arg("meta"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("experts_linear_fwd", &mmkernels::experts_linear_fwd,
+        "Modality-expert linear: y[perm[s]] = x[perm[s]] @ weight[e]^T + bias[e] for the slots s of\n"
+        "expert e (offsets[e] <= s < offsets[e+1]). Returns y [T, Hout] in token order.",
+        py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("weight"), py::arg("bias"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("experts_linear_bwd", &mmkernels::experts_linear_bwd,
+        "Backward of experts_linear_fwd. Returns (dx or empty(0), dw or empty(0), db or empty(0)).",
+        py::arg("dy"), py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("weight"),
+        py::arg("bias"), py::arg("needs_dx"), py::arg("needs_dw"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("experts_ffn_fwd", &mmkernels::experts_ffn_fwd,
+        "Modality-expert FFN act(x @ w_in[e]^T + b_in[e]) @ w_out[e]^T + b_out[e]. Returns (y [T, Hout]\n"
+        "token order, h [T, Fi] pre-activation sorted order, a [T, F] activation sorted order).",
+        py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("w_in"), py::arg("b_in"),
+        py::arg("w_out"), py::arg("b_out"), py::arg("activation"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("experts_ffn_bwd", &mmkernels::experts_ffn_bwd,
+        "Backward of experts_ffn_fwd from its saved h and a. Returns (dx, dw_in, db_in or empty(0),\n"
+        "dw_out, db_out or empty(0)).",
+        py::arg("dy"), py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("w_in"),
+        py::arg("b_in"), py::arg("w_out"), py::arg("b_out"), py::arg("h"), py::arg("a"),
+        py::arg("activation"), py::call_guard<py::gil_scoped_release>());
 }

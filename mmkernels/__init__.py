@@ -7,13 +7,19 @@ Public API::
     mmkernels.ContrastiveLoss(...)
     mmkernels.multimodal_attention(q, k, v, mask=mmkernels.MultimodalMask.blip2(...), ...)
     mmkernels.MultimodalSelfAttention(hidden_size, num_heads, ...)
+    mmkernels.modality_linear(x, modality_ids, weight, bias=None)
+    mmkernels.modality_ffn(x, modality_ids, w_in, b_in, w_out, b_out, activation="gelu")
+    mmkernels.MultiwayLinear(in_features, out_features, num_experts=2, ...)
+    mmkernels.MultiwayFFN(hidden_size, intermediate_size, num_experts=2, activation="gelu", ...)
     with mmkernels.backend("reference" | "cpu" | "triton" | "auto"): ...
 """
 from ._backend import backend
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
 from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
+from .experts import MultiwayFFN, MultiwayLinear, modality_ffn, modality_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
-           "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention", "__version__"]
+           "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
+           "MultiwayFFN", "MultiwayLinear", "modality_ffn", "modality_linear", "__version__"]

@@ -19,7 +19,8 @@ from typing import Optional
 FAMILIES = {
     "contrastive": "bench.cases.contrastive",
     "mm": "bench.cases.mm",
-    "attention": "bench.cases.attention",  # last: a time-limited full run records the others first
+    "attention": "bench.cases.attention",  # a time-limited full run records the others first
+    "experts": "bench.cases.experts",  # after attention: added later, so the older families' runs are unchanged
 }
 PROFILES = ("full", "quick", "pytest")
 

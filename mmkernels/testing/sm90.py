@@ -571,3 +571,13 @@ if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main())
     print(__doc__)
+
+
+def compile_reports(jobs: Sequence[CompileJob]) -> dict[str, Sm90Report]:
+    """Compile a family's whole compile tier on every core: ``{job.label: report}``.
+
+    Fails (never skips) with a clear message when ptxas/cuobjdump are missing.
+    """
+    check_tools()
+    reps = compile_sm90_many(jobs, workers=max(1, os.cpu_count() or 1), in_subprocess=True)
+    return {r.label: r for r in reps}

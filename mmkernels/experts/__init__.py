@@ -1,0 +1,9 @@
+"""Modality-expert routing (VLMo/BEiT-3 multiway, CogVLM visual expert) as a grouped GEMM."""
+from .activations import ACTIVATIONS
+from .api import modality_ffn, modality_linear
+from .modules import MultiwayFFN, MultiwayLinear
+from .reference import modality_ffn_reference, modality_linear_reference
+from .routing import MAX_EXPERTS, Routing, route, route_split
+
+__all__ = ["ACTIVATIONS", "MAX_EXPERTS", "MultiwayFFN", "MultiwayLinear", "Routing", "modality_ffn",
+           "modality_ffn_reference", "modality_linear", "modality_linear_reference", "route", "route_split"]

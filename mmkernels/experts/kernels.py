@@ -1,0 +1,835 @@
+"""Triton kernels for modality experts: routing and grouped GEMMs (issue 4; notes/experts_contract.md).
+
+``route_triton(ids, E) -> (perm, offsets)`` and the four contract functions
+``linear_fwd_triton``, ``linear_bwd_triton``, ``ffn_fwd_triton``, ``ffn_bwd_triton``.
+
+Routing (``_route_kernel``, one program)
+    A stable counting sort.  First pass over blocks of tokens: one-hot ``[BLOCK, E_PAD]`` of
+    the ids, summed into per-expert counts; their exclusive cumsum gives ``offsets``.  Second
+    pass: ``tl.cumsum`` of the one-hot along the tokens gives each token's rank inside its
+    expert within the block; plus the expert's running count it is the token's slot, and
+    ``perm[slot] = token``.  No host sync, no atomics (so it is deterministic and stable).
+
+Grouped GEMM (``_grouped_mm_kernel``), grid ``(cdiv(T, BLOCK_M) + E, cdiv(N, BLOCK_N))``
+    For each expert ``e`` and each slot ``s`` of its range ``offsets[e] .. offsets[e+1]-1``:
+    ``out_row = epilogue(in_row @ B_e)``.  The row tiles of all experts are numbered one
+    after the other (an expert with ``n`` slots has ``cdiv(n, BLOCK_M)`` of them; their total
+    is at most ``cdiv(T, BLOCK_M) + E - 1``); program ``m`` finds its expert by scanning
+    ``offsets`` (``E <= 8``, a constexpr) and returns when it has no tile.  The input row is
+    read through ``perm`` (``GATHER``: row ``perm[s]`` of a token-order tensor) or directly
+    (slot ``s`` of a sorted-order tensor); the output row likewise (``SCATTER``).  ``B_e`` is
+    read from a weight ``[E, *, *]`` with explicit strides, so one kernel computes
+    ``x @ W_e^T`` (forward) and ``dy @ W_e`` (backward ``dx``).  Epilogues (constexpr
+    ``ACT``/``STORE_H``/``ACT_BWD``): bias add; gelu (erf) / gelu_tanh / silu / relu, storing
+    the pre-activation ``h`` as well when asked; swiglu with two accumulators (gate columns
+    ``n`` and up columns ``N + n`` of ``B``; output ``silu(gate) * up``, ``h`` gets both
+    halves); and the activation's backward: ``dh = da * act'(h)`` reading ``h``, for swiglu
+    both halves of ``dh [T, 2F]`` from a ``da [T, F]`` tile.
+
+Grouped weight gradient (``_grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles_k,)``
+    ``dW_e[n, k] = sum_{s in e} A[s, n] X[s, k]`` with ``A`` and ``X`` each read through
+    ``perm`` or directly; each program loops over its expert's slots in ``BLOCK_T`` chunks
+    (bounds loaded from ``offsets``).  The programs with ``k``-tile 0 also write the bias
+    gradient ``db_e[n] = sum_s A[s, n]``.  Experts with no tokens get zeros.  (Its
+    parallelism is ``E * tiles_n * tiles_k``; each program reduces over all of its expert's
+    tokens: ample for model-sized weights, serial over T for tiny ones.)
+
+Launches (``KERNEL_KINDS``): linear forward = one grouped GEMM (gather x, scatter y); linear
+backward = one grouped GEMM for dx (gather dy, ``W_e`` not transposed, scatter) plus one
+weight-gradient launch (dy and x gathered).  FFN forward = ``x -> (h, a)`` in sorted order
+(gather, activation epilogue, h stored) then ``a -> y`` (scatter).  FFN backward =
+``dh = (dy @ W_out_e) * act'(h)`` (gather, sorted dh), ``dx = dh @ W_in_e`` (scatter), and the
+weight gradients ``dW_out = dy^T a``, ``dW_in = dh^T x`` with their bias gradients.
+
+Tiles come from ``heuristic_config`` (dtype, precision, output width, alignment; no
+autotuning), each checked by the sm_90a compile tier.  Widths and row strides go to the
+kernels divided by ``ALIGN``, the largest power of two <= 16 dividing them all, and are
+multiplied back by the constexpr inside, so Triton sees 16-byte aligned rows for widths such
+as 88 or 200; widths with no such alignment (97) take smaller tiles (scalar loads need more
+registers).
+
+All accumulation is fp32 with ``tl.dot`` (tensor cores for bf16/fp16; fp32 uses tf32 only
+when ``torch.backends.cuda.matmul.allow_tf32`` is set, see mmkernels._triton).  Every row
+offset ``row * stride`` is int64.  x, dy and the weights may have any strides.  Under
+``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (bf16 products are upcast there and
+bf16 results rounded to nearest even by hand, as the interpreter's cast truncates:
+``DOT_UPCAST``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import check_device, dot_upcast, input_precision
+
+MAX_EXPERTS = 8
+
+# activation codes (constexpr ACT of the grouped GEMM)
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4, 5
+ACT_CODES = {"none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU,
+             "relu": ACT_RELU, "swiglu": ACT_SWIGLU}
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "swiglu")
+
+
+class MMConfig(NamedTuple):
+    BLOCK_M: int  # slots per tile
+    BLOCK_N: int  # output columns per tile
+    BLOCK_K: int  # reduction step
+    num_warps: int
+    num_stages: int
+
+
+class WGradConfig(NamedTuple):
+    BLOCK_N: int  # rows of dW per tile
+    BLOCK_K: int  # columns of dW per tile
+    BLOCK_T: int  # slots per reduction step
+    num_warps: int
+    num_stages: int
+
+
+# the launches the four contract functions make (one compile-tier entry each)
+KERNEL_KINDS = (
+    "route",
+    "linear_fwd",      # x (gather) @ W^T + b -> y (scatter)
+    "linear_bwd_dx",   # dy (gather) @ W -> dx (scatter)
+    "ffn_fwd_in",      # x (gather) @ W_in^T + b_in -> h, a = act(h) (sorted)
+    "ffn_fwd_out",     # a (sorted) @ W_out^T + b_out -> y (scatter)
+    "ffn_bwd_dh",      # dy (gather) @ W_out -> da; dh = da * act'(h) (sorted)
+    "ffn_bwd_dx",      # dh (sorted) @ W_in -> dx (scatter)
+    "wgrad_linear",    # dW = dy(gather)^T x(gather), db = sum dy
+    "wgrad_ffn_out",   # dW_out = dy(gather)^T a(sorted), db_out = sum dy
+    "wgrad_ffn_in",    # dW_in = dh(sorted)^T x(gather), db_in = sum dh
+)
+MM_KINDS = ("linear_fwd", "linear_bwd_dx", "ffn_fwd_in", "ffn_fwd_out", "ffn_bwd_dh", "ffn_bwd_dx")
+WGRAD_KINDS = ("wgrad_linear", "wgrad_ffn_out", "wgrad_ffn_in")
+# kind -> (GATHER, SCATTER, STORE_H, ACT_BWD, weight used as W^T (forward) or W (backward))
+_MM_FLAGS = {
+    "linear_fwd": (True, True, False, False, True),
+    "linear_bwd_dx": (True, True, False, False, False),
+    "ffn_fwd_in": (True, False, True, False, True),
+    "ffn_fwd_out": (False, True, False, False, True),
+    "ffn_bwd_dh": (True, False, False, True, False),
+    "ffn_bwd_dx": (False, True, False, False, False),
+}
+# kind -> (GATHER_A, GATHER_X)
+_WGRAD_FLAGS = {
+    "wgrad_linear": (True, True),
+    "wgrad_ffn_out": (True, False),
+    "wgrad_ffn_in": (False, True),
+}
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
+                  E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Stable counting sort of ``ids [T]`` into ``perm [T]`` and ``offsets [E + 1]`` (one program)."""
+    experts = tl.arange(0, E_PAD)
+    offs = tl.arange(0, BLOCK)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for start in range(0, T, BLOCK):
+        tok = start + offs
+        ok = tok < T
+        idv = tl.load(ids_ptr + tok, mask=ok, other=-1).to(tl.int32)
+        onehot = (idv[:, None] == experts[None, :]).to(tl.int32)
+        counts += tl.sum(onehot, 0)
+    starts = tl.cumsum(counts, 0) - counts  # exclusive prefix sum: first slot of each expert
+    tl.store(offsets_ptr + experts, starts, mask=experts < E)
+    tl.store(offsets_ptr + E, tl.sum(counts, 0))
+    running = starts
+    for start in range(0, T, BLOCK):
+        tok = start + offs
+        ok = tok < T
+        idv = tl.load(ids_ptr + tok, mask=ok, other=-1).to(tl.int32)
+        onehot = (idv[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, 0) - onehot  # earlier tokens of the same expert in this block
+        slot = tl.sum(onehot * (rank + running[None, :]), 1)
+        tl.store(perm_ptr + slot, tok, mask=ok)
+        running += tl.sum(onehot, 0)
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> the fp32 value of its round-to-nearest-even bfloat16 (exact bit arithmetic).
+
+    Interpreter only (constexpr DOT_UPCAST): its fp32 -> bfloat16 cast truncates, so results
+    are rounded to nearest even first (then the truncating cast is exact); on a GPU the cast
+    itself rounds to nearest even.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): exact limits +-1 for large |u| (exp overflows to inf or goes to 0)
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _act_fwd(h, ACT: tl.constexpr):
+    """act(h) in fp32 for the single-input activations."""
+    if ACT == 1:  # gelu (erf)
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:  # gelu (tanh approximation)
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        out = 0.5 * h * (1.0 + t)
+    elif ACT == 3:  # silu
+        out = h * tl.sigmoid(h)
+    elif ACT == 4:  # relu
+        out = tl.maximum(h, 0.0)
+    else:
+        out = h
+    return out
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    """act'(h) in fp32 for the single-input activations."""
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        out = cdf + h * (0.3989422804014327 * tl.exp(-0.5 * h * h))
+    elif ACT == 2:
+        h2 = h * h
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h2 * h))
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 0.134145 * h2))
+    elif ACT == 3:
+        s = tl.sigmoid(h)
+        out = s * (1.0 + h * (1.0 - s))
+    elif ACT == 4:
+        out = tl.where(h > 0.0, 1.0, 0.0)
+    else:
+        out = tl.full(h.shape, 1.0, tl.float32)
+    return out
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr, b_ptr, bias_ptr, out_ptr, h_ptr, perm_ptr, offsets_ptr,
+    N, K,
+    stride_am, stride_ak,
+    stride_be, stride_bk, stride_bn,
+    stride_biase, stride_biasn,
+    stride_om, stride_on,
+    stride_hm, stride_hn,
+    E: tl.constexpr,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    ACT_BWD: tl.constexpr,
+    B_TRANS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[dst(s), n] = epilogue(sum_k A[src(s), k] * B_e[k, n]) for the slots s of each expert e.
+
+    ``B_e[k, n] = b_ptr[e * stride_be + k * stride_bk + n * stride_bn]``.  SWIGLU (ACT 5):
+    forward reads the gate at ``B_e[:, n]`` and the up projection at ``B_e[:, N + n]`` (bias,
+    h likewise); backward (ACT_BWD) writes the gate half of dh at column n and the up half at
+    ``N + n`` of ``out``.  ``h`` is in sorted order (row = slot).
+
+    ``N``, ``K`` and the row strides (``stride_am``, ``stride_be``, the weight's row stride:
+    ``stride_bn`` when ``B_TRANS`` (B = W^T) else ``stride_bk``, ``stride_biase``,
+    ``stride_om``, ``stride_hm``) arrive divided by ``ALIGN`` (a power of two dividing them
+    all) and are multiplied back here: Triton then knows rows are aligned (vector loads,
+    async copies) when the widths are not multiples of 16 (88, 200, ...).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # which expert, which of its row tiles: scan the E + 1 offsets
+    expert = -1
+    row0 = 0
+    row_end = 0
+    tiles_before = 0
+    for e in tl.static_range(E):
+        lo = tl.load(offsets_ptr + e)
+        hi = tl.load(offsets_ptr + e + 1)
+        nt = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + nt)
+        expert = tl.where(hit, e, expert)
+        row0 = tl.where(hit, lo + (pid_m - tiles_before) * BLOCK_M, row0)
+        row_end = tl.where(hit, hi, row_end)
+        tiles_before += nt
+    if expert < 0:
+        return
+    N = N * ALIGN
+    K = K * ALIGN
+    stride_am = tl.cast(stride_am, tl.int64) * ALIGN
+    stride_be = tl.cast(stride_be, tl.int64) * ALIGN
+    if B_TRANS:
+        stride_bk = tl.cast(stride_bk, tl.int64)
+        stride_bn = tl.cast(stride_bn, tl.int64) * ALIGN
+    else:
+        stride_bk = tl.cast(stride_bk, tl.int64) * ALIGN
+        stride_bn = tl.cast(stride_bn, tl.int64)
+    stride_biase = tl.cast(stride_biase, tl.int64) * ALIGN
+    stride_om = tl.cast(stride_om, tl.int64) * ALIGN
+    stride_hm = tl.cast(stride_hm, tl.int64) * ALIGN
+
+    rows = row0 + tl.arange(0, BLOCK_M)  # slots
+    row_ok = rows < row_end
+    if GATHER or SCATTER:
+        tok = tl.load(perm_ptr + rows, mask=row_ok, other=0)
+    if GATHER:
+        src = tok.to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    if SCATTER:
+        dst = tok.to(tl.int64)
+    else:
+        dst = rows.to(tl.int64)
+    slot64 = rows.to(tl.int64)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_k64 = offs_k.to(tl.int64)
+
+    a_ptrs = a_ptr + src[:, None] * stride_am + offs_k64[None, :] * stride_ak
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_k64[:, None] * stride_bk \
+        + cols64[None, :] * stride_bn
+    DUAL: tl.constexpr = (ACT == 5) and (not ACT_BWD)
+    up_off = N * stride_bn  # column offset of the up projection (swiglu forward)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if DUAL:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if DUAL:
+            bu = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_UPCAST:
+                bu = bu.to(tl.float32)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    msk = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        bias_row = bias_ptr + expert.to(tl.int64) * stride_biase
+        acc += tl.load(bias_row + cols64 * stride_biasn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if DUAL:
+            acc_up += tl.load(bias_row + (N + cols64) * stride_biasn, mask=col_ok,
+                              other=0.0).to(tl.float32)[None, :]
+    h_ptrs = h_ptr + slot64[:, None] * stride_hm + cols64[None, :] * stride_hn
+    up_h = N * stride_hn
+    if STORE_H:
+        hv = acc
+        if DOT_UPCAST:
+            hv = _round_bf16(hv)
+        tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=msk)
+        if DUAL:
+            hu = acc_up
+            if DOT_UPCAST:
+                hu = _round_bf16(hu)
+            tl.store(h_ptrs + up_h, hu.to(h_ptr.dtype.element_ty), mask=msk)
+    out_ptrs = out_ptr + dst[:, None] * stride_om + cols64[None, :] * stride_on
+    if ACT_BWD:
+        if ACT == 5:  # swiglu: da -> (d gate, d up)
+            g = tl.load(h_ptrs, mask=msk, other=0.0).to(tl.float32)
+            u = tl.load(h_ptrs + up_h, mask=msk, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(g)
+            dgate = acc * u * (sg * (1.0 + g * (1.0 - sg)))
+            dup = acc * (g * sg)
+            if DOT_UPCAST:
+                dgate = _round_bf16(dgate)
+                dup = _round_bf16(dup)
+            tl.store(out_ptrs, dgate.to(out_ptr.dtype.element_ty), mask=msk)
+            tl.store(out_ptrs + N * stride_on, dup.to(out_ptr.dtype.element_ty), mask=msk)
+        else:
+            hv = tl.load(h_ptrs, mask=msk, other=0.0).to(tl.float32)
+            dh = acc * _act_grad(hv, ACT)
+            if DOT_UPCAST:
+                dh = _round_bf16(dh)
+            tl.store(out_ptrs, dh.to(out_ptr.dtype.element_ty), mask=msk)
+    else:
+        if DUAL:
+            res = acc * tl.sigmoid(acc) * acc_up
+        else:
+            res = _act_fwd(acc, ACT)
+        if DOT_UPCAST:
+            res = _round_bf16(res)
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, offsets_ptr,
+    N, K,
+    stride_am, stride_an,
+    stride_xm, stride_xk,
+    stride_we, stride_wn, stride_wk,
+    stride_dbe, stride_dbn,
+    E: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    GATHER_X: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """dW[e, n, k] = sum_{s of e} A[ra(s), n] X[rx(s), k]; db[e, n] = sum_s A[ra(s), n] (k-tile 0).
+
+    ``N``, ``K``, ``stride_am``, ``stride_xm``, ``stride_we``, ``stride_wn`` and ``stride_dbe``
+    arrive divided by ``ALIGN`` (see ``_grouped_mm_kernel``).
+    """
+    N = N * ALIGN
+    K = K * ALIGN
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    per_e = tiles_n * tiles_k
+    e = pid // per_e
+    r = pid % per_e
+    pn = r // tiles_k
+    pk = r % tiles_k
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    stride_am = tl.cast(stride_am, tl.int64) * ALIGN
+    stride_xm = tl.cast(stride_xm, tl.int64) * ALIGN
+    stride_we = tl.cast(stride_we, tl.int64) * ALIGN
+    stride_wn = tl.cast(stride_wn, tl.int64) * ALIGN
+    stride_dbe = tl.cast(stride_dbe, tl.int64) * ALIGN
+
+    ns = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    ns64 = ns.to(tl.int64)
+    ks = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    ks64 = ks.to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if HAS_BIAS:
+        dbacc = tl.zeros([BLOCK_N], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        slots = t0 + offs_t
+        t_ok = slots < hi
+        if GATHER_A or GATHER_X:
+            tok = tl.load(perm_ptr + slots, mask=t_ok, other=0).to(tl.int64)
+        if GATHER_A:
+            ra = tok
+        else:
+            ra = slots.to(tl.int64)
+        if GATHER_X:
+            rx = tok
+        else:
+            rx = slots.to(tl.int64)
+        at = tl.load(a_ptr + ra[None, :] * stride_am + ns64[:, None] * stride_an,
+                     mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
+        xt = tl.load(x_ptr + rx[:, None] * stride_xm + ks64[None, :] * stride_xk,
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+        if DOT_UPCAST:
+            at = at.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(at, xt, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            dbacc += tl.sum(at.to(tl.float32), 1)
+    e64 = e.to(tl.int64)
+    if DOT_UPCAST:
+        acc = _round_bf16(acc)
+    tl.store(dw_ptr + e64 * stride_we + ns64[:, None] * stride_wn + ks64[None, :] * stride_wk,
+             acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        if DOT_UPCAST:
+            dbacc = _round_bf16(dbacc)
+        tl.store(db_ptr + e64 * stride_dbe + ns64 * stride_dbn, dbacc.to(db_ptr.dtype.element_ty),
+                 mask=n_ok & (pk == 0))
+
+
+# ---------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROUTE_BLOCK = 1024  # tokens per step of the routing sort (one program, 8 warps)
+ROUTE_WARPS = 8
+
+
+def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """Values of INPUT_PRECISION the launchers can pass for this dtype."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
+
+
+def align_of(*values: int) -> int:
+    """The largest power of two <= 16 dividing every value (0 counts as divisible)."""
+    al = 16
+    while al > 1 and any(int(v) % al for v in values):
+        al //= 2
+    return al
+
+
+def is_aligned(dtype: torch.dtype, align: int) -> bool:
+    """Rows of ``align``-divisible widths are 16-byte aligned (vector loads, async copies)."""
+    return align * dtype.itemsize >= 16
+
+
+def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu: bool = False,
+                     N: int = 4096, aligned: bool = True):
+    """The tile configuration of launch ``kind`` (an entry of KERNEL_KINDS but "route").
+
+    ``swiglu``: the swiglu launches of ffn_fwd_in (two accumulators) and ffn_bwd_dh (two h
+    tiles and two outputs in the epilogue); they take the same tiles as the other activations
+    at present.  ``N``: the output width of a grouped GEMM
+    (columns of dW for the weight gradient); narrow outputs (<= 64) take 64-wide tiles.
+    ``aligned``: widths and row strides give 16-byte aligned rows (``is_aligned``); when not
+    (odd widths such as 97), loads are scalar and need many more registers, so the tiles shrink.
+    Chosen from the sm_90a compile reports (tests/test_sm90_experts.py): no spills, shared
+    memory within 227 KB, wgmma for 16-bit inputs and for fp32 with tf32.
+    """
+    fma = dtype == torch.float32 and input_precision == "ieee"
+    tf32 = dtype == torch.float32 and not fma
+    narrow = N <= 64
+    if kind in WGRAD_KINDS:
+        if fma:
+            return WGradConfig(32, 64, 16, 4, 2)
+        if tf32:
+            return WGradConfig(64, 64, 32, 4, 3)
+        if not aligned:
+            return WGradConfig(64, 64, 32, 4, 2)
+        return WGradConfig(64 if narrow else 128, 128, 64, 8, 3)
+    if kind not in MM_KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    if fma:
+        return MMConfig(32, 64, 16, 4, 2)
+    if not aligned:
+        return MMConfig(64, 32, 32, 4, 2)
+    if tf32:
+        return MMConfig(64, 64, 32, 4, 3)
+    if narrow or kind in ("ffn_fwd_in", "ffn_bwd_dh"):
+        # activation epilogues (two accumulators for swiglu forward; h tiles and act' for the
+        # backward) reach 239-255 registers with 128 x 128 tiles: 128 x 64 stays below 130
+        return MMConfig(128, 64, 64, 8, 3)
+    return MMConfig(128, 128, 64, 8, 3)
+
+
+def candidate_configs(kind: str, dtype: torch.dtype | None = None,
+                      input_precision: str | None = None, swiglu: bool | None = None,
+                      aligned: bool | None = None) -> list:
+    """Every configuration the launchers can pick for ``kind`` (deduplicated)."""
+    dtypes = _DTYPES if dtype is None else (dtype,)
+    out: list = []
+    for dt in dtypes:
+        for prec in (input_precisions(dt) if input_precision is None else (input_precision,)):
+            for du in ((False, True) if swiglu is None else (swiglu,)):
+                for al in ((True, False) if aligned is None else (aligned,)):
+                    for n in (64, 4096):
+                        c = heuristic_config(kind, dt, prec, du, n, al)
+                        if c not in out:
+                            out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, offsets: torch.Tensor):
+    check_device(x)
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"the triton experts kernels take float32/bfloat16/float16, got {x.dtype}")
+    E = offsets.numel() - 1
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"the triton experts kernels take 1..{MAX_EXPERTS} experts, got {E}")
+    return E
+
+
+def _pick(kind, dtype, prec, swiglu, N, align, config):
+    if isinstance(config, dict):
+        config = config.get(kind)
+    if config is None:
+        return heuristic_config(kind, dtype, prec, swiglu, N, is_aligned(dtype, align))
+    return config
+
+
+def route_triton(ids: torch.Tensor, E: int):
+    """Stable counting sort of ``ids [T]`` (int32/int64 in [0, E)).
+
+    Returns ``(perm int32 [T], offsets int32 [E + 1])``; one program, no host sync.
+    """
+    check_device(ids)
+    E = int(E)
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"route_triton takes 1..{MAX_EXPERTS} experts, got {E}")
+    ids = ids.reshape(-1)
+    T = ids.numel()
+    dev = ids.device
+    perm = torch.empty(T, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    if T == 0:
+        offsets.zero_()
+        return perm, offsets
+    ids = ids.contiguous()
+    # one BLOCK for every T: no recompilation per sequence length
+    _route_kernel[(1,)](ids, perm, offsets, T, E=E, E_PAD=max(2, triton.next_power_of_2(E)),
+                        BLOCK=ROUTE_BLOCK, num_warps=ROUTE_WARPS, num_stages=1)
+    return perm, offsets
+
+
+def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, act, *, config=None):
+    """Launch ``_grouped_mm_kernel`` for ``kind``; ``w_strides`` = (stride_e, stride_k, stride_n) of B."""
+    gather, scatter, store_h, act_bwd, b_trans = _MM_FLAGS[kind]
+    E = offsets.numel() - 1
+    T = a.shape[0]
+    dtype = a.dtype
+    prec = input_precision(dtype)
+    has_bias = bias is not None
+    bias_t = bias if has_bias else out
+    bias_st = (bias.stride(0), bias.stride(1)) if has_bias else (0, 0)
+    h_t = h if h is not None else out
+    h_st = (h.stride(0), h.stride(1)) if h is not None else (0, 0)
+    sbe, sbk, sbn = w_strides
+    # N, K and the row strides go in divided by ALIGN (the kernel multiplies back)
+    al = align_of(N, K, a.stride(0), sbe, sbn if b_trans else sbk, bias_st[0], out.stride(0),
+                  h_st[0])
+    cfg = _pick(kind, dtype, prec, act == ACT_SWIGLU, N, al, config)
+    if b_trans:
+        sbn //= al
+    else:
+        sbk //= al
+    grid = (triton.cdiv(T, cfg.BLOCK_M) + E, triton.cdiv(N, cfg.BLOCK_N))
+    _grouped_mm_kernel[grid](
+        a, weight, bias_t, out, h_t, perm, offsets, N // al, K // al,
+        a.stride(0) // al, a.stride(1), sbe // al, sbk, sbn, bias_st[0] // al, bias_st[1],
+        out.stride(0) // al, out.stride(1), h_st[0] // al, h_st[1],
+        E=E, GATHER=gather, SCATTER=scatter, HAS_BIAS=has_bias, ACT=act, STORE_H=store_h,
+        ACT_BWD=act_bwd, B_TRANS=b_trans, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(dtype),
+        ALIGN=al, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
+    """Launch ``_grouped_wgrad_kernel``: dw [E, N, K] (and db [E, N]) from a [T, N], x [T, K]."""
+    gather_a, gather_x = _WGRAD_FLAGS[kind]
+    E, N, K = dw.shape
+    prec = input_precision(a.dtype)
+    has_bias = db is not None
+    db_t = db if has_bias else dw
+    db_st = (db.stride(0), db.stride(1)) if has_bias else (0, 0)
+    swe, swn, swk = dw.stride()
+    al = align_of(N, K, a.stride(0), x.stride(0), swe, swn, db_st[0])
+    cfg = _pick(kind, a.dtype, prec, False, N, al, config)
+    grid = (E * triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(K, cfg.BLOCK_K),)
+    _grouped_wgrad_kernel[grid](
+        a, x, dw, db_t, perm, offsets, N // al, K // al,
+        a.stride(0) // al, a.stride(1), x.stride(0) // al, x.stride(1),
+        swe // al, swn // al, swk, db_st[0] // al, db_st[1],
+        E=E, GATHER_A=gather_a, GATHER_X=gather_x, HAS_BIAS=has_bias,
+        INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(a.dtype), ALIGN=al,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _wt(w: torch.Tensor):
+    """B = W_e^T of ``w [E, N, K]``: (stride_e, stride_k, stride_n)."""
+    return (w.stride(0), w.stride(2), w.stride(1))
+
+
+def _w(w: torch.Tensor):
+    """B = W_e of ``w [E, K, N]``: (stride_e, stride_k, stride_n)."""
+    return (w.stride(0), w.stride(1), w.stride(2))
+
+
+def _empty(ref: torch.Tensor):
+    return torch.empty(0, dtype=ref.dtype, device=ref.device)
+
+
+def _act_code(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return ACT_CODES[activation]
+
+
+def linear_fwd_triton(x, perm, offsets, weight, bias=None, *, config=None):
+    """``y [T, Hout]`` (token order): ``y[t] = x[t] @ weight[e(t)]^T + bias[e(t)]``.
+
+    ``config``: an :class:`MMConfig` (or dict kind -> config) forcing the tiles (tests).
+    """
+    _check(x, offsets)
+    T, Hin = x.shape
+    Hout = weight.shape[1]
+    y = torch.empty((T, Hout), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y
+    _grouped_mm("linear_fwd", x, weight, _wt(weight), bias, y, None, perm, offsets, Hout, Hin,
+                ACT_NONE, config=config)
+    return y
+
+
+def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, needs_dw, *, config=None):
+    """``(dx [T, Hin] | empty(0), dw [E, Hout, Hin] | empty(0), db [E, Hout] | empty(0))``.
+
+    ``db`` is computed with ``dw`` (``needs_dw``) when ``bias`` is given.
+    """
+    _check(x, offsets)
+    T, Hin = x.shape
+    E, Hout = weight.shape[0], weight.shape[1]
+    dev = x.device
+    dx, dw, db = _empty(x), _empty(weight), _empty(weight)
+    if needs_dx:
+        dx = torch.empty((T, Hin), dtype=x.dtype, device=dev)
+        if T > 0:
+            _grouped_mm("linear_bwd_dx", dy, weight, _w(weight), None, dx, None, perm, offsets,
+                        Hin, Hout, ACT_NONE, config=config)
+    if needs_dw:
+        dw = torch.empty((E, Hout, Hin), dtype=weight.dtype, device=dev)
+        if bias is not None:
+            db = torch.empty((E, Hout), dtype=bias.dtype, device=dev)
+        _grouped_wgrad("wgrad_linear", dy, x, dw, db if bias is not None else None, perm, offsets,
+                       config=config)
+    return dx, dw, db
+
+
+def ffn_fwd_triton(x, perm, offsets, w_in, b_in, w_out, b_out, activation, *, config=None):
+    """``(y [T, Hout] token order, h [T, Fi] sorted, a [T, F] sorted)``."""
+    _check(x, offsets)
+    act = _act_code(activation)
+    T, Hin = x.shape
+    Fi = w_in.shape[1]
+    F = w_out.shape[2]
+    Hout = w_out.shape[1]
+    dev = x.device
+    y = torch.empty((T, Hout), dtype=x.dtype, device=dev)
+    h = torch.empty((T, Fi), dtype=x.dtype, device=dev)
+    a = torch.empty((T, F), dtype=x.dtype, device=dev)
+    if T == 0:
+        return y, h, a
+    _grouped_mm("ffn_fwd_in", x, w_in, _wt(w_in), b_in, a, h, perm, offsets, F, Hin, act,
+                config=config)
+    _grouped_mm("ffn_fwd_out", a, w_out, _wt(w_out), b_out, y, None, perm, offsets, Hout, F,
+                ACT_NONE, config=config)
+    return y, h, a
+
+
+def ffn_bwd_triton(dy, x, perm, offsets, w_in, b_in, w_out, b_out, h, a, activation, *, config=None):
+    """``(dx [T, Hin], dw_in [E, Fi, Hin], db_in [E, Fi] | empty(0), dw_out [E, Hout, F],
+    db_out [E, Hout] | empty(0))`` (bias gradients when the bias is given)."""
+    _check(x, offsets)
+    act = _act_code(activation)
+    T, Hin = x.shape
+    E, Fi = w_in.shape[0], w_in.shape[1]
+    Hout, F = w_out.shape[1], w_out.shape[2]
+    dev = x.device
+    dx = torch.empty((T, Hin), dtype=x.dtype, device=dev)
+    dw_in = torch.empty((E, Fi, Hin), dtype=w_in.dtype, device=dev)
+    dw_out = torch.empty((E, Hout, F), dtype=w_out.dtype, device=dev)
+    db_in = torch.empty((E, Fi), dtype=b_in.dtype, device=dev) if b_in is not None else None
+    db_out = torch.empty((E, Hout), dtype=b_out.dtype, device=dev) if b_out is not None else None
+    dh = torch.empty((T, Fi), dtype=x.dtype, device=dev)
+    if T > 0:
+        # dh = (dy @ W_out_e) * act'(h), in sorted order
+        _grouped_mm("ffn_bwd_dh", dy, w_out, _w(w_out), None, dh, h, perm, offsets, F, Hout, act,
+                    config=config)
+        _grouped_mm("ffn_bwd_dx", dh, w_in, _w(w_in), None, dx, None, perm, offsets, Hin, Fi,
+                    ACT_NONE, config=config)
+    _grouped_wgrad("wgrad_ffn_out", dy, a, dw_out, db_out, perm, offsets, config=config)
+    _grouped_wgrad("wgrad_ffn_in", dh, x, dw_in, db_in, perm, offsets, config=config)
+    return (dx, dw_in, db_in if db_in is not None else _empty(w_in), dw_out,
+            db_out if db_out is not None else _empty(w_out))
+
+
+# ---------------------------------------------------------------------------
+# Compile tier support: the exact specialisation a launch would produce
+# ---------------------------------------------------------------------------
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=None,
+                  activation: str | None = None, has_bias: bool = False, E: int = 2,
+                  sizes: tuple[int, int, int] = (4096, 1024, 4096)):
+    """(kernel, signature, constexprs, divisible_by_16) for mmkernels.testing.sm90.
+
+    Describes launch ``kind`` with contiguous tensors and 16-byte aligned buffers, as Triton
+    would specialise it (ints equal to 1 become constexprs, ints divisible by 16 get the
+    divisibility hint).  ``sizes = (T, H, F)``: tokens, model width (Hin = Hout) and FFN width
+    (pass widths that are not multiples of 16 to compile the unaligned specialisation).
+    ``activation``: for ffn_fwd_in / ffn_bwd_dh (else no activation); ``config``: MMConfig or
+    WGradConfig (unused for "route").
+    """
+    from ..testing.sm90 import launch_signature
+    ptr = _PTR[dtype]
+    T, H, F = sizes
+    if kind == "route":
+        sig = {"ids_ptr": "*i64", "perm_ptr": "*i32", "offsets_ptr": "*i32"}
+        constexprs = {"E": E, "E_PAD": max(2, triton.next_power_of_2(E)), "BLOCK": ROUTE_BLOCK}
+        return (_route_kernel, *launch_signature(sig, {"T": T}, constexprs))
+    if kind in MM_KINDS:
+        gather, scatter, store_h, act_bwd, transposed = _MM_FLAGS[kind]
+        act = ACT_NONE if activation is None else ACT_CODES[activation]
+        swiglu = act == ACT_SWIGLU
+        Fi = 2 * F if swiglu else F
+        # (A width K, output width N, weight [E, rows, cols], out width, h width)
+        shapes = {
+            "linear_fwd": (H, H, (H, H), H, 0),
+            "linear_bwd_dx": (H, H, (H, H), H, 0),
+            "ffn_fwd_in": (H, F, (Fi, H), F, Fi),
+            "ffn_fwd_out": (F, H, (H, F), H, 0),
+            "ffn_bwd_dh": (H, F, (H, F), Fi, Fi),
+            "ffn_bwd_dx": (Fi, H, (Fi, H), H, 0),
+        }
+        K, N, (wr, wc), out_w, h_w = shapes[kind]
+        if transposed:  # B = W^T: k runs along the weight's columns
+            w_st = (wr * wc, 1, wc)
+        else:
+            w_st = (wr * wc, wc, 1)
+        hb = has_bias and kind in ("linear_fwd", "ffn_fwd_in", "ffn_fwd_out")
+        bias_w = wr if hb else 0
+        al = align_of(N, K, K, w_st[0], w_st[2] if transposed else w_st[1], bias_w, out_w, h_w)
+        w_st = (w_st[0] // al, w_st[1] // (1 if transposed else al), w_st[2] // (al if transposed else 1))
+        sig = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "h_ptr": ptr,
+               "perm_ptr": "*i32", "offsets_ptr": "*i32"}
+        ints = {"N": N // al, "K": K // al, "stride_am": K // al, "stride_ak": 1,
+                "stride_be": w_st[0], "stride_bk": w_st[1], "stride_bn": w_st[2],
+                "stride_biase": bias_w // al, "stride_biasn": 1 if hb else 0,
+                "stride_om": out_w // al, "stride_on": 1,
+                "stride_hm": h_w // al, "stride_hn": 1 if h_w else 0}
+        constexprs = {"E": E, "GATHER": gather, "SCATTER": scatter, "HAS_BIAS": hb, "ACT": act,
+                      "STORE_H": store_h, "ACT_BWD": act_bwd, "B_TRANS": transposed,
+                      "INPUT_PRECISION": input_precision, "DOT_UPCAST": False, "ALIGN": al,
+                      "BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
+                      "BLOCK_K": config.BLOCK_K}
+        return (_grouped_mm_kernel, *launch_signature(sig, ints, constexprs))
+    if kind in WGRAD_KINDS:
+        gather_a, gather_x = _WGRAD_FLAGS[kind]
+        # (N = A width, K = X width)
+        N, K = {"wgrad_linear": (H, H), "wgrad_ffn_out": (H, F), "wgrad_ffn_in": (F, H)}[kind]
+        sig = {"a_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "db_ptr": ptr, "perm_ptr": "*i32",
+               "offsets_ptr": "*i32"}
+        al = align_of(N, K)
+        ints = {"N": N // al, "K": K // al, "stride_am": N // al, "stride_an": 1,
+                "stride_xm": K // al, "stride_xk": 1,
+                "stride_we": N * K // al, "stride_wn": K // al, "stride_wk": 1,
+                "stride_dbe": N // al if has_bias else 0, "stride_dbn": 1 if has_bias else 0}
+        constexprs = {"E": E, "GATHER_A": gather_a, "GATHER_X": gather_x, "HAS_BIAS": bool(has_bias),
+                      "INPUT_PRECISION": input_precision, "DOT_UPCAST": False, "ALIGN": al,
+                      "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K,
+                      "BLOCK_T": config.BLOCK_T}
+        return (_grouped_wgrad_kernel, *launch_signature(sig, ints, constexprs))
+    raise ValueError(f"unknown kernel kind {kind!r}")

@@ -1,0 +1,339 @@
+"""``nn.Module`` front ends of the experts family: ``MultiwayLinear`` and ``MultiwayFFN``.
+
+Both hold the weights of ``E`` modality experts stacked on a leading dimension and route every
+token by ``modality_ids`` (or an int split position) through :func:`modality_linear` /
+:func:`modality_ffn`. ``from_experts`` builds one from the per-expert modules of an existing
+model (VLMo/BEiT-3 multiway FFNs, CogVLM's language/vision expert MLPs, timm ``Mlp``) by copying
+their weights exactly, so the fused module computes what the original ones did.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import activations
+from .api import MAX_EXPERTS, modality_ffn, modality_linear
+
+
+def _check_num_experts(num_experts: int) -> int:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be an int in 1..{MAX_EXPERTS}, got {num_experts!r}")
+    return num_experts
+
+
+def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``nn.Linear.reset_parameters`` on one expert's ``weight [out, in]`` and ``bias [out]``."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight.shape[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def _check_experts_list(experts, what: str) -> list:
+    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"from_experts takes a sequence of {what}, got a single {type(experts).__name__}")
+    experts = list(experts)
+    if not 1 <= len(experts) <= MAX_EXPERTS:
+        raise ValueError(f"from_experts takes 1..{MAX_EXPERTS} experts, got {len(experts)}")
+    return experts
+
+
+def _same_placement(tensors: list[torch.Tensor], what: str) -> None:
+    t0 = tensors[0]
+    for t in tensors[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{what}: the experts have different dtypes ({t0.dtype} and {t.dtype}); convert them first")
+        if t.device != t0.device:
+            raise ValueError(f"{what}: the experts live on different devices ({t0.device} and {t.device})")
+
+
+class MultiwayLinear(nn.Module):
+    """``nn.Linear`` with one weight per modality expert.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        num_experts: ``E``, 1..8 (2: text/image; 3: VLMo's text/image/vision-language).
+        bias: learn ``bias [E, out_features]``.
+
+    Parameters ``weight [E, out_features, in_features]`` and ``bias [E, out_features]``,
+    each expert initialised as ``nn.Linear`` would be.
+
+    ``forward(x [..., in_features], modality_ids) -> [..., out_features]``: ``modality_ids`` an
+    int tensor shaped ``x.shape[:-1]`` with values in ``[0, E)``, or an int split position for
+    ``x [B, S, in_features]`` (``E == 2``). See :func:`mmkernels.modality_linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int = 2, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts = _check_num_experts(num_experts)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for e in range(self.num_experts):
+            _init_linear_(self.weight.data[e], None if self.bias is None else self.bias.data[e])
+
+    def forward(self, x: torch.Tensor, modality_ids) -> torch.Tensor:
+        return modality_linear(x, modality_ids, self.weight, self.bias)
+
+    @classmethod
+    def from_experts(cls, linears: Sequence[nn.Linear]) -> "MultiwayLinear":
+        """One ``MultiwayLinear`` holding exact copies of ``linears`` (expert ``e`` = ``linears[e]``).
+
+        The ``nn.Linear`` s must agree in ``in_features``, ``out_features``, bias presence,
+        dtype and device (e.g. CogVLM's ``language_expert_query_key_value`` and
+        ``vision_expert_query_key_value``).
+        """
+        linears = _check_experts_list(linears, "nn.Linear")
+        for i, lin in enumerate(linears):
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"from_experts: expert {i} is a {type(lin).__name__}, not an nn.Linear")
+        first = linears[0]
+        for i, lin in enumerate(linears[1:], 1):
+            if (lin.in_features, lin.out_features) != (first.in_features, first.out_features):
+                raise ValueError(f"from_experts: expert {i} maps {lin.in_features} -> {lin.out_features} "
+                                 f"features but expert 0 maps {first.in_features} -> {first.out_features}")
+            if (lin.bias is None) != (first.bias is None):
+                raise ValueError("from_experts: some experts have a bias and others do not")
+        _same_placement([lin.weight for lin in linears], "from_experts")
+        w = first.weight
+        module = cls(first.in_features, first.out_features, len(linears), bias=first.bias is not None,
+                     device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            module.weight.copy_(torch.stack([lin.weight for lin in linears]))
+            if module.bias is not None:
+                module.bias.copy_(torch.stack([lin.bias for lin in linears]))
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------- activations of foreign modules
+
+_HF_ACTIVATION_CLASSES = {
+    "GELUActivation": "gelu", "GELU": "gelu",
+    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "SiLUActivation": "silu", "SiLU": "silu", "Swish": "silu",
+    "ReLU": "relu",
+}
+_ACTIVATION_STRINGS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                       "gelu_new": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}
+
+
+def _activation_name(fn) -> str | None:
+    """The activation name of a function/module as found on foreign MLPs, or None if unknown."""
+    if isinstance(fn, str):
+        return _ACTIVATION_STRINGS.get(fn)
+    if isinstance(fn, functools.partial):
+        if fn.func in (F.gelu, torch.nn.functional.gelu) and not fn.args:
+            approx = fn.keywords.get("approximate", "none")
+            return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
+        return None
+    if fn in (F.gelu,):
+        return "gelu"
+    if fn in (F.relu, torch.relu):
+        return "relu"
+    if fn in (F.silu,):
+        return "silu"
+    if isinstance(fn, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(fn.approximate)
+    if isinstance(fn, nn.ReLU):
+        return "relu"
+    if isinstance(fn, nn.SiLU):
+        return "silu"
+    if isinstance(fn, nn.Module):  # HF transformers' ACT2FN classes, by name (no import needed)
+        return _HF_ACTIVATION_CLASSES.get(type(fn).__name__)
+    return None
+
+
+def _find_activation(module: nn.Module) -> tuple[bool, str | None]:
+    """``(found, name)``: whether ``module`` has an activation attribute, and what it is (None: unknown)."""
+    for attr in ("activation_fn", "act_fn", "act", "activation"):
+        if hasattr(module, attr):
+            return True, _activation_name(getattr(module, attr))
+    return False, None
+
+
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _linear(module: nn.Module, attr: str, index: int) -> nn.Linear:
+    lin = getattr(module, attr)
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(f"from_experts: expert {index}.{attr} is a {type(lin).__name__}, not an nn.Linear")
+    return lin
+
+
+def _unpack_expert(module: nn.Module, index: int, activation: str | None):
+    """``(layout, activation, first-layer Linears, second-layer Linear)`` of one expert MLP."""
+    if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        layout, firsts, second = "gate_up_down", ["gate_proj", "up_proj"], "down_proj"
+    elif all(hasattr(module, a) for a in ("fc1_g", "fc1_x", "fc2")):
+        layout, firsts, second = "timm_swiglu", ["fc1_g", "fc1_x"], "fc2"
+    elif hasattr(module, "fc1") and hasattr(module, "fc2"):
+        layout, firsts, second = "fc1_fc2", ["fc1"], "fc2"
+    else:
+        raise ValueError(
+            f"from_experts: expert {index} ({type(module).__name__}) has an unknown layout; expected an MLP "
+            "with fc1/fc2 (VLMo/BEiT-3 torchscale FeedForwardNetwork, timm Mlp) or gate_proj/up_proj/down_proj "
+            "(CogVLM/LLaMA MLP); build a MultiwayFFN and copy the weights by hand otherwise")
+    if hasattr(module, "chunk_dim"):  # timm GluMlp: fc1 output chunked, gate in the *second* half
+        raise ValueError(f"from_experts: expert {index} is a timm {type(module).__name__} (gated fc1 with the "
+                         "gate in its second half), which MultiwayFFN does not take")
+    if getattr(module, "ffn_layernorm", None) is not None:
+        raise ValueError(f"from_experts: expert {index} has a LayerNorm between its two layers (torchscale "
+                         "subln=True, ffn_layernorm), which the fused FFN does not compute")
+    for attr in ("norm", "ffn_layernorm"):
+        if not _is_identity(getattr(module, attr, None)):
+            raise ValueError(f"from_experts: expert {index} has a normalisation layer ({attr}) between its two "
+                             "layers, which the fused FFN does not compute")
+    found, inferred = _find_activation(module)
+    if layout in ("gate_up_down", "timm_swiglu"):
+        if activation is not None and activation != "swiglu":
+            raise ValueError(f"from_experts: expert {index} is a gated MLP ({'/'.join(firsts)}); its activation "
+                             f"can only be 'swiglu', got activation={activation!r}")
+        if activation is None and inferred != "silu":
+            raise ValueError(f"from_experts: expert {index} is a gated MLP whose activation "
+                             f"({'unknown' if not found else inferred or 'unrecognised'}) is not SiLU; only "
+                             "silu(gate) * up (swiglu) is supported (pass activation='swiglu' to force it)")
+        act = "swiglu"
+    else:
+        act = activation if activation is not None else inferred
+        if act is None:
+            raise ValueError(f"from_experts: cannot tell the activation of expert {index} "
+                             f"({type(module).__name__}); pass activation= one of {activations.ACTIVATIONS}")
+    lins = [_linear(module, a, index) for a in firsts]
+    return layout, act, lins, _linear(module, second, index)
+
+
+class MultiwayFFN(nn.Module):
+    """A two-layer MLP with one set of weights per modality expert (VLMo/BEiT-3 multiway FFN,
+    CogVLM visual-expert MLP).
+
+    Args:
+        hidden_size: input width ``H``.
+        intermediate_size: ``F``, the width after the activation.
+        num_experts: ``E``, 1..8.
+        activation: ``"gelu"`` (default), ``"gelu_tanh"``, ``"silu"``, ``"relu"`` or ``"swiglu"``
+            (LLaMA/CogVLM: ``silu(gate) * up``, first layer of width ``2F``).
+        bias: learn ``b_in`` and ``b_out``.
+        out_features: output width (default ``hidden_size``).
+
+    Parameters ``w_in [E, Fi, H]`` (``Fi = 2F`` for swiglu: gate rows, then up rows), ``b_in [E, Fi]``,
+    ``w_out [E, out_features, F]``, ``b_out [E, out_features]``; each layer of each expert is
+    initialised as ``nn.Linear`` would be.
+
+    ``forward(x [..., H], modality_ids) -> [..., out_features]``, ``modality_ids`` an int tensor
+    shaped ``x.shape[:-1]`` or an int split position (``x [B, S, H]``, two experts).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int = 2, activation: str = "gelu",
+                 bias: bool = True, out_features: int | None = None, device=None, dtype=None):
+        super().__init__()
+        self.activation = activations.check_activation(activation)
+        self.num_experts = _check_num_experts(num_experts)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.out_features = hidden_size if out_features is None else out_features
+        fi = 2 * intermediate_size if activation == "swiglu" else intermediate_size
+        kw = dict(device=device, dtype=dtype)
+        self.w_in = nn.Parameter(torch.empty(num_experts, fi, hidden_size, **kw))
+        self.b_in = nn.Parameter(torch.empty(num_experts, fi, **kw)) if bias else None
+        self.w_out = nn.Parameter(torch.empty(num_experts, self.out_features, intermediate_size, **kw))
+        self.b_out = nn.Parameter(torch.empty(num_experts, self.out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        f = self.intermediate_size
+        blocks = 2 if self.activation == "swiglu" else 1
+        for e in range(self.num_experts):
+            for j in range(blocks):  # swiglu: gate and up are two nn.Linear(H, F)
+                rows = slice(j * f, (j + 1) * f)
+                _init_linear_(self.w_in.data[e, rows], None if self.b_in is None else self.b_in.data[e, rows])
+            _init_linear_(self.w_out.data[e], None if self.b_out is None else self.b_out.data[e])
+
+    def forward(self, x: torch.Tensor, modality_ids) -> torch.Tensor:
+        return modality_ffn(x, modality_ids, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
+
+    @classmethod
+    def from_experts(cls, experts: Sequence[nn.Module], activation: str | None = None) -> "MultiwayFFN":
+        """One ``MultiwayFFN`` holding exact copies of the per-expert MLPs (expert ``e`` = ``experts[e]``).
+
+        Accepted layouts (all experts alike):
+
+        * ``fc1``/``fc2`` ``nn.Linear`` s: torchscale ``FeedForwardNetwork`` (VLMo, BEiT-3 without
+          sub-LN), timm ``Mlp``; the activation is read from ``activation_fn``/``act_fn``/``act``
+          (``F.gelu``, ``nn.GELU``, ``nn.SiLU``, ``nn.ReLU``, HF activations) unless given.
+        * ``gate_proj``/``up_proj``/``down_proj`` (CogVLM, LLaMA MLP; timm ``SwiGLU``'s
+          ``fc1_g``/``fc1_x``/``fc2``): ``activation = "swiglu"``, ``w_in`` = gate rows then up rows.
+
+        Dropout is not part of the fused FFN (the copy matches the experts in eval mode). A
+        normalisation between the two layers (torchscale ``subln``, timm ``norm``) is refused.
+        """
+        experts = _check_experts_list(experts, "expert MLPs")
+        if activation is not None:
+            activations.check_activation(activation)
+        unpacked = [_unpack_expert(m, i, activation) for i, m in enumerate(experts)]
+        layout, act, firsts, second = unpacked[0]
+        for i, (lay, a, fs, sec) in enumerate(unpacked[1:], 1):
+            if lay != layout:
+                raise ValueError(f"from_experts: expert {i} has layout {lay} but expert 0 has {layout}")
+            if a != act:
+                raise ValueError(f"from_experts: expert {i} uses activation {a!r} but expert 0 uses {act!r}; "
+                                 "pass activation= to choose one")
+        swiglu = act == "swiglu"
+        fc = [torch.cat([lin.weight for lin in fs]) for _, _, fs, _ in unpacked]
+        bi = [None if any(lin.bias is None for lin in fs) else torch.cat([lin.bias for lin in fs])
+              for _, _, fs, _ in unpacked]
+        for i, (_, _, fs, _) in enumerate(unpacked):
+            if any(lin.bias is None for lin in fs) and any(lin.bias is not None for lin in fs):
+                raise ValueError(f"from_experts: expert {i}: gate and up projections disagree on having a bias")
+        wo = [sec.weight for _, _, _, sec in unpacked]
+        bo = [sec.bias for _, _, _, sec in unpacked]
+        fi, hidden = fc[0].shape
+        out_features, f = wo[0].shape
+        for i in range(len(experts)):
+            if fc[i].shape != fc[0].shape or wo[i].shape != wo[0].shape:
+                raise ValueError(f"from_experts: expert {i} has first/second layer weights of shapes "
+                                 f"{tuple(fc[i].shape)}/{tuple(wo[i].shape)} but expert 0 has "
+                                 f"{tuple(fc[0].shape)}/{tuple(wo[0].shape)}")
+            if (bi[i] is None) != (bi[0] is None) or (bo[i] is None) != (bo[0] is None):
+                raise ValueError(f"from_experts: expert {i} and expert 0 differ in which layers have a bias")
+        if swiglu and fi != 2 * f:
+            raise ValueError(f"from_experts: a gated (swiglu) first layer must have twice the second layer's input "
+                             f"width, got {fi} rows and {f}")
+        if not swiglu and fi != f:
+            raise ValueError(f"from_experts: the first layer has {fi} outputs but the second layer takes {f}")
+        _same_placement(fc + wo, "from_experts")
+        w = fc[0]
+        module = cls(hidden, f, len(experts), act, bias=True, out_features=out_features, device=w.device,
+                     dtype=w.dtype)
+        with torch.no_grad():
+            module.w_in.copy_(torch.stack(fc))
+            module.w_out.copy_(torch.stack(wo))
+            if bi[0] is None:
+                module.b_in = None
+            else:
+                module.b_in.copy_(torch.stack(bi))
+            if bo[0] is None:
+                module.b_out = None
+            else:
+                module.b_out.copy_(torch.stack(bo))
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"out_features={self.out_features}, num_experts={self.num_experts}, "
+                f"activation={self.activation!r}, bias={self.b_in is not None or self.b_out is not None}")

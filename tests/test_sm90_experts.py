@@ -1,0 +1,135 @@
+"""sm_90 compile tier for the experts Triton kernels (no GPU needed).
+
+Every launch the four contract functions make (``KERNEL_KINDS``: the routing sort, the six
+grouped-GEMM launches with their gather/scatter/bias/activation/h flags and weight layouts,
+the three weight-gradient launches with and without bias), at every tile configuration the
+heuristic can pick, for bf16/fp16/fp32 (fp32 with exact "ieee" products and with tf32), is
+compiled for the H100 (sm_90a) with Triton's own compiler, with E = 8 experts (the largest
+unrolled offsets scan).  Sizes are multiples of 16 (Triton's divisibility specialisation);
+the bf16 grouped GEMMs are compiled once more with odd widths (H = 88, F = 200), the
+unaligned specialisation.  Each must compile, use at most 227 KB of shared memory, not spill
+registers, and -- except fp32 with exact products, which runs on FMA units, and the routing
+sort, which has no product -- use Hopper tensor cores (wgmma in the PTX, HGMMA in the SASS).
+
+Compilation runs in worker processes without TRITON_INTERPRET (see
+mmkernels.testing.sm90), one per CPU core.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mmkernels.experts import kernels as K  # noqa: E402
+from mmkernels.testing import sm90  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+E_MAX = K.MAX_EXPERTS
+# (T, H, F) size classes: multiples of 16; multiples of 8 (ALIGN = 8: rows still 16-byte
+# aligned for bf16, the launchers pass widths and row strides divided by ALIGN); odd widths
+# (ALIGN = 1: scalar loads, the heuristic's unaligned tiles)
+SIZES = {"al16": (4096, 1024, 4096), "al8": (4099, 88, 200), "odd": (4099, 97, 201)}
+# which (dtype, precision) each size class is compiled for (al16: every dtype and precision)
+EXTRA_CLASSES = {"al8": ((torch.bfloat16, "tf32"),),
+                 "odd": ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                         (torch.float32, "ieee"))}
+
+
+def _activations(kind):
+    return K.ACTIVATIONS if kind in ("ffn_fwd_in", "ffn_bwd_dh") else (None,)
+
+
+def _biases(kind):
+    return (False, True) if kind in ("linear_fwd", "ffn_fwd_in", "ffn_fwd_out") + K.WGRAD_KINDS else (False,)
+
+
+def _label(kind, dtype, prec, act, bias, cfg, size_class):
+    tile = "x".join(str(v) for v in cfg[:3])
+    return (f"{kind}-{_DT[dtype]}-{prec}-{act or 'noact'}-{'bias' if bias else 'nobias'}-"
+            f"{size_class}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}")
+
+
+def _job(kind, dtype, prec, act, bias, cfg, size_class):
+    kernel, sig, constexprs, div = K.compile_specs(kind, dtype, prec, cfg, act, bias, E=E_MAX,
+                                                   sizes=SIZES[size_class])
+    return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div,
+                           label=_label(kind, dtype, prec, act, bias, cfg, size_class))
+
+
+def _jobs():
+    jobs = []
+    for E in (2, E_MAX):
+        kernel, sig, constexprs, div = K.compile_specs("route", torch.float32, "ieee", E=E)
+        jobs.append(sm90.CompileJob(kernel, sig, constexprs, K.ROUTE_WARPS, 1, div,
+                                    label=f"route-E{E}"))
+    for kind in K.KERNEL_KINDS[1:]:
+        for act in _activations(kind):
+            swiglu = act == "swiglu"
+            # every aligned config (wide and narrow outputs), with and without bias
+            for dtype in DTYPES:
+                for prec in K.input_precisions(dtype):
+                    for bias in _biases(kind):
+                        for cfg in K.candidate_configs(kind, dtype, prec, swiglu, aligned=True):
+                            jobs.append(_job(kind, dtype, prec, act, bias, cfg, "al16"))
+            # the other size classes: the config the heuristic picks for them
+            for size_class, pairs in EXTRA_CLASSES.items():
+                T, H, F = SIZES[size_class]
+                for dtype, prec in pairs:
+                    aligned = K.is_aligned(dtype, K.align_of(H, F))
+                    cfg = K.heuristic_config(kind, dtype, prec, swiglu, 4096, aligned)
+                    jobs.append(_job(kind, dtype, prec, act, False, cfg, size_class))
+    return jobs
+
+
+JOBS = _jobs()
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return sm90.compile_reports(JOBS)
+
+
+def test_tools_present():
+    sm90.check_tools()
+
+
+def test_every_kernel_argument_is_specified():
+    sm90.assert_jobs_specify_every_argument(JOBS)
+
+
+def test_labels_unique():
+    labels = [j.label for j in JOBS]
+    assert len(labels) == len(set(labels))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
+def test_sm90_compile(reports, job):
+    rep = reports[job.label]
+    print(rep.summary())
+    no_products = job.label.startswith("route")
+    exact_fp32 = "-fp32-ieee-" in job.label
+    sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
+    if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+        assert not rep.tensor_cores, rep.summary()
+
+
+def test_every_heuristic_config_is_compiled():
+    """The config the launchers pick for every (kind, dtype, precision, width, alignment) is compiled."""
+    compiled = {(j.label.split("-")[0], j.num_warps, j.num_stages,
+                 tuple(j.constexprs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T")
+                       if n in j.constexprs))
+                for j in JOBS}
+    for kind in K.KERNEL_KINDS[1:]:
+        for dtype in DTYPES:
+            for prec in K.input_precisions(dtype):
+                for act in _activations(kind):
+                    swiglu = act == "swiglu"
+                    for N in (1, 7, 16, 64, 65, 88, 200, 1024, 4096, 11008):
+                        for aligned in (True, False):
+                            cfg = K.heuristic_config(kind, dtype, prec, swiglu, N, aligned)
+                            assert cfg in K.candidate_configs(kind, dtype, prec, swiglu)
+                            assert (kind, cfg.num_warps, cfg.num_stages, tuple(cfg[:3])) in compiled, \
+                                (kind, dtype, prec, act, N, aligned, cfg)

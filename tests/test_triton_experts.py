@@ -1,0 +1,411 @@
+"""The experts Triton kernels against the float64 loop-over-experts reference.
+
+Routing (``route_triton``) against ``torch.argsort(ids, stable=True)``; the modality linear and
+FFN forward and every gradient (linear: y, dx, dW, db; FFN: y, dx, dW_in, db_in, dW_out,
+db_out, plus the sorted-order h and a the forward stores) for E in {1, 2, 3, 8}, experts with
+no tokens, all tokens in one expert, ragged counts (T = 1, 7, 97), every activation,
+fp32/bf16/fp16, non-contiguous x/dy/weights, and T = 0.
+
+Without a GPU the kernels run through Triton's interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1 before anything imports triton); with a GPU the same tests run on
+CUDA tensors.  Most cases force small tiles (16 slots, 16-wide k steps) so that a few dozen
+tokens already give several row tiles per expert, ragged last tiles and several k steps; a few
+run the heuristic tiles.  Widths are not multiples of 16 (masked columns; the launchers' ALIGN
+is 4, and 1 for the non-contiguous cases).  Low-precision results must be within the
+project's tolerance of the float64 reference, or within twice the error of the same
+computation done by eager PyTorch in that dtype (mmkernels.testing.numerics).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # normally already done by conftest.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from mmkernels.experts import kernels as K  # noqa: E402
+from mmkernels.testing.numerics import assert_close  # noqa: E402
+
+try:  # the lead's reference (loop over experts with boolean masks)
+    from mmkernels.experts.reference import modality_ffn_reference, modality_linear_reference  # noqa: E402
+except ImportError:  # pragma: no cover - a local loop with the same definition
+    import torch.nn.functional as _F
+
+    def _act(name, h):
+        if name == "swiglu":
+            g, u = h.chunk(2, dim=-1)
+            return _F.silu(g) * u
+        return {"gelu": _F.gelu, "gelu_tanh": lambda t: _F.gelu(t, approximate="tanh"),
+                "silu": _F.silu, "relu": _F.relu}[name](h)
+
+    def modality_linear_reference(x, ids, weight, bias=None):
+        out = x.new_zeros(x.shape[0], weight.shape[1])
+        for e in range(weight.shape[0]):
+            sel = ids == e
+            out[sel] = _F.linear(x[sel], weight[e], None if bias is None else bias[e])
+        return out
+
+    def modality_ffn_reference(x, ids, w_in, b_in, w_out, b_out, activation="gelu"):
+        out = x.new_zeros(x.shape[0], w_out.shape[1])
+        for e in range(w_in.shape[0]):
+            sel = ids == e
+            h = _F.linear(x[sel], w_in[e], None if b_in is None else b_in[e])
+            out[sel] = _F.linear(_act(activation, h), w_out[e], None if b_out is None else b_out[e])
+        return out
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SMALL = {**{k: K.MMConfig(16, 32, 16, 4, 1) for k in K.MM_KINDS},
+         **{k: K.WGradConfig(32, 16, 16, 4, 1) for k in K.WGRAD_KINDS}}
+H_IN, H_OUT, F_W = 20, 36, 44  # not multiples of 16: masked columns
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def make_ids(T, E, pattern, seed=0):
+    """Modality ids [T] int64: random, with an empty expert, all in one expert, or in runs."""
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "rand":
+        ids = torch.randint(0, E, (T,), generator=g)
+    elif pattern == "empty":  # expert 1 gets no tokens (E >= 2)
+        choices = torch.tensor([e for e in range(E) if e != 1])
+        ids = choices[torch.randint(0, len(choices), (T,), generator=g)]
+    elif pattern == "one":  # every token in the last expert
+        ids = torch.full((T,), E - 1, dtype=torch.int64)
+    elif pattern == "runs":  # text then image then text ... (contiguous runs)
+        ids = (torch.arange(T) * E // max(T, 1)).flip(0)
+    else:
+        raise ValueError(pattern)
+    return ids.to(torch.int64)
+
+
+def rand(*shape, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def routing(ids, E):
+    perm, offsets = K.route_triton(ids.to(DEVICE), E)
+    return perm, offsets
+
+
+def linear_case(T, E, dtype, has_bias, pattern, seed=0):
+    ids = make_ids(T, E, pattern, seed)
+    x = rand(T, H_IN, seed=seed + 1)
+    w = rand(E, H_OUT, H_IN, scale=H_IN ** -0.5, seed=seed + 2)
+    b = rand(E, H_OUT, seed=seed + 3) if has_bias else None
+    dy = rand(T, H_OUT, seed=seed + 4)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return ids, cast(x), cast(w), cast(b), cast(dy)
+
+
+def ref_linear(ids, x, w, b, dy, dtype=torch.float64):
+    """(y, dx, dw, db) of the reference evaluated in ``dtype`` on the given (rounded) inputs."""
+    xs = x.detach().cpu().to(dtype).requires_grad_()
+    ws = w.detach().cpu().to(dtype).requires_grad_()
+    bs = None if b is None else b.detach().cpu().to(dtype).requires_grad_()
+    y = modality_linear_reference(xs, ids.cpu(), ws, bs)
+    y.backward(dy.detach().cpu().to(dtype))
+    return y.detach(), xs.grad, ws.grad, None if bs is None else bs.grad
+
+
+def check_linear(ids, x, w, b, dy, E, config=SMALL):
+    dtype = x.dtype
+    perm, offsets = routing(ids, E)
+    xd, wd, bd, dyd = (None if t is None else t.to(DEVICE) for t in (x, w, b, dy))
+    y = K.linear_fwd_triton(xd, perm, offsets, wd, bd, config=config)
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, True, config=config)
+    ref = ref_linear(ids, x, w, b, dy)
+    eager = ref_linear(ids, x, w, b, dy, dtype) if dtype != torch.float32 else (None,) * 4
+    for name, got, r, ea in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref, eager):
+        if r is None:
+            assert got.numel() == 0, name
+            continue
+        assert got.dtype == dtype, name
+        assert_close(got, r, eager=ea, name=name)
+
+
+def ffn_case(T, E, dtype, activation, has_bias, pattern, seed=0, f=F_W):
+    ids = make_ids(T, E, pattern, seed)
+    fi = 2 * f if activation == "swiglu" else f
+    x = rand(T, H_IN, seed=seed + 1)
+    w_in = rand(E, fi, H_IN, scale=H_IN ** -0.5, seed=seed + 2)
+    b_in = rand(E, fi, scale=0.5, seed=seed + 3) if has_bias else None
+    w_out = rand(E, H_OUT, f, scale=f ** -0.5, seed=seed + 4)
+    b_out = rand(E, H_OUT, scale=0.5, seed=seed + 5) if has_bias else None
+    dy = rand(T, H_OUT, seed=seed + 6)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return ids, cast(x), cast(w_in), cast(b_in), cast(w_out), cast(b_out), cast(dy)
+
+
+def ref_ffn(ids, x, w_in, b_in, w_out, b_out, dy, activation, dtype=torch.float64):
+    """(y, dx, dw_in, db_in, dw_out, db_out) of the reference evaluated in ``dtype``."""
+    leaves = [None if t is None else t.detach().cpu().to(dtype).requires_grad_()
+              for t in (x, w_in, b_in, w_out, b_out)]
+    y = modality_ffn_reference(leaves[0], ids.cpu(), *leaves[1:], activation)
+    y.backward(dy.detach().cpu().to(dtype))
+    return (y.detach(), *[None if t is None else t.grad for t in leaves])
+
+
+def ref_hidden(ids, x, w_in, b_in, activation, perm):
+    """float64 h and a in sorted order (row s = token perm[s])."""
+    from mmkernels.experts import activations
+    x64, w64 = x.double().cpu(), w_in.double().cpu()
+    e = ids.cpu()
+    h = torch.einsum("th,tfh->tf", x64, w64[e])
+    if b_in is not None:
+        h = h + b_in.double().cpu()[e]
+    a = activations.apply(activation, h)
+    p = perm.long().cpu()
+    return h[p], a[p]
+
+
+def check_ffn(ids, x, w_in, b_in, w_out, b_out, dy, E, activation, config=SMALL, check_hidden=True):
+    dtype = x.dtype
+    perm, offsets = routing(ids, E)
+    xd, wid, bid, wod, bod, dyd = (None if t is None else t.to(DEVICE)
+                                   for t in (x, w_in, b_in, w_out, b_out, dy))
+    y, h, a = K.ffn_fwd_triton(xd, perm, offsets, wid, bid, wod, bod, activation, config=config)
+    grads = K.ffn_bwd_triton(dyd, xd, perm, offsets, wid, bid, wod, bod, h, a, activation,
+                             config=config)
+    ref = ref_ffn(ids, x, w_in, b_in, w_out, b_out, dy, activation)
+    eager = (ref_ffn(ids, x, w_in, b_in, w_out, b_out, dy, activation, dtype)
+             if dtype != torch.float32 else (None,) * 6)
+    names = ("y", "dx", "dw_in", "db_in", "dw_out", "db_out")
+    for name, got, r, ea in zip(names, (y, *grads), ref, eager):
+        if r is None:
+            assert got.numel() == 0, name
+            continue
+        assert got.dtype == dtype, name
+        assert_close(got, r, eager=ea, name=name)
+    if check_hidden:
+        h_ref, a_ref = ref_hidden(ids, x, w_in, b_in, activation, perm)
+        assert_close(h, h_ref, name="h (sorted)")
+        assert_close(a, a_ref, name="a (sorted)")
+
+
+# ---------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------
+
+
+ROUTE_CASES = [(E, T, p) for E in (1, 2, 3, 5, 8)
+               for T, p in ((1, "rand"), (7, "rand"), (97, "rand"), (97, "empty"), (256, "one"),
+                            (200, "runs"), (2500, "rand"))
+               if not (p == "empty" and E < 2)]  # T = 2500: three blocks of the sort
+
+
+@pytest.mark.parametrize("E,T,pattern", ROUTE_CASES, ids=[f"E{e}-T{t}-{p}" for e, t, p in ROUTE_CASES])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_route_matches_stable_argsort(E, T, pattern, id_dtype):
+    ids = make_ids(T, E, pattern, seed=T + E).to(id_dtype)
+    perm, offsets = K.route_triton(ids.to(DEVICE), E)
+    assert perm.dtype == torch.int32 and offsets.dtype == torch.int32
+    assert perm.shape == (T,) and offsets.shape == (E + 1,)
+    expect = torch.argsort(ids.long(), stable=True)
+    assert torch.equal(perm.cpu().long(), expect)
+    counts = torch.bincount(ids.long(), minlength=E)
+    expect_off = torch.zeros(E + 1, dtype=torch.int64)
+    expect_off[1:] = torch.cumsum(counts, 0)
+    assert torch.equal(offsets.cpu().long(), expect_off)
+
+
+def test_route_empty():
+    perm, offsets = K.route_triton(torch.zeros(0, dtype=torch.int64, device=DEVICE), 3)
+    assert perm.shape == (0,) and perm.dtype == torch.int32
+    assert offsets.tolist() == [0, 0, 0, 0]
+
+
+def test_route_rejects_too_many_experts():
+    with pytest.raises(ValueError):
+        K.route_triton(torch.zeros(4, dtype=torch.int64, device=DEVICE), K.MAX_EXPERTS + 1)
+
+
+# ---------------------------------------------------------------------------
+# modality linear
+# ---------------------------------------------------------------------------
+
+LINEAR_CASES = [  # (T, E, pattern)
+    (1, 1, "rand"),
+    (7, 2, "rand"),
+    (97, 3, "rand"),
+    (97, 3, "empty"),
+    (64, 3, "one"),
+    (50, 2, "runs"),
+]
+
+
+@pytest.mark.parametrize("T,E,pattern", LINEAR_CASES, ids=[f"T{t}-E{e}-{p}" for t, e, p in LINEAR_CASES])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+def test_linear_fp32(T, E, pattern, has_bias):
+    ids, x, w, b, dy = linear_case(T, E, torch.float32, has_bias, pattern)
+    check_linear(ids, x, w, b, dy, E)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T,E,pattern", [(97, 3, "empty"), (7, 2, "rand")], ids=["T97-E3-empty", "T7-E2"])
+def test_linear_low_precision(dtype, T, E, pattern):
+    ids, x, w, b, dy = linear_case(T, E, dtype, True, pattern, seed=3)
+    check_linear(ids, x, w, b, dy, E)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
+def test_linear_heuristic_config(dtype):
+    ids, x, w, b, dy = linear_case(150, 3, dtype, True, "rand", seed=5)
+    check_linear(ids, x, w, b, dy, 3, config=None)
+
+
+def test_linear_eight_experts():
+    ids, x, w, b, dy = linear_case(120, 8, torch.float32, True, "rand", seed=7)
+    ids[ids == 5] = 6  # one expert empty among eight
+    check_linear(ids, x, w, b, dy, 8)
+
+
+def test_linear_non_contiguous():
+    """x and dy as column slices of wider tensors, the weight a transposed view: no copies needed."""
+    T, E = 61, 3
+    ids, x, w, b, dy = linear_case(T, E, torch.float32, True, "rand", seed=11)
+    x_wide = torch.zeros(T, H_IN + 9, dtype=x.dtype)
+    x_wide[:, 4:4 + H_IN] = x
+    x_nc = x_wide[:, 4:4 + H_IN]
+    dy_t = dy.t().contiguous().t()  # column-major
+    w_t = w.transpose(1, 2).contiguous().transpose(1, 2)  # [E, Hout, Hin] with stride_k != 1
+    assert not x_nc.is_contiguous() and not dy_t.is_contiguous() and not w_t.is_contiguous()
+    check_linear(ids, x_nc, w_t, b, dy_t, E)
+
+
+def test_linear_flags_and_zero_tokens():
+    E = 3
+    ids, x, w, b, dy = linear_case(9, E, torch.float32, True, "rand")
+    perm, offsets = routing(ids, E)
+    xd, wd, bd, dyd = (t.to(DEVICE) for t in (x, w, b, dy))
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, False, config=SMALL)
+    assert dx.shape == x.shape and dw.numel() == 0 and db.numel() == 0
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, None, False, True, config=SMALL)
+    assert dx.numel() == 0 and dw.shape == w.shape and db.numel() == 0
+    # T = 0: empty outputs, zero weight/bias gradients
+    ids0 = torch.zeros(0, dtype=torch.int64)
+    perm0, off0 = routing(ids0, E)
+    x0 = torch.zeros(0, H_IN, device=DEVICE)
+    y0 = K.linear_fwd_triton(x0, perm0, off0, wd, bd)
+    assert y0.shape == (0, H_OUT)
+    dx0, dw0, db0 = K.linear_bwd_triton(torch.zeros(0, H_OUT, device=DEVICE), x0, perm0, off0,
+                                        wd, bd, True, True)
+    assert dx0.shape == (0, H_IN)
+    assert torch.equal(dw0.cpu(), torch.zeros_like(w)) and torch.equal(db0.cpu(), torch.zeros_like(b))
+
+
+def test_zero_token_expert_gets_zero_grads():
+    """Expert 1 receives no token: its dW/db are exactly zero (not stale memory)."""
+    E = 3
+    ids, x, w, b, dy = linear_case(40, E, torch.float32, True, "empty")
+    perm, offsets = routing(ids, E)
+    _, dw, db = K.linear_bwd_triton(dy.to(DEVICE), x.to(DEVICE), perm, offsets, w.to(DEVICE),
+                                    b.to(DEVICE), False, True, config=SMALL)
+    assert torch.equal(dw[1].cpu(), torch.zeros_like(dw[1].cpu()))
+    assert torch.equal(db[1].cpu(), torch.zeros_like(db[1].cpu()))
+    assert dw[0].abs().sum() > 0 and dw[2].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------
+# modality FFN
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", K.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
+def test_ffn_activations(activation, dtype):
+    ids, *rest = ffn_case(97, 3, dtype, activation, True, "empty", seed=13)
+    check_ffn(ids, *rest, 3, activation)
+
+
+FFN_CASES = [  # (T, E, pattern, has_bias, activation)
+    (1, 1, "rand", True, "gelu"),
+    (7, 2, "rand", False, "swiglu"),
+    (7, 2, "rand", True, "relu"),
+    (97, 3, "rand", False, "silu"),
+    (64, 2, "one", True, "swiglu"),
+    (80, 3, "runs", True, "gelu_tanh"),
+]
+
+
+@pytest.mark.parametrize("T,E,pattern,has_bias,activation", FFN_CASES,
+                         ids=[f"T{t}-E{e}-{p}-{'bias' if b else 'nobias'}-{a}" for t, e, p, b, a in FFN_CASES])
+def test_ffn_shapes(T, E, pattern, has_bias, activation):
+    ids, *rest = ffn_case(T, E, torch.float32, activation, has_bias, pattern, seed=T)
+    check_ffn(ids, *rest, E, activation)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
+def test_ffn_heuristic_config(activation, dtype):
+    ids, *rest = ffn_case(160, 2, dtype, activation, True, "runs", seed=17, f=72)
+    check_ffn(ids, *rest, 2, activation, config=None)
+
+
+def test_ffn_non_contiguous():
+    T, E = 45, 2
+    ids, x, w_in, b_in, w_out, b_out, dy = ffn_case(T, E, torch.float32, "swiglu", True, "rand", seed=19)
+    x_nc = x.t().contiguous().t()
+    dy_wide = torch.zeros(T, 2 * H_OUT, dtype=dy.dtype)
+    dy_wide[:, ::2] = dy
+    dy_nc = dy_wide[:, ::2]
+    w_out_nc = w_out.transpose(1, 2).contiguous().transpose(1, 2)
+    b_in_nc = torch.zeros(E, b_in.shape[1], 3, dtype=b_in.dtype)
+    b_in_nc[:, :, 1] = b_in
+    b_in_nc = b_in_nc[:, :, 1]
+    assert not (x_nc.is_contiguous() or dy_nc.is_contiguous() or w_out_nc.is_contiguous()
+                or b_in_nc.is_contiguous())
+    check_ffn(ids, x_nc, w_in, b_in_nc, w_out_nc, b_out, dy_nc, E, "swiglu")
+
+
+def test_ffn_zero_tokens():
+    E, act = 2, "gelu"
+    ids, x, w_in, b_in, w_out, b_out, dy = ffn_case(3, E, torch.float32, act, True, "rand")
+    perm, offsets = routing(torch.zeros(0, dtype=torch.int64), E)
+    x0 = torch.zeros(0, H_IN, device=DEVICE)
+    dev = [t.to(DEVICE) for t in (w_in, b_in, w_out, b_out)]
+    y, h, a = K.ffn_fwd_triton(x0, perm, offsets, *dev, act)
+    assert y.shape == (0, H_OUT) and h.shape == (0, F_W) and a.shape == (0, F_W)
+    dx, dwi, dbi, dwo, dbo = K.ffn_bwd_triton(torch.zeros(0, H_OUT, device=DEVICE), x0, perm,
+                                              offsets, *dev, h, a, act)
+    assert dx.shape == (0, H_IN)
+    for g, ref in ((dwi, w_in), (dbi, b_in), (dwo, w_out), (dbo, b_out)):
+        assert torch.equal(g.cpu(), torch.zeros_like(ref))
+
+
+# ---------------------------------------------------------------------------
+# the tests can fail
+# ---------------------------------------------------------------------------
+
+
+def test_wrong_routing_is_detected():
+    """Routing every token to the wrong expert must fail the comparison (the checks have teeth)."""
+    E = 2
+    ids, x, w, b, dy = linear_case(20, E, torch.float32, True, "rand")
+    perm, offsets = routing(1 - ids, E)
+    y = K.linear_fwd_triton(x.to(DEVICE), perm, offsets, w.to(DEVICE), b.to(DEVICE), config=SMALL)
+    with pytest.raises(AssertionError):
+        assert_close(y, ref_linear(ids, x, w, b, dy)[0])
+
+
+def test_heuristic_configs_are_known():
+    for kind in K.KERNEL_KINDS[1:]:
+        for dtype in DTYPES:
+            for prec in K.input_precisions(dtype):
+                for sw in (False, True):
+                    for n in (8, 64, 100, 4096):
+                        cfg = K.heuristic_config(kind, dtype, prec, sw, n)
+                        assert cfg in K.candidate_configs(kind, dtype, prec, sw)
