@@ -343,7 +343,7 @@ def test_gpu_real_sizes_without_host_sync(form, dtype):
     x = randn(b, s, h, seed=40).to(dev)
     ids = make_ids((b, s), 2, seed=41).to(dev) if form == "ids" else 258
     dense = ids if form == "ids" else routing.split_ids(b, s, ids, dev)
-    params = [p.to(dev) for p in ffn_params(2, h, f, h, "swiglu", bias=False)]
+    params = [None if p is None else p.to(dev) for p in ffn_params(2, h, f, h, "swiglu", bias=False)]
     dy = randn(b, s, h, seed=42).to(dev)
     warm = run("ffn", "triton", x, ids, params, dy, "swiglu", dtype)  # compile outside sync-debug mode
     torch.cuda.synchronize()
@@ -354,13 +354,13 @@ def test_gpu_real_sizes_without_host_sync(form, dtype):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     del warm
-    ref = run("ffn", "reference", x, dense, params, dy, "swiglu", torch.float64)
-    eager = run("ffn", "reference", x, dense, params, dy, "swiglu", dtype)
+    ref = run("ffn", "reference", x, dense, params, dy, "swiglu", dtype=torch.float64)
+    eager = run("ffn", "reference", x, dense, params, dy, "swiglu", dtype=dtype)
     for name, g, r, e in zip(names("ffn"), got, ref, eager):
         if r is not None:
             assert_close(g, r, dtype, eager=e, name=f"ffn {name}")
-    ref = run("linear", "reference", x, dense, [params[0][:, :h]], dy, torch.float64)
-    eager = run("linear", "reference", x, dense, [params[0][:, :h]], dy, dtype)
+    ref = run("linear", "reference", x, dense, [params[0][:, :h]], dy, dtype=torch.float64)
+    eager = run("linear", "reference", x, dense, [params[0][:, :h]], dy, dtype=dtype)
     for name, g, r, e in zip(names("linear"), lin, ref, eager):
         if r is not None:
             assert_close(g, r, dtype, eager=e, name=f"linear {name}")

@@ -26,8 +26,8 @@ from .mask import BLOCKED, CAUSAL, FULL, SPAN, TILE_EMPTY, TILE_FULL, TILE_PARTI
 MAX_MODALITIES = 31  # modality sets are int32 bit masks
 TN_CHUNK = 16        # key tiles per program
 
-_I32_MAX = 2147483647
-_I32_MIN = -2147483648
+_I32_MAX = tl.constexpr(2147483647)  # kernels may only read constexpr globals
+_I32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
