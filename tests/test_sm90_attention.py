@@ -23,6 +23,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mmkernels.attention import kernels as K  # noqa: E402
+from mmkernels.attention import tile_kernel as TK  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
 
 D_VALUES = (64, 88, 128, 256)
@@ -57,6 +58,13 @@ def _jobs():
                                     kind, dtype, D, prec, has_mask, cfg, part)
                                 jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps,
                                                             cfg.num_stages, div, label=label))
+    # the one-launch tile map, at every block pair the attention configs use
+    pairs = {(c["BLOCK_M"], c["BLOCK_N"]) for c in (j.constexprs for j in jobs)
+             if "BLOCK_N" in c and c["BLOCK_N"] > 0 and "HAS_MASK" in c and c["HAS_MASK"]}
+    for nm in (1, 3):
+        for bm, bn in sorted(pairs):
+            kernel, sig, constexprs, div = TK.compile_specs(nm, bm, bn)
+            jobs.append(sm90.CompileJob(kernel, sig, constexprs, 4, 3, div, label=f"tile_map-nm{nm}-{bm}x{bn}"))
     return jobs
 
 
@@ -80,7 +88,7 @@ def test_every_kernel_argument_is_specified():
 def test_sm90_compile(reports, job):
     rep = reports[job.label]
     print(rep.summary())
-    no_products = job.label.startswith("bwd_pre")
+    no_products = job.label.startswith(("bwd_pre", "tile_map"))
     exact_fp32 = "-fp32-ieee-" in job.label
     sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
     if exact_fp32 and not no_products:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores

@@ -122,6 +122,11 @@ def _tile_map_kernel(
     tl.store(out_ptr + b * stride_ob + tm * stride_om + tn, kind, mask=tn < n_tn)
 
 
+def _tn_chunk(block_n: int, n_tn: int) -> int:
+    """Key tiles per program: TN_CHUNK, fewer for wide tiles (at most 4096 keys) or short rows."""
+    return max(1, min(TN_CHUNK, 4096 // block_n, triton.next_power_of_2(n_tn)))
+
+
 def tile_map_triton(meta: list[torch.Tensor], block_m: int, block_n: int) -> torch.Tensor:
     """int8 ``[B, ceil(Sq/block_m), ceil(Sk/block_n)]``: :meth:`MultimodalMask.tile_map` in one launch.
 
@@ -142,7 +147,7 @@ def tile_map_triton(meta: list[torch.Tensor], block_m: int, block_n: int) -> tor
     n_tm, n_tn = triton.cdiv(sq, block_m), triton.cdiv(sk, block_n)
     out = torch.empty((b, n_tm, n_tn), dtype=torch.int8, device=q_mod.device)
     fields = [t.contiguous() for t in (q_mod, k_mod, q_seg, k_seg, q_pos, k_pos, q_run, k_run)]
-    tn_chunk = max(1, min(TN_CHUNK, 4096 // max(block_n, 1), triton.next_power_of_2(n_tn)))
+    tn_chunk = _tn_chunk(block_n, n_tn)
     grid = (n_tm, triton.cdiv(n_tn, tn_chunk), b)
     _tile_map_kernel[grid](
         out, *fields, rules.contiguous(), sq, sk, n_tn,
@@ -152,3 +157,21 @@ def tile_map_triton(meta: list[torch.Tensor], block_m: int, block_n: int) -> tor
         T_EMPTY=TILE_EMPTY, T_FULL=TILE_FULL, T_PARTIAL=TILE_PARTIAL,
         num_warps=4)
     return out
+
+
+def compile_specs(nm: int, block_m: int, block_n: int):
+    """(kernel, signature, constexprs, divisible_by_16) of a tile-map launch for the sm_90 compile
+    tier (mmkernels.testing.sm90): ``[B, 4096]`` metadata, ``nm`` modalities."""
+    from ..testing.sm90 import launch_signature
+    s = 4096
+    n_tn = triton.cdiv(s, block_n)
+    ptrs = {"out_ptr": "*i8", **{f"{side}{f}_ptr": "*i32" for f in ("mod", "seg", "pos", "run")
+                                 for side in ("q", "k")}, "rules_ptr": "*i8"}
+    ptrs = {name: ptrs[name] for name in ("out_ptr", "qmod_ptr", "kmod_ptr", "qseg_ptr", "kseg_ptr",
+                                          "qpos_ptr", "kpos_ptr", "qrun_ptr", "krun_ptr", "rules_ptr")}
+    ints = {"Sq": s, "Sk": s, "n_tn": n_tn, "stride_qb": s, "stride_kb": s,
+            "stride_ob": triton.cdiv(s, block_m) * n_tn, "stride_om": n_tn}
+    constexprs = {"NM": nm, "BLOCK_M": block_m, "BLOCK_N": block_n, "TN": _tn_chunk(block_n, n_tn),
+                  "R_BLOCKED": BLOCKED, "R_FULL": FULL, "R_CAUSAL": CAUSAL, "R_SPAN": SPAN,
+                  "T_EMPTY": TILE_EMPTY, "T_FULL": TILE_FULL, "T_PARTIAL": TILE_PARTIAL}
+    return (_tile_map_kernel, *launch_signature(ptrs, ints, constexprs))

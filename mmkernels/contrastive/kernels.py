@@ -441,6 +441,11 @@ def _scale_tensor(scale, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _cols_per_split(N: int, M: int, bm: int, max_bn: int, device: torch.device,
                     col_splits: int | None) -> int:
     """Columns per program of the stats kernel (a multiple of every BLOCK_N it may use).
@@ -455,7 +460,7 @@ def _cols_per_split(N: int, M: int, bm: int, max_bn: int, device: torch.device,
         row_blocks = triton.cdiv(max(N, 1), bm)
         target = 2 * row_blocks
         if device.type == "cuda":
-            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+            target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         col_splits = triton.cdiv(target, row_blocks)
     col_splits = max(1, min(int(col_splits), triton.cdiv(max(M, 1), max_bn)))
     return triton.cdiv(triton.cdiv(max(M, 1), col_splits), max_bn) * max_bn
