@@ -20,6 +20,7 @@
 #      and moves its results.json, results.md and plot.png to the top of $OUT
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
 #   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45): device time per kernel -> $OUT/profile.md
+#   6. only with GPU_CHECK_TUNE=1: python3 -m bench.tune_gpu (limit GPU_CHECK_TUNE_TIMEOUT s, 120) -> $OUT/tune.md
 # The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
 # failed or timed out; 2 bench failed (an mmkernels measurement errored, or the
 # bench crashed); 4 a bench provider disagrees with the reference.
@@ -39,6 +40,7 @@ TEST_T=${GPU_CHECK_TEST_TIMEOUT:-150}
 AGREE_T=${GPU_CHECK_AGREE_TIMEOUT:-100}
 BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-210}
 PROF_T=${GPU_CHECK_PROFILE_TIMEOUT:-45}
+TUNE_T=${GPU_CHECK_TUNE_TIMEOUT:-120}
 export PYTHONUNBUFFERED=1 MMKERNELS_NO_EXT=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -123,9 +125,18 @@ rm -rf "$OUT/bench"
 # 5. where the time goes: per-kernel device time of a few cases (informative, never fails the check)
 if [ "$DEVICE" = cuda ]; then
   echo "== [$(elapsed) s] python -m bench.profile_gpu (limit ${PROF_T} s)"
-  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" >/dev/null 2>"$OUT/profile.err" \
-    || echo "profile_gpu: failed or timed out (see profile.err)"
-  [ -s "$OUT/profile.err" ] || rm -f "$OUT/profile.err"
+  echo "== profile_gpu (stderr)" >>"$OUT/bench.log"
+  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" >/dev/null 2>>"$OUT/bench.log" \
+    || echo "profile_gpu: failed or timed out (its stderr is at the end of bench.log)"
+fi
+
+# 6. optional (GPU_CHECK_TUNE=1): tile sweeps for the heuristics -> $OUT/tune.md. The whole script
+#    then needs about 9.5 minutes: lower the other limits or run `python -m bench.tune_gpu` alone.
+if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
+  echo "== [$(elapsed) s] python -m bench.tune_gpu (limit ${TUNE_T} s)"
+  echo "== tune_gpu (stderr)" >>"$OUT/bench.log"
+  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" >/dev/null 2>>"$OUT/bench.log" \
+    || echo "tune_gpu: failed or timed out (its stderr is at the end of bench.log)"
 fi
 
 RC=0

@@ -11,13 +11,14 @@ suite remains the record of speed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 
-def _contrastive(n: int, d: int):
+def _contrastive(n: int, d: int, forward: str = "one_pass"):
     import mmkernels
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1)
@@ -27,7 +28,15 @@ def _contrastive(n: int, d: int):
     s = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
 
     def step():
-        mmkernels.contrastive_loss(a, b, s).backward()
+        saved = os.environ.get("MMKERNELS_CONTRASTIVE_FORWARD")
+        os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = forward
+        try:
+            mmkernels.contrastive_loss(a, b, s).backward()
+        finally:
+            if saved is None:
+                del os.environ["MMKERNELS_CONTRASTIVE_FORWARD"]
+            else:
+                os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = saved
     return step
 
 
@@ -64,6 +73,7 @@ def _experts():
 CASES = {
     "contrastive N=4096 D=768": lambda: _contrastive(4096, 768),
     "contrastive N=32768 D=768": lambda: _contrastive(32768, 768),
+    "contrastive N=32768 D=768 two-pass forward": lambda: _contrastive(32768, 768, "two_pass"),
     "attention blip2_itg B=128 H=12 S=160 D=64": lambda: _attention("blip2", 128, 12, 160, 64),
     "attention causal B=2 H=16 S=8192 D=128": lambda: _attention("causal", 2, 16, 8192, 128),
     "experts VLMo FFN B=64 40+197 768/3072": _experts,

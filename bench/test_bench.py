@@ -527,3 +527,17 @@ def test_experts_routing_overhead_table():
     md = report.markdown({"device_name": "test", "argv": ["python -m bench"]}, [base, cog, dense], [])
     row = next(ln for ln in md.splitlines() if ln.startswith("| vlmo:40+197") and "10.000" in ln)
     assert row.endswith("| 10.000 | 1.25x | 2.50x |")
+
+
+def test_tune_gpu_smoke(tmp_path, capsys):
+    """bench.tune_gpu --smoke runs every sweep once on tiny shapes (interpreter on a CPU), so the
+    script works the first time a GPU session runs it."""
+    from bench import tune_gpu
+    if torch.cuda.is_available():
+        pytest.skip("smoke mode is for machines without a GPU (on a GPU, run the real sweep)")
+    out = tmp_path / "tune.md"
+    assert tune_gpu.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq"):
+        assert title in text, title
+    assert "error:" not in text, text

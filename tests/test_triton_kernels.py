@@ -301,6 +301,19 @@ def test_stats_with_the_columns_split_across_programs(col_splits, with_columns):
                 name=f"{col_splits} splits")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_forward_matches_reference(monkeypatch, dtype):
+    """MMKERNELS_CONTRASTIVE_FORWARD=two_pass: column statistics from a rows-only launch on (k, q)."""
+    N, M, D = 97, 130, 40
+    q, k, scale, targets, _ = make_inputs(N, M, D, dtype, seed=12)
+    monkeypatch.setenv("MMKERNELS_CONTRASTIVE_FORWARD", "two_pass")
+    stats = K.contrastive_stats_triton(q, k, scale, targets, True, config=K.TileConfig(16, 16, 16, 1, 1))
+    check_stats(stats, dense_stats(q, k, scale, targets, True), q, k, scale, True, name="two pass")
+    monkeypatch.setenv("MMKERNELS_CONTRASTIVE_FORWARD", "fastest")
+    with pytest.raises(ValueError, match="MMKERNELS_CONTRASTIVE_FORWARD"):
+        K.contrastive_stats_triton(q, k, scale, targets, True)
+
+
 def test_cols_per_split_covers_every_column():
     for n, m, splits in [(4096, 4096, None), (97, 130, 3), (1, 1, 8), (5, 1000, 1000)]:
         cps = K._cols_per_split(n, m, 16, 64, torch.device("cpu"), splits)

@@ -478,6 +478,29 @@ def _merge_row_parts(parts: torch.Tensor, row_lse, row_max, row_sum, pos) -> Non
     torch.sum(p, 0, out=pos)
 
 
+FORWARD_MODES = ("one_pass", "two_pass")
+
+
+def forward_mode() -> str:
+    """``MMKERNELS_CONTRASTIVE_FORWARD``: ``one_pass`` (default) or ``two_pass``."""
+    mode = os.environ.get("MMKERNELS_CONTRASTIVE_FORWARD", "one_pass")
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"MMKERNELS_CONTRASTIVE_FORWARD must be one of {FORWARD_MODES}, got {mode!r}")
+    return mode
+
+
+def _stats_two_pass(q, k, scale, targets, **kw):
+    """Row statistics from a rows-only launch on (q, k), column statistics from one on (k, q).
+
+    The column pass has no positive logit (targets -1); the loss takes the positives from the
+    row pass. Each launch reduces along rows only: no cross-warp column reductions, no lock.
+    """
+    rows = contrastive_stats_triton(q, k, scale, targets, False, **kw)
+    no_target = torch.full((k.shape[0],), -1, dtype=targets.dtype, device=k.device)
+    cols = contrastive_stats_triton(k, q, scale, no_target, False, **kw)
+    return (*rows[:4], cols[0], cols[1], cols[2])
+
+
 def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                              targets: torch.Tensor, with_columns: bool, *,
                              config: TileConfig | None = None, col_splits: int | None = None):
@@ -486,7 +509,12 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     ``config`` forces a tile configuration (tests); by default the heuristic
     one, or the autotuner's pick with MMKERNELS_AUTOTUNE=1 on a GPU.
     ``col_splits`` forces how many programs share each block of rows (tests).
+    ``MMKERNELS_CONTRASTIVE_FORWARD=two_pass`` computes the column statistics in a second,
+    rows-only launch over the transposed problem (twice the products, no column merge) instead
+    of the default one pass (see bench/perf_notes.md: which is faster is a GPU measurement).
     """
+    if with_columns and forward_mode() == "two_pass":
+        return _stats_two_pass(q, k, scale, targets, config=config, col_splits=col_splits)
     check_device(q)
     N, D = q.shape
     M = k.shape[0]

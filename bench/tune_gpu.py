@@ -1,0 +1,188 @@
+"""Tile-configuration sweeps for the kernels whose heuristics were never measured on a GPU.
+
+    python -m bench.tune_gpu [--only attention|contrastive] [--out FILE]    # CUDA; 1-2 minutes
+    python -m bench.tune_gpu --smoke                                        # tiny sizes, any device
+
+For each kernel it times every candidate configuration (median of CUDA-event timings after a
+warm-up that includes compilation) at the case the issue's targets name, and prints one
+Markdown table per kernel with the heuristic's current choice marked, so the heuristics in
+``mmkernels/*/kernels.py`` can be set from measurements. A configuration that fails to compile
+or run is reported, not fatal. ``--smoke`` runs the same code on tiny shapes (the Triton
+interpreter on a CPU) to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def _time_ms(fn: Callable[[], object], device: str, reps: int) -> float:
+    fn()  # compile / warm up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _table(title: str, rows: list[tuple[str, float | str, float | None, bool]], unit: str) -> list[str]:
+    out = [f"## {title}", "", f"| config | median ms | {unit} | heuristic |", "| --- | ---: | ---: | --- |"]
+    timed = [r for r in rows if isinstance(r[1], float)]
+    best = min(timed, key=lambda r: r[1])[0] if timed else None
+    for name, ms, rate, is_heur in rows:
+        mark = ("**best** " if name == best else "") + ("current" if is_heur else "")
+        if isinstance(ms, float):
+            out.append(f"| {name} | {ms:.3f} | {rate:.0f} | {mark} |")
+        else:
+            out.append(f"| {name} | {ms} | - | {mark} |")
+    return out + [""]
+
+
+def _err(exc: Exception) -> str:
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+
+
+# ----------------------------------------------------------------------------- attention
+
+FWD_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                  (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)]
+DKDV_CANDIDATES = [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 3),
+                   (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 2)]
+DQ_CANDIDATES = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2),
+                 (64, 64, 4, 3), (128, 128, 8, 2)]
+
+
+def tune_attention(device: str, smoke: bool, reps: int) -> list[str]:
+    from mmkernels.attention import MultimodalMask
+    from mmkernels.attention import kernels as K
+    b, h, s, d = (1, 2, 64, 32) if smoke else (2, 16, 8192, 128)
+    dtype = torch.bfloat16
+    mask = MultimodalMask.causal(b, s, device=device)
+    meta = mask.metadata()
+    q, k, v, dout = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(4))
+    scale = 1 / math.sqrt(d)
+    flop_fwd = 4 * b * h * s * (s + 1) / 2 * d
+    prec = K.input_precision(dtype)
+    lines = [f"# attention, causal B={b} H={h} S={s} D={d} bf16", ""]
+    cands = FWD_CANDIDATES[:2] if smoke else FWD_CANDIDATES
+
+    def cfg(t):
+        return K.AttnConfig(*t)
+
+    rows = []
+    heur = K.heuristic_config("fwd", dtype, d, prec, True)
+    for c in cands:
+        try:
+            ms = _time_ms(lambda: K.attention_fwd_triton(q, k, v, meta, scale, config=cfg(c)), device, reps)
+            rows.append((str(c), ms, flop_fwd / ms / 1e9, cfg(c) == heur))
+        except Exception as exc:  # noqa: BLE001 - report every failure, keep sweeping
+            rows.append((str(c), _err(exc), None, cfg(c) == heur))
+    lines += _table("forward kernel (visible FLOPs)", rows, "TFLOP/s")
+
+    out, lse = K.attention_fwd_triton(q, k, v, meta, scale)
+    for kind, cands in (("bwd_dkdv", DKDV_CANDIDATES), ("bwd_dq", DQ_CANDIDATES)):
+        heur = K.heuristic_config(kind, dtype, d, prec, True)
+        rows = []
+        for c in (cands[:2] if smoke else cands):
+            try:
+                ms = _time_ms(lambda: K.attention_bwd_triton(q, k, v, out, lse, dout, meta, scale,
+                                                             config={kind: cfg(c)}), device, reps)
+                rows.append((str(c), ms, 2.5 * flop_fwd / ms / 1e9, cfg(c) == heur))
+            except Exception as exc:  # noqa: BLE001
+                rows.append((str(c), _err(exc), None, cfg(c) == heur))
+        lines += _table(f"whole backward, varying {kind} (BLOCK_M, BLOCK_N, warps, stages)", rows, "TFLOP/s")
+    return lines
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+def tune_contrastive(device: str, smoke: bool, reps: int) -> list[str]:
+    from mmkernels.contrastive import kernels as K
+    n, d = (64, 32) if smoke else (32768, 768)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=g), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=g), dim=-1).to(dtype)
+    scale = torch.tensor(1 / 0.07, device=device)
+    targets = torch.arange(n, device=device)
+    prec = K.input_precision(dtype)
+    heur = K._resolve_config(dtype, d, prec, None)
+    cands = list(K.autotune_configs(dtype, d, prec))
+    if heur is not None and heur not in cands:
+        cands.insert(0, heur)
+    if smoke:
+        cands = cands[:1]
+    lines = [f"# contrastive forward statistics, N=M={n} D={d} bf16 (2 N^2 D FLOPs per pass)", ""]
+    saved = os.environ.get("MMKERNELS_CONTRASTIVE_FORWARD")
+    try:
+        for mode, passes in (("one_pass", 1), ("two_pass", 2)):
+            os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = mode
+            rows = []
+            for c in cands:
+                try:
+                    ms = _time_ms(lambda: K.contrastive_stats_triton(q, k, scale, targets, True, config=c),
+                                  device, reps)
+                    rows.append((str(tuple(c)), ms, passes * 2 * n * n * d / ms / 1e9, c == heur))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append((str(tuple(c)), _err(exc), None, c == heur))
+            lines += _table(f"{mode} (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", rows, "TFLOP/s of the launches")
+    finally:
+        if saved is None:
+            os.environ.pop("MMKERNELS_CONTRASTIVE_FORWARD", None)
+        else:
+            os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = saved
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("attention", "contrastive"))
+    ap.add_argument("--out", help="also write the tables to this file")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one or two configs (checks the script)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        print("tune_gpu: no CUDA device (use --smoke to check the script on a CPU)", file=sys.stderr)
+        return 1
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    reps = 2 if args.smoke else args.reps
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
+    lines = [f"# mmkernels tile sweeps on {name}", ""]
+    for family, fn in (("contrastive", tune_contrastive), ("attention", tune_attention)):
+        if args.only and args.only != family:
+            continue
+        try:
+            lines += fn(device, args.smoke, reps)
+        except Exception as exc:  # noqa: BLE001 - one family failing must not hide the other
+            lines += [f"# {family}", _err(exc), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
