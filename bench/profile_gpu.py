@@ -28,16 +28,8 @@ def _contrastive(n: int, d: int, forward: str = "one_pass"):
     s = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
 
     def step():
-        saved = os.environ.get("MMKERNELS_CONTRASTIVE_FORWARD")
-        os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = forward
-        try:
-            mmkernels.contrastive_loss(a, b, s).backward()
-        finally:
-            if saved is None:
-                del os.environ["MMKERNELS_CONTRASTIVE_FORWARD"]
-            else:
-                os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = saved
-    return step
+        mmkernels.contrastive_loss(a, b, s).backward()
+    return _with_env("MMKERNELS_CONTRASTIVE_FORWARD", forward, step)
 
 
 def _attention(layout: str, b: int, h: int, s: int, d: int):
@@ -55,7 +47,25 @@ def _attention(layout: str, b: int, h: int, s: int, d: int):
     return step
 
 
-def _experts():
+def _with_env(name: str, value: str | None, step):
+    """``step`` run with environment variable ``name`` set to ``value`` (None: left as it is)."""
+    if value is None:
+        return step
+
+    def wrapped():
+        saved = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            step()
+        finally:
+            if saved is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = saved
+    return wrapped
+
+
+def _experts(wgrad_chunk: str | None = None):
     import mmkernels
     t, hdim, f = 64 * 237, 768, 3072
     x = torch.randn(64, 237, hdim, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -67,7 +77,7 @@ def _experts():
 
     def step():
         mmkernels.modality_ffn(x, 40, w_in, b_in, w_out, b_out).sum().backward()
-    return step
+    return _with_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", wgrad_chunk, step)
 
 
 CASES = {
@@ -77,6 +87,7 @@ CASES = {
     "attention blip2_itg B=128 H=12 S=160 D=64": lambda: _attention("blip2", 128, 12, 160, 64),
     "attention causal B=2 H=16 S=8192 D=128": lambda: _attention("causal", 2, 16, 8192, 128),
     "experts VLMo FFN B=64 40+197 768/3072": _experts,
+    "experts VLMo FFN, token-chunked wgrad (2048)": lambda: _experts("2048"),
 }
 
 

@@ -52,11 +52,11 @@ def _label(kind, dtype, prec, act, bias, cfg, size_class):
             f"{size_class}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}")
 
 
-def _job(kind, dtype, prec, act, bias, cfg, size_class):
+def _job(kind, dtype, prec, act, bias, cfg, size_class, atomic=False):
     kernel, sig, constexprs, div = K.compile_specs(kind, dtype, prec, cfg, act, bias, E=E_MAX,
-                                                   sizes=SIZES[size_class])
-    return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div,
-                           label=_label(kind, dtype, prec, act, bias, cfg, size_class))
+                                                   sizes=SIZES[size_class], atomic=atomic)
+    label = _label(kind, dtype, prec, act, bias, cfg, size_class) + ("-atomic" if atomic else "")
+    return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div, label=label)
 
 
 def _jobs():
@@ -74,6 +74,8 @@ def _jobs():
                     for bias in _biases(kind):
                         for cfg in K.candidate_configs(kind, dtype, prec, swiglu, aligned=True):
                             jobs.append(_job(kind, dtype, prec, act, bias, cfg, "al16"))
+                            if kind in K.WGRAD_KINDS:  # the token-chunked variant (fp32 atomics)
+                                jobs.append(_job(kind, dtype, prec, act, bias, cfg, "al16", atomic=True))
             # the other size classes: the config the heuristic picks for them
             for size_class, pairs in EXTRA_CLASSES.items():
                 T, H, F = SIZES[size_class]

@@ -355,6 +355,25 @@ def test_ffn_heuristic_config(activation, dtype):
     check_ffn(ids, *rest, 2, activation, config=None)
 
 
+@pytest.mark.parametrize("chunk", [1, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_token_chunked_weight_gradients(monkeypatch, chunk, dtype):
+    """MMKERNELS_EXPERTS_WGRAD_CHUNK: each expert's tokens split across programs (chunks rounded
+    up to BLOCK_T = 16), partial tiles summed with fp32 atomics; an empty expert stays zero."""
+    monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", str(chunk))
+    ids, x, w, b, dy = linear_case(97, 3, dtype, True, "empty", seed=21)
+    check_linear(ids, x, w, b, dy, 3)
+    ids, *rest = ffn_case(97, 3, dtype, "swiglu", True, "rand", seed=22)
+    check_ffn(ids, *rest, 3, "swiglu", check_hidden=False)
+
+
+def test_wgrad_chunk_setting_is_checked(monkeypatch):
+    for bad in ("-1", "many"):
+        monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", bad)
+        with pytest.raises(ValueError, match="MMKERNELS_EXPERTS_WGRAD_CHUNK"):
+            K.wgrad_chunk()
+
+
 def test_ffn_non_contiguous():
     T, E = 45, 2
     ids, x, w_in, b_in, w_out, b_out, dy = ffn_case(T, E, torch.float32, "swiglu", True, "rand", seed=19)

@@ -60,6 +60,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -377,7 +379,7 @@ def _grouped_mm_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     a_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, offsets_ptr,
-    N, K,
+    N, K, chunk,
     stride_am, stride_an,
     stride_xm, stride_xk,
     stride_we, stride_wn, stride_wk,
@@ -389,6 +391,7 @@ def _grouped_wgrad_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     ALIGN: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -396,7 +399,10 @@ def _grouped_wgrad_kernel(
     """dW[e, n, k] = sum_{s of e} A[ra(s), n] X[rx(s), k]; db[e, n] = sum_s A[ra(s), n] (k-tile 0).
 
     ``N``, ``K``, ``stride_am``, ``stride_xm``, ``stride_we``, ``stride_wn`` and ``stride_dbe``
-    arrive divided by ``ALIGN`` (see ``_grouped_mm_kernel``).
+    arrive divided by ``ALIGN`` (see ``_grouped_mm_kernel``). Program ``(pid, c)`` sums the
+    expert's slots ``c * chunk ..`` up to ``chunk`` of them: with ``ATOMIC`` the chunks of one
+    tile add into fp32 ``dw``/``db`` buffers (zeroed by the caller); without it there is one
+    chunk per expert (``chunk >= T``) and the tile is stored.
     """
     N = N * ALIGN
     K = K * ALIGN
@@ -408,8 +414,11 @@ def _grouped_wgrad_kernel(
     r = pid % per_e
     pn = r // tiles_k
     pk = r % tiles_k
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
+    lo = tl.load(offsets_ptr + e) + tl.program_id(1) * chunk
+    hi = tl.minimum(tl.load(offsets_ptr + e + 1), lo + chunk)
+    if ATOMIC:
+        if lo >= hi:  # past this expert's last chunk (the grid covers the largest possible expert)
+            return
     stride_am = tl.cast(stride_am, tl.int64) * ALIGN
     stride_xm = tl.cast(stride_xm, tl.int64) * ALIGN
     stride_we = tl.cast(stride_we, tl.int64) * ALIGN
@@ -451,15 +460,20 @@ def _grouped_wgrad_kernel(
         if HAS_BIAS:
             dbacc += tl.sum(at.to(tl.float32), 1)
     e64 = e.to(tl.int64)
-    if DOT_UPCAST:
-        acc = _round_bf16(acc)
-    tl.store(dw_ptr + e64 * stride_we + ns64[:, None] * stride_wn + ks64[None, :] * stride_wk,
-             acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
-    if HAS_BIAS:
+    dw_ptrs = dw_ptr + e64 * stride_we + ns64[:, None] * stride_wn + ks64[None, :] * stride_wk
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+        if HAS_BIAS:
+            tl.atomic_add(db_ptr + e64 * stride_dbe + ns64 * stride_dbn, dbacc, mask=n_ok & (pk == 0))
+    else:
         if DOT_UPCAST:
-            dbacc = _round_bf16(dbacc)
-        tl.store(db_ptr + e64 * stride_dbe + ns64 * stride_dbn, dbacc.to(db_ptr.dtype.element_ty),
-                 mask=n_ok & (pk == 0))
+            acc = _round_bf16(acc)
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        if HAS_BIAS:
+            if DOT_UPCAST:
+                dbacc = _round_bf16(dbacc)
+            tl.store(db_ptr + e64 * stride_dbe + ns64 * stride_dbn, dbacc.to(db_ptr.dtype.element_ty),
+                     mask=n_ok & (pk == 0))
 
 
 # ---------------------------------------------------------------------------
@@ -624,26 +638,56 @@ def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, a
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def wgrad_chunk() -> int:
+    """``MMKERNELS_EXPERTS_WGRAD_CHUNK``: tokens per weight-gradient program (0, the default: one
+    program per expert and tile, no atomics). A positive value splits each expert's tokens into
+    chunks summed with fp32 atomics: more programs when a few experts hold most tokens, at the
+    price of an fp32 [E, N, K] buffer and a summation order that varies from run to run. Which
+    is faster is a GPU measurement (bench/perf_notes.md)."""
+    raw = os.environ.get("MMKERNELS_EXPERTS_WGRAD_CHUNK", "0")
+    try:
+        chunk = int(raw)
+    except ValueError:
+        raise ValueError(f"MMKERNELS_EXPERTS_WGRAD_CHUNK must be a token count, got {raw!r}") from None
+    if chunk < 0:
+        raise ValueError(f"MMKERNELS_EXPERTS_WGRAD_CHUNK must be >= 0, got {chunk}")
+    return chunk
+
+
 def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
     """Launch ``_grouped_wgrad_kernel``: dw [E, N, K] (and db [E, N]) from a [T, N], x [T, K]."""
     gather_a, gather_x = _WGRAD_FLAGS[kind]
     E, N, K = dw.shape
+    T = a.shape[0]
     prec = input_precision(a.dtype)
     has_bias = db is not None
-    db_t = db if has_bias else dw
-    db_st = (db.stride(0), db.stride(1)) if has_bias else (0, 0)
-    swe, swn, swk = dw.stride()
+    chunk = wgrad_chunk()
+    atomic = 0 < chunk < T
+    # atomics accumulate in fp32 buffers (contiguous), converted to the gradients' dtype after
+    dw_k = torch.zeros(dw.shape, dtype=torch.float32, device=dw.device) if atomic else dw
+    db_k = (torch.zeros(db.shape, dtype=torch.float32, device=db.device) if atomic else db) if has_bias else None
+    db_t = db_k if has_bias else dw_k
+    db_st = (db_k.stride(0), db_k.stride(1)) if has_bias else (0, 0)
+    swe, swn, swk = dw_k.stride()
     al = align_of(N, K, a.stride(0), x.stride(0), swe, swn, db_st[0])
     cfg = _pick(kind, a.dtype, prec, False, N, al, config)
-    grid = (E * triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(K, cfg.BLOCK_K),)
+    if atomic:
+        chunk = triton.cdiv(chunk, cfg.BLOCK_T) * cfg.BLOCK_T
+    else:
+        chunk = max(T, 1)
+    grid = (E * triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(K, cfg.BLOCK_K), triton.cdiv(max(T, 1), chunk))
     _grouped_wgrad_kernel[grid](
-        a, x, dw, db_t, perm, offsets, N // al, K // al,
+        a, x, dw_k, db_t, perm, offsets, N // al, K // al, chunk,
         a.stride(0) // al, a.stride(1), x.stride(0) // al, x.stride(1),
         swe // al, swn // al, swk, db_st[0] // al, db_st[1],
         E=E, GATHER_A=gather_a, GATHER_X=gather_x, HAS_BIAS=has_bias,
-        INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(a.dtype), ALIGN=al,
+        INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(a.dtype), ALIGN=al, ATOMIC=atomic,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if atomic:
+        dw.copy_(dw_k)
+        if has_bias:
+            db.copy_(db_k)
 
 
 def _wt(w: torch.Tensor):
@@ -763,7 +807,7 @@ _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=None,
                   activation: str | None = None, has_bias: bool = False, E: int = 2,
-                  sizes: tuple[int, int, int] = (4096, 1024, 4096)):
+                  sizes: tuple[int, int, int] = (4096, 1024, 4096), atomic: bool = False):
     """(kernel, signature, constexprs, divisible_by_16) for mmkernels.testing.sm90.
 
     Describes launch ``kind`` with contiguous tensors and 16-byte aligned buffers, as Triton
@@ -771,7 +815,8 @@ def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=No
     divisibility hint).  ``sizes = (T, H, F)``: tokens, model width (Hin = Hout) and FFN width
     (pass widths that are not multiples of 16 to compile the unaligned specialisation).
     ``activation``: for ffn_fwd_in / ffn_bwd_dh (else no activation); ``config``: MMConfig or
-    WGradConfig (unused for "route").
+    WGradConfig (unused for "route"); ``atomic``: the token-chunked weight gradient
+    (``MMKERNELS_EXPERTS_WGRAD_CHUNK``), fp32 atomics into fp32 buffers.
     """
     from ..testing.sm90 import launch_signature
     ptr = _PTR[dtype]
@@ -820,16 +865,18 @@ def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=No
         gather_a, gather_x = _WGRAD_FLAGS[kind]
         # (N = A width, K = X width)
         N, K = {"wgrad_linear": (H, H), "wgrad_ffn_out": (H, F), "wgrad_ffn_in": (F, H)}[kind]
-        sig = {"a_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "db_ptr": ptr, "perm_ptr": "*i32",
+        out_ptr = "*fp32" if atomic else ptr
+        sig = {"a_ptr": ptr, "x_ptr": ptr, "dw_ptr": out_ptr, "db_ptr": out_ptr, "perm_ptr": "*i32",
                "offsets_ptr": "*i32"}
         al = align_of(N, K)
-        ints = {"N": N // al, "K": K // al, "stride_am": N // al, "stride_an": 1,
+        ints = {"N": N // al, "K": K // al, "chunk": 2048 if atomic else T,
+                "stride_am": N // al, "stride_an": 1,
                 "stride_xm": K // al, "stride_xk": 1,
                 "stride_we": N * K // al, "stride_wn": K // al, "stride_wk": 1,
                 "stride_dbe": N // al if has_bias else 0, "stride_dbn": 1 if has_bias else 0}
         constexprs = {"E": E, "GATHER_A": gather_a, "GATHER_X": gather_x, "HAS_BIAS": bool(has_bias),
                       "INPUT_PRECISION": input_precision, "DOT_UPCAST": False, "ALIGN": al,
-                      "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K,
+                      "ATOMIC": bool(atomic), "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K,
                       "BLOCK_T": config.BLOCK_T}
         return (_grouped_wgrad_kernel, *launch_signature(sig, ints, constexprs))
     raise ValueError(f"unknown kernel kind {kind!r}")
