@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: the one command to run on a lent GPU machine.
 #
-#   device tool:  run(command="BENCH_GIT_COMMIT=<sha> bash bench/gpu_check.sh", timeout_s=480)
-#                 (<sha> = `git rev-parse HEAD` here, pasted in: the machine gets the
-#                 working tree without .git, so the results would say commit "unknown")
+#   device tool:  run(command="BENCH_GIT_COMMIT=<sha> bash bench/gpu_check.sh", timeout_s=560)
+#                 (<sha> = `git rev-parse HEAD` here, pasted in: the machine's own git
+#                 checkout is not this one, so without it the results name the wrong commit)
 #   with peers:   bash bench/fetch_peer_wheels.sh here first, then
-#                 run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=480)
+#                 run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560)
 #
-# What it does (about 7 minutes at most, nothing fetched from any network,
-# nothing built: the GPU path is pure Python, run from this checkout with
-# PYTHONPATH=$PWD and MMKERNELS_NO_EXT=1):
+# What it does (about 8.5 minutes at most, 10.5 with GPU_CHECK_TUNE=1 unless the other limits
+# are lowered; nothing fetched from any network, nothing built: the GPU path is pure Python,
+# run from this checkout with PYTHONPATH=$PWD and MMKERNELS_NO_EXT=1):
 #   1. prints nvidia-smi, clocks and versions                       -> $OUT/env.txt
 #   2. installs carried wheels from .whl/ into /tmp/site, if any     (pip --no-index)
 #   3. python3 -m pytest -m gpu --maxfail=8 -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150) -> $OUT/tests.log
