@@ -187,6 +187,27 @@ def test_route_split_matches_route():
         assert torch.equal(a.perm, c.perm) and torch.equal(a.offsets, c.offsets)
 
 
+def test_route_split_makes_no_host_to_device_copy():
+    """Writing Python ints into a device tensor (``t[i] = v``, ``torch.tensor(..., device)``) is a
+    pageable host-to-device copy: not capturable in a CUDA graph. Traced on the meta device: the
+    split routing may only fill, never copy a host scalar."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        r = routing.route_split(3, 9, 4, "meta")
+    assert r.offsets.device.type == "meta"
+    assert not [n for n in ops.names if "copy_" in n or "scalar_tensor" in n or "lift" in n], ops.names
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routing_feeds_the_op(backend):
     """The registered op with the routing of the ids reproduces the API (and so the reference)."""

@@ -77,3 +77,34 @@ def test_torch_compile_triton_path_no_graph_break():
     assert_close(out.float(), ref.double(), dtype, name="y")
     for g, t in zip(grads, [x, params[0], params[2]]):
         assert_close(g.float(), t.grad.double(), dtype, name="grad")
+
+
+def test_cuda_graph_capture_of_the_split_form():
+    """The position-split routing builds its permutation and offsets inside the capture (no host
+    copies, which a graph cannot hold); replays follow new inputs."""
+    b, s, h, f = 4, 200, 128, 256
+    dtype = torch.bfloat16
+    x = randn(b, s, h, seed=51).to("cuda", dtype).requires_grad_()
+    params = _leaves(ffn_params(2, h, f, h, "gelu", bias=True), dtype)
+    dy = randn(b, s, h, seed=52).to("cuda", dtype)
+    leaves = [x] + params
+
+    def step():
+        y = mmkernels.modality_ffn(x, 37, *params, activation="gelu")
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    with torch.no_grad():
+        x.copy_(randn(b, s, h, seed=53).to("cuda", dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip(static_out, step()):
+        assert_close(got.float(), ref.double(), dtype)

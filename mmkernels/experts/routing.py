@@ -53,10 +53,12 @@ def route_split(batch: int, seq: int, split_position: int, device) -> Routing:
     pos = torch.arange(seq, device=device, dtype=torch.int32)
     base = torch.arange(batch, device=device, dtype=torch.int32)[:, None] * seq
     perm = torch.cat([(base + pos[:p]).reshape(-1), (base + pos[p:]).reshape(-1)])
-    # filled on the device: torch.tensor([...], device="cuda") is a synchronising host-to-device copy
-    offsets = torch.zeros(3, dtype=torch.int32, device=device)
-    offsets[1] = batch * p
-    offsets[2] = batch * seq
+    # fill kernels take the values as arguments: torch.tensor([...], device="cuda") and
+    # `offsets[i] = v` are host-to-device copies from pageable memory (seen in the H200 profile),
+    # which a captured CUDA graph cannot contain
+    offsets = torch.empty(3, dtype=torch.int32, device=device)
+    for i, v in enumerate((0, batch * p, batch * seq)):
+        offsets.narrow(0, i, 1).fill_(v)
     return Routing(perm, offsets)
 
 
