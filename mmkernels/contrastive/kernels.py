@@ -432,7 +432,8 @@ def _launch(kind: str, grid_fn, args: tuple, dtype: torch.dtype, D: int, with_co
 
 def _scale_tensor(scale, device) -> torch.Tensor:
     if not torch.is_tensor(scale):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=device)
+        # a fill, not torch.tensor(..., device): no host-to-device copy
+        scale = torch.full((), float(scale), dtype=torch.float32, device=device)
     return scale.detach().to(device=device, dtype=torch.float32).reshape(())
 
 
