@@ -121,7 +121,28 @@ def profile_case(name: str, make, calls: int = 3, top: int = 12) -> list[str]:
            "| device us/call | launches/call | kernel |", "| ---: | ---: | --- |"]
     for us, n, key in rows[:top]:
         out.append(f"| {us:.1f} | {n:.0f} | {key[:110]} |")
+    if wall_ms > 1.5 * kernel_ms:  # bound by the host: where does the Python time go?
+        out += ["", f"Host-bound: Python functions by own time (cProfile, totals over {calls} calls):", "```"]
+        out += _host_profile(step, calls)
+        out += ["```"]
     return out + [""]
+
+
+def _host_profile(step, calls: int, top: int = 15) -> list[str]:
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    return [ln[:160] for ln in lines[start:start + top + 1]]
 
 
 def main(argv=None) -> int:
