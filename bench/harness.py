@@ -37,6 +37,7 @@ JSON, Markdown and PNG outputs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -748,3 +749,21 @@ if __name__ == "__main__":
         sys.exit(_canonical_worker_main())
     print("bench.harness is a library; run `python -m bench`", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def scoped_env(name: str, value: str | None):
+    """Environment variable ``name`` set to ``value`` inside the block (None: left as it is),
+    restored after: how the GPU scripts time the kernels' opt-in variants."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved

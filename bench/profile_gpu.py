@@ -11,11 +11,12 @@ suite remains the record of speed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
+
+from bench.harness import scoped_env
 
 
 def _contrastive(n: int, d: int, forward: str = "one_pass"):
@@ -49,19 +50,10 @@ def _attention(layout: str, b: int, h: int, s: int, d: int):
 
 def _with_env(name: str, value: str | None, step):
     """``step`` run with environment variable ``name`` set to ``value`` (None: left as it is)."""
-    if value is None:
-        return step
 
     def wrapped():
-        saved = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with scoped_env(name, value):
             step()
-        finally:
-            if saved is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = saved
     return wrapped
 
 

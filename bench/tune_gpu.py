@@ -1,7 +1,7 @@
 """Tile-configuration sweeps for the kernels whose heuristics were never measured on a GPU.
 
     python -m bench.tune_gpu [--only attention|contrastive] [--out FILE]    # CUDA; 1-2 minutes
-    python -m bench.tune_gpu --smoke                                        # tiny sizes, any device
+    TRITON_INTERPRET=1 python -m bench.tune_gpu --smoke                     # tiny sizes, CPU
 
 For each kernel it times every candidate configuration (median of CUDA-event timings after a
 warm-up that includes compilation) at the case the issue's targets name, and prints one
@@ -20,6 +20,8 @@ import time
 from typing import Callable
 
 import torch
+
+from bench.harness import scoped_env
 
 
 def _time_ms(fn: Callable[[], object], device: str, reps: int) -> float:
@@ -132,11 +134,9 @@ def tune_contrastive(device: str, smoke: bool, reps: int) -> list[str]:
     if smoke:
         cands = cands[:1]
     lines = [f"# contrastive forward statistics, N=M={n} D={d} bf16 (2 N^2 D FLOPs per pass)", ""]
-    saved = os.environ.get("MMKERNELS_CONTRASTIVE_FORWARD")
-    try:
-        for mode, passes in (("one_pass", 1), ("two_pass", 2)):
-            os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = mode
-            rows = []
+    for mode, passes in (("one_pass", 1), ("two_pass", 2)):
+        rows = []
+        with scoped_env("MMKERNELS_CONTRASTIVE_FORWARD", mode):
             for c in cands:
                 try:
                     ms = _time_ms(lambda: K.contrastive_stats_triton(q, k, scale, targets, True, config=c),
@@ -144,12 +144,7 @@ def tune_contrastive(device: str, smoke: bool, reps: int) -> list[str]:
                     rows.append((str(tuple(c)), ms, passes * 2 * n * n * d / ms / 1e9, c == heur))
                 except Exception as exc:  # noqa: BLE001
                     rows.append((str(tuple(c)), _err(exc), None, c == heur))
-            lines += _table(f"{mode} (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", rows, "TFLOP/s of the launches")
-    finally:
-        if saved is None:
-            os.environ.pop("MMKERNELS_CONTRASTIVE_FORWARD", None)
-        else:
-            os.environ["MMKERNELS_CONTRASTIVE_FORWARD"] = saved
+        lines += _table(f"{mode} (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", rows, "TFLOP/s of the launches")
     return lines
 
 
@@ -164,8 +159,10 @@ def main(argv=None) -> int:
     if device == "cpu" and not args.smoke:
         print("tune_gpu: no CUDA device (use --smoke to check the script on a CPU)", file=sys.stderr)
         return 1
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # read when triton and mmkernels are imported: setting it here would come too late
+        print("tune_gpu --smoke on a CPU: run it with TRITON_INTERPRET=1", file=sys.stderr)
+        return 1
     reps = 2 if args.smoke else args.reps
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     lines = [f"# mmkernels tile sweeps on {name}", ""]

@@ -280,7 +280,8 @@ def test_tile_map_never_wrong_random(seed, sq, sk):
     assert seen  # at least something was classified
 
 
-@pytest.mark.parametrize("builder", [
+# every builder, ragged lengths (also the Triton tile-map kernel's cases)
+RAGGED_BUILDERS = [
     lambda: MultimodalMask.causal(2, 97),
     lambda: MultimodalMask.key_padding([97, 40, 1], 97),
     lambda: MultimodalMask.prefix_lm([10, 64], [97, 70], 97),
@@ -293,7 +294,10 @@ def test_tile_map_never_wrong_random(seed, sq, sk):
     lambda: MultimodalMask.packed(torch.tensor([0, 50, 100]), causal=False, seq_len=129),
     lambda: MultimodalMask.image_spans_in_causal(
         torch.tensor([[0] * 5 + [1] * 40 + [0] * 20 + [1] * 30 + [0] * 34])),
-])
+]
+
+
+@pytest.mark.parametrize("builder", RAGGED_BUILDERS)
 @pytest.mark.parametrize("bm,bn", [(1, 1), (16, 16), (64, 64), (16, 32), (7, 13)])
 def test_tile_map_never_wrong_builders(builder, bm, bn):
     check_tile_map(builder(), bm, bn)

@@ -8,27 +8,14 @@ triton = pytest.importorskip("triton")
 
 from mmkernels.attention import MultimodalMask  # noqa: E402
 from mmkernels.attention.tile_kernel import tile_map_triton  # noqa: E402
-from test_attention_mask import random_mask  # noqa: E402
-
-BUILDERS = [
-    lambda: MultimodalMask.causal(2, 97),
-    lambda: MultimodalMask.key_padding([97, 40, 1], 97),
-    lambda: MultimodalMask.prefix_lm([10, 64], [97, 70], 97),
-    lambda: MultimodalMask.blip2(32, [20, 65], 65, objective="itg"),
-    lambda: MultimodalMask.blip2(32, [20, 65], 65, objective="itc"),
-    lambda: MultimodalMask.instructblip(32, [5, 64], 64),
-    lambda: MultimodalMask.beit3_captioning(50, [3, 79], 79),
-    lambda: MultimodalMask.packed(torch.tensor([0, 17, 60, 129])),
-    lambda: MultimodalMask.image_spans_in_causal(
-        torch.tensor([[0] * 5 + [1] * 40 + [0] * 20 + [1] * 30 + [0] * 34])),
-]
+from test_attention_mask import RAGGED_BUILDERS, random_mask  # noqa: E402
 
 
 def torch_tile_map(m: MultimodalMask, bm: int, bn: int) -> torch.Tensor:
     return MultimodalMask.tile_map(m, bm, bn)  # CPU masks: the torch implementation
 
 
-@pytest.mark.parametrize("builder", BUILDERS)
+@pytest.mark.parametrize("builder", RAGGED_BUILDERS)
 @pytest.mark.parametrize("bm,bn", [(16, 16), (64, 32), (32, 128)])
 def test_equals_torch_tile_map_builders(builder, bm, bn):
     m = builder()

@@ -35,6 +35,22 @@ def _or(a, b):
     return a | b
 
 
+@triton.jit
+def _summary(mod_ptrs, seg_ptrs, pos_ptrs, run_ptrs, ok, AXIS: tl.constexpr):
+    """Min/max of segment, valid segment (>= 0), position and run ids, and the modalities present
+    (an int32 bit mask), reduced along ``AXIS``; rows where ``ok`` is false are neutral."""
+    seg = tl.load(seg_ptrs, mask=ok, other=0)
+    pos = tl.load(pos_ptrs, mask=ok, other=0)
+    run = tl.load(run_ptrs, mask=ok, other=0)
+    mod = tl.load(mod_ptrs, mask=ok, other=0)
+    valid = ok & (seg >= 0)
+    return (tl.min(tl.where(ok, seg, _I32_MAX), AXIS), tl.max(tl.where(ok, seg, _I32_MIN), AXIS),
+            tl.min(tl.where(valid, seg, _I32_MAX), AXIS), tl.max(tl.where(valid, seg, -1), AXIS),
+            tl.min(tl.where(ok, pos, _I32_MAX), AXIS), tl.max(tl.where(ok, pos, _I32_MIN), AXIS),
+            tl.min(tl.where(ok, run, _I32_MAX), AXIS), tl.max(tl.where(ok, run, _I32_MIN), AXIS),
+            tl.reduce(tl.where(ok, 1 << mod, 0), AXIS, _or))
+
+
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_tn"])
 def _tile_map_kernel(
     out_ptr, qmod_ptr, kmod_ptr, qseg_ptr, kseg_ptr, qpos_ptr, kpos_ptr, qrun_ptr, krun_ptr,
@@ -48,26 +64,13 @@ def _tile_map_kernel(
     tm = tl.program_id(0)
     chunk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    big = _I32_MAX
-    small = _I32_MIN
 
     # ---- query tile summary (scalars)
     rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < Sq
     qo = b * stride_qb + rows
-    qseg = tl.load(qseg_ptr + qo, mask=r_ok, other=0)
-    qpos = tl.load(qpos_ptr + qo, mask=r_ok, other=0)
-    qrun = tl.load(qrun_ptr + qo, mask=r_ok, other=0)
-    qmod = tl.load(qmod_ptr + qo, mask=r_ok, other=0)
-    q_seg_min = tl.min(tl.where(r_ok, qseg, big), 0)
-    q_seg_max = tl.max(tl.where(r_ok, qseg, small), 0)
-    q_vseg_min = tl.min(tl.where(r_ok & (qseg >= 0), qseg, big), 0)
-    q_vseg_max = tl.max(tl.where(r_ok & (qseg >= 0), qseg, -1), 0)
-    q_pos_min = tl.min(tl.where(r_ok, qpos, big), 0)
-    q_pos_max = tl.max(tl.where(r_ok, qpos, small), 0)
-    q_run_min = tl.min(tl.where(r_ok, qrun, big), 0)
-    q_run_max = tl.max(tl.where(r_ok, qrun, small), 0)
-    q_bits = tl.reduce(tl.where(r_ok, 1 << qmod, 0), 0, _or)
+    (q_seg_min, q_seg_max, q_vseg_min, q_vseg_max, q_pos_min, q_pos_max, q_run_min, q_run_max,
+     q_bits) = _summary(qmod_ptr + qo, qseg_ptr + qo, qpos_ptr + qo, qrun_ptr + qo, r_ok, 0)
 
     # ---- for each rule kind, the key modalities reached from a present query modality
     reach_blocked = q_bits * 0
@@ -89,19 +92,8 @@ def _tile_map_kernel(
     cols = tn[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     c_ok = cols < Sk
     ko = b * stride_kb + cols
-    kseg = tl.load(kseg_ptr + ko, mask=c_ok, other=0)
-    kpos = tl.load(kpos_ptr + ko, mask=c_ok, other=0)
-    krun = tl.load(krun_ptr + ko, mask=c_ok, other=0)
-    kmod = tl.load(kmod_ptr + ko, mask=c_ok, other=0)
-    k_seg_min = tl.min(tl.where(c_ok, kseg, big), 1)
-    k_seg_max = tl.max(tl.where(c_ok, kseg, small), 1)
-    k_vseg_min = tl.min(tl.where(c_ok & (kseg >= 0), kseg, big), 1)
-    k_vseg_max = tl.max(tl.where(c_ok & (kseg >= 0), kseg, -1), 1)
-    k_pos_min = tl.min(tl.where(c_ok, kpos, big), 1)
-    k_pos_max = tl.max(tl.where(c_ok, kpos, small), 1)
-    k_run_min = tl.min(tl.where(c_ok, krun, big), 1)
-    k_run_max = tl.max(tl.where(c_ok, krun, small), 1)
-    k_bits = tl.reduce(tl.where(c_ok, 1 << kmod, 0), 1, _or)
+    (k_seg_min, k_seg_max, k_vseg_min, k_vseg_max, k_pos_min, k_pos_max, k_run_min, k_run_max,
+     k_bits) = _summary(kmod_ptr + ko, kseg_ptr + ko, kpos_ptr + ko, krun_ptr + ko, c_ok, 1)
 
     # ---- the classification of MultimodalMask.tile_map
     seg_none = (q_vseg_max < k_vseg_min) | (k_vseg_max < q_vseg_min)
