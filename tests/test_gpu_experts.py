@@ -20,6 +20,21 @@ def _leaves(ts, dtype):
     return [None if t is None else t.to("cuda", dtype).requires_grad_() for t in ts]
 
 
+def _capture(step):
+    """(graph, outputs) of ``step`` captured in a CUDA graph after a warm-up on a side stream
+    (compilation and allocator warm-up stay outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def test_cuda_graph_replay_follows_new_modality_ids():
     b, s, h, f = 4, 300, 256, 512
     dtype = torch.bfloat16
@@ -33,15 +48,7 @@ def test_cuda_graph_replay_follows_new_modality_ids():
         y = mmkernels.modality_ffn(x, ids, *params, activation="gelu")
         return (y, *torch.autograd.grad(y, leaves, dy))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles) outside the capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = _capture(step)
 
     for seed, layout in ((5, "random"), (6, "one"), (7, "empty")):
         new_ids = make_ids((b, s), 2, layout=layout, seed=seed).cuda()
@@ -93,15 +100,7 @@ def test_cuda_graph_capture_of_the_split_form():
         y = mmkernels.modality_ffn(x, 37, *params, activation="gelu")
         return (y, *torch.autograd.grad(y, leaves, dy))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = _capture(step)
     with torch.no_grad():
         x.copy_(randn(b, s, h, seed=53).to("cuda", dtype))
     graph.replay()
