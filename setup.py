@@ -78,8 +78,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         # numpy<2.3: Triton 3.6's interpreter breaks with numpy>=2.3.
-        "test": ["pytest", "psutil", "expecttest", "matplotlib", "numpy<2.3"],
-        "bench": ["matplotlib", "psutil"],
+        # transformers: the Q-Former and patch_blip2 are tested against HF's Blip2QFormerModel
+        # (built from a config, nothing downloaded) and benchmarked against it.
+        "test": ["pytest", "psutil", "expecttest", "matplotlib", "numpy<2.3", "transformers>=4.45"],
+        "bench": ["matplotlib", "psutil", "transformers>=4.45"],
     },
     zip_safe=False,
 )

@@ -7,6 +7,9 @@ Public API::
     mmkernels.ContrastiveLoss(...)
     mmkernels.multimodal_attention(q, k, v, mask=mmkernels.MultimodalMask.blip2(...), ...)
     mmkernels.MultimodalSelfAttention(hidden_size, num_heads, ...)
+    mmkernels.cross_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, generator=None)
+    mmkernels.fused_kv_projection(image_embeds, [(w_k, w_v), ...], [(b_k, b_v), ...], num_heads=H)
+    mmkernels.QFormer(config)            # the BLIP-2 Q-Former on these kernels; loads HF weights
     mmkernels.modality_linear(x, modality_ids, weight, bias=None)
     mmkernels.modality_ffn(x, modality_ids, w_in, b_in, w_out, b_out, activation="gelu")
     mmkernels.MultiwayLinear(in_features, out_features, num_experts=2, ...)
@@ -15,11 +18,13 @@ Public API::
 """
 from ._backend import backend
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
+from .cross_attention import cross_attention, fused_kv_projection
 from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
 from .experts import MultiwayFFN, MultiwayLinear, modality_ffn, modality_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
+           "cross_attention", "fused_kv_projection",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
            "MultiwayFFN", "MultiwayLinear", "modality_ffn", "modality_linear", "__version__"]

@@ -1,0 +1,82 @@
+"""Registered ops of the cross_attention family (namespace ``mmkernels``).
+
+``mmkernels::cross_attention_fwd(q [B, H, Lq, D], k, v [B, H, Lk, D], key_padding_mask, seed,
+scale, dropout_p, backend)`` returns ``out [B, H, Lq, D]`` (q's dtype) and ``lse [B, H, Lq]``
+(float32; float64 for float64 inputs). ``key_padding_mask`` is bool ``[B, Lk]`` (True = attend)
+or ``None``; ``seed`` is the int64 ``[2]`` dropout seed (``None`` when ``dropout_p == 0``). Rows
+whose keys are all padding give ``out = 0``, ``lse = -inf`` and zero gradient.
+
+Its backward, ``mmkernels::cross_attention_bwd``, recomputes the probabilities from ``lse`` and
+the same dropout mask from ``seed``, and returns ``dq, dk, dv``. ``lse`` is for inspection only
+(not differentiable). ``backend`` is ``"cpu"`` (C++ in ``csrc/cross_attention.cpp``) or
+``"triton"`` (``kernels.py``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .reference import compute_dtype
+
+
+def _kernels():
+    from . import kernels  # imported lazily: triton is optional
+    return kernels
+
+
+@torch.library.custom_op("mmkernels::cross_attention_fwd", mutates_args=())
+def cross_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                        scale: float, dropout_p: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, k, v, key_padding_mask, seed, scale, dropout_p)
+    if backend == "cpu":
+        return tuple(_ext.C.cross_attention_fwd(*args))
+    if backend == "triton":
+        return tuple(_kernels().cross_attention_fwd_triton(*args))
+    raise ValueError(f"cross_attention_fwd: unknown backend {backend!r}")
+
+
+@cross_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, seed, scale, dropout_p, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("mmkernels::cross_attention_bwd", mutates_args=())
+def cross_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, dout: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                        seed: Optional[torch.Tensor], scale: float, dropout_p: float, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (q, k, v, out, lse, dout, key_padding_mask, seed, scale, dropout_p)
+    if backend == "cpu":
+        return tuple(_ext.C.cross_attention_bwd(*args))
+    if backend == "triton":
+        return tuple(_kernels().cross_attention_bwd_triton(*args))
+    raise ValueError(f"cross_attention_bwd: unknown backend {backend!r}")
+
+
+@cross_attention_bwd.register_fake
+def _(q, k, v, out, lse, dout, key_padding_mask, seed, scale, dropout_p, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, seed, scale, dropout_p, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = cross_attention_bwd(q, k, v, out, lse, dout.contiguous(), key_padding_mask, seed,
+                                     ctx.scale, ctx.dropout_p, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

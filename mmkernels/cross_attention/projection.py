@@ -1,0 +1,188 @@
+"""One GEMM for the keys and values of every cross-attention layer.
+
+A BLIP-2 Q-Former projects the same image features to K and V in six layers: twelve GEMMs of
+``[B * Lk, C] x [C, H * D]``. :func:`fused_kv_projection` runs them as one
+``[B * Lk, C] x [C, L * 2 * H * D]`` GEMM (and one of each in backward: ``dX = dY W`` and
+``dW = dY^T X``) and returns every layer's ``k``/``v`` as ``[B, H, Lk, D]`` strided views of that
+one output, the layout :func:`mmkernels.cross_attention` reads without copies.
+
+The concatenated weight ``[L * 2 * H * D, C]`` (rows: layer 0 K, layer 0 V, layer 1 K, ...):
+
+* when the layers' weights already live back to back in one storage (what
+  :func:`share_kv_storage` arranges, and what ``mmkernels.QFormer`` and ``patch_blip2`` do), it is
+  a view of that storage: nothing is concatenated, ever, and optimiser steps update it in place;
+* otherwise the weights are concatenated on each call (a copy of ``L * 2 * H * D * C``
+  elements, small next to the GEMM). A cache keyed on version counters would be wrong for code
+  that updates weights through ``.data``, which bumps no counter, so there is none.
+
+Gradients reach the image features and every layer's weight and bias.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from .. import _validation as check
+
+def _flat_pairs(pairs, name: str) -> list[torch.Tensor]:
+    if isinstance(pairs, torch.Tensor) or not hasattr(pairs, "__len__") or len(pairs) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of (k, v) pairs, one per layer")
+    flat = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, torch.Tensor) or len(pair) != 2:
+            raise TypeError(f"{name}[{i}] must be a (k, v) pair of tensors")
+        for part, t in zip("kv", pair):
+            check.tensor(t, f"{name}[{i}].{part}")
+            flat.append(t)
+    return flat
+
+
+def _contiguous_run(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A view spanning ``tensors`` when they are contiguous and back to back in one storage."""
+    first = tensors[0]
+    try:
+        storage = first.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
+        return None
+    offset = first.storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    size = (rows,) + tuple(first.shape[1:])
+    stride = first.stride() if first.dim() > 1 else (1,)
+    return first.detach().as_strided(size, stride, first.storage_offset())
+
+
+def _packed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The row-concatenation of ``tensors`` (detached): a view of their storage when they are
+    back to back in one, else a fresh ``torch.cat``."""
+    if not torch.compiler.is_compiling():
+        run = _contiguous_run(tensors)
+        if run is not None:
+            return run
+    return torch.cat([t.detach() for t in tensors])
+
+
+class _FusedKV(torch.autograd.Function):
+    """``y = x W_cat^T + b_cat`` split into per-layer ``[B, H, Lk, D]`` views; grads to every part."""
+
+    @staticmethod
+    def forward(ctx, x, w_cat, b_cat, layers, heads, n_weights, *params):
+        b, lk, c = x.shape
+        y = torch.nn.functional.linear(x, w_cat, b_cat)                      # [B, Lk, L*2*H*D]
+        d = w_cat.shape[0] // (2 * layers * heads)
+        y6 = y.view(b, lk, layers, 2, heads, d)
+        ctx.save_for_backward(x, w_cat)
+        ctx.shape = (b, lk, layers, heads, d)
+        ctx.n_weights = n_weights
+        ctx.has_bias = b_cat is not None
+        ctx.rows = [p.shape[0] for p in params[:n_weights]]
+        return tuple(y6[:, :, l, s].transpose(1, 2) for l in range(layers) for s in range(2))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, w_cat = ctx.saved_tensors
+        b, lk, layers, heads, d = ctx.shape
+        dy = x.new_empty(b, lk, layers, 2, heads, d)
+        for idx, g in enumerate(grads):
+            part = dy[:, :, idx // 2, idx % 2]
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g.transpose(1, 2))
+        dy2 = dy.view(b * lk, -1)
+        need_x = ctx.needs_input_grad[0]
+        need_w = any(ctx.needs_input_grad[6:6 + ctx.n_weights])
+        need_b = ctx.has_bias and any(ctx.needs_input_grad[6 + ctx.n_weights:])
+        dx = (dy2 @ w_cat).view(b, lk, -1) if need_x else None
+        dws = [None] * ctx.n_weights
+        if need_w:
+            dw_cat = dy2.t() @ x.reshape(b * lk, -1)
+            dws = list(dw_cat.split(ctx.rows))
+        dbs = [None] * (len(grads) if ctx.has_bias else 0)
+        if need_b:
+            dbs = list(dy2.sum(0).split(ctx.rows))
+        return (dx, None, None, None, None, None, *dws, *dbs)
+
+
+def fused_kv_projection(image_embeds: torch.Tensor, weights, biases=None, *, num_heads: int):
+    """The K and V of every cross-attention layer from one GEMM over the image features.
+
+    Args:
+        image_embeds: ``[B, Lk, C]`` float32/bfloat16/float16/float64.
+        weights: one ``(W_k, W_v)`` pair per layer, each ``[H * D, C]`` (``nn.Linear`` layout),
+            all of image_embeds' dtype and device.
+        biases: one ``(b_k, b_v)`` pair per layer, each ``[H * D]``, or ``None``.
+        num_heads: ``H``; the head dim is ``D = rows / H``.
+
+    Returns:
+        A list with one ``(k, v)`` pair per layer, each ``[B, H, Lk, D]``: strided views of one
+        ``[B, Lk, L * 2 * H * D]`` GEMM output (no copies), ready for ``cross_attention``.
+    """
+    check.tensor(image_embeds, "image_embeds", 3)
+    check.floating(image_embeds, "image_embeds")
+    w_flat = _flat_pairs(weights, "weights")
+    layers = len(w_flat) // 2
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    rows = w_flat[0].shape[0] if w_flat[0].dim() == 2 else -1
+    c = image_embeds.shape[-1]
+    for i, w in enumerate(w_flat):
+        name = f"weights[{i // 2}].{'kv'[i % 2]}"
+        if w.dim() != 2 or w.shape != (rows, c):
+            raise ValueError(f"{name} must have shape [H * D, C] = {(rows, c)} like weights[0].k "
+                             f"and image_embeds' width C, got {tuple(w.shape)}")
+        check.same_dtype(("image_embeds", image_embeds), (name, w))
+        check.same_device(("image_embeds", image_embeds), (name, w))
+    if rows % num_heads:
+        raise ValueError(f"the projection width {rows} is not a multiple of num_heads {num_heads}")
+    b_flat = []
+    if biases is not None:
+        b_flat = _flat_pairs(biases, "biases")
+        if len(b_flat) != len(w_flat):
+            raise ValueError(f"biases has {len(b_flat) // 2} layers but weights has {layers}")
+        for i, t in enumerate(b_flat):
+            name = f"biases[{i // 2}].{'kv'[i % 2]}"
+            if tuple(t.shape) != (rows,):
+                raise ValueError(f"{name} must have shape [H * D] = {(rows,)}, got {tuple(t.shape)}")
+            check.same_dtype(("image_embeds", image_embeds), (name, t))
+            check.same_device(("image_embeds", image_embeds), (name, t))
+    w_cat = _packed(w_flat)
+    b_cat = _packed(b_flat) if b_flat else None
+    views = _FusedKV.apply(image_embeds, w_cat, b_cat, layers, num_heads, len(w_flat), *w_flat, *b_flat)
+    return [(views[2 * l], views[2 * l + 1]) for l in range(layers)]
+
+
+@torch.no_grad()
+def share_kv_storage(linears) -> None:
+    """Move the K/V linears of several layers into one storage, back to back, in place.
+
+    ``linears``: one ``(key, value)`` pair of ``nn.Linear`` per layer (same shapes, dtype and
+    device). Each weight (and bias) keeps its ``nn.Parameter`` object, so optimisers and state
+    dicts are unaffected; only its data moves (``param.data = view``). Afterwards
+    :func:`fused_kv_projection` uses the layers' weights as one matrix without copying.
+    Moving the module (``.to``, ``.half()``) allocates new storages: call this again after.
+    """
+    mods = [m for pair in linears for m in pair]
+    if not mods:
+        return
+    for m in mods:
+        if not isinstance(m, nn.Linear):
+            raise TypeError(f"share_kv_storage takes nn.Linear modules, got {type(m).__name__}")
+    for attr in ("weight", "bias"):
+        params = [getattr(m, attr) for m in mods]
+        if any(p is None for p in params):
+            if not all(p is None for p in params):
+                raise ValueError(f"share_kv_storage: some linears have a {attr} and some do not")
+            continue
+        if _contiguous_run(params) is not None:
+            continue
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.data = flat[offset:offset + n].view_as(p)
+            offset += n
