@@ -1,0 +1,73 @@
+"""sm_90 compile tier for the cross_attention Triton kernels (no GPU needed).
+
+Every launch ``mmkernels.cross_attention.kernels.compile_specs()`` lists -- the forward and the
+backward (one query block in registers, ``ONE_M``, and several with the dq scratch), at every
+tile configuration the launchers' heuristic can pick for Lq from 1 to past 256, for bf16/fp16/
+fp32 (fp32 with exact "ieee" products and with tf32), D in {64, 88, 96, 128} (88: ALIGN = 8 and
+masked columns), with key padding mask and dropout (and without either for the smallest and
+largest configurations), k/v strided as views of a fused K/V projection -- is compiled for the
+H100 (sm_90a) with Triton's own compiler.  Each must compile, use at most 227 KB of shared
+memory, not spill registers, and -- except fp32 with exact products, which runs on FMA units --
+use tensor cores (wgmma/HGMMA, or mma.sync/HMMA where a product has fewer than 64 rows).
+
+Compilation runs in worker processes without TRITON_INTERPRET (see mmkernels.testing.sm90),
+one per CPU core.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mmkernels.cross_attention import kernels as K  # noqa: E402
+from mmkernels.testing import sm90  # noqa: E402
+
+JOBS = K.compile_specs()
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return sm90.compile_reports(JOBS)
+
+
+def test_tools_present():
+    sm90.check_tools()
+
+
+def test_every_kernel_argument_is_specified():
+    sm90.assert_jobs_specify_every_argument(JOBS)
+
+
+def test_labels_unique():
+    labels = [j.label for j in JOBS]
+    assert len(labels) == len(set(labels))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
+def test_sm90_compile(reports, job):
+    rep = reports[job.label]
+    print(rep.summary())
+    exact_fp32 = "-fp32-ieee-" in job.label
+    sm90.assert_sm90_ok(rep, tensor_cores=not exact_fp32)
+    if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+        assert not rep.tensor_cores, rep.summary()
+
+
+def test_every_heuristic_config_is_compiled():
+    """The config the launchers pick for every (kind, dtype, precision, D, Lq) is compiled."""
+    compiled = {(j.label.split("-")[0], j.constexprs["BLOCK_M"], j.constexprs["BLOCK_N"],
+                 j.constexprs["BLOCK_D"], j.num_warps, j.num_stages, j.constexprs.get("ONE_M", True),
+                 j.constexprs["INPUT_PRECISION"], j.signature["q_ptr"])
+                for j in JOBS}
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    for kind in K.KERNEL_KINDS:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for prec in K.input_precisions(dtype):
+                for D in (64, 88, 96, 128):
+                    for Lq in (1, 7, 16, 17, 32, 33, 64, 65, 100, 128, 129, 256, 300, 2000):
+                        cfg = K.heuristic_config(kind, dtype, D, prec, Lq)
+                        one_m = kind == "fwd" or Lq <= cfg.BLOCK_M
+                        key = (kind, cfg.BLOCK_M, cfg.BLOCK_N, K.block_d(D), cfg.num_warps,
+                               cfg.num_stages, one_m, prec, ptr[dtype])
+                        assert key in compiled, (kind, dtype, prec, D, Lq, cfg)
