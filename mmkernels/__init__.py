@@ -9,6 +9,7 @@ Public API::
     mmkernels.MultimodalSelfAttention(hidden_size, num_heads, ...)
     mmkernels.cross_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, generator=None)
     mmkernels.fused_kv_projection(image_embeds, [(w_k, w_v), ...], [(b_k, b_v), ...], num_heads=H)
+    mmkernels.share_kv_storage([(key_linear, value_linear), ...])   # the layers' K/V weights in one storage
     mmkernels.QFormer(config)            # the BLIP-2 Q-Former on these kernels; loads HF weights
     mmkernels.modality_linear(x, modality_ids, weight, bias=None)
     mmkernels.modality_ffn(x, modality_ids, w_in, b_in, w_out, b_out, activation="gelu")
@@ -18,13 +19,14 @@ Public API::
 """
 from ._backend import backend
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
-from .cross_attention import cross_attention, fused_kv_projection
+from .cross_attention import cross_attention, fused_kv_projection, share_kv_storage
 from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
 from .experts import MultiwayFFN, MultiwayLinear, modality_ffn, modality_linear
+from .models import QFormer
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
-           "cross_attention", "fused_kv_projection",
+           "cross_attention", "fused_kv_projection", "share_kv_storage", "QFormer",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
            "MultiwayFFN", "MultiwayLinear", "modality_ffn", "modality_linear", "__version__"]

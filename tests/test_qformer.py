@@ -1,0 +1,372 @@
+"""mmkernels.QFormer against HF transformers' Blip2QFormerModel (tiny random weights, nothing downloaded).
+
+The main comparisons run on the default backend (auto: the C++ `cpu` kernels on CPU tensors);
+one small comparison runs the Triton kernels (through the interpreter without a GPU).
+"""
+import types
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import mmkernels  # noqa: E402
+from mmkernels import MultimodalMask, QFormer  # noqa: E402
+from mmkernels.cross_attention import projection  # noqa: E402
+from mmkernels.models import qformer as qformer_mod  # noqa: E402
+
+from transformers import Blip2QFormerConfig, Blip2QFormerModel  # noqa: E402
+
+
+B, Q, T, LK = 2, 32, 8, 10         # batch, query tokens, text tokens, image tokens
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=5e-5, rtol=5e-5)}
+
+
+def make_config(impl="eager", **over):
+    kw = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=4,
+              cross_attention_frequency=2, encoder_hidden_size=96, use_qformer_text_input=True,
+              attn_implementation=impl)
+    kw.update(over)
+    return Blip2QFormerConfig(**kw)
+
+
+def make_hf(dtype=torch.float64, impl="eager", seed=0, **over):
+    torch.manual_seed(seed)
+    model = Blip2QFormerModel(make_config(impl, **over)).to(dtype).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters and biases
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layernorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_inputs(dtype, s=Q + T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, s, 128, generator=g, dtype=dtype)
+    e = torch.randn(B, LK, 96, generator=g, dtype=dtype)
+    up = torch.randn(B, s, 128, generator=g, dtype=dtype)
+    return x, e, up
+
+
+def additive(keep: torch.Tensor, dtype) -> torch.Tensor:
+    """HF eager's float mask: 0 where kept, finfo.min where masked."""
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def run_grads(fn, model, x, e, up, rows=None):
+    """Output and gradients of (output * up).sum() w.r.t. x, e and every parameter."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    e = e.clone().requires_grad_()
+    out = fn(x, e)
+    if rows is not None:
+        out = out * rows
+    (out * up).sum().backward()
+    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    return out.detach(), x.grad, e.grad, grads
+
+
+def assert_same(a, b, dtype):
+    out_a, x_a, e_a, g_a = a
+    out_b, x_b, e_b, g_b = b
+    torch.testing.assert_close(out_a, out_b, **TOL[dtype])
+    torch.testing.assert_close(x_a, x_b, **TOL[dtype])
+    torch.testing.assert_close(e_a, e_b, **TOL[dtype])
+    assert g_a.keys() == g_b.keys()
+    for n in g_a:
+        if g_a[n] is None or g_b[n] is None:
+            assert g_a[n] is None and g_b[n] is None, n
+        else:
+            torch.testing.assert_close(g_a[n], g_b[n], **TOL[dtype], msg=lambda m: f"{n}: {m}")
+
+
+def hf_fn(hf, **kw):
+    return lambda x, e: hf(x, encoder_hidden_states=e, **kw).last_hidden_state
+
+
+def ours_fn(m, **kw):
+    return lambda x, e: m(x, e, **kw)
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_state_dict_round_trip_strict():
+    hf = make_hf(torch.float32)
+    ours = QFormer(hf.config)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    for k, v in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(hf.state_dict()[k], v), k
+
+
+def _kv_params(model):
+    pairs = model._cross_kv_linears()
+    return ([m.weight for pair in pairs for m in pair], [m.bias for pair in pairs for m in pair])
+
+
+def _shared(model) -> bool:
+    weights, biases = _kv_params(model)
+    return (projection._contiguous_run(weights) is not None
+            and projection._contiguous_run(biases) is not None)
+
+
+def test_kv_storage_shared_across_load_and_moves():
+    hf = make_hf(torch.float32)
+    ours = QFormer(hf.config)
+    assert _shared(ours)
+    params_before = [id(p) for p in ours.parameters()]
+    ours.load_state_dict(hf.state_dict())           # copies in place: sharing survives
+    assert _shared(ours)
+    assert [id(p) for p in ours.parameters()] == params_before
+    ours.to(torch.float64)
+    assert _shared(ours) and ours.layernorm.weight.dtype == torch.float64
+    ours.float()
+    assert _shared(ours)
+    ours.load_state_dict(hf.state_dict(), assign=True)  # new tensors: the load hook re-shares
+    assert _shared(ours)
+    torch.testing.assert_close(ours.encoder.layer[2].crossattention.attention.value.weight,
+                               hf.encoder.layer[2].crossattention.attention.value.weight, rtol=0, atol=0)
+    # QFormer.from_hf: same dtype, shared storage
+    m64 = QFormer.from_hf(make_hf(torch.float64))
+    assert m64.layernorm.weight.dtype == torch.float64 and _shared(m64) and not m64.training
+
+
+def test_one_fused_projection_per_forward(monkeypatch):
+    hf = make_hf(torch.float64)
+    ours = QFormer.from_hf(hf)
+    calls = []
+    real = qformer_mod.fused_kv_projection
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qformer_mod, "fused_kv_projection", counting)
+    runs = []
+    real_run = projection._contiguous_run
+    monkeypatch.setattr(projection, "_contiguous_run", lambda ts: runs.append(real_run(ts)) or runs[-1])
+    x, e, _ = make_inputs(torch.float64)
+    ours(x, e, query_length=Q)
+    assert calls == [2]               # 4 layers, cross_attention_frequency 2: one GEMM for both
+    # the fused weight and bias are views of the shared storage, not concatenated copies
+    assert len(runs) == 2 and all(r is not None for r in runs)
+
+
+# ----------------------------------------------------------------------------- against HF
+
+CASES = {
+    "queries": dict(s=Q),
+    "queries_text_padding": dict(s=Q + T, attention_mask=True),
+    "queries_encoder_padding": dict(s=Q, encoder_mask=True),
+    "text_both_padding": dict(s=Q + T, attention_mask=True, encoder_mask=True),
+}
+
+
+@pytest.mark.parametrize("case, dtype", [(c, torch.float64) for c in CASES]
+                         + [(c, torch.float32) for c in ("queries", "text_both_padding")])
+def test_matches_hf(case, dtype):
+    spec = CASES[case]
+    s = spec["s"]
+    hf = make_hf(dtype)
+    ours = QFormer.from_hf(hf)
+    x, e, up = make_inputs(dtype, s)
+    hf_kw, our_kw = {}, {}
+    if s > Q:
+        hf_kw["query_length"] = our_kw["query_length"] = Q
+    if spec.get("attention_mask"):
+        am = torch.ones(B, s, dtype=torch.long)
+        am[1, s - 3:] = 0
+        hf_kw["attention_mask"] = our_kw["attention_mask"] = am
+    if spec.get("encoder_mask"):
+        em = torch.ones(B, LK, dtype=torch.bool)
+        em[0, 6:] = False
+        our_kw["encoder_attention_mask"] = em
+        # HF turns a 2D encoder mask into [B, 1, S, Lk], which fails to broadcast against the Q
+        # cross-attention rows when text follows the queries: give it the 4D padding mask itself.
+        hf_kw["encoder_attention_mask"] = em.long() if s == Q else additive(em[:, None, None, :], dtype)
+    ref = run_grads(hf_fn(hf, **hf_kw), hf, x, e, up)
+    got = run_grads(ours_fn(ours, **our_kw), ours, x, e, up)
+    assert_same(got, ref, dtype)
+    assert got[0].dtype == dtype
+
+
+def test_text_only_matches_hf():
+    hf = make_hf(torch.float64)
+    ours = QFormer.from_hf(hf)
+    x, e, up = make_inputs(torch.float64, s=T)
+    ref = run_grads(lambda x, e: hf(x, query_length=0).last_hidden_state + 0 * e.sum(), hf, x, e, up)
+    got = run_grads(lambda x, e: ours(x, query_length=0) + 0 * e.sum(), ours, x, e, up)
+    assert_same(got, ref, torch.float64)
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh", "relu", "silu"])
+def test_activations_match_hf(act):
+    hf = make_hf(torch.float64, hidden_act=act, num_hidden_layers=2)
+    ours = QFormer.from_hf(hf)
+    x, e, _ = make_inputs(torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, e, query_length=Q),
+                                   hf(x, query_length=Q, encoder_hidden_states=e).last_hidden_state,
+                                   atol=1e-10, rtol=1e-10)
+
+
+def test_low_precision_inputs_are_cast_like_hf():
+    hf = make_hf(torch.float32)
+    ours = QFormer.from_hf(hf)
+    x, e, _ = make_inputs(torch.float32)
+    x16, e16 = x.bfloat16(), e.bfloat16()
+    with torch.no_grad():
+        ref = hf(x16, query_length=Q, encoder_hidden_states=e16).last_hidden_state
+        got = ours(x16, e16, query_length=Q)
+    assert got.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- multimodal mask
+
+def test_itg_multimodal_mask_matches_dense_mask():
+    """Self-attention under MultimodalMask.blip2(..., "itg") against HF run with the same mask as
+    an explicit dense [B, 1, S, S] additive mask."""
+    dtype = torch.float64
+    hf = make_hf(dtype)
+    ours = QFormer.from_hf(hf)
+    x, e, up = make_inputs(dtype)
+    lengths = torch.tensor([T, T - 3])
+    mask = MultimodalMask.blip2(Q, lengths, T, "itg")
+    dense = mask.to_dense()                                    # [B, 1, S, S] bool
+    assert not dense[0, 0, :Q, Q:].any() and dense[0, 0, Q:, :Q].all()   # queries blind to text
+    # rows of padded text tokens see nothing: HF would average them over every key, mmkernels
+    # gives 0. They influence no other row, so compare the real rows only.
+    rows = torch.ones(B, Q + T, 1, dtype=dtype)
+    rows[1, Q + T - 3:] = 0
+    ref = run_grads(hf_fn(hf, query_length=Q, attention_mask=additive(dense, dtype)), hf, x, e, up, rows)
+    got = run_grads(ours_fn(ours, query_length=Q, self_attention_mask=mask), ours, x, e, up, rows)
+    assert_same(got, ref, dtype)
+
+
+def test_multimodal_mask_without_dropout_warns_once():
+    hf = make_hf(torch.float64, attention_probs_dropout_prob=0.1, num_hidden_layers=2)
+    ours = QFormer.from_hf(hf).train()
+    x, e, _ = make_inputs(torch.float64)
+    mask = MultimodalMask.blip2(Q, [T, T], T, "itc")
+    with pytest.warns(UserWarning, match="attention dropout"):
+        ours(x, e, query_length=Q, self_attention_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(x, e, query_length=Q, self_attention_mask=mask)
+        ours.eval()(x, e, query_length=Q, self_attention_mask=mask)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def test_training_dropout_is_seeded():
+    hf = make_hf(torch.float64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2, num_hidden_layers=2)
+    ours = QFormer.from_hf(hf).train()
+    x, e, _ = make_inputs(torch.float64)
+    am = torch.ones(B, Q + T, dtype=torch.bool)
+    am[0, -2:] = False
+
+    def run(seed):
+        torch.manual_seed(seed)
+        xx = x.clone().requires_grad_()
+        out = ours(xx, e, query_length=Q, attention_mask=am)
+        out.square().sum().backward()
+        return out.detach(), xx.grad
+
+    a, ga = run(0)
+    b, gb = run(0)
+    c, _ = run(1)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert not torch.allclose(a, c)
+    assert torch.isfinite(a).all() and torch.isfinite(ga).all()
+    with torch.no_grad():
+        ref = hf.eval()(x, query_length=Q, attention_mask=am, encoder_hidden_states=e).last_hidden_state
+        torch.testing.assert_close(ours.eval()(x, e, query_length=Q, attention_mask=am), ref,
+                                   atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- triton
+
+def test_triton_backend_small():
+    dtype = torch.float32
+    hf = make_hf(dtype, num_hidden_layers=2)
+    ours = QFormer.from_hf(hf)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8 + 4, 128, generator=g)
+    e = torch.randn(1, 6, 96, generator=g)
+    up = torch.randn(1, 12, 128, generator=g)
+    am = torch.ones(1, 12, dtype=torch.long)
+    am[0, -1] = 0
+    ref = run_grads(hf_fn(hf, query_length=8, attention_mask=am), hf, x, e, up)
+    with mmkernels.backend("triton"):
+        got = run_grads(ours_fn(ours, query_length=8, attention_mask=am), ours, x, e, up)
+    assert_same(got, ref, dtype)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(num_attention_heads=3), ValueError, "multiple of"),
+    (dict(hidden_act="mish"), ValueError, "hidden_act"),
+    (dict(cross_attention_frequency=0), ValueError, "cross_attention_frequency"),
+    (dict(attention_probs_dropout_prob=1.5), ValueError, "attention_probs_dropout_prob"),
+    (dict(num_hidden_layers=2.0), TypeError, "num_hidden_layers"),
+    (dict(hidden_size=512, num_attention_heads=2), ValueError, "head dim"),
+])
+def test_bad_config(over, exc, match):
+    hf_cfg = make_config()
+    cfg = types.SimpleNamespace(**{f: getattr(hf_cfg, f) for f in qformer_mod._CONFIG_FIELDS})
+    QFormer(cfg)                      # a plain object with the config's attributes works
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    with pytest.raises(exc, match=match):
+        QFormer(cfg)
+
+
+def test_config_missing_attribute():
+    class Partial:
+        hidden_size = 128
+        num_attention_heads = 2
+
+    with pytest.raises(TypeError, match="lacks"):
+        QFormer(Partial())
+
+
+def test_bad_forward_inputs():
+    ours = QFormer(make_config(num_hidden_layers=2)).double()
+    x, e, _ = make_inputs(torch.float64)
+    with pytest.raises(ValueError, match="hidden_size"):
+        ours(x[..., :64], e)
+    with pytest.raises(ValueError, match="query_length"):
+        ours(x, e, query_length=Q + T + 1)
+    with pytest.raises(TypeError, match="query_length"):
+        ours(x, e, query_length=3.0)
+    with pytest.raises(ValueError, match="encoder_hidden_states must be given"):
+        ours(x, None, query_length=Q)
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        ours(x, e[..., :64], query_length=Q)
+    with pytest.raises(ValueError, match="batch size"):
+        ours(x, e[:1], query_length=Q)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(x, e, query_length=Q, attention_mask=torch.ones(B, Q))
+    with pytest.raises(ValueError, match="encoder_attention_mask"):
+        ours(x, e, query_length=Q, encoder_attention_mask=torch.ones(B, LK + 1))
+    mask = MultimodalMask.blip2(Q, [T, T], T, "itg")
+    with pytest.raises(ValueError, match="not both"):
+        ours(x, e, query_length=Q, self_attention_mask=mask, attention_mask=torch.ones(B, Q + T))
+    with pytest.raises(ValueError, match="self_attention_mask"):
+        ours(x[:, :Q + 2], e, query_length=Q, self_attention_mask=mask)
+    with pytest.raises(TypeError, match="MultimodalMask"):
+        ours(x, e, query_length=Q, self_attention_mask=torch.ones(B, Q + T, Q + T, dtype=torch.bool))
+    no_text = QFormer(make_config(num_hidden_layers=2, use_qformer_text_input=False)).double()
+    with pytest.raises(ValueError, match="use_qformer_text_input"):
+        no_text(x, e, query_length=Q)
+    with pytest.raises(TypeError, match="Blip2QFormerModel"):
+        QFormer.from_hf(torch.nn.Linear(2, 2))
