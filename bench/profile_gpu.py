@@ -72,6 +72,34 @@ def _experts(wgrad_chunk: str | None = None):
     return _with_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", wgrad_chunk, step)
 
 
+def _cross_attention(b: int, lk: int):
+    import mmkernels
+    q = torch.randn(b, 12, 32, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    kv = torch.randn(b, lk, 2, 12, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+    def step():
+        mmkernels.cross_attention(q, k, v).sum().backward()
+    return step
+
+
+def _qformer(b: int):
+    """A BLIP-2 Q-Former step (12 layers, 32 queries + 32 text tokens, 257 image tokens), bf16."""
+    import mmkernels
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(hidden_size=768, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                          num_hidden_layers=12, cross_attention_frequency=2, encoder_hidden_size=1408,
+                          layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          use_qformer_text_input=True)
+    model = mmkernels.QFormer(cfg).to("cuda", torch.bfloat16)
+    x = torch.randn(b, 64, 768, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    image = torch.randn(b, 257, 1408, device="cuda", dtype=torch.bfloat16).requires_grad_()
+
+    def step():
+        model(x, image, query_length=32).float().sum().backward()
+    return step
+
+
 CASES = {
     "contrastive N=4096 D=768": lambda: _contrastive(4096, 768),
     "contrastive N=32768 D=768": lambda: _contrastive(32768, 768),
@@ -80,6 +108,8 @@ CASES = {
     "attention causal B=2 H=16 S=8192 D=128": lambda: _attention("causal", 2, 16, 8192, 128),
     "experts VLMo FFN B=64 40+197 768/3072": _experts,
     "experts VLMo FFN, token-chunked wgrad (2048)": lambda: _experts("2048"),
+    "cross_attention BLIP-2 B=128 H=12 Lq=32 Lk=257 D=64": lambda: _cross_attention(128, 257),
+    "qformer step B=128 32+32 tokens, 257 image tokens": lambda: _qformer(128),
 }
 
 

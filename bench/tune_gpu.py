@@ -1,6 +1,6 @@
 """Tile-configuration sweeps for the kernels whose heuristics were never measured on a GPU.
 
-    python -m bench.tune_gpu [--only attention|contrastive] [--out FILE]    # CUDA; 1-2 minutes
+    python -m bench.tune_gpu [--only attention|contrastive|cross_attention] [--out FILE]   # CUDA; 1-2 minutes
     TRITON_INTERPRET=1 python -m bench.tune_gpu --smoke                     # tiny sizes, CPU
 
 For each kernel it times every candidate configuration (median of CUDA-event timings after a
@@ -148,9 +148,70 @@ def tune_contrastive(device: str, smoke: bool, reps: int) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- cross_attention
+
+# (BLOCK_M, BLOCK_N, warps, stages); BLOCK_M 32 covers the Q-Former's 32 queries in one block
+XATTN_FWD_CANDIDATES = [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (32, 32, 4, 2),
+                        (64, 64, 4, 2)]
+XATTN_BWD_CANDIDATES = [(32, 64, 4, 1), (32, 64, 4, 2), (32, 32, 4, 1), (32, 128, 4, 1), (32, 64, 8, 1),
+                        (16, 64, 4, 1)]
+XATTN_PAIRS = (1, 2, 4, 8)
+
+
+def tune_cross_attention(device: str, smoke: bool, reps: int) -> list[str]:
+    """BLIP-2 cross-attention (B=128, H=12, 32 queries, 257 image tokens, D=64, bf16, key padding
+    off): forward and backward tiles, then (b, h) pairs per program at the heuristic's tiles."""
+    from mmkernels.cross_attention import kernels as K
+    b, h, lq, lk, d = (2, 2, 32, 40, 64) if smoke else (128, 12, 32, 257, 64)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, lq, d, device=device, generator=g).to(dtype)
+    kv = torch.randn(b, lk, 2, h, d, device=device, generator=g).to(dtype)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # the fused projection's views
+    dout = torch.randn_like(q)
+    scale = d ** -0.5
+    flop_fwd = 4 * b * h * lq * lk * d
+    prec = K.input_precision(dtype)
+    lines = [f"# cross_attention, B={b} H={h} Lq={lq} Lk={lk} D={d} bf16, k/v strided views", ""]
+    out, lse = K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0)
+    for kind, cands, flop in (("fwd", XATTN_FWD_CANDIDATES, flop_fwd), ("bwd", XATTN_BWD_CANDIDATES, 2.5 * flop_fwd)):
+        heur = K.heuristic_config(kind, dtype, d, prec, lq)
+        rows = []
+        for c in (cands[:2] if smoke else cands):
+            cfg = K.XAttnConfig(*c)
+            if kind == "fwd":
+                fn = lambda: K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0, config=cfg)  # noqa: E731
+            else:
+                fn = lambda: K.cross_attention_bwd_triton(q, k, v, out, lse, dout, None, None, scale, 0.0,  # noqa: E731
+                                                          config={"bwd": cfg})
+            try:
+                ms = _time_ms(fn, device, reps)
+                rows.append((str(c), ms, flop / ms / 1e9, cfg == heur))
+            except Exception as exc:  # noqa: BLE001 - report every failure, keep sweeping
+                rows.append((str(c), _err(exc), None, cfg == heur))
+        lines += _table(f"{kind} kernel (BLOCK_M, BLOCK_N, warps, stages)", rows, "TFLOP/s")
+    for kind in ("fwd", "bwd"):
+        rows = []
+        heur_pairs = K.pairs_per_program(b * h, 1, q.device)
+        for pairs in (XATTN_PAIRS[:2] if smoke else XATTN_PAIRS):
+            if kind == "fwd":
+                fn = lambda: K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0, pairs=pairs)  # noqa: E731
+            else:
+                fn = lambda: K.cross_attention_bwd_triton(q, k, v, out, lse, dout, None, None, scale, 0.0,  # noqa: E731
+                                                          pairs=pairs)
+            try:
+                ms = _time_ms(fn, device, reps)
+                rows.append((f"pairs={pairs}", ms, (flop_fwd if kind == "fwd" else 2.5 * flop_fwd) / ms / 1e9,
+                             pairs == heur_pairs))
+            except Exception as exc:  # noqa: BLE001
+                rows.append((f"pairs={pairs}", _err(exc), None, pairs == heur_pairs))
+        lines += _table(f"{kind}: (b, h) pairs per program at the heuristic tiles", rows, "TFLOP/s")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("attention", "contrastive"))
+    ap.add_argument("--only", choices=("attention", "contrastive", "cross_attention"))
     ap.add_argument("--out", help="also write the tables to this file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one or two configs (checks the script)")
     ap.add_argument("--reps", type=int, default=20)
@@ -166,7 +227,8 @@ def main(argv=None) -> int:
     reps = 2 if args.smoke else args.reps
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     lines = [f"# mmkernels tile sweeps on {name}", ""]
-    for family, fn in (("contrastive", tune_contrastive), ("attention", tune_attention)):
+    for family, fn in (("contrastive", tune_contrastive), ("attention", tune_attention),
+                       ("cross_attention", tune_cross_attention)):
         if args.only and args.only != family:
             continue
         try:
