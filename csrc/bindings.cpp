@@ -3,6 +3,7 @@
 
 #include "attention.h"
 #include "contrastive.h"
+#include "cross_attention.h"
 #include "experts.h"
 
 namespace py = pybind11;
@@ -34,6 +35,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Blockwise multimodal masked attention backward, recomputing P from lse. Returns (dq, dk, dv).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
         py::arg("meta"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_attention_fwd", &mmkernels::cross_attention_fwd,
+        "Cross-attention forward with key padding (bool [B, Lk], True = attend) and counter-hash\n"
+        "attention dropout (seed int64 [2]). Returns (out [B, H, Lq, D] in q.dtype, lse float32/float64).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("seed"),
+        py::arg("scale"), py::arg("dropout_p"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_attention_bwd", &mmkernels::cross_attention_bwd,
+        "Cross-attention backward, recomputing P from lse (and the dropout mask from the seed).\n"
+        "Returns (dq, dk, dv), contiguous in the inputs' dtype.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
+        py::arg("key_padding_mask"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"),
+        py::call_guard<py::gil_scoped_release>());
 
   m.def("experts_linear_fwd", &mmkernels::experts_linear_fwd,
         "Modality-expert linear: y[perm[s]] = x[perm[s]] @ weight[e]^T + bias[e] for the slots s of\n"

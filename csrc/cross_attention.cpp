@@ -1,0 +1,761 @@
+// mmkernels: cross-attention (few queries over a few hundred image tokens) on the CPU.
+//
+// The definition is mmkernels/cross_attention/reference.py: s = scale * q k^T, -inf where the key
+// is padding, lse = logsumexp_j s, P = exp(s - lse), attention dropout from the counter hash of
+// the reference's docstring (a pure function of (seed, b, h, i, j)), out = (P * keep / (1-p)) v.
+//
+// Forward: parallel over (batch, head, query block of <= 128 rows). Per key block (the whole of Lk when
+// Lk <= 1024, else blocks of 256 with an online softmax) S = scale * Q K^T goes through BLAS into
+// a BM x BN buffer, padded keys become -inf (blocks that are all padding are skipped), the row
+// softmax statistics use the un-dropped probabilities, then dropped entries are zeroed and P V is
+// accumulated; 1/l and 1/(1-p) are applied once at the end.
+// Backward: parallel over (batch, head) pairs; a task owns its pair's dq, dk and dv (no atomics):
+// for each query block and key block it recomputes P from lse and dP = dO V^T, forms
+// Pd = P * keep / (1-p) and dS = P * (dP * keep / (1-p) - delta), and accumulates dV += Pd^T dO,
+// dK += scale dS^T Q, dQ += scale dS K in per-pair buffers.
+// delta = rowsum(Pd * dP) is taken from the tile when one key block covers Lk (exact: the
+// identity delta = rowsum(dO * O) loses accuracy when O is rounded to bf16/fp16), else it is
+// rowsum(dO * O) as in FlashAttention.
+// Scratch: per thread, two BM x BN tiles and O((Lq + Lk) * D) pair buffers; nothing of size
+// B*H*Lq*Lk. Inputs are read with their strides: float32/float64 rows with unit last stride go
+// to BLAS in place (e.g. the K/V views of fused_kv_projection); other layouts and bf16/fp16 are
+// converted per (b, h) pair into thread-local float32 buffers. float64 is computed in float64.
+// GEMMs: the Fortran sgemm_/dgemm_ exported by torch's CPU library (weak symbols), else ATen.
+
+#include "cross_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+namespace mmkernels {
+namespace {
+
+constexpr int64_t BM_MAX = 128;    // query rows per block (measured: 128 beats 32/64 by ~4% at
+                                   // Lq = 256, D = 96; 256 is no better)
+inline int64_t block_m(int64_t lq) { return std::min<int64_t>(std::max<int64_t>(lq, 1), BM_MAX); }
+constexpr int64_t BN_WHOLE = 1024;  // Lk up to this: one key block (no online rescaling)
+constexpr int64_t BN_LONG = 256;    // key block for longer Lk
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t block_n(int64_t lk) { return lk <= BN_WHOLE ? std::max<int64_t>(lk, 1) : BN_LONG; }
+
+// ----------------------------------------------------------------------------- BLAS
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+// MMKERNELS_XATTN_NO_BLAS=1 forces the ATen fallback (for testing it).
+bool use_blas() {
+  static const bool on = [] {
+    const char* e = std::getenv("MMKERNELS_XATTN_NO_BLAS");
+    return !(e && e[0] && e[0] != '0');
+  }();
+  return on;
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b,
+                      const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const double* alpha, const double* a, const int* lda, const double* b,
+                      const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <typename T> inline bool have_blas();
+template <> inline bool have_blas<float>() { return sgemm_ != nullptr && use_blas(); }
+template <> inline bool have_blas<double>() { return dgemm_ != nullptr && use_blas(); }
+
+// Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C (beta 0 or 1); lda/ldb/ldc are
+// the leading dimensions of the stored row-major matrices (op(A) = A^T: A is stored [K, M]).
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == T(0))
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    return;
+  }
+  if (have_blas<T>() && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX &&
+      M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX) {
+    const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
+    const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
+    blas_gemm(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) {
+    c.copy_(at::mm(a, b).mul_(alpha));
+  } else {
+    c.addmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
+  }
+}
+
+// ----------------------------------------------------------------------------- dropout hash
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t s0 = 0, s1 = 0, thr = 0;
+  double inv_keep = 1.0;  // 1 / (1 - p)
+  // The per-row word a = mix(row * 0x9E3779B9 + s0), row = (b * H + h) * Lq + i (mod 2^32).
+  uint32_t row_word(int64_t row) const { return mix32(uint32_t(uint64_t(row)) * 0x9E3779B9u + s0); }
+};
+
+// ----------------------------------------------------------------------------- float32 row loops
+
+// The float32 row loops use GCC/Clang vector extensions (8 lanes) and a branch-free exp; they are
+// compiled for several x86-64 levels and picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define MMKX_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
+#else
+#define MMKX_MULTIVERSION
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define MMKX_VEC 1
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+constexpr int VL = 8;
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+
+#define MMKX_INLINE inline __attribute__((always_inline))
+
+MMKX_INLINE vf vload(const float* p) {
+  vf x;
+  __builtin_memcpy(&x, p, sizeof(vf));
+  return x;
+}
+MMKX_INLINE void vstore(float* p, vf x) { __builtin_memcpy(p, &x, sizeof(vf)); }
+MMKX_INLINE vf vsplat(float a) { return vf{} + a; }
+
+// exp(x) for x <= ~0: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r), 2^n in the
+// exponent bits. Inputs below -87 (including -inf) give exactly 0. Relative error ~2 ulp.
+MMKX_INLINE vf vexp_neg(vf x) {
+  const vf lo = vsplat(-87.0f);
+  const vi dead = x < lo;
+  x = (x < lo) ? lo : x;
+  const vf t = x * 1.44269504088896341f;
+  vf nn = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
+  nn = (nn - t > 0.5f) ? nn - 1.0f : nn;
+  vf r = x - nn * 0.693359375f;
+  r = r - nn * (-2.12194440e-4f);
+  vf p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi e = (__builtin_convertvector(nn, vi) + 127) << 23;
+  vf two_n;
+  __builtin_memcpy(&two_n, &e, sizeof(vf));
+  vf res = p * two_n;
+  return dead ? vsplat(0.0f) : res;
+}
+
+MMKX_INLINE vu vmix(vu x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Keep mask (all ones / zeros per lane) of keys j0 + j .. j0 + j + 7 for the row word a.
+MMKX_INLINE vi vkeep(uint32_t a, uint32_t jj, uint32_t s1, uint32_t thr) {
+  const vu lane = {0u, 1u, 2u, 3u, 4u, 5u, 6u, 7u};
+  const vu j = lane + jj;
+  const vu u = vmix(j * 0x85EBCA6Bu + (a + s1));
+  return (vi)(u >= thr);
+}
+#else
+#define MMKX_VEC 0
+#endif
+
+MMKX_MULTIVERSION float row_max(const float* s, int64_t n, float init) {
+  int64_t j = 0;
+  float mx = init;
+#if MMKX_VEC
+  vf m = vsplat(init);
+  for (; j + VL <= n; j += VL) {
+    const vf x = vload(s + j);
+    m = (x > m) ? x : m;
+  }
+  for (int l = 0; l < VL; ++l) mx = std::max(mx, m[l]);
+#endif
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+// s[j] = exp(s[j] - shift) (shift finite); returns the sum.
+MMKX_MULTIVERSION float row_exp_sum(float* s, int64_t n, float shift) {
+  int64_t j = 0;
+  float sum = 0.0f;
+#if MMKX_VEC
+  vf acc = vsplat(0.0f);
+  for (; j + VL <= n; j += VL) {
+    const vf p = vexp_neg(vload(s + j) - shift);
+    vstore(s + j, p);
+    acc += p;
+  }
+  for (int l = 0; l < VL; ++l) sum += acc[l];
+#endif
+  for (; j < n; ++j) {
+    const float p = std::exp(s[j] - shift);
+    s[j] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+// s[j] = 0 where dropout drops key j0 + j of the row with word a.
+MMKX_MULTIVERSION void row_drop(float* s, int64_t n, uint32_t a, int64_t j0, const Dropout& dr) {
+  int64_t j = 0;
+#if MMKX_VEC
+  for (; j + VL <= n; j += VL) {
+    const vi keep = vkeep(a, uint32_t(j0 + j), dr.s1, dr.thr);
+    vstore(s + j, keep ? vload(s + j) : vsplat(0.0f));
+  }
+#endif
+  for (; j < n; ++j) {
+    const uint32_t u = mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1);
+    if (u < dr.thr) s[j] = 0.0f;
+  }
+}
+
+// p[j] = exp(p[j] - lse); ds[j] = p[j] * (ds[j] - di).
+MMKX_MULTIVERSION void row_grad(float* p, float* ds, int64_t n, float lse, float di) {
+  int64_t j = 0;
+#if MMKX_VEC
+  for (; j + VL <= n; j += VL) {
+    const vf e = vexp_neg(vload(p + j) - lse);
+    vstore(p + j, e);
+    vstore(ds + j, e * (vload(ds + j) - di));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float e = std::exp(p[j] - lse);
+    p[j] = e;
+    ds[j] = e * (ds[j] - di);
+  }
+}
+
+// With dropout: e = exp(p - lse), f = keep ? 1/(1-p) : 0; p = e * f; ds = e * (ds * f - di).
+MMKX_MULTIVERSION void row_grad_drop(float* p, float* ds, int64_t n, float lse, float di, uint32_t a,
+                                     int64_t j0, const Dropout& dr, float inv) {
+  int64_t j = 0;
+#if MMKX_VEC
+  for (; j + VL <= n; j += VL) {
+    const vf e = vexp_neg(vload(p + j) - lse);
+    const vi keep = vkeep(a, uint32_t(j0 + j), dr.s1, dr.thr);
+    const vf f = keep ? vsplat(inv) : vsplat(0.0f);
+    vstore(p + j, e * f);
+    vstore(ds + j, e * (vload(ds + j) * f - di));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float e = std::exp(p[j] - lse);
+    const uint32_t u = mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1);
+    const float f = u >= dr.thr ? inv : 0.0f;
+    p[j] = e * f;
+    ds[j] = e * (ds[j] * f - di);
+  }
+}
+
+// Whole-row variant (the row's keys all lie in this tile): delta = sum_j P_ij * f_ij * dP_ij from
+// the tile itself (exact, unlike rowsum(dO * O) with O rounded to 16 bits), then as row_grad(_drop).
+// f = keep ? 1/(1-p) : 0 (1 without dropout); frow: scratch of n floats.
+MMKX_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int64_t n, float lse,
+                                      bool drop, uint32_t a, const Dropout& dr, float inv) {
+  int64_t j = 0;
+  float delta = 0.0f;
+#if MMKX_VEC
+  vf acc = vsplat(0.0f);
+  for (; j + VL <= n; j += VL) {
+    const vf e = vexp_neg(vload(p + j) - lse);
+    vf f = vsplat(1.0f);
+    if (drop) f = vkeep(a, uint32_t(j), dr.s1, dr.thr) ? vsplat(inv) : vsplat(0.0f);
+    vstore(p + j, e);
+    vstore(frow + j, f);
+    acc += e * f * vload(ds + j);
+  }
+  for (int l = 0; l < VL; ++l) delta += acc[l];
+#endif
+  for (; j < n; ++j) {
+    const float e = std::exp(p[j] - lse);
+    float f = 1.0f;
+    if (drop) f = mix32(a + uint32_t(j) * 0x85EBCA6Bu + dr.s1) >= dr.thr ? inv : 0.0f;
+    p[j] = e;
+    frow[j] = f;
+    delta += e * f * ds[j];
+  }
+  j = 0;
+#if MMKX_VEC
+  for (; j + VL <= n; j += VL) {
+    const vf e = vload(p + j), f = vload(frow + j);
+    vstore(p + j, e * f);
+    vstore(ds + j, e * (vload(ds + j) * f - delta));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float e = p[j], f = frow[j];
+    p[j] = e * f;
+    ds[j] = e * (ds[j] * f - delta);
+  }
+}
+
+// ----------------------------------------------------------------------------- float64 row loops
+
+inline double row_max(const double* s, int64_t n, double init) {
+  double mx = init;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+inline double row_exp_sum(double* s, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+inline void row_drop(double* s, int64_t n, uint32_t a, int64_t j0, const Dropout& dr) {
+  for (int64_t j = 0; j < n; ++j)
+    if (mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1) < dr.thr) s[j] = 0.0;
+}
+inline void row_grad(double* p, double* ds, int64_t n, double lse, double di) {
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = std::exp(p[j] - lse);
+    ds[j] = p[j] * (ds[j] - di);
+  }
+}
+inline void row_grad_drop(double* p, double* ds, int64_t n, double lse, double di, uint32_t a,
+                          int64_t j0, const Dropout& dr, double inv) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = std::exp(p[j] - lse);
+    const double f = mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1) >= dr.thr ? inv : 0.0;
+    p[j] = e * f;
+    ds[j] = e * (ds[j] * f - di);
+  }
+}
+
+inline void row_grad_whole(double* p, double* ds, double* frow, int64_t n, double lse, bool drop,
+                           uint32_t a, const Dropout& dr, double inv) {
+  double delta = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = std::exp(p[j] - lse);
+    double f = 1.0;
+    if (drop) f = mix32(a + uint32_t(j) * 0x85EBCA6Bu + dr.s1) >= dr.thr ? inv : 0.0;
+    p[j] = e;
+    frow[j] = f;
+    delta += e * f * ds[j];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = p[j], f = frow[j];
+    p[j] = e * f;
+    ds[j] = e * (ds[j] * f - delta);
+  }
+}
+
+// s[j] = -inf where key j is padding.
+template <typename T>
+inline void row_mask(T* s, const bool* valid, int64_t n) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) s[j] = valid[j] ? s[j] : ninf;
+}
+
+// ----------------------------------------------------------------------------- problem
+
+constexpr int8_t BLOCK_NONE = 0;     // every key of the block is padding: skipped
+constexpr int8_t BLOCK_ALL = 1;      // no padding in the block
+constexpr int8_t BLOCK_PARTIAL = 2;  // some padding: per-element -inf
+
+struct Problem {
+  int64_t B = 0, H = 0, Lq = 0, Lk = 0, D = 0;
+  int64_t BM = 1, BN = 1, TK = 0, TQ = 0;
+  const bool* valid = nullptr;  // [B, Lk] contiguous, or nullptr (no padding)
+  std::vector<int8_t> blocks;   // [B, TK]
+  Dropout drop;
+
+  int8_t block(int64_t b, int64_t kb) const { return valid ? blocks[b * TK + kb] : BLOCK_ALL; }
+};
+
+struct Strides {
+  int64_t s[4];
+  explicit Strides(const at::Tensor& t) {
+    for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
+  }
+};
+
+// `rows` x D operand of a GEMM starting at `base` (row stride rs, column stride cs). Returned in
+// place when it is already a row-major acc_t matrix (unit column stride, rows not overlapping),
+// else converted into `buf` (ld D).
+template <typename scalar_t, typename acc_t>
+const acc_t* operand(const scalar_t* base, int64_t rs, int64_t cs, int64_t rows, int64_t D,
+                     std::vector<acc_t>& buf, int64_t& ld) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    if (cs == 1 && rs >= D && rs <= INT32_MAX) {
+      ld = rs;
+      return base;
+    }
+    if (cs == 1 && rows == 1) {
+      ld = D;
+      return base;
+    }
+  }
+  if (int64_t(buf.size()) < rows * D) buf.resize(rows * D);
+  acc_t* dst = buf.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = base + r * rs;
+    acc_t* d = dst + r * D;
+    if (cs == 1) {
+      for (int64_t c = 0; c < D; ++c) d[c] = static_cast<acc_t>(src[c]);
+    } else {
+      for (int64_t c = 0; c < D; ++c) d[c] = static_cast<acc_t>(src[c * cs]);
+    }
+  }
+  ld = D;
+  return dst;
+}
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename scalar_t, typename acc_t>
+void fwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const scalar_t* K,
+                const Strides& ks, const scalar_t* V, const Strides& vs, scalar_t* O, acc_t* L,
+                acc_t scale) {
+  const int64_t D = P.D, Lq = P.Lq, Lk = P.Lk, BM = P.BM, BN = P.BN, TQ = P.TQ, TK = P.TK, H = P.H;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t inv_keep = static_cast<acc_t>(P.drop.inv_keep);
+  at::parallel_for(0, P.B * H * TQ, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> S(BM * BN), acc(BM * D), mrow(BM), lrow(BM), qbuf, kbuf, vbuf;
+    std::vector<uint32_t> words(BM);
+    int64_t cur_pair = -1, ldq = D, ldk = D, ldv = D;
+    const acc_t *kp = nullptr, *vp = nullptr;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t pair = task / TQ, qb = task % TQ, b = pair / H, h = pair % H;
+      if (pair != cur_pair) {
+        kp = operand<scalar_t, acc_t>(K + b * ks.s[0] + h * ks.s[1], ks.s[2], ks.s[3], Lk, D, kbuf, ldk);
+        vp = operand<scalar_t, acc_t>(V + b * vs.s[0] + h * vs.s[1], vs.s[2], vs.s[3], Lk, D, vbuf, ldv);
+        cur_pair = pair;
+      }
+      const int64_t i0 = qb * BM, m = std::min(BM, Lq - i0);
+      const acc_t* qp = operand<scalar_t, acc_t>(Q + b * qs.s[0] + h * qs.s[1] + i0 * qs.s[2], qs.s[2],
+                                                 qs.s[3], m, D, qbuf, ldq);
+      std::fill(acc.begin(), acc.begin() + m * D, acc_t(0));
+      std::fill(mrow.begin(), mrow.end(), ninf);
+      std::fill(lrow.begin(), lrow.end(), acc_t(0));
+      if (P.drop.on)
+        for (int64_t i = 0; i < m; ++i) words[i] = P.drop.row_word(pair * Lq + i0 + i);
+      for (int64_t kb = 0; kb < TK; ++kb) {
+        const int8_t st = P.block(b, kb);
+        if (st == BLOCK_NONE) continue;
+        const int64_t j0 = kb * BN, n = std::min(BN, Lk - j0);
+        gemm_rm<acc_t>(false, true, m, n, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), S.data(), BN);
+        for (int64_t i = 0; i < m; ++i) {
+          acc_t* s = S.data() + i * BN;
+          if (st == BLOCK_PARTIAL) row_mask(s, P.valid + b * Lk + j0, n);
+          const acc_t mx = row_max(s, n, mrow[i]);
+          if (mx == ninf) {  // nothing visible so far: contributes nothing
+            std::fill(s, s + n, acc_t(0));
+            continue;
+          }
+          const acc_t sum = row_exp_sum(s, n, mx);
+          const acc_t a = std::exp(mrow[i] - mx);  // 0 when mrow was -inf
+          lrow[i] = lrow[i] * a + sum;
+          mrow[i] = mx;
+          if (a != acc_t(1)) {
+            acc_t* ac = acc.data() + i * D;
+            for (int64_t c = 0; c < D; ++c) ac[c] *= a;
+          }
+          if (P.drop.on) row_drop(s, n, words[i], j0, P.drop);
+        }
+        gemm_rm<acc_t>(false, false, m, D, n, acc_t(1), S.data(), BN, vp + j0 * ldv, ldv, acc_t(1),
+                       acc.data(), D);
+      }
+      scalar_t* o = O + (pair * Lq + i0) * D;
+      acc_t* l = L + pair * Lq + i0;
+      for (int64_t i = 0; i < m; ++i) {
+        const acc_t* ac = acc.data() + i * D;
+        if (lrow[i] > acc_t(0)) {
+          const acc_t inv = inv_keep / lrow[i];
+          for (int64_t c = 0; c < D; ++c) o[i * D + c] = static_cast<scalar_t>(ac[c] * inv);
+          l[i] = mrow[i] + std::log(lrow[i]);
+        } else {
+          for (int64_t c = 0; c < D; ++c) o[i * D + c] = static_cast<scalar_t>(0);
+          l[i] = ninf;
+        }
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- backward
+
+template <typename scalar_t, typename acc_t>
+void bwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const scalar_t* K,
+                const Strides& ks, const scalar_t* V, const Strides& vs, const scalar_t* O,
+                const Strides& os, const scalar_t* dO, const Strides& dos, const acc_t* L,
+                scalar_t* dQ, scalar_t* dK, scalar_t* dV, acc_t scale) {
+  const int64_t D = P.D, Lq = P.Lq, Lk = P.Lk, BM = P.BM, BN = P.BN, TQ = P.TQ, TK = P.TK, H = P.H;
+  const acc_t inv_keep = static_cast<acc_t>(P.drop.inv_keep);
+  at::parallel_for(0, P.B * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> S(BM * BN), dS(BM * BN), frow(BN), delta(BM), dq(Lq * D), dk(Lk * D), dv(Lk * D);
+    std::vector<acc_t> qbuf, dobuf, kbuf, vbuf;
+    std::vector<uint32_t> words(BM);
+    for (int64_t pair = lo; pair < hi; ++pair) {
+      const int64_t b = pair / H, h = pair % H;
+      int64_t ldk = D, ldv = D, ldq = D, lddo = D;
+      const acc_t* kp = operand<scalar_t, acc_t>(K + b * ks.s[0] + h * ks.s[1], ks.s[2], ks.s[3], Lk, D, kbuf, ldk);
+      const acc_t* vp = operand<scalar_t, acc_t>(V + b * vs.s[0] + h * vs.s[1], vs.s[2], vs.s[3], Lk, D, vbuf, ldv);
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      std::fill(dk.begin(), dk.end(), acc_t(0));
+      std::fill(dv.begin(), dv.end(), acc_t(0));
+      bool any_block = false;
+      for (int64_t kb = 0; kb < TK; ++kb) any_block = any_block || P.block(b, kb) != BLOCK_NONE;
+      for (int64_t qb = 0; qb < TQ && any_block; ++qb) {
+        const int64_t i0 = qb * BM, m = std::min(BM, Lq - i0);
+        const scalar_t* qrow = Q + b * qs.s[0] + h * qs.s[1] + i0 * qs.s[2];
+        const scalar_t* dorow = dO + b * dos.s[0] + h * dos.s[1] + i0 * dos.s[2];
+        const scalar_t* orow = O + b * os.s[0] + h * os.s[1] + i0 * os.s[2];
+        const acc_t* qp = operand<scalar_t, acc_t>(qrow, qs.s[2], qs.s[3], m, D, qbuf, ldq);
+        const acc_t* dop = operand<scalar_t, acc_t>(dorow, dos.s[2], dos.s[3], m, D, dobuf, lddo);
+        const acc_t* lse = L + pair * Lq + i0;
+        for (int64_t i = 0; i < m && TK > 1; ++i) {  // one key block: delta comes from the tile
+          acc_t sum = 0;
+          const scalar_t* gi = dorow + i * dos.s[2];
+          const scalar_t* oi = orow + i * os.s[2];
+          for (int64_t c = 0; c < D; ++c)
+            sum += static_cast<acc_t>(gi[c * dos.s[3]]) * static_cast<acc_t>(oi[c * os.s[3]]);
+          delta[i] = sum;
+        }
+        if (P.drop.on)
+          for (int64_t i = 0; i < m; ++i) words[i] = P.drop.row_word(pair * Lq + i0 + i);
+        for (int64_t kb = 0; kb < TK; ++kb) {
+          const int8_t st = P.block(b, kb);
+          if (st == BLOCK_NONE) continue;
+          const int64_t j0 = kb * BN, n = std::min(BN, Lk - j0);
+          const acc_t* kj = kp + j0 * ldk;
+          gemm_rm<acc_t>(false, true, m, n, D, scale, qp, ldq, kj, ldk, acc_t(0), S.data(), BN);
+          gemm_rm<acc_t>(false, true, m, n, D, acc_t(1), dop, lddo, vp + j0 * ldv, ldv, acc_t(0),
+                         dS.data(), BN);
+          for (int64_t i = 0; i < m; ++i) {
+            acc_t* p = S.data() + i * BN;
+            acc_t* ds = dS.data() + i * BN;
+            const acc_t li = lse[i];
+            if (!std::isfinite(li)) {  // the row sees no key (or a bad lse): nothing flows
+              std::fill(p, p + n, acc_t(0));
+              std::fill(ds, ds + n, acc_t(0));
+              continue;
+            }
+            if (st == BLOCK_PARTIAL) row_mask(p, P.valid + b * Lk + j0, n);
+            if (TK == 1) {
+              row_grad_whole(p, ds, frow.data(), n, li, P.drop.on, words[i], P.drop, inv_keep);
+            } else if (P.drop.on) {
+              row_grad_drop(p, ds, n, li, delta[i], words[i], j0, P.drop, inv_keep);
+            } else {
+              row_grad(p, ds, n, li, delta[i]);
+            }
+          }
+          gemm_rm<acc_t>(true, false, n, D, m, acc_t(1), S.data(), BN, dop, lddo, acc_t(1),
+                         dv.data() + j0 * D, D);
+          gemm_rm<acc_t>(true, false, n, D, m, scale, dS.data(), BN, qp, ldq, acc_t(1),
+                         dk.data() + j0 * D, D);
+          gemm_rm<acc_t>(false, false, m, D, n, scale, dS.data(), BN, kj, ldk, acc_t(1),
+                         dq.data() + i0 * D, D);
+        }
+      }
+      scalar_t* gq = dQ + pair * Lq * D;
+      scalar_t* gk = dK + pair * Lk * D;
+      scalar_t* gv = dV + pair * Lk * D;
+      for (int64_t t = 0; t < Lq * D; ++t) gq[t] = static_cast<scalar_t>(dq[t]);
+      for (int64_t t = 0; t < Lk * D; ++t) {
+        gk[t] = static_cast<scalar_t>(dk[t]);
+        gv[t] = static_cast<scalar_t>(dv[t]);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- setup
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* fn) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, fn,
+              ": q, k, v must be 4-D [B, H, L, D], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), fn,
+              ": q, k, v must be CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), fn,
+              ": q, k, v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, fn,
+              ": dtype must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(k.sizes() == v.sizes(), fn, ": k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), fn,
+              ": k/v shape ", k.sizes(), " does not match q ", q.sizes(), " ([B, H, Lk, D])");
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k,
+                     const c10::optional<at::Tensor>& key_padding_mask,
+                     const c10::optional<at::Tensor>& seed, double dropout_p, at::Tensor& mask_keep,
+                     const char* fn) {
+  Problem P;
+  P.B = q.size(0);
+  P.H = q.size(1);
+  P.Lq = q.size(2);
+  P.Lk = k.size(2);
+  P.D = q.size(3);
+  P.BN = block_n(P.Lk);
+  P.TK = ceil_div(P.Lk, P.BN);
+  P.BM = block_m(P.Lq);
+  P.TQ = ceil_div(P.Lq, P.BM);
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.device().is_cpu(), fn, ": key_padding_mask must be a CPU tensor");
+    TORCH_CHECK(m.scalar_type() == at::kBool, fn,
+                ": key_padding_mask must be bool (True = attend), got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == P.B && m.size(1) == P.Lk, fn,
+                ": key_padding_mask must have shape [B, Lk] = [", P.B, ", ", P.Lk, "], got ", m.sizes());
+    mask_keep = m.contiguous();
+    P.valid = mask_keep.data_ptr<bool>();
+    P.blocks.assign(P.B * P.TK, BLOCK_ALL);
+    for (int64_t b = 0; b < P.B; ++b) {
+      for (int64_t kb = 0; kb < P.TK; ++kb) {
+        const int64_t j0 = kb * P.BN, j1 = std::min(P.Lk, j0 + P.BN);
+        int64_t cnt = 0;
+        for (int64_t j = j0; j < j1; ++j) cnt += P.valid[b * P.Lk + j] ? 1 : 0;
+        P.blocks[b * P.TK + kb] = cnt == 0 ? BLOCK_NONE : (cnt == j1 - j0 ? BLOCK_ALL : BLOCK_PARTIAL);
+      }
+    }
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must lie in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), fn, ": dropout_p > 0 needs a seed");
+    const at::Tensor& s = *seed;
+    TORCH_CHECK(s.device().is_cpu(), fn, ": seed must be a CPU tensor");
+    TORCH_CHECK(!s.is_floating_point() && s.scalar_type() != at::kBool && s.numel() == 2, fn,
+                ": seed must be an integer tensor of 2 elements, got ", s.scalar_type(), " ", s.sizes());
+    const at::Tensor sc = s.to(at::kLong).contiguous();
+    const int64_t* sp = sc.data_ptr<int64_t>();
+    P.drop.on = true;
+    P.drop.s0 = uint32_t(uint64_t(sp[0]));
+    P.drop.s1 = uint32_t(uint64_t(sp[1]));
+    const double t = std::floor(dropout_p * 4294967296.0);
+    P.drop.thr = t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
+    P.drop.inv_keep = 1.0 / (1.0 - dropout_p);
+  }
+  return P;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor>
+cross_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const c10::optional<at::Tensor>& key_padding_mask,
+                    const c10::optional<at::Tensor>& seed, double scale, double dropout_p) {
+  const char* fn = "cross_attention_fwd";
+  check_qkv(q, k, v, fn);
+  at::Tensor mask_keep;
+  const Problem P = make_problem(q, k, key_padding_mask, seed, dropout_p, mask_keep, fn);
+  const auto st = q.scalar_type();
+  const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({P.B, P.H, P.Lq, P.D}, q.options());
+  at::Tensor lse = at::empty({P.B, P.H, P.Lq}, q.options().dtype(ct));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const Strides qs(q), ks(k), vs(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cross_attention_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    fwd_kernel<scalar_t, acc_t>(P, q.const_data_ptr<scalar_t>(), qs, k.const_data_ptr<scalar_t>(), ks,
+                                v.const_data_ptr<scalar_t>(), vs, out.data_ptr<scalar_t>(),
+                                lse.data_ptr<acc_t>(), static_cast<acc_t>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+cross_attention_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+                    const c10::optional<at::Tensor>& key_padding_mask,
+                    const c10::optional<at::Tensor>& seed, double scale, double dropout_p) {
+  const char* fn = "cross_attention_bwd";
+  check_qkv(q, k, v, fn);
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), fn,
+              ": out and dout must have q's shape ", q.sizes(), ", got ", out.sizes(), " and ",
+              dout.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), fn,
+              ": out and dout must have q's dtype ", q.scalar_type(), ", got ", out.scalar_type(),
+              " and ", dout.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              fn, ": lse must have shape [B, H, Lq], got ", lse.sizes());
+  TORCH_CHECK(out.device().is_cpu() && dout.device().is_cpu() && lse.device().is_cpu(), fn,
+              ": out, dout, lse must be CPU tensors");
+  at::Tensor mask_keep;
+  const Problem P = make_problem(q, k, key_padding_mask, seed, dropout_p, mask_keep, fn);
+  const auto st = q.scalar_type();
+  const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dq = at::empty({P.B, P.H, P.Lq, P.D}, q.options());
+  at::Tensor dk = at::empty({P.B, P.H, P.Lk, P.D}, k.options());
+  at::Tensor dv = at::empty({P.B, P.H, P.Lk, P.D}, v.options());
+  if (dq.numel() == 0 || dk.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor lc = lse.to(ct).contiguous();
+  const Strides qs(q), ks(k), vs(v), os(out), dos(dout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cross_attention_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    bwd_kernel<scalar_t, acc_t>(P, q.const_data_ptr<scalar_t>(), qs, k.const_data_ptr<scalar_t>(), ks,
+                                v.const_data_ptr<scalar_t>(), vs, out.const_data_ptr<scalar_t>(), os,
+                                dout.const_data_ptr<scalar_t>(), dos, lc.const_data_ptr<acc_t>(),
+                                dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                                dv.data_ptr<scalar_t>(), static_cast<acc_t>(scale));
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace mmkernels
