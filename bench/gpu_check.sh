@@ -16,7 +16,8 @@
 #      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
 #      the reference's loss and gradients at small sizes on the GPU
 #      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 100)  -> appended to tests.log
-#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 210; contrastive, attention, experts) -> $OUT/bench.log
+#   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 210; every family, or only
+#      those in GPU_CHECK_FAMILIES, comma-separated, e.g. "cross_attention,experts") -> $OUT/bench.log
 #      and moves its results.json, results.md and plot.png to the top of $OUT
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
 #   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45): device time per kernel -> $OUT/profile.md
@@ -114,7 +115,9 @@ AGREE_RC=${PIPESTATUS[0]}
 
 # 4. quick benchmark ---------------------------------------------------------------
 echo "== [$(elapsed) s] python -m bench --quick --device $DEVICE (limit ${BENCH_T} s)"
-timeout -k 15 "$BENCH_T" "$PY" -m bench --quick --device "$DEVICE" --out "$OUT/bench" \
+FAMILY_ARGS=()
+[ -n "${GPU_CHECK_FAMILIES:-}" ] && FAMILY_ARGS=(--family "$GPU_CHECK_FAMILIES")
+timeout -k 15 "$BENCH_T" "$PY" -m bench --quick --device "$DEVICE" --out "$OUT/bench" ${FAMILY_ARGS[@]+"${FAMILY_ARGS[@]}"} \
   --time-budget $((BENCH_T > 60 ? BENCH_T - 40 : BENCH_T / 2)) 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 for f in results.json results.md plot.png; do

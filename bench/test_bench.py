@@ -541,3 +541,22 @@ def test_tune_gpu_smoke(tmp_path, capsys):
     for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq"):
         assert title in text, title
     assert "error:" not in text, text
+
+
+# ----------------------------------------------------------------------------- cross_attention: Q-Former step
+
+from bench.cases import cross_attention as XA  # noqa: E402
+
+QFORMER_AGREE = [(c, p) for c, p in PAIRS
+                 if c.family == XA.FAMILY and c.op == XA.OP_QFORMER and p.name != XA.oracle_name(c)]
+
+
+@pytest.mark.parametrize("case,provider", QFORMER_AGREE, ids=[_pair_id(p) for p in QFORMER_AGREE])
+def test_qformer_provider_agrees_with_hf_eager(case, provider):
+    """Each Q-Former provider (mmkernels.QFormer, patched HF, HF sdpa) against HF eager in float64
+    (eval mode): output and the gradients of the inputs and every parameter."""
+    reason = harness.preflight(case, provider, harness.RunOptions())
+    if reason:
+        pytest.skip(reason)
+    XA.agree(case, provider.name)
+

@@ -21,6 +21,7 @@ FAMILIES = {
     "mm": "bench.cases.mm",
     "attention": "bench.cases.attention",  # a time-limited full run records the others first
     "experts": "bench.cases.experts",  # after attention: added later, so the older families' runs are unchanged
+    "cross_attention": "bench.cases.cross_attention",
 }
 PROFILES = ("full", "quick", "pytest")
 
