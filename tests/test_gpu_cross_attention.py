@@ -196,3 +196,44 @@ def test_fused_kv_projection_bf16():
         assert_close(gv, wv.double(), torch.bfloat16, name="v")
     for i, (g, w) in enumerate(zip(got, [x32.grad] + [p.grad for p in p32])):
         assert_close(g.float(), w.double(), torch.bfloat16, scale=2.0, name=f"grad {i}")
+
+
+def test_fused_kv_projection_backward_memory_like_separate_projections():
+    """The fused projection's backward peak stays within one layer's K/V gradient of twelve separate
+    F.linear calls' peak: each layer's gradients are consumed as they arrive."""
+    b, lk, c, hd, layers = 64, 257, 1408, 768, 6
+    torch.manual_seed(0)
+    pairs = [(torch.nn.Linear(c, hd), torch.nn.Linear(c, hd)) for _ in range(layers)]
+    pairs = [(a.cuda().bfloat16(), v.cuda().bfloat16()) for a, v in pairs]
+    share_kv_storage(pairs)
+    x = torch.randn(b, lk, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ws = [(a.weight, v.weight) for a, v in pairs]
+    bs = [(a.bias, v.bias) for a, v in pairs]
+
+    def fused():
+        return mmkernels.fused_kv_projection(x, ws, bs, num_heads=12)
+
+    def separate():
+        return [(a(x).view(b, lk, 12, 64).transpose(1, 2), v(x).view(b, lk, 12, 64).transpose(1, 2))
+                for a, v in pairs]
+
+    def peak(make):
+        x.grad = None
+        for a, v in pairs:
+            a.zero_grad(set_to_none=True)
+            v.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = make()
+        # the attention consumes k, v and returns contiguous [B, H, Lk, D] gradients, layer by layer
+        loss = sum((mmkernels.cross_attention(torch.ones_like(k[:, :, :32]), k, v).float()).sum() for k, v in out)
+        del out
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak(fused)
+    fused_peak, separate_peak = peak(fused), peak(separate)
+    one_layer = 2 * b * lk * hd * 2
+    assert fused_peak <= separate_peak + one_layer, (fused_peak, separate_peak, one_layer)
