@@ -155,14 +155,18 @@ XATTN_FWD_CANDIDATES = [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 12
                         (64, 64, 4, 2)]
 XATTN_BWD_CANDIDATES = [(32, 64, 4, 1), (32, 64, 4, 2), (32, 32, 4, 1), (32, 128, 4, 1), (32, 64, 8, 1),
                         (16, 64, 4, 1)]
+# CoCa's pooler (256 queries, D = 96 padded to 128): several query blocks
+COCA_FWD_CANDIDATES = [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)]
+COCA_BWD_CANDIDATES = [(16, 64, 4, 1), (16, 64, 8, 1), (32, 64, 8, 1), (16, 32, 4, 1), (32, 32, 4, 1)]
 XATTN_PAIRS = (1, 2, 4, 8)
 
 
-def tune_cross_attention(device: str, smoke: bool, reps: int) -> list[str]:
-    """BLIP-2 cross-attention (B=128, H=12, 32 queries, 257 image tokens, D=64, bf16, key padding
-    off): forward and backward tiles, then (b, h) pairs per program at the heuristic's tiles."""
+def _xattn_sweep(device: str, smoke: bool, reps: int, title: str, shape: tuple, fwd_cands: list,
+                 bwd_cands: list, pairs_sweep: tuple) -> list[str]:
+    """Forward and backward tiles at ``shape = (B, H, Lq, Lk, D)`` (bf16, k/v strided views of one
+    projection, no padding, no dropout), then (b, h) pairs per program at the heuristic's tiles."""
     from mmkernels.cross_attention import kernels as K
-    b, h, lq, lk, d = (2, 2, 32, 40, 64) if smoke else (128, 12, 32, 257, 64)
+    b, h, lq, lk, d = shape
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, h, lq, d, device=device, generator=g).to(dtype)
@@ -170,43 +174,49 @@ def tune_cross_attention(device: str, smoke: bool, reps: int) -> list[str]:
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # the fused projection's views
     dout = torch.randn_like(q)
     scale = d ** -0.5
-    flop_fwd = 4 * b * h * lq * lk * d
+    flops = {"fwd": 4 * b * h * lq * lk * d, "bwd": 2.5 * 4 * b * h * lq * lk * d}
     prec = K.input_precision(dtype)
-    lines = [f"# cross_attention, B={b} H={h} Lq={lq} Lk={lk} D={d} bf16, k/v strided views", ""]
+    lines = [f"# cross_attention {title}, B={b} H={h} Lq={lq} Lk={lk} D={d} bf16, k/v strided views", ""]
     out, lse = K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0)
-    for kind, cands, flop in (("fwd", XATTN_FWD_CANDIDATES, flop_fwd), ("bwd", XATTN_BWD_CANDIDATES, 2.5 * flop_fwd)):
+
+    def launch(kind, **kw):
+        if kind == "fwd":
+            return lambda: K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0, **kw)
+        return lambda: K.cross_attention_bwd_triton(q, k, v, out, lse, dout, None, None, scale, 0.0, **kw)
+
+    for kind, cands in (("fwd", fwd_cands), ("bwd", bwd_cands)):
         heur = K.heuristic_config(kind, dtype, d, prec, lq)
         rows = []
         for c in (cands[:2] if smoke else cands):
             cfg = K.XAttnConfig(*c)
-            if kind == "fwd":
-                fn = lambda: K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0, config=cfg)  # noqa: E731
-            else:
-                fn = lambda: K.cross_attention_bwd_triton(q, k, v, out, lse, dout, None, None, scale, 0.0,  # noqa: E731
-                                                          config={"bwd": cfg})
             try:
-                ms = _time_ms(fn, device, reps)
-                rows.append((str(c), ms, flop / ms / 1e9, cfg == heur))
+                ms = _time_ms(launch(kind, config={kind: cfg}), device, reps)
+                rows.append((str(c), ms, flops[kind] / ms / 1e9, cfg == heur))
             except Exception as exc:  # noqa: BLE001 - report every failure, keep sweeping
                 rows.append((str(c), _err(exc), None, cfg == heur))
         lines += _table(f"{kind} kernel (BLOCK_M, BLOCK_N, warps, stages)", rows, "TFLOP/s")
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd") if pairs_sweep else ():
+        heur_pairs = K.pairs_per_program(b * h, 1 if kind == "bwd" else -(-lq // K.heuristic_config(
+            "fwd", dtype, d, prec, lq).BLOCK_M), q.device)
         rows = []
-        heur_pairs = K.pairs_per_program(b * h, 1, q.device)
-        for pairs in (XATTN_PAIRS[:2] if smoke else XATTN_PAIRS):
-            if kind == "fwd":
-                fn = lambda: K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0, pairs=pairs)  # noqa: E731
-            else:
-                fn = lambda: K.cross_attention_bwd_triton(q, k, v, out, lse, dout, None, None, scale, 0.0,  # noqa: E731
-                                                          pairs=pairs)
+        for pairs in (pairs_sweep[:2] if smoke else pairs_sweep):
             try:
-                ms = _time_ms(fn, device, reps)
-                rows.append((f"pairs={pairs}", ms, (flop_fwd if kind == "fwd" else 2.5 * flop_fwd) / ms / 1e9,
-                             pairs == heur_pairs))
+                ms = _time_ms(launch(kind, pairs=pairs), device, reps)
+                rows.append((f"pairs={pairs}", ms, flops[kind] / ms / 1e9, pairs == heur_pairs))
             except Exception as exc:  # noqa: BLE001
                 rows.append((f"pairs={pairs}", _err(exc), None, pairs == heur_pairs))
         lines += _table(f"{kind}: (b, h) pairs per program at the heuristic tiles", rows, "TFLOP/s")
     return lines
+
+
+def tune_cross_attention(device: str, smoke: bool, reps: int) -> list[str]:
+    """BLIP-2 cross-attention (B=128, H=12, 32 queries, 257 image tokens, D=64) with a pairs sweep,
+    and CoCa's attentional pooler (B=128, H=8, 256 queries, 257 tokens, D=96)."""
+    blip2 = (2, 2, 32, 40, 64) if smoke else (128, 12, 32, 257, 64)
+    coca = (1, 2, 40, 24, 96) if smoke else (128, 8, 256, 257, 96)
+    return (_xattn_sweep(device, smoke, reps, "BLIP-2", blip2, XATTN_FWD_CANDIDATES, XATTN_BWD_CANDIDATES,
+                         XATTN_PAIRS)
+            + _xattn_sweep(device, smoke, reps, "CoCa pooler", coca, COCA_FWD_CANDIDATES, COCA_BWD_CANDIDATES, ()))
 
 
 def main(argv=None) -> int:
