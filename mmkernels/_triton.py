@@ -1,6 +1,7 @@
 """Launch-time facts shared by every family's Triton kernels (imported only where triton is)."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -43,3 +44,28 @@ def check_device(t: torch.Tensor) -> None:
     if t.device.type != "cuda" and not interpreting():
         raise RuntimeError("mmkernels triton backend: CPU tensors need TRITON_INTERPRET=1 "
                            f"(got tensors on {t.device})")
+
+
+def stride_align(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> int:
+    """The largest power of two <= 16 dividing every batch/head/sequence stride of the 4-D
+    ``tensors`` (and every int in ``extra``).
+
+    Kernels take those strides divided by it and multiply back by the ``ALIGN`` constexpr, so
+    Triton can prove 16-byte aligned rows (vector loads) even when ``D % 16 != 0``.
+    """
+    g = 0
+    for t in tensors:
+        for st in t.stride()[:3]:
+            g = math.gcd(g, int(st))
+    for e in extra:
+        g = math.gcd(g, int(e))
+    al = 16
+    while al > 1 and g % al:
+        al //= 2
+    return al
+
+
+def aligned_strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:
+    """``(stride_b, stride_h, stride_s) // align, stride_d`` of a 4-D ``t`` (see :func:`stride_align`)."""
+    sb, sh, ss, sd = t.stride()
+    return (sb // align, sh // align, ss // align, sd)

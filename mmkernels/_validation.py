@@ -6,6 +6,8 @@ runs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,3 +65,30 @@ def index_range(idx: torch.Tensor, name: str, upper: int) -> None:
             raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
     else:
         torch._assert_async(ok.all(), f"{name} out of range [0, {upper})")
+
+
+def attention_qkv(q, k, v) -> None:
+    """Checks every attention family shares: ``q [B, Hq, Sq, D]``, ``k``/``v [B, Hkv, Sk, D]``
+    floating, non-empty, one dtype and device, k and v of one shape, matching batch and head dim."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(t, name, 4)
+        floating(t, name)
+        nonempty(t, name)
+    same_dtype(("q", q), ("k", k), ("v", v))
+    same_device(("q", q), ("k", k), ("v", v))
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, H, Sk, D], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has batch size {q.shape[0]} but k/v have {k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"q has head dim {q.shape[3]} but k/v have {k.shape[3]}")
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``1 / sqrt(head_dim)`` when ``scale`` is None, else ``float(scale)``."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)

@@ -12,6 +12,7 @@ import torch
 import mmkernels
 from mmkernels.cross_attention import share_kv_storage
 from mmkernels.cross_attention.reference import cross_attention_reference, make_seed
+from mmkernels.testing.cuda_graph import capture
 from mmkernels.testing.numerics import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -101,19 +102,6 @@ def test_memory_has_no_scores_tensor():
     assert extra - io < 0.1 * scores, f"extra {extra - io} bytes beyond outputs; one score tensor is {scores}"
 
 
-def _capture(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
-
-
 def test_cuda_graph_capture_and_replay():
     q, k, v = _qkv(8, 12, 32, 257, 64, torch.bfloat16)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -124,7 +112,7 @@ def test_cuda_graph_capture_and_replay():
         out = mmkernels.cross_attention(*leaves, key_padding_mask=mask)
         return (out, *torch.autograd.grad(out, leaves, dout))
 
-    graph, captured = _capture(step)
+    graph, captured = capture(step)
     with torch.no_grad():
         for t in leaves:
             t.copy_(torch.randn_like(t))
@@ -137,7 +125,7 @@ def test_cuda_graph_capture_and_replay():
     def step_dropout():
         return mmkernels.cross_attention(*leaves, key_padding_mask=mask, dropout_p=0.3)
 
-    graph, captured = _capture(step_dropout)
+    graph, captured = capture(step_dropout)
     graph.replay()
     first = captured.clone()
     graph.replay()

@@ -11,6 +11,7 @@ import torch
 
 import mmkernels
 from experts_cases import ffn_params, make_ids, randn
+from mmkernels.testing.cuda_graph import capture
 from mmkernels.testing.numerics import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -18,21 +19,6 @@ pytestmark = pytest.mark.gpu
 
 def _leaves(ts, dtype):
     return [None if t is None else t.to("cuda", dtype).requires_grad_() for t in ts]
-
-
-def _capture(step):
-    """(graph, outputs) of ``step`` captured in a CUDA graph after a warm-up on a side stream
-    (compilation and allocator warm-up stay outside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
 
 
 def test_cuda_graph_replay_follows_new_modality_ids():
@@ -48,7 +34,7 @@ def test_cuda_graph_replay_follows_new_modality_ids():
         y = mmkernels.modality_ffn(x, ids, *params, activation="gelu")
         return (y, *torch.autograd.grad(y, leaves, dy))
 
-    graph, static_out = _capture(step)
+    graph, static_out = capture(step)
 
     for seed, layout in ((5, "random"), (6, "one"), (7, "empty")):
         new_ids = make_ids((b, s), 2, layout=layout, seed=seed).cuda()
@@ -100,7 +86,7 @@ def test_cuda_graph_capture_of_the_split_form():
         y = mmkernels.modality_ffn(x, 37, *params, activation="gelu")
         return (y, *torch.autograd.grad(y, leaves, dy))
 
-    graph, static_out = _capture(step)
+    graph, static_out = capture(step)
     with torch.no_grad():
         x.copy_(randn(b, s, h, seed=53).to("cuda", dtype))
     graph.replay()

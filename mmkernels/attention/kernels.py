@@ -47,14 +47,13 @@ are upcast there: ``DOT_UPCAST``, see mmkernels.contrastive.kernels).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton import check_device, dot_upcast, input_precision, interpreting
+from .._triton import aligned_strides, check_device, dot_upcast, input_precision, interpreting, stride_align
 
 from .mask import MultimodalMask
 
@@ -616,24 +615,6 @@ def _mask_args(mask: MultimodalMask | None, B: int, Sq: int, Sk: int, bm: int, b
     return tiles, mask.metadata(), mask.num_modalities
 
 
-def _align(*tensors: torch.Tensor) -> int:
-    """The largest power of two <= 16 dividing every batch/head/sequence stride of ``tensors``."""
-    g = 0
-    for t in tensors:
-        for st in t.stride()[:3]:
-            g = math.gcd(g, int(st))
-    al = 16
-    while al > 1 and g % al:
-        al //= 2
-    return al
-
-
-def _strides(t: torch.Tensor, align: int):
-    """(stride_b, stride_h, stride_s) // align, stride_d (the kernels multiply back by ALIGN)."""
-    sb, sh, ss, sd = t.stride()
-    return (sb // align, sh // align, ss // align, sd)
-
-
 def _pick(kind, dtype, D, prec, config, has_mask):
     if isinstance(config, dict):
         config = config.get(kind)
@@ -663,11 +644,11 @@ def attention_fwd_triton(q, k, v, meta, scale, *, config=None):
     cfg = _pick("fwd", q.dtype, D, prec, config, mask is not None)
     tiles, fields, nm = _mask_args(mask, B, Sq, Sk, cfg.BLOCK_M, cfg.BLOCK_N, lse)
     n_tm, n_tn = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
-    al = _align(q, k, v, out)
+    al = stride_align(q, k, v, out)
     _attn_fwd_kernel[(n_tm, B * Hq)](
         q, k, v, out, lse, tiles, *fields,
         float(scale) * _LOG2E, Sq, Sk, Hq, Hq // Hkv, nm, n_tm, n_tn,
-        *_strides(q, al), *_strides(k, al), *_strides(v, al), *_strides(out, al),
+        *aligned_strides(q, al), *aligned_strides(k, al), *aligned_strides(v, al), *aligned_strides(out, al),
         HAS_MASK=mask is not None, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(q.dtype),
         D=D, ALIGN=al,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d(D),
@@ -693,12 +674,12 @@ def attention_bwd_triton(q, k, v, out, lse, dout, meta, scale, *, config=None):
     mask = _mask_from_meta(meta)
 
     pre = _pick("bwd_pre", q.dtype, D, prec, None, mask is not None)
-    al = _align(out, dout)
+    al = stride_align(out, dout)
     _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pre.BLOCK_M), B * Hq)](
-        out, dout, delta, Sq, Hq, *_strides(out, al), *_strides(dout, al), D=D, ALIGN=al,
+        out, dout, delta, Sq, Hq, *aligned_strides(out, al), *aligned_strides(dout, al), D=D, ALIGN=al,
         BLOCK_M=pre.BLOCK_M, BLOCK_D=bd, num_warps=pre.num_warps, num_stages=pre.num_stages)
 
-    al = _align(q, k, v, dout, dq, dk, dv)
+    al = stride_align(q, k, v, dout, dq, dk, dv)
     common = dict(HAS_MASK=mask is not None, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(q.dtype),
                   D=D, ALIGN=al, BLOCK_D=bd)
     cfg = _pick("bwd_dkdv", q.dtype, D, prec, config, mask is not None)
@@ -708,8 +689,8 @@ def attention_bwd_triton(q, k, v, out, lse, dout, meta, scale, *, config=None):
         _attn_bwd_dkdv_kernel[(n_tn, B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, tiles, *fields,
             scale * _LOG2E, scale, Sq, Sk, Hq, Hkv, group, nm, n_tm, n_tn,
-            *_strides(q, al), *_strides(k, al), *_strides(v, al), *_strides(dout, al),
-            *_strides(dk, al), *_strides(dv, al),
+            *aligned_strides(q, al), *aligned_strides(k, al), *aligned_strides(v, al), *aligned_strides(dout, al),
+            *aligned_strides(dk, al), *aligned_strides(dv, al),
             **common, PART=part, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -719,7 +700,8 @@ def attention_bwd_triton(q, k, v, out, lse, dout, meta, scale, *, config=None):
     _attn_bwd_dq_kernel[(n_tm, B * Hq)](
         q, k, v, dout, lse, delta, dq, tiles, *fields,
         scale * _LOG2E, scale, Sq, Sk, Hq, group, nm, n_tm, n_tn,
-        *_strides(q, al), *_strides(k, al), *_strides(v, al), *_strides(dout, al), *_strides(dq, al),
+        *aligned_strides(q, al), *aligned_strides(k, al), *aligned_strides(v, al), *aligned_strides(dout, al),
+        *aligned_strides(dq, al),
         **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv

@@ -7,7 +7,6 @@ gradient instead of NaN. Tests evaluate it in float64 and compare every backend 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -25,21 +24,9 @@ def check_inputs(q, k, v, mask, scale) -> float:
 
     Raises ``TypeError``/``ValueError`` naming the argument (shared by every backend).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check.tensor(t, name, 4)
-        check.floating(t, name)
-        check.nonempty(t, name)
-    check.same_dtype(("q", q), ("k", k), ("v", v))
-    check.same_device(("q", q), ("k", k), ("v", v))
+    check.attention_qkv(q, k, v)
     b, hq, sq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, Hkv, Sk, D], got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    bk, hkv, sk, dk = k.shape
-    if bk != b:
-        raise ValueError(f"q has batch size {b} but k/v have {bk}")
-    if dk != d:
-        raise ValueError(f"q has head dim {d} but k/v have {dk}")
+    hkv, sk = k.shape[1], k.shape[2]
     if hq % hkv != 0:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value "
                          f"heads ({hkv}) for grouped-query attention")
@@ -50,11 +37,7 @@ def check_inputs(q, k, v, mask, scale) -> float:
             raise ValueError(f"mask has shape (B, Sq, Sk) = {mask.shape} but q/k give {(b, sq, sk)}")
         if mask.device != q.device:
             raise ValueError(f"mask is on {mask.device} but q is on {q.device}; use mask.to(q.device)")
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return check.softmax_scale(scale, d)
 
 
 def multimodal_attention_reference(q, k, v, mask=None, *, scale=None, return_lse=False):

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import check_device, dot_upcast, input_precision, interpreting
+from .._triton import aligned_strides, check_device, dot_upcast, input_precision, interpreting, stride_align
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -545,25 +545,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, 
         raise ValueError("dropout_p > 0 needs a seed")
 
 
-def _align(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> int:
-    """The largest power of two <= 16 dividing every batch/head/sequence stride (and ``extra``)."""
-    g = 0
-    for t in tensors:
-        for st in t.stride()[:3]:
-            g = math.gcd(g, int(st))
-    for e in extra:
-        g = math.gcd(g, int(e))
-    al = 16
-    while al > 1 and g % al:
-        al //= 2
-    return al
-
-
-def _strides(t: torch.Tensor, align: int):
-    sb, sh, ss, sd = t.stride()
-    return (sb // align, sh // align, ss // align, sd)
-
-
 def _mask_args(key_padding_mask, dummy):
     """(uint8 view of the mask, stride_b, stride_k) or a dummy when there is no mask."""
     if key_padding_mask is None:
@@ -610,12 +591,12 @@ def cross_attention_fwd_triton(q, k, v, key_padding_mask, seed, scale, dropout_p
     ppp = pairs if pairs is not None else pairs_per_program(n_pairs, n_mb, dev)
     mask, smb, smk = _mask_args(key_padding_mask, lse)
     seed_t, inv_keep, thr = _dropout_args(dropout_p, seed, lse)
-    al = _align(q, k, v)
+    al = stride_align(q, k, v)
     _xattn_fwd_kernel[(triton.cdiv(n_pairs, ppp), n_mb)](
         q, k, v, out, lse, mask, seed_t,
         float(scale) * _LOG2E, inv_keep, thr,
         n_pairs, ppp, H, Lq, Lk,
-        *_strides(q, al), *_strides(k, al), *_strides(v, al), smb, smk,
+        *aligned_strides(q, al), *aligned_strides(k, al), *aligned_strides(v, al), smb, smk,
         HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=prec,
         DOT_UPCAST=dot_upcast(q.dtype), D=D, ALIGN=al,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d(D),
@@ -649,12 +630,13 @@ def cross_attention_bwd_triton(q, k, v, out, lse, dout, key_padding_mask, seed, 
     ppp = pairs if pairs is not None else pairs_per_program(n_pairs, 1, dev)
     mask, smb, smk = _mask_args(key_padding_mask, lse)
     seed_t, inv_keep, thr = _dropout_args(dropout_p, seed, lse)
-    al = _align(q, k, v, out, dout)
+    al = stride_align(q, k, v, out, dout)
     _xattn_bwd_kernel[(triton.cdiv(n_pairs, ppp),)](
         q, k, v, out, dout, lse, dq, dk, dv, dqacc, delta, mask, seed_t,
         scale * _LOG2E, scale, inv_keep, thr,
         n_pairs, ppp, H, Lq, Lk,
-        *_strides(q, al), *_strides(k, al), *_strides(v, al), *_strides(out, al), *_strides(dout, al),
+        *aligned_strides(q, al), *aligned_strides(k, al), *aligned_strides(v, al), *aligned_strides(out, al),
+        *aligned_strides(dout, al),
         smb, smk,
         HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0, ONE_M=one_m,
         INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(q.dtype), D=D, ALIGN=al,

@@ -27,14 +27,10 @@ import math
 import torch
 
 from .. import _validation as check
+from ..attention.reference import compute_dtype  # noqa: F401 - softmax/lse dtype, shared
 
 MAX_HEAD_DIM = 128
 _MASK32 = 0xFFFFFFFF
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax and ``lse`` run in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dropout_threshold(p: float) -> int:
@@ -81,23 +77,11 @@ def check_inputs(q, k, v, key_padding_mask, scale, dropout_p) -> float:
 
     Raises ``TypeError``/``ValueError`` naming the argument (shared by every backend).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check.tensor(t, name, 4)
-        check.floating(t, name)
-        check.nonempty(t, name)
-    check.same_dtype(("q", q), ("k", k), ("v", v))
-    check.same_device(("q", q), ("k", k), ("v", v))
+    check.attention_qkv(q, k, v)
     b, h, lq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, H, Lk, D], got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    bk, hk, lk, dk = k.shape
-    if bk != b:
-        raise ValueError(f"q has batch size {b} but k/v have {bk}")
+    hk, lk = k.shape[1], k.shape[2]
     if hk != h:
         raise ValueError(f"q has {h} heads but k/v have {hk}")
-    if dk != d:
-        raise ValueError(f"q has head dim {d} but k/v have {dk}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is larger than the supported {MAX_HEAD_DIM}")
     if key_padding_mask is not None:
@@ -112,11 +96,7 @@ def check_inputs(q, k, v, key_padding_mask, scale, dropout_p) -> float:
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return check.softmax_scale(scale, d)
 
 
 def cross_attention_reference(q, k, v, key_padding_mask=None, *, scale=None, dropout_p=0.0, seed=None,
