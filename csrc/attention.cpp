@@ -21,11 +21,11 @@
 // bf16/fp16 inputs are converted to float32 once (O(B*H*S*D)); float64 stays float64.
 
 #include "attention.h"
+#include "cpu_math.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -48,202 +48,16 @@ constexpr int32_t RULE_FULL = 1;
 constexpr int32_t RULE_CAUSAL = 2;
 constexpr int32_t RULE_SPAN = 3;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using namespace cpu_math;  // ceil_div, the softmax row loops (row_max, row_exp_sum, row_grad)
 
-// The Fortran BLAS entry points that torch's CPU library exports (MKL / OpenBLAS builds). They are
-// declared weak: when the loaded torch does not export them the pointers are null and gemm_rm
-// falls back to at::mm_out / addmm_ on views of the same memory (correct, more per-call overhead).
-// at::native::cpublas::gemm would be the natural choice but is not exported by libtorch_cpu.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
-// MMKERNELS_ATTENTION_NO_BLAS=1 forces the ATen fallback (for testing it).
+// MMKERNELS_ATTENTION_NO_BLAS=1 forces gemm_rm's ATen fallback (for testing it).
 bool use_blas() {
-  static const bool on = [] {
-    const char* e = std::getenv("MMKERNELS_ATTENTION_NO_BLAS");
-    return !(e && e[0] && e[0] != '0');
-  }();
+  static const bool on = !env_flag("MMKERNELS_ATTENTION_NO_BLAS");
   return on;
 }
-
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const float* alpha, const float* a, const int* lda, const float* b,
-                      const int* ldb, const float* beta, float* c, const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const double* alpha, const double* a, const int* lda, const double* b,
-                      const int* ldb, const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <typename T> inline bool have_blas();
-template <> inline bool have_blas<float>() { return sgemm_ != nullptr && use_blas(); }
-template <> inline bool have_blas<double>() { return dgemm_ != nullptr && use_blas(); }
-
-// Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C (beta 0 or 1), with leading
-// dimensions of the stored row-major matrices (op(A) = A^T means A is stored [K, M]).
-// BLAS is column-major: C^T = op(B)^T op(A)^T, so the operands swap and the flags carry over.
-template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-             int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (have_blas<T>() && K > 0 && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX) {
-    const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
-    const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
-    blas_gemm(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
-                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
-                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) {
-    c.copy_(at::mm(a, b).mul_(alpha));
-  } else {
-    c.addmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
-  }
-}
-
-// ----------------------------------------------------------------------------- float row loops
-
-// The float32 softmax row loops use GCC/Clang vector extensions (8 lanes) and a branch-free
-// exp; the functions are compiled for several x86-64 levels and picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define MMKA_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#else
-#define MMKA_MULTIVERSION
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define MMKA_VEC 1
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-constexpr int VL = 8;
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
-
-inline __attribute__((always_inline)) vf vload(const float* p) {
-  vf x;
-  __builtin_memcpy(&x, p, sizeof(vf));
-  return x;
-}
-inline __attribute__((always_inline)) void vstore(float* p, vf x) { __builtin_memcpy(p, &x, sizeof(vf)); }
-inline __attribute__((always_inline)) vf vsplat(float a) { return vf{} + a; }
-
-// exp(x) for x <= 0 (the callers subtract a row max / lse): range reduction x = n ln2 + r with
-// |r| <= ln2/2, a degree-6 polynomial for exp(r), and 2^n built in the exponent bits. Inputs
-// below -87 (including -inf, the masked entries) give exactly 0. Relative error ~2 ulp.
-inline __attribute__((always_inline)) vf vexp_neg(vf x) {
-  const vf lo = vsplat(-87.0f);
-  const vi dead = x < lo;
-  x = (x < lo) ? lo : x;
-  // nn = round(x * log2e): truncation towards 0, then one step down where that overshot by > 1/2
-  const vf t = x * 1.44269504088896341f;
-  vf nn = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
-  nn = (nn - t > 0.5f) ? nn - 1.0f : nn;
-  vf r = x - nn * 0.693359375f;
-  r = r - nn * (-2.12194440e-4f);
-  vf p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi e = (__builtin_convertvector(nn, vi) + 127) << 23;
-  vf two_n;
-  __builtin_memcpy(&two_n, &e, sizeof(vf));
-  vf res = p * two_n;
-  return dead ? vsplat(0.0f) : res;
-}
-#else
-#define MMKA_VEC 0
-#endif
-
-// max(init, max_j s[j]) (the inputs have no NaN unless q/k do).
-MMKA_MULTIVERSION float row_max(const float* s, int64_t n, float init) {
-  int64_t j = 0;
-  float mx = init;
-#if MMKA_VEC
-  vf m = vsplat(init);
-  for (; j + VL <= n; j += VL) {
-    const vf x = vload(s + j);
-    m = (x > m) ? x : m;
-  }
-  for (int l = 0; l < VL; ++l) mx = std::max(mx, m[l]);
-#endif
-  for (; j < n; ++j) mx = std::max(mx, s[j]);
-  return mx;
-}
-
-// s[j] = exp(s[j] - shift) (shift finite); returns the sum.
-MMKA_MULTIVERSION float row_exp_sum(float* s, int64_t n, float shift) {
-  int64_t j = 0;
-  float sum = 0.0f;
-#if MMKA_VEC
-  vf acc = vsplat(0.0f);
-  for (; j + VL <= n; j += VL) {
-    const vf p = vexp_neg(vload(s + j) - shift);
-    vstore(s + j, p);
-    acc += p;
-  }
-  for (int l = 0; l < VL; ++l) sum += acc[l];
-#endif
-  for (; j < n; ++j) {
-    const float p = std::exp(s[j] - shift);
-    s[j] = p;
-    sum += p;
-  }
-  return sum;
-}
-
-// p[j] = exp(p[j] - lse); ds[j] = p[j] * (ds[j] - di).
-MMKA_MULTIVERSION void row_grad(float* p, float* ds, int64_t n, float lse, float di) {
-  int64_t j = 0;
-#if MMKA_VEC
-  for (; j + VL <= n; j += VL) {
-    const vf e = vexp_neg(vload(p + j) - lse);
-    vstore(p + j, e);
-    vstore(ds + j, e * (vload(ds + j) - di));
-  }
-#endif
-  for (; j < n; ++j) {
-    const float e = std::exp(p[j] - lse);
-    p[j] = e;
-    ds[j] = e * (ds[j] - di);
-  }
-}
-
-inline double row_max(const double* s, int64_t n, double init) {
-  double mx = init;
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  return mx;
-}
-inline double row_exp_sum(double* s, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
-    sum += s[j];
-  }
-  return sum;
-}
-inline void row_grad(double* p, double* ds, int64_t n, double lse, double di) {
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(p[j] - lse);
-    ds[j] = p[j] * (ds[j] - di);
-  }
-}
+// cpu_math::gemm_rm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) under that switch.
+template <typename T, typename... Args>
+inline void gemm_rm(Args... args) { cpu_math::gemm_rm<T>(use_blas(), args...); }
 
 // ----------------------------------------------------------------------------- the mask
 

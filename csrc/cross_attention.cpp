@@ -23,11 +23,11 @@
 // GEMMs: the Fortran sgemm_/dgemm_ exported by torch's CPU library (weak symbols), else ATen.
 
 #include "cross_attention.h"
+#include "cpu_math.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -46,77 +46,24 @@ inline int64_t block_m(int64_t lq) { return std::min<int64_t>(std::max<int64_t>(
 constexpr int64_t BN_WHOLE = 1024;  // Lk up to this: one key block (no online rescaling)
 constexpr int64_t BN_LONG = 256;    // key block for longer Lk
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t block_n(int64_t lk) { return lk <= BN_WHOLE ? std::max<int64_t>(lk, 1) : BN_LONG; }
 
-// ----------------------------------------------------------------------------- BLAS
+using namespace cpu_math;  // ceil_div, the vector helpers and the softmax row loops
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
-// MMKERNELS_XATTN_NO_BLAS=1 forces the ATen fallback (for testing it).
+// MMKERNELS_XATTN_NO_BLAS=1 forces gemm_rm's ATen fallback (for testing it).
 bool use_blas() {
-  static const bool on = [] {
-    const char* e = std::getenv("MMKERNELS_XATTN_NO_BLAS");
-    return !(e && e[0] && e[0] != '0');
-  }();
+  static const bool on = !env_flag("MMKERNELS_XATTN_NO_BLAS");
   return on;
 }
-
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const float* alpha, const float* a, const int* lda, const float* b,
-                      const int* ldb, const float* beta, float* c, const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const double* alpha, const double* a, const int* lda, const double* b,
-                      const int* ldb, const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <typename T> inline bool have_blas();
-template <> inline bool have_blas<float>() { return sgemm_ != nullptr && use_blas(); }
-template <> inline bool have_blas<double>() { return dgemm_ != nullptr && use_blas(); }
-
-// Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C (beta 0 or 1); lda/ldb/ldc are
-// the leading dimensions of the stored row-major matrices (op(A) = A^T: A is stored [K, M]).
-template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == T(0))
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
-  if (have_blas<T>() && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX &&
-      M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX) {
-    const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
-    const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
-    blas_gemm(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
-                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
-                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) {
-    c.copy_(at::mm(a, b).mul_(alpha));
-  } else {
-    c.addmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
-  }
-}
+// cpu_math::gemm_rm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) under that switch.
+template <typename T, typename... Args>
+inline void gemm_rm(Args... args) { cpu_math::gemm_rm<T>(use_blas(), args...); }
 
 // ----------------------------------------------------------------------------- dropout hash
 
-inline uint32_t mix32(uint32_t x) {
+// The hash's 32-bit finaliser, on one word or on the 8 lanes of a vu.
+template <typename U>
+CPU_MATH_INLINE U mix32(U x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -131,158 +78,86 @@ struct Dropout {
   double inv_keep = 1.0;  // 1 / (1 - p)
   // The per-row word a = mix(row * 0x9E3779B9 + s0), row = (b * H + h) * Lq + i (mod 2^32).
   uint32_t row_word(int64_t row) const { return mix32(uint32_t(uint64_t(row)) * 0x9E3779B9u + s0); }
+  // words[i] = row_word(row0 + i) for i < m, when dropout is on.
+  void row_words(int64_t row0, int64_t m, uint32_t* words) const {
+    if (on)
+      for (int64_t i = 0; i < m; ++i) words[i] = row_word(row0 + i);
+  }
+  // Whether key j of the row with word a is kept.
+  bool keeps(uint32_t a, uint32_t j) const { return mix32(a + j * 0x85EBCA6Bu + s1) >= thr; }
 };
 
-// ----------------------------------------------------------------------------- float32 row loops
-
-// The float32 row loops use GCC/Clang vector extensions (8 lanes) and a branch-free exp; they are
-// compiled for several x86-64 levels and picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define MMKX_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#else
-#define MMKX_MULTIVERSION
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define MMKX_VEC 1
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-constexpr int VL = 8;
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
-typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
-
-#define MMKX_INLINE inline __attribute__((always_inline))
-
-MMKX_INLINE vf vload(const float* p) {
-  vf x;
-  __builtin_memcpy(&x, p, sizeof(vf));
-  return x;
-}
-MMKX_INLINE void vstore(float* p, vf x) { __builtin_memcpy(p, &x, sizeof(vf)); }
-MMKX_INLINE vf vsplat(float a) { return vf{} + a; }
-
-// exp(x) for x <= ~0: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r), 2^n in the
-// exponent bits. Inputs below -87 (including -inf) give exactly 0. Relative error ~2 ulp.
-MMKX_INLINE vf vexp_neg(vf x) {
-  const vf lo = vsplat(-87.0f);
-  const vi dead = x < lo;
-  x = (x < lo) ? lo : x;
-  const vf t = x * 1.44269504088896341f;
-  vf nn = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
-  nn = (nn - t > 0.5f) ? nn - 1.0f : nn;
-  vf r = x - nn * 0.693359375f;
-  r = r - nn * (-2.12194440e-4f);
-  vf p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi e = (__builtin_convertvector(nn, vi) + 127) << 23;
-  vf two_n;
-  __builtin_memcpy(&two_n, &e, sizeof(vf));
-  vf res = p * two_n;
-  return dead ? vsplat(0.0f) : res;
-}
-
-MMKX_INLINE vu vmix(vu x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-// Keep mask (all ones / zeros per lane) of keys j0 + j .. j0 + j + 7 for the row word a.
-MMKX_INLINE vi vkeep(uint32_t a, uint32_t jj, uint32_t s1, uint32_t thr) {
+#if CPU_MATH_VEC
+// Keep mask (all ones / zeros per lane) of keys jj .. jj + 7 for the row word a (Dropout::keeps).
+CPU_MATH_INLINE vi vkeep(uint32_t a, uint32_t jj, uint32_t s1, uint32_t thr) {
   const vu lane = {0u, 1u, 2u, 3u, 4u, 5u, 6u, 7u};
   const vu j = lane + jj;
-  const vu u = vmix(j * 0x85EBCA6Bu + (a + s1));
+  const vu u = mix32(j * 0x85EBCA6Bu + (a + s1));
   return (vi)(u >= thr);
 }
-#else
-#define MMKX_VEC 0
 #endif
 
-MMKX_MULTIVERSION float row_max(const float* s, int64_t n, float init) {
-  int64_t j = 0;
-  float mx = init;
-#if MMKX_VEC
-  vf m = vsplat(init);
-  for (; j + VL <= n; j += VL) {
-    const vf x = vload(s + j);
-    m = (x > m) ? x : m;
-  }
-  for (int l = 0; l < VL; ++l) mx = std::max(mx, m[l]);
-#endif
-  for (; j < n; ++j) mx = std::max(mx, s[j]);
-  return mx;
+// ----------------------------------------------------------------------------- dropout row loops
+
+// The scalar loops of the row functions below, from index j to n: the float32 versions finish
+// their vector loop's remainder with them, the float64 versions run them whole.
+template <typename T>
+CPU_MATH_INLINE void row_drop_from(T* s, int64_t j, int64_t n, uint32_t a, int64_t j0,
+                                   const Dropout& dr) {
+  for (; j < n; ++j)
+    if (!dr.keeps(a, uint32_t(j0 + j))) s[j] = T(0);
 }
-
-// s[j] = exp(s[j] - shift) (shift finite); returns the sum.
-MMKX_MULTIVERSION float row_exp_sum(float* s, int64_t n, float shift) {
-  int64_t j = 0;
-  float sum = 0.0f;
-#if MMKX_VEC
-  vf acc = vsplat(0.0f);
-  for (; j + VL <= n; j += VL) {
-    const vf p = vexp_neg(vload(s + j) - shift);
-    vstore(s + j, p);
-    acc += p;
-  }
-  for (int l = 0; l < VL; ++l) sum += acc[l];
-#endif
+template <typename T>
+CPU_MATH_INLINE void row_grad_drop_from(T* p, T* ds, int64_t j, int64_t n, T lse, T di, uint32_t a,
+                                        int64_t j0, const Dropout& dr, T inv) {
   for (; j < n; ++j) {
-    const float p = std::exp(s[j] - shift);
-    s[j] = p;
-    sum += p;
+    const T e = std::exp(p[j] - lse);
+    const T f = dr.keeps(a, uint32_t(j0 + j)) ? inv : T(0);
+    p[j] = e * f;
+    ds[j] = e * (ds[j] * f - di);
   }
-  return sum;
+}
+// row_grad_whole's first pass: p = e, frow = f; returns delta + sum of e * f * ds.
+template <typename T>
+CPU_MATH_INLINE T whole_delta_from(T* p, const T* ds, T* frow, int64_t j, int64_t n, T lse,
+                                   bool drop, uint32_t a, const Dropout& dr, T inv, T delta) {
+  for (; j < n; ++j) {
+    const T e = std::exp(p[j] - lse);
+    T f = T(1);
+    if (drop) f = dr.keeps(a, uint32_t(j)) ? inv : T(0);
+    p[j] = e;
+    frow[j] = f;
+    delta += e * f * ds[j];
+  }
+  return delta;
+}
+// row_grad_whole's second pass: p = e * f, ds = e * (ds * f - delta).
+template <typename T>
+CPU_MATH_INLINE void whole_apply_from(T* p, T* ds, const T* frow, int64_t j, int64_t n, T delta) {
+  for (; j < n; ++j) {
+    const T e = p[j], f = frow[j];
+    p[j] = e * f;
+    ds[j] = e * (ds[j] * f - delta);
+  }
 }
 
 // s[j] = 0 where dropout drops key j0 + j of the row with word a.
-MMKX_MULTIVERSION void row_drop(float* s, int64_t n, uint32_t a, int64_t j0, const Dropout& dr) {
+CPU_MATH_MULTIVERSION void row_drop(float* s, int64_t n, uint32_t a, int64_t j0, const Dropout& dr) {
   int64_t j = 0;
-#if MMKX_VEC
+#if CPU_MATH_VEC
   for (; j + VL <= n; j += VL) {
     const vi keep = vkeep(a, uint32_t(j0 + j), dr.s1, dr.thr);
     vstore(s + j, keep ? vload(s + j) : vsplat(0.0f));
   }
 #endif
-  for (; j < n; ++j) {
-    const uint32_t u = mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1);
-    if (u < dr.thr) s[j] = 0.0f;
-  }
-}
-
-// p[j] = exp(p[j] - lse); ds[j] = p[j] * (ds[j] - di).
-MMKX_MULTIVERSION void row_grad(float* p, float* ds, int64_t n, float lse, float di) {
-  int64_t j = 0;
-#if MMKX_VEC
-  for (; j + VL <= n; j += VL) {
-    const vf e = vexp_neg(vload(p + j) - lse);
-    vstore(p + j, e);
-    vstore(ds + j, e * (vload(ds + j) - di));
-  }
-#endif
-  for (; j < n; ++j) {
-    const float e = std::exp(p[j] - lse);
-    p[j] = e;
-    ds[j] = e * (ds[j] - di);
-  }
+  row_drop_from(s, j, n, a, j0, dr);
 }
 
 // With dropout: e = exp(p - lse), f = keep ? 1/(1-p) : 0; p = e * f; ds = e * (ds * f - di).
-MMKX_MULTIVERSION void row_grad_drop(float* p, float* ds, int64_t n, float lse, float di, uint32_t a,
-                                     int64_t j0, const Dropout& dr, float inv) {
+CPU_MATH_MULTIVERSION void row_grad_drop(float* p, float* ds, int64_t n, float lse, float di,
+                                         uint32_t a, int64_t j0, const Dropout& dr, float inv) {
   int64_t j = 0;
-#if MMKX_VEC
+#if CPU_MATH_VEC
   for (; j + VL <= n; j += VL) {
     const vf e = vexp_neg(vload(p + j) - lse);
     const vi keep = vkeep(a, uint32_t(j0 + j), dr.s1, dr.thr);
@@ -291,23 +166,17 @@ MMKX_MULTIVERSION void row_grad_drop(float* p, float* ds, int64_t n, float lse, 
     vstore(ds + j, e * (vload(ds + j) * f - di));
   }
 #endif
-  for (; j < n; ++j) {
-    const float e = std::exp(p[j] - lse);
-    const uint32_t u = mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1);
-    const float f = u >= dr.thr ? inv : 0.0f;
-    p[j] = e * f;
-    ds[j] = e * (ds[j] * f - di);
-  }
+  row_grad_drop_from(p, ds, j, n, lse, di, a, j0, dr, inv);
 }
 
 // Whole-row variant (the row's keys all lie in this tile): delta = sum_j P_ij * f_ij * dP_ij from
 // the tile itself (exact, unlike rowsum(dO * O) with O rounded to 16 bits), then as row_grad(_drop).
 // f = keep ? 1/(1-p) : 0 (1 without dropout); frow: scratch of n floats.
-MMKX_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int64_t n, float lse,
-                                      bool drop, uint32_t a, const Dropout& dr, float inv) {
+CPU_MATH_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int64_t n, float lse,
+                                          bool drop, uint32_t a, const Dropout& dr, float inv) {
   int64_t j = 0;
   float delta = 0.0f;
-#if MMKX_VEC
+#if CPU_MATH_VEC
   vf acc = vsplat(0.0f);
   for (; j + VL <= n; j += VL) {
     const vf e = vexp_neg(vload(p + j) - lse);
@@ -319,80 +188,29 @@ MMKX_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int64_t 
   }
   for (int l = 0; l < VL; ++l) delta += acc[l];
 #endif
-  for (; j < n; ++j) {
-    const float e = std::exp(p[j] - lse);
-    float f = 1.0f;
-    if (drop) f = mix32(a + uint32_t(j) * 0x85EBCA6Bu + dr.s1) >= dr.thr ? inv : 0.0f;
-    p[j] = e;
-    frow[j] = f;
-    delta += e * f * ds[j];
-  }
+  delta = whole_delta_from(p, ds, frow, j, n, lse, drop, a, dr, inv, delta);
   j = 0;
-#if MMKX_VEC
+#if CPU_MATH_VEC
   for (; j + VL <= n; j += VL) {
     const vf e = vload(p + j), f = vload(frow + j);
     vstore(p + j, e * f);
     vstore(ds + j, e * (vload(ds + j) * f - delta));
   }
 #endif
-  for (; j < n; ++j) {
-    const float e = p[j], f = frow[j];
-    p[j] = e * f;
-    ds[j] = e * (ds[j] * f - delta);
-  }
+  whole_apply_from(p, ds, frow, j, n, delta);
 }
 
-// ----------------------------------------------------------------------------- float64 row loops
-
-inline double row_max(const double* s, int64_t n, double init) {
-  double mx = init;
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  return mx;
-}
-inline double row_exp_sum(double* s, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
-    sum += s[j];
-  }
-  return sum;
-}
 inline void row_drop(double* s, int64_t n, uint32_t a, int64_t j0, const Dropout& dr) {
-  for (int64_t j = 0; j < n; ++j)
-    if (mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1) < dr.thr) s[j] = 0.0;
-}
-inline void row_grad(double* p, double* ds, int64_t n, double lse, double di) {
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(p[j] - lse);
-    ds[j] = p[j] * (ds[j] - di);
-  }
+  row_drop_from(s, 0, n, a, j0, dr);
 }
 inline void row_grad_drop(double* p, double* ds, int64_t n, double lse, double di, uint32_t a,
                           int64_t j0, const Dropout& dr, double inv) {
-  for (int64_t j = 0; j < n; ++j) {
-    const double e = std::exp(p[j] - lse);
-    const double f = mix32(a + uint32_t(j0 + j) * 0x85EBCA6Bu + dr.s1) >= dr.thr ? inv : 0.0;
-    p[j] = e * f;
-    ds[j] = e * (ds[j] * f - di);
-  }
+  row_grad_drop_from(p, ds, 0, n, lse, di, a, j0, dr, inv);
 }
-
 inline void row_grad_whole(double* p, double* ds, double* frow, int64_t n, double lse, bool drop,
                            uint32_t a, const Dropout& dr, double inv) {
-  double delta = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double e = std::exp(p[j] - lse);
-    double f = 1.0;
-    if (drop) f = mix32(a + uint32_t(j) * 0x85EBCA6Bu + dr.s1) >= dr.thr ? inv : 0.0;
-    p[j] = e;
-    frow[j] = f;
-    delta += e * f * ds[j];
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const double e = p[j], f = frow[j];
-    p[j] = e * f;
-    ds[j] = e * (ds[j] * f - delta);
-  }
+  const double delta = whole_delta_from(p, ds, frow, 0, n, lse, drop, a, dr, inv, 0.0);
+  whole_apply_from(p, ds, frow, 0, n, delta);
 }
 
 // s[j] = -inf where key j is padding.
@@ -483,8 +301,7 @@ void fwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const sc
       std::fill(acc.begin(), acc.begin() + m * D, acc_t(0));
       std::fill(mrow.begin(), mrow.end(), ninf);
       std::fill(lrow.begin(), lrow.end(), acc_t(0));
-      if (P.drop.on)
-        for (int64_t i = 0; i < m; ++i) words[i] = P.drop.row_word(pair * Lq + i0 + i);
+      P.drop.row_words(pair * Lq + i0, m, words.data());
       for (int64_t kb = 0; kb < TK; ++kb) {
         const int8_t st = P.block(b, kb);
         if (st == BLOCK_NONE) continue;
@@ -567,8 +384,7 @@ void bwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const sc
             sum += static_cast<acc_t>(gi[c * dos.s[3]]) * static_cast<acc_t>(oi[c * os.s[3]]);
           delta[i] = sum;
         }
-        if (P.drop.on)
-          for (int64_t i = 0; i < m; ++i) words[i] = P.drop.row_word(pair * Lq + i0 + i);
+        P.drop.row_words(pair * Lq + i0, m, words.data());
         for (int64_t kb = 0; kb < TK; ++kb) {
           const int8_t st = P.block(b, kb);
           if (st == BLOCK_NONE) continue;
