@@ -55,6 +55,8 @@ their gradients between repeats):
 
 * ``mmkernels``: ``mmkernels.QFormer`` (same config; K/V weights re-shared into one storage after
   binding, as after ``load_state_dict``).
+* ``mmkernels_compiled`` (GPU, full profile only: compiling the step takes a minute or more):
+  ``torch.compile(mmkernels.QFormer, fullgraph=True)``, the glue around the GEMMs fused by inductor.
 * ``mmkernels_patched``: HF ``Blip2QFormerModel`` (``attn_implementation="sdpa"``, transformers'
   default) after ``mmkernels.integrations.transformers.patch_blip2``.
 * ``hf_eager``: HF ``Blip2QFormerModel`` with ``attn_implementation="eager"``.
@@ -643,6 +645,8 @@ class QFormerContext:
 
 
 def build_qformer(impl: str, cfg: dict, params: dict) -> nn.Module:
+    if impl == "mmkernels_compiled":
+        return torch.compile(build_qformer("mmkernels", cfg, params), fullgraph=True)
     if impl == "mmkernels":
         from mmkernels.models import QFormer
 
@@ -730,7 +734,7 @@ def make_qformer_inputs(case: Case) -> dict:
 
 def qformer_step(query_embeds, image_embeds, attention_mask, dout, ctx, *, impl: str, **params):
     model = ctx.model(impl)
-    if impl == "mmkernels":
+    if impl in ("mmkernels", "mmkernels_compiled"):
         out = model(query_embeds, image_embeds, query_length=ctx.query_length, attention_mask=attention_mask)
     else:
         out = model(query_embeds=query_embeds, query_length=ctx.query_length, attention_mask=attention_mask,
@@ -776,7 +780,7 @@ def check_qformer(impl: str, case: Case) -> Optional[str]:
         reason = hf_sdpa_support()
         if reason:
             return reason
-    if impl == "mmkernels":
+    if impl in ("mmkernels", "mmkernels_compiled"):
         try:
             from mmkernels.models import QFormer  # noqa: F401
         except Exception as exc:
@@ -820,12 +824,19 @@ def est_qformer(factor: float, case: Case) -> int:
     return int((L * per_layer + n_cross * 2 * B * Lk * 2 * Hd) * e)
 
 
-def qformer_providers() -> tuple:
-    return (
+def qformer_providers(compiled: bool = False) -> tuple:
+    """The Q-Former providers; ``compiled`` adds ``mmkernels_compiled`` (full profile only: compiling
+    the 12-layer step takes a minute or more, which the quick suite cannot spend)."""
+    return tuple(p for p in (
         Provider("mmkernels", functools.partial(qformer_step, impl="mmkernels"),
                  check=functools.partial(check_qformer, "mmkernels"), mem_estimate=functools.partial(est_qformer, 14),
                  note="mmkernels.models.QFormer (HF Blip2QFormerModel's config and parameters; one fused K/V GEMM "
                       "per forward, cross_attention for cross- and padded self-attention)"),
+        Provider("mmkernels_compiled", functools.partial(qformer_step, impl="mmkernels_compiled"),
+                 check=functools.partial(check_qformer, "mmkernels_compiled"),
+                 mem_estimate=functools.partial(est_qformer, 14),
+                 note="torch.compile(mmkernels.models.QFormer, fullgraph=True): inductor fuses the LayerNorm, "
+                      "residual, dropout and GELU glue around the GEMMs and the mmkernels ops"),
         Provider("mmkernels_patched", functools.partial(qformer_step, impl="mmkernels_patched"),
                  check=functools.partial(check_qformer, "mmkernels_patched"),
                  mem_estimate=functools.partial(est_qformer, 14),
@@ -837,10 +848,11 @@ def qformer_providers() -> tuple:
         Provider("hf_sdpa", functools.partial(qformer_step, impl="hf_sdpa"),
                  check=functools.partial(check_qformer, "hf_sdpa"), mem_estimate=functools.partial(est_qformer, 16),
                  note="HF transformers Blip2QFormerModel, attn_implementation='sdpa'"),
-    )
+    ) if compiled or p.name != "mmkernels_compiled")
 
 
-def qformer_case(B, Q, T, Lk, hidden, heads, layers, inter, freq, C, drop, dtype: str, device: str) -> Case:
+def qformer_case(B, Q, T, Lk, hidden, heads, layers, inter, freq, C, drop, dtype: str, device: str,
+                 compiled: bool = False) -> Case:
     shape = {"B": B, "Q": Q, "T": T, "Lk": Lk, "hidden": hidden, "heads": heads, "layers": layers,
              "inter": inter, "freq": freq, "C": C, "drop": drop}
     return Case(
@@ -850,7 +862,7 @@ def qformer_case(B, Q, T, Lk, hidden, heads, layers, inter, freq, C, drop, dtype
         dtype=dtype,
         device=device,
         make_inputs=make_qformer_inputs,
-        providers=qformer_providers(),
+        providers=qformer_providers(compiled),
         mode="fwd+bwd",
         flops=qformer_flops(shape),
         flops_formula="3*fwd GEMM+attention FLOPs - K/V dX",
@@ -961,7 +973,7 @@ def cases(device: str, profile: str, overrides: Optional[dict] = None) -> list:
     for row in _override(kvrows, overrides, {"B": 0, "Lk": 1}):
         out.append(kv_case(*row, dtype, device))
     for row in _override(qrows, overrides, {"B": 0, "Lk": 3}):
-        out.append(qformer_case(*row, dtype, device))
+        out.append(qformer_case(*row, dtype, device, compiled=profile == "full" and gpu))
     # the torch.mm peak rate (GPU: 8192^3, for "% mm"); none on CPU
     return mm.probes_for(device, profile, [], dtype) + out
 
