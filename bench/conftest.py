@@ -5,7 +5,16 @@ pytest-benchmark plugin is not installed, a stand-in ``benchmark`` fixture runs
 each case once, so the file still collects and checks that every case runs.
 """
 
+import os
+
 import pytest
+import torch
+
+# As in tests/conftest.py: without a CUDA device the Triton kernels run through Triton's
+# interpreter, which must be chosen before triton or mmkernels is imported (so `pytest bench/`
+# alone behaves as the whole suite does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import pytest_benchmark  # noqa: F401

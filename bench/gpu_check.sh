@@ -22,6 +22,8 @@
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
 #   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45): device time per kernel -> $OUT/profile.md
 #   6. only with GPU_CHECK_TUNE=1: python3 -m bench.tune_gpu (limit GPU_CHECK_TUNE_TIMEOUT s, 120) -> $OUT/tune.md
+#      (GPU_CHECK_TUNE_ONLY=cross_attention,experts limits and orders the sweeps; tune.md keeps every
+#      family finished before a timeout)
 # The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
 # failed or timed out; 2 bench failed (an mmkernels measurement errored, or the
 # bench crashed); 4 a bench provider disagrees with the reference.
@@ -138,7 +140,9 @@ fi
 if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
   echo "== [$(elapsed) s] python -m bench.tune_gpu (limit ${TUNE_T} s)"
   echo "== tune_gpu (stderr)" >>"$OUT/bench.log"
-  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" >/dev/null 2>>"$OUT/bench.log" \
+  TUNE_ARGS=()
+  [ -n "${GPU_CHECK_TUNE_ONLY:-}" ] && TUNE_ARGS=(--only "$GPU_CHECK_TUNE_ONLY")
+  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" ${TUNE_ARGS[@]+"${TUNE_ARGS[@]}"} >/dev/null 2>>"$OUT/bench.log" \
     || echo "tune_gpu: failed or timed out (its stderr is at the end of bench.log)"
 fi
 

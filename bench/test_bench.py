@@ -538,7 +538,9 @@ def test_tune_gpu_smoke(tmp_path, capsys):
     out = tmp_path / "tune.md"
     assert tune_gpu.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text()
-    for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq"):
+    for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq",
+                  "cross_attention BLIP-2", "cross_attention CoCa pooler", "pairs per program",
+                  "experts weight gradient", "token chunks"):
         assert title in text, title
     assert "error:" not in text, text
 

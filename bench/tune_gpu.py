@@ -1,6 +1,6 @@
 """Tile-configuration sweeps for the kernels whose heuristics were never measured on a GPU.
 
-    python -m bench.tune_gpu [--only attention|contrastive|cross_attention] [--out FILE]   # CUDA; 1-2 minutes
+    python -m bench.tune_gpu [--only attention|contrastive|cross_attention|experts] [--out FILE]   # CUDA; 2 minutes
     TRITON_INTERPRET=1 python -m bench.tune_gpu --smoke                     # tiny sizes, CPU
 
 For each kernel it times every candidate configuration (median of CUDA-event timings after a
@@ -219,13 +219,81 @@ def tune_cross_attention(device: str, smoke: bool, reps: int) -> list[str]:
             + _xattn_sweep(device, smoke, reps, "CoCa pooler", coca, COCA_FWD_CANDIDATES, COCA_BWD_CANDIDATES, ()))
 
 
+# ----------------------------------------------------------------------------- experts
+
+# (BLOCK_N, BLOCK_K, BLOCK_T, warps, stages) of the weight-gradient kernel; the heuristic's is first
+WGRAD_CANDIDATES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                    (128, 128, 32, 8, 4), (64, 128, 64, 8, 3)]
+WGRAD_CHUNKS = ("0", "1024", "2048", "4096")
+
+
+def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
+    """The weight gradient of the VLMo FFN's first layer (dW_in [2, 3072, 768] from 64 x (40 text
+    + 197 image) tokens, bf16): tiles at the default grid, then token chunks (fp32 atomics,
+    ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles. The perf notes' reading: one
+    program per dW tile walks all of its expert's tokens, and the image expert's programs are 5x
+    longer than the text expert's, so the grid is unbalanced."""
+    from mmkernels.experts import kernels as K
+    b, t_text, t_img, h, f = (2, 8, 24, 64, 128) if smoke else (64, 40, 197, 768, 3072)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.cat([torch.zeros(b, t_text, dtype=torch.int64), torch.ones(b, t_img, dtype=torch.int64)], 1)
+    perm, offsets = K.route_triton(ids.reshape(-1).to(device), 2)
+    t = ids.numel()
+    dh = torch.randn(t, f, device=device, generator=g).to(dtype)
+    x = torch.randn(t, h, device=device, generator=g).to(dtype)
+    dw = torch.empty(2, f, h, device=device, dtype=dtype)
+    db = torch.empty(2, f, device=device, dtype=dtype)
+    flop = 2 * t * f * h
+    lines = [f"# experts weight gradient, VLMo FFN dW_in: T={t} ({b} x {t_text}+{t_img}), N={f}, K={h}, bf16", ""]
+    heur = K.heuristic_config("wgrad_ffn_in", dtype, K.input_precision(dtype), False, f, True)
+    rows = []
+    with scoped_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", "0"):
+        for c in (WGRAD_CANDIDATES[:2] if smoke else WGRAD_CANDIDATES):
+            cfg = K.WGradConfig(*c)
+            fn = lambda: K._grouped_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets, config=cfg)  # noqa: E731
+            try:
+                ms = _time_ms(fn, device, reps)
+                rows.append((str(c), ms, flop / ms / 1e9, cfg == heur))
+            except Exception as exc:  # noqa: BLE001 - report every failure, keep sweeping
+                rows.append((str(c), _err(exc), None, cfg == heur))
+    lines += _table("tiles, one program per dW tile (BLOCK_N, BLOCK_K, BLOCK_T, warps, stages)", rows, "TFLOP/s")
+    rows = []
+    for chunk in (WGRAD_CHUNKS[:2] if smoke else WGRAD_CHUNKS):
+        with scoped_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", chunk):
+            fn = lambda: K._grouped_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets)  # noqa: E731
+            try:
+                ms = _time_ms(fn, device, reps)
+                rows.append((f"chunk={chunk}", ms, flop / ms / 1e9, chunk == "0"))
+            except Exception as exc:  # noqa: BLE001
+                rows.append((f"chunk={chunk}", _err(exc), None, chunk == "0"))
+    lines += _table("token chunks at the heuristic tiles (fp32 atomics when > 0)", rows, "TFLOP/s")
+    return lines
+
+
+SWEEPS = {"contrastive": tune_contrastive, "attention": tune_attention,
+          "cross_attention": tune_cross_attention, "experts": tune_experts}
+
+
+def _families(only: str | None) -> list[str]:
+    if not only:
+        return list(SWEEPS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SWEEPS]
+    if unknown:
+        raise SystemExit(f"tune_gpu: unknown family {unknown}; choose from {', '.join(SWEEPS)}")
+    return names
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("attention", "contrastive", "cross_attention"))
-    ap.add_argument("--out", help="also write the tables to this file")
+    ap.add_argument("--only", help=f"comma-separated families, in this order (default all: {', '.join(SWEEPS)})")
+    ap.add_argument("--out", help="also write the tables to this file (rewritten after each family, so a "
+                                  "timed-out run keeps what it measured)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one or two configs (checks the script)")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
+    families = _families(args.only)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
         print("tune_gpu: no CUDA device (use --smoke to check the script on a CPU)", file=sys.stderr)
@@ -237,19 +305,16 @@ def main(argv=None) -> int:
     reps = 2 if args.smoke else args.reps
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     lines = [f"# mmkernels tile sweeps on {name}", ""]
-    for family, fn in (("contrastive", tune_contrastive), ("attention", tune_attention),
-                       ("cross_attention", tune_cross_attention)):
-        if args.only and args.only != family:
-            continue
+    for family in families:
         try:
-            lines += fn(device, args.smoke, reps)
-        except Exception as exc:  # noqa: BLE001 - one family failing must not hide the other
-            lines += [f"# {family}", _err(exc), ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+            new = SWEEPS[family](device, args.smoke, reps)
+        except Exception as exc:  # noqa: BLE001 - one family failing must not hide the others
+            new = [f"# {family}", _err(exc), ""]
+        lines += new
+        print("\n".join(new), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
     return 0
 
 
