@@ -17,11 +17,17 @@ def report() -> str:
         triton_version = triton.__version__
     except Exception as exc:  # not installed, or broken
         triton_version = f"not importable ({type(exc).__name__})"
+    try:  # used by mmkernels.integrations.transformers (patch_blip2) only
+        import transformers
+        transformers_version = transformers.__version__
+    except Exception as exc:  # optional
+        transformers_version = f"not importable ({type(exc).__name__}; only patch_blip2 needs it)"
     lines = [
         f"mmkernels: {mmkernels.__version__}",
         f"python: {sys.version.split()[0]} ({platform.platform()})",
         f"torch: {torch.__version__} (cuda {torch.version.cuda})",
         f"triton: {triton_version}",
+        f"transformers: {transformers_version}",
         f"compiled CPU kernels (mmkernels._C): {'built' if _ext.available() else 'missing: ' + str(_ext.LOAD_ERROR)}",
         f"backend asked for: {_backend.current()}  (MMKERNELS_BACKEND / mmkernels.backend)",
         f"TRITON_INTERPRET: {int(_backend.TRITON_INTERPRET)}",
