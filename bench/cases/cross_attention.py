@@ -41,7 +41,7 @@ Providers, ``cross_attention``:
 Providers, ``kv_projection``:
 
 * ``mmkernels``: ``mmkernels.fused_kv_projection`` with the layers' weights and biases moved back to
-  back into one storage by ``mmkernels.cross_attention.share_kv_storage`` (done by the provider's
+  back into one storage by ``mmkernels.share_kv_storage`` (done by the provider's
   first, untimed call, as ``mmkernels.QFormer`` and ``patch_blip2`` do once): one GEMM, no copy.
 * ``mmkernels_cat``: the same function on the separately allocated weights (what a plain HF model
   holds): it concatenates the weights (and biases) on every call.

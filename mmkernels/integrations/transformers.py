@@ -12,7 +12,7 @@ It changes no class and no weight; it sets instance-level ``forward`` overrides:
   :func:`mmkernels.fused_kv_projection` GEMM before the layers run, hands each cross-attention
   module its ``(k, v)`` for the duration of the call, and clears them afterwards (also on
   exceptions). The cross layers' key/value weights are moved into one storage
-  (:func:`mmkernels.cross_attention.share_kv_storage`) so that GEMM reads them without a copy.
+  (:func:`mmkernels.share_kv_storage`) so that GEMM reads them without a copy.
   After moving the model (``.to()``, ``.half()``) call ``patch_blip2`` again to re-share them
   (a second patch changes nothing else); without that the projection concatenates the weights
   on each call, which is correct but copies them.

@@ -15,7 +15,7 @@ What runs where:
 
 * the keys and values of every cross-attention layer come from ONE GEMM per forward
   (:func:`mmkernels.fused_kv_projection`); the layers' key/value weights live back to back in one
-  storage (:func:`mmkernels.cross_attention.share_kv_storage`, redone after ``.to()``/``.half()``
+  storage (:func:`mmkernels.share_kv_storage`, redone after ``.to()``/``.half()``
   and after ``load_state_dict``), so that GEMM reads them without a copy;
 * cross-attention: :func:`mmkernels.cross_attention` (key padding from ``encoder_attention_mask``,
   attention dropout inside the kernel in training);
