@@ -349,3 +349,37 @@ def test_triton_backend_small():
     with mmkernels.backend("triton"):
         got = run_grads(hf, x, e, up, query_length=8, attention_mask=am)
     assert_same(got, ref, dtype)
+
+
+def test_patched_instructblip_qformer_matches_hf():
+    """InstructBLIP's Q-Former (its own word embeddings; instruction tokens after the queries,
+    padded) gives the same output and gradients before and after patch_blip2."""
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+    cfg = InstructBlipQFormerConfig(vocab_size=50, hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                                    num_hidden_layers=4, cross_attention_frequency=2, encoder_hidden_size=96,
+                                    max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = InstructBlipQFormerModel(cfg).double().eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 50, (B, T), generator=g)
+    am = torch.ones(B, Q + T, dtype=torch.long)
+    am[1, -3:] = 0  # the second instruction is 3 tokens shorter
+    queries = torch.randn(B, Q, 128, generator=g, dtype=torch.float64)
+    img = torch.randn(B, LK, 96, generator=g, dtype=torch.float64)
+    up = torch.randn(B, Q + T, 128, generator=g, dtype=torch.float64)
+
+    def run():
+        hf.zero_grad(set_to_none=True)
+        qq, ee = queries.clone().requires_grad_(), img.clone().requires_grad_()
+        out = hf(input_ids=ids, attention_mask=am, query_embeds=qq, encoder_hidden_states=ee).last_hidden_state
+        (out * up).sum().backward()
+        return [out.detach(), qq.grad, ee.grad] + [p.grad.clone() for p in hf.parameters() if p.grad is not None]
+
+    want = run()
+    unpatch = patch_blip2(hf)
+    assert is_patched(hf)
+    got = run()
+    unpatch()
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
