@@ -114,6 +114,23 @@ def _keep_t(a, cols, s1, thr_biased):
 
 
 @triton.jit
+def _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK: tl.constexpr):
+    """Keys of the block that exist (``cols < Lk``) and, with a mask, are not padding."""
+    if HAS_MASK:
+        return col_ok & (tl.load(mask_ptr + b64 * stride_mb + cols64 * stride_mk, mask=col_ok, other=0) != 0)
+    return col_ok
+
+
+@triton.jit
+def _kv_tile(base, cols64, stride_s, stride_d, offs_d64, kv_msk, DOT_UPCAST: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_D]`` tile of k or v rows ``cols64`` (zeros outside ``kv_msk``)."""
+    t = tl.load(base + cols64[:, None] * stride_s + offs_d64[None, :] * stride_d, mask=kv_msk, other=0.0)
+    if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _xattn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, seed_ptr,
     qk_scale, inv_keep, thr_biased,
@@ -178,15 +195,8 @@ def _xattn_fwd_kernel(
             col_ok = cols < Lk
             cols64 = cols.to(tl.int64)
             kv_msk = col_ok[:, None] & d_ok[None, :]
-            if HAS_MASK:
-                key_ok = col_ok & (tl.load(mask_ptr + b64 * stride_mb + cols64 * stride_mk,
-                                           mask=col_ok, other=0) != 0)
-            else:
-                key_ok = col_ok
-            kt = tl.load(k_base + cols64[:, None] * stride_ks + offs_d64[None, :] * stride_kd,
-                         mask=kv_msk, other=0.0)
-            if DOT_UPCAST:
-                kt = kt.to(tl.float32)
+            key_ok = _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK)
+            kt = _kv_tile(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=INPUT_PRECISION) * qk_scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -196,10 +206,7 @@ def _xattn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:
                 p = tl.where(_keep(a, cols, s1, thr_biased), p, 0.0)
-            vt = tl.load(v_base + cols64[:, None] * stride_vs + offs_d64[None, :] * stride_vd,
-                         mask=kv_msk, other=0.0)
-            if DOT_UPCAST:
-                vt = vt.to(tl.float32)
+            vt = _kv_tile(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=INPUT_PRECISION)
             m_i = m_new
 
@@ -328,18 +335,9 @@ def _xattn_bwd_kernel(
                 col_ok = cols < Lk
                 cols64 = cols.to(tl.int64)
                 kv_msk = col_ok[:, None] & d_ok[None, :]
-                if HAS_MASK:
-                    key_ok = col_ok & (tl.load(mask_ptr + b64 * stride_mb + cols64 * stride_mk,
-                                               mask=col_ok, other=0) != 0)
-                else:
-                    key_ok = col_ok
-                kt = tl.load(k_base + cols64[:, None] * stride_ks + offs_d64[None, :] * stride_kd,
-                             mask=kv_msk, other=0.0)
-                vt = tl.load(v_base + cols64[:, None] * stride_vs + offs_d64[None, :] * stride_vd,
-                             mask=kv_msk, other=0.0)
-                if DOT_UPCAST:
-                    kt = kt.to(tl.float32)
-                    vt = vt.to(tl.float32)
+                key_ok = _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK)
+                kt = _kv_tile(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
+                vt = _kv_tile(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
                 if HAS_DROPOUT:
                     keep_t = _keep_t(a, cols, s1, thr_biased)
                 else:
@@ -372,18 +370,9 @@ def _xattn_bwd_kernel(
                 col_ok = cols < Lk
                 cols64 = cols.to(tl.int64)
                 kv_msk = col_ok[:, None] & d_ok[None, :]
-                if HAS_MASK:
-                    key_ok = col_ok & (tl.load(mask_ptr + b64 * stride_mb + cols64 * stride_mk,
-                                               mask=col_ok, other=0) != 0)
-                else:
-                    key_ok = col_ok
-                kt = tl.load(k_base + cols64[:, None] * stride_ks + offs_d64[None, :] * stride_kd,
-                             mask=kv_msk, other=0.0)
-                vt = tl.load(v_base + cols64[:, None] * stride_vs + offs_d64[None, :] * stride_vd,
-                             mask=kv_msk, other=0.0)
-                if DOT_UPCAST:
-                    kt = kt.to(tl.float32)
-                    vt = vt.to(tl.float32)
+                key_ok = _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK)
+                kt = _kv_tile(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
+                vt = _kv_tile(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
                 dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
                 dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
                 last_block = n0 + BLOCK_N >= Lk
