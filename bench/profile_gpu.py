@@ -106,8 +106,8 @@ CASES = {
     "contrastive N=32768 D=768 two-pass forward": lambda: _contrastive(32768, 768, "two_pass"),
     "attention blip2_itg B=128 H=12 S=160 D=64": lambda: _attention("blip2", 128, 12, 160, 64),
     "attention causal B=2 H=16 S=8192 D=128": lambda: _attention("causal", 2, 16, 8192, 128),
-    "experts VLMo FFN B=64 40+197 768/3072": _experts,
-    "experts VLMo FFN, token-chunked wgrad (2048)": lambda: _experts("2048"),
+    "experts VLMo FFN B=64 40+197 768/3072 (wgrad chunks: auto)": _experts,
+    "experts VLMo FFN, one wgrad program per dW tile (chunk 0)": lambda: _experts("0"),
     "cross_attention BLIP-2 B=128 H=12 Lq=32 Lk=257 D=64": lambda: _cross_attention(128, 257),
     "qformer step B=128 32+32 tokens, 257 image tokens": lambda: _qformer(128),
 }

@@ -221,25 +221,30 @@ def tune_cross_attention(device: str, smoke: bool, reps: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- experts
 
-# (BLOCK_N, BLOCK_K, BLOCK_T, warps, stages) of the weight-gradient kernel; the heuristic's is first
-WGRAD_CANDIDATES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3),
-                    (128, 128, 32, 8, 4), (64, 128, 64, 8, 3)]
-WGRAD_CHUNKS = ("0", "1024", "2048", "4096")
+# (BLOCK_N, BLOCK_K, BLOCK_T, warps, stages) of the weight-gradient kernel; the heuristic's is first.
+# Below 5 stages the gathered reduction is not software-pipelined (sm_90a PTX: every
+# cp.async.wait_group drains all copies); the 3-stage row measures what that costs.
+WGRAD_CANDIDATES = [(128, 128, 64, 8, 5), (128, 128, 64, 8, 3), (128, 128, 32, 8, 6), (64, 128, 64, 8, 5),
+                    (64, 128, 64, 4, 5), (128, 128, 64, 8, 6)]
+WGRAD_CHUNKS = ("0", "auto", "1024", "2048", "4096")
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the grouped GEMM (VLMo FFN forward launches)
+MM_CANDIDATES = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 4),
+                 (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]
 
 
-def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
-    """The weight gradient of the VLMo FFN's first layer (dW_in [2, 3072, 768] from 64 x (40 text
-    + 197 image) tokens, bf16): tiles at the default grid, then token chunks (fp32 atomics,
-    ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles. The perf notes' reading: one
-    program per dW tile walks all of its expert's tokens, and the image expert's programs are 5x
-    longer than the text expert's, so the grid is unbalanced."""
+def _vlmo_inputs(device: str, smoke: bool):
     from mmkernels.experts import kernels as K
     b, t_text, t_img, h, f = (2, 8, 24, 64, 128) if smoke else (64, 40, 197, 768, 3072)
-    dtype = torch.bfloat16
-    g = torch.Generator(device=device).manual_seed(0)
     ids = torch.cat([torch.zeros(b, t_text, dtype=torch.int64), torch.ones(b, t_img, dtype=torch.int64)], 1)
     perm, offsets = K.route_triton(ids.reshape(-1).to(device), 2)
-    t = ids.numel()
+    return (b, t_text, t_img, h, f), ids.numel(), perm, offsets
+
+
+def _tune_wgrad(device: str, smoke: bool, reps: int) -> list[str]:
+    from mmkernels.experts import kernels as K
+    (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
     dh = torch.randn(t, f, device=device, generator=g).to(dtype)
     x = torch.randn(t, h, device=device, generator=g).to(dtype)
     dw = torch.empty(2, f, h, device=device, dtype=dtype)
@@ -248,7 +253,7 @@ def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
     lines = [f"# experts weight gradient, VLMo FFN dW_in: T={t} ({b} x {t_text}+{t_img}), N={f}, K={h}, bf16", ""]
     heur = K.heuristic_config("wgrad_ffn_in", dtype, K.input_precision(dtype), False, f, True)
     rows = []
-    with scoped_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", "0"):
+    with scoped_env(K.WGRAD_CHUNK_ENV, "0"):
         for c in (WGRAD_CANDIDATES[:2] if smoke else WGRAD_CANDIDATES):
             cfg = K.WGradConfig(*c)
             fn = lambda: K._grouped_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets, config=cfg)  # noqa: E731
@@ -260,15 +265,63 @@ def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
     lines += _table("tiles, one program per dW tile (BLOCK_N, BLOCK_K, BLOCK_T, warps, stages)", rows, "TFLOP/s")
     rows = []
     for chunk in (WGRAD_CHUNKS[:2] if smoke else WGRAD_CHUNKS):
-        with scoped_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", chunk):
+        with scoped_env(K.WGRAD_CHUNK_ENV, chunk):
             fn = lambda: K._grouped_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets)  # noqa: E731
             try:
                 ms = _time_ms(fn, device, reps)
-                rows.append((f"chunk={chunk}", ms, flop / ms / 1e9, chunk == "0"))
+                rows.append((f"chunk={chunk}", ms, flop / ms / 1e9, chunk == "auto"))
             except Exception as exc:  # noqa: BLE001
-                rows.append((f"chunk={chunk}", _err(exc), None, chunk == "0"))
-    lines += _table("token chunks at the heuristic tiles (fp32 atomics when > 0)", rows, "TFLOP/s")
+                rows.append((f"chunk={chunk}", _err(exc), None, chunk == "auto"))
+    lines += _table("token chunks at the heuristic tiles (fp32 atomics when > 0; auto = the default)",
+                    rows, "TFLOP/s")
     return lines
+
+
+def _tune_mm(device: str, smoke: bool, reps: int) -> list[str]:
+    from mmkernels.experts import kernels as K
+    (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(t, h, device=device, generator=g).to(dtype)
+    w_in = (0.02 * torch.randn(2, f, h, device=device, generator=g)).to(dtype)
+    w_out = (0.02 * torch.randn(2, h, f, device=device, generator=g)).to(dtype)
+    b_in = torch.zeros(2, f, device=device, dtype=dtype)
+    b_out = torch.zeros(2, h, device=device, dtype=dtype)
+    a = torch.empty(t, f, device=device, dtype=dtype)
+    hid = torch.empty(t, f, device=device, dtype=dtype)
+    y = torch.empty(t, h, device=device, dtype=dtype)
+    flop = 2 * t * f * h
+    lines = [f"# experts grouped GEMM, VLMo FFN forward: T={t}, H={h}, F={f}, bf16 (gelu)", ""]
+    launches = {
+        "ffn_fwd_in": lambda cfg: K._grouped_mm("ffn_fwd_in", x, w_in, K._wt(w_in), b_in, a, hid, perm, offsets,
+                                                f, h, K.ACT_GELU, config=cfg),
+        "ffn_fwd_out": lambda cfg: K._grouped_mm("ffn_fwd_out", a, w_out, K._wt(w_out), b_out, y, None, perm,
+                                                 offsets, h, f, K.ACT_NONE, config=cfg),
+    }
+    for kind, launch in launches.items():
+        n = f if kind == "ffn_fwd_in" else h
+        heur = K.heuristic_config(kind, dtype, K.input_precision(dtype), False, n, True)
+        cands = [tuple(heur)] + [c for c in MM_CANDIDATES if c != tuple(heur)]
+        rows = []
+        for c in (cands[:2] if smoke else cands):
+            cfg = K.MMConfig(*c)
+            try:
+                ms = _time_ms(lambda: launch(cfg), device, reps)
+                rows.append((str(c), ms, flop / ms / 1e9, cfg == heur))
+            except Exception as exc:  # noqa: BLE001
+                rows.append((str(c), _err(exc), None, cfg == heur))
+        lines += _table(f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", rows, "TFLOP/s")
+    return lines
+
+
+def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
+    """The VLMo FFN (64 x (40 text + 197 image) tokens, H 768, F 3072, bf16): the weight gradient
+    of its first layer (dW_in [2, 3072, 768]) over tiles at the plain grid, then over token
+    chunks (fp32 atomics, ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles; then the
+    forward's two grouped GEMMs over tiles. The perf notes' reading: one program per dW tile
+    walks all of its expert's tokens, and the image expert's programs are 5x longer than the
+    text expert's, so the plain grid is unbalanced."""
+    return _tune_wgrad(device, smoke, reps) + _tune_mm(device, smoke, reps)
 
 
 SWEEPS = {"contrastive": tune_contrastive, "attention": tune_attention,

@@ -134,3 +134,42 @@ def test_helper_reports_wgmma_and_resources():
     assert big.error is not None or big.shared_bytes > sm90.SMEM_LIMIT_BYTES, big.summary()
     with pytest.raises(AssertionError):
         sm90.assert_sm90_ok(big)
+
+
+@triton.jit
+def _tiny_gathered_wgrad(a_ptr, x_ptr, idx_ptr, c_ptr, T, BN: tl.constexpr, BK: tl.constexpr,
+                         BT: tl.constexpr):
+    """c[n, k] = sum_t a[idx[t], n] x[idx[t], k]: the reduction's rows come from a load in the loop."""
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rt = tl.arange(0, BT)
+    acc = tl.zeros([BN, BK], tl.float32)
+    for t0 in range(0, T, BT):
+        rows = tl.load(idx_ptr + t0 + rt).to(tl.int64)
+        a = tl.load(a_ptr + rows[None, :] * BN + rn[:, None])
+        x = tl.load(x_ptr + rows[:, None] * BK + rk[None, :])
+        acc = tl.dot(a, x, acc)
+    tl.store(c_ptr + rn[:, None] * BK + rk[None, :], acc)
+
+
+def test_helper_reports_software_pipelining():
+    """cp_async_pending tells a pipelined main loop from one whose waits drain every copy: Triton
+    spends stages on a gathered reduction's index load, so 3 stages do not pipeline it, 5 do
+    (the experts weight gradient ran unpipelined on the H200 for this reason)."""
+    sig = {"a_ptr": "*bf16", "x_ptr": "*bf16", "idx_ptr": "*i32", "c_ptr": "*fp32", "T": "i32",
+           "BN": "constexpr", "BK": "constexpr", "BT": "constexpr"}
+    tiles = {"BN": 128, "BK": 128, "BT": 64}
+    div = ["a_ptr", "x_ptr", "idx_ptr", "c_ptr", "T"]
+    plain, gathered3, gathered5 = sm90.compile_sm90_many([
+        sm90.CompileJob(_tiny_matmul, _TINY_SIG, {"BM": 128, "BN": 128, "BK": 64}, 8, 3, _TINY_DIV,
+                        label="plain-s3"),
+        sm90.CompileJob(_tiny_gathered_wgrad, sig, tiles, 8, 3, div, label="gathered-s3"),
+        sm90.CompileJob(_tiny_gathered_wgrad, sig, tiles, 8, 5, div, label="gathered-s5"),
+    ], workers=2)
+    sm90.assert_pipelined(plain)
+    sm90.assert_pipelined(gathered5)
+    assert gathered3.cp_async_pending == 0, gathered3.summary()
+    with pytest.raises(AssertionError, match="not pipelined"):
+        sm90.assert_pipelined(gathered3)
+    assert sm90.cp_async_pending("cp.async.wait_group 0;\n cp.async.wait_group \t3;") == 3
+    assert sm90.cp_async_pending("ld.global.b32 %r1, [%rd1];") == -1

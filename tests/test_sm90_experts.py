@@ -10,6 +10,8 @@ the bf16 grouped GEMMs are compiled once more with odd widths (H = 88, F = 200),
 unaligned specialisation.  Each must compile, use at most 227 KB of shared memory, not spill
 registers, and -- except fp32 with exact products, which runs on FMA units, and the routing
 sort, which has no product -- use Hopper tensor cores (wgmma in the PTX, HGMMA in the SASS).
+The tensor-core launches with aligned rows must also be software-pipelined: some
+``cp.async.wait_group`` leaves copies in flight (``sm90.assert_pipelined``).
 
 Compilation runs in worker processes without TRITON_INTERPRET (see
 mmkernels.testing.sm90), one per CPU core.
@@ -116,6 +118,17 @@ def test_sm90_compile(reports, job):
     sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
     if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
         assert not rep.tensor_cores, rep.summary()
+    if _pipelined_expected(job):
+        # the loads of later steps overlap the math: the weight gradient's gathered reduction
+        # ran with every wait draining all copies until its heuristic took 5 stages
+        sm90.assert_pipelined(rep)
+
+
+def _pipelined_expected(job) -> bool:
+    """Tensor-core launches with 16-byte aligned rows (cp.async) must keep loads in flight."""
+    kind = job.label.split("-")[0]
+    return (kind != "route" and "-fp32-ieee-" not in job.label and job.num_stages >= 3
+            and ("-al16-" in job.label or "-al8-" in job.label))
 
 
 def test_every_heuristic_config_is_compiled():

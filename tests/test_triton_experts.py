@@ -371,7 +371,39 @@ def test_wgrad_chunk_setting_is_checked(monkeypatch):
     for bad in ("-1", "many"):
         monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", bad)
         with pytest.raises(ValueError, match="MMKERNELS_EXPERTS_WGRAD_CHUNK"):
-            K.wgrad_chunk()
+            K.wgrad_chunk_setting()
+    monkeypatch.delenv("MMKERNELS_EXPERTS_WGRAD_CHUNK")
+    assert K.wgrad_chunk_setting() is None  # auto
+    for raw, want in (("AUTO", None), ("0", 0), (" 2048 ", 2048)):
+        monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", raw)
+        assert K.wgrad_chunk_setting() == want
+
+
+def test_auto_wgrad_chunk_policy():
+    """The automatic token chunking of the weight gradient (no GPU needed: a pure function)."""
+    sms = 132  # H100 / H200
+    vlmo_tiles = (3072 // 128) * (768 // 128)  # dW_in of the VLMo FFN at 128 x 128 tiles: 144 per expert
+    T = 64 * 237
+    chunk = K.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, sms, deterministic=False)
+    # about WGRAD_PROGRAMS_PER_SM programs per SM, whole reduction steps
+    assert chunk % 64 == 0 and K.WGRAD_MIN_CHUNK <= chunk < T
+    programs = vlmo_tiles * T / chunk
+    assert 0.9 * K.WGRAD_PROGRAMS_PER_SM * sms <= programs <= K.WGRAD_PROGRAMS_PER_SM * sms
+    # CogVLM's MLP (dW_in [2, 22016, 4096]): 11008 tiles already balance themselves
+    assert K.auto_wgrad_chunk(4 * 1526, 2, 172 * 32, 64, sms, deterministic=False) == 0
+    # deterministic algorithms, an unknown SM count (interpreter), too few tokens: no atomics
+    assert K.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, sms, deterministic=True) == 0
+    assert K.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, 0, deterministic=False) == 0
+    assert K.auto_wgrad_chunk(1000, 2, vlmo_tiles, 64, sms, deterministic=False) == 0  # chunks < 512
+    assert K.auto_wgrad_chunk(0, 2, vlmo_tiles, 64, sms, deterministic=False) == 0
+
+
+def test_auto_wgrad_chunk_on_this_device(monkeypatch):
+    """auto on a non-CUDA device (the interpreter) never chunks; a number is used as given."""
+    monkeypatch.delenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", raising=False)
+    assert K.wgrad_chunk(1 << 20, 2, 4, 64, torch.device("cpu")) == 0
+    monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", "96")
+    assert K.wgrad_chunk(1 << 20, 2, 4, 64, torch.device("cpu")) == 96
 
 
 def test_ffn_non_contiguous():

@@ -10,12 +10,14 @@ Routing (``_route_kernel``, one program)
     expert within the block; plus the expert's running count it is the token's slot, and
     ``perm[slot] = token``.  No host sync, no atomics (so it is deterministic and stable).
 
-Grouped GEMM (``_grouped_mm_kernel``), grid ``(cdiv(T, BLOCK_M) + E, cdiv(N, BLOCK_N))``
+Grouped GEMM (``_grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, BLOCK_N),)``
     For each expert ``e`` and each slot ``s`` of its range ``offsets[e] .. offsets[e+1]-1``:
     ``out_row = epilogue(in_row @ B_e)``.  The row tiles of all experts are numbered one
     after the other (an expert with ``n`` slots has ``cdiv(n, BLOCK_M)`` of them; their total
     is at most ``cdiv(T, BLOCK_M) + E - 1``); program ``m`` finds its expert by scanning
-    ``offsets`` (``E <= 8``, a constexpr) and returns when it has no tile.  The input row is
+    ``offsets`` (``E <= 8``, a constexpr) and returns when it has no tile.  The flat program
+    id maps to (row tile, column tile) in groups of ``GROUP_M`` row tiles, column tiles
+    fastest inside a group (L2 reuse of the A rows).  The input row is
     read through ``perm`` (``GATHER``: row ``perm[s]`` of a token-order tensor) or directly
     (slot ``s`` of a sorted-order tensor); the output row likewise (``SCATTER``).  ``B_e`` is
     read from a weight ``[E, *, *]`` with explicit strides, so one kernel computes
@@ -58,9 +60,9 @@ bf16 results rounded to nearest even by hand, as the interpreter's cast truncate
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -237,6 +239,7 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """out[dst(s), n] = epilogue(sum_k A[src(s), k] * B_e[k, n]) for the slots s of each expert e.
 
@@ -251,8 +254,18 @@ def _grouped_mm_kernel(
     all) and are multiplied back here: Triton then knows rows are aligned (vector loads,
     async copies) when the widths are not multiples of 16 (88, 200, ...).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # grouped launch order: GROUP_M row tiles walk every column tile before the next group, so
+    # the programs resident together share their A rows (read once from HBM, then from L2) and
+    # the weight columns of GROUP_M tiles; plain row-major order re-reads a wide A (93 MB for
+    # the VLMo FFN's a [T, 3072]) once per wave of column tiles
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N * ALIGN, BLOCK_N)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
     # which expert, which of its row tiles: scan the E + 1 offsets
     expert = -1
     row0 = 0
@@ -481,6 +494,7 @@ def _grouped_wgrad_kernel(
 # ---------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see _grouped_mm_kernel)
 ROUTE_BLOCK = 1024  # tokens per step of the routing sort (one program, 8 warps)
 ROUTE_WARPS = 8
 
@@ -520,13 +534,18 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
     tf32 = dtype == torch.float32 and not fma
     narrow = N <= 64
     if kind in WGRAD_KINDS:
+        # The reduction runs over tokens gathered through perm: each step's row addresses come
+        # from a load made in the loop, and Triton's software pipeliner spends stages on that
+        # index load. Below 5 stages every cp.async.wait_group drains all copies (no load
+        # overlaps the math: the H200's 82 TFLOP/s); at 5 the loads of the next two steps stay
+        # in flight (the compile tier asserts it: sm90.assert_pipelined).
         if fma:
             return WGradConfig(32, 64, 16, 4, 2)
         if tf32:
-            return WGradConfig(64, 64, 32, 4, 3)
+            return WGradConfig(64, 64, 32, 4, 5)
         if not aligned:
             return WGradConfig(64, 64, 32, 4, 2)
-        return WGradConfig(64 if narrow else 128, 128, 64, 8, 3)
+        return WGradConfig(64 if narrow else 128, 128, 64, 8, 5)
     if kind not in MM_KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}")
     if fma:
@@ -627,31 +646,90 @@ def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, a
         sbn //= al
     else:
         sbk //= al
-    grid = (triton.cdiv(T, cfg.BLOCK_M) + E, triton.cdiv(N, cfg.BLOCK_N))
+    grid = ((triton.cdiv(T, cfg.BLOCK_M) + E) * triton.cdiv(N, cfg.BLOCK_N),)
     _grouped_mm_kernel[grid](
         a, weight, bias_t, out, h_t, perm, offsets, N // al, K // al,
         a.stride(0) // al, a.stride(1), sbe // al, sbk, sbn, bias_st[0] // al, bias_st[1],
         out.stride(0) // al, out.stride(1), h_st[0] // al, h_st[1],
         E=E, GATHER=gather, SCATTER=scatter, HAS_BIAS=has_bias, ACT=act, STORE_H=store_h,
         ACT_BWD=act_bwd, B_TRANS=b_trans, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(dtype),
-        ALIGN=al, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        ALIGN=al, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=MM_GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def wgrad_chunk() -> int:
-    """``MMKERNELS_EXPERTS_WGRAD_CHUNK``: tokens per weight-gradient program (0, the default: one
-    program per expert and tile, no atomics). A positive value splits each expert's tokens into
-    chunks summed with fp32 atomics: more programs when a few experts hold most tokens, at the
-    price of an fp32 [E, N, K] buffer and a summation order that varies from run to run. Which
-    is faster is a GPU measurement (bench/perf_notes.md)."""
-    raw = os.environ.get("MMKERNELS_EXPERTS_WGRAD_CHUNK", "0")
+WGRAD_CHUNK_ENV = "MMKERNELS_EXPERTS_WGRAD_CHUNK"
+# the automatic token chunking aims at this many weight-gradient programs per SM, and never
+# makes a chunk shorter than WGRAD_MIN_CHUNK tokens (each chunk adds one fp32 tile of atomics)
+WGRAD_PROGRAMS_PER_SM = 4
+WGRAD_MIN_CHUNK = 512
+
+
+def wgrad_chunk_setting() -> int | None:
+    """``MMKERNELS_EXPERTS_WGRAD_CHUNK``: ``None`` for ``auto`` (the default, see
+    :func:`auto_wgrad_chunk`), ``0`` for one program per expert and tile (no atomics), or a
+    positive token count per weight-gradient program."""
+    raw = os.environ.get(WGRAD_CHUNK_ENV, "auto").strip()
+    if raw.lower() == "auto":
+        return None
     try:
         chunk = int(raw)
     except ValueError:
-        raise ValueError(f"MMKERNELS_EXPERTS_WGRAD_CHUNK must be a token count, got {raw!r}") from None
+        raise ValueError(f"{WGRAD_CHUNK_ENV} must be 'auto' or a token count, got {raw!r}") from None
     if chunk < 0:
-        raise ValueError(f"MMKERNELS_EXPERTS_WGRAD_CHUNK must be >= 0, got {chunk}")
+        raise ValueError(f"{WGRAD_CHUNK_ENV} must be >= 0, got {chunk}")
     return chunk
+
+
+def auto_wgrad_chunk(T: int, E: int, expert_tiles: int, block_t: int, sm_count: int,
+                     deterministic: bool) -> int:
+    """Tokens per weight-gradient program when ``MMKERNELS_EXPERTS_WGRAD_CHUNK`` is ``auto``.
+
+    ``T``: tokens; ``E``: experts; ``expert_tiles``: dW tiles of one expert
+    (``cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K)``); ``block_t``: tokens per reduction step;
+    ``sm_count``: the GPU's multiprocessors (0: unknown, e.g. the interpreter).
+
+    Without chunks, each program owns one dW tile and walks all of its expert's tokens. When
+    the ``E * expert_tiles`` programs are fewer than ``WGRAD_PROGRAMS_PER_SM`` per SM, the
+    experts' token counts decide the time: VLMo's image expert holds 5x the text expert's
+    tokens, so its programs run 5x longer while the SMs that ran text tiles idle (dW_in of the
+    VLMo FFN: 288 tiles on 132 SMs, 82 TFLOP/s on the H200). Then the tokens are cut into
+    chunks giving about that many programs per SM (``T * expert_tiles / chunk`` of them),
+    summed with fp32 atomics. Returns 0 (no chunks) when the grid has the waves to balance
+    itself, when chunks would be shorter than ``WGRAD_MIN_CHUNK`` or cover every token, when
+    the SM count is unknown, and under ``torch.use_deterministic_algorithms`` (atomics sum in
+    a run-dependent order).
+    """
+    if deterministic or sm_count <= 0 or T <= 0:
+        return 0
+    target = WGRAD_PROGRAMS_PER_SM * sm_count
+    if E * expert_tiles >= target:
+        return 0
+    chunk = -(-T * expert_tiles // target)
+    chunk = -(-chunk // block_t) * block_t
+    if chunk < WGRAD_MIN_CHUNK or chunk >= T:
+        return 0
+    return chunk
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (0 for any other device, e.g. the interpreter's CPU)."""
+    if device.type != "cuda":
+        return 0
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def wgrad_chunk(T: int, E: int, expert_tiles: int, block_t: int, device: torch.device) -> int:
+    """Tokens per weight-gradient program for this launch (0: one program per expert and tile)."""
+    setting = wgrad_chunk_setting()
+    if setting is None:
+        return auto_wgrad_chunk(T, E, expert_tiles, block_t, sm_count(device),
+                                torch.are_deterministic_algorithms_enabled())
+    return setting
 
 
 def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
@@ -661,7 +739,13 @@ def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
     T = a.shape[0]
     prec = input_precision(a.dtype)
     has_bias = db is not None
-    chunk = wgrad_chunk()
+    db_st = (db.stride(0), db.stride(1)) if has_bias else (0, 0)
+    # widths and row strides of the given outputs and of the contiguous fp32 buffers the
+    # chunked path sums into: one ALIGN for both, so the tiles do not depend on the path
+    al = align_of(N, K, a.stride(0), x.stride(0), dw.stride(0), dw.stride(1), db_st[0], N * K)
+    cfg = _pick(kind, a.dtype, prec, False, N, al, config)
+    chunk = wgrad_chunk(T, E, triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(K, cfg.BLOCK_K), cfg.BLOCK_T,
+                        a.device)
     atomic = 0 < chunk < T
     # atomics accumulate in fp32 buffers (contiguous), converted to the gradients' dtype after
     dw_k = torch.zeros(dw.shape, dtype=torch.float32, device=dw.device) if atomic else dw
@@ -669,8 +753,6 @@ def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
     db_t = db_k if has_bias else dw_k
     db_st = (db_k.stride(0), db_k.stride(1)) if has_bias else (0, 0)
     swe, swn, swk = dw_k.stride()
-    al = align_of(N, K, a.stride(0), x.stride(0), swe, swn, db_st[0])
-    cfg = _pick(kind, a.dtype, prec, False, N, al, config)
     if atomic:
         chunk = triton.cdiv(chunk, cfg.BLOCK_T) * cfg.BLOCK_T
     else:
@@ -859,7 +941,7 @@ def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=No
                       "STORE_H": store_h, "ACT_BWD": act_bwd, "B_TRANS": transposed,
                       "INPUT_PRECISION": input_precision, "DOT_UPCAST": False, "ALIGN": al,
                       "BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
-                      "BLOCK_K": config.BLOCK_K}
+                      "BLOCK_K": config.BLOCK_K, "GROUP_M": MM_GROUP_M}
         return (_grouped_mm_kernel, *launch_signature(sig, ints, constexprs))
     if kind in WGRAD_KINDS:
         gather_a, gather_x = _WGRAD_FLAGS[kind]

@@ -90,6 +90,10 @@ class Sm90Report:
     ptx_mma: bool = False
     sass_hgmma: bool = False
     sass_hmma: bool = False
+    # the largest N of the PTX's ``cp.async.wait_group N``: how many groups of asynchronous
+    # copies a wait leaves in flight (-1: no cp.async). 0 means every wait drains all copies,
+    # so no load overlaps the next tile's math (a loop Triton could not software-pipeline).
+    cp_async_pending: int = -1
     ptxas_log: str = field(default="", repr=False)
     ptx: str = field(default="", repr=False)
     sass: str = field(default="", repr=False)
@@ -110,7 +114,7 @@ class Sm90Report:
             "mma/HMMA" if self.ptx_mma and self.sass_hmma else "none")
         return (f"{self.label or self.kernel_name}: warps={self.num_warps} stages={self.num_stages} "
                 f"regs={self.registers} spill_st={self.spill_stores} spill_ld={self.spill_loads} "
-                f"smem={self.shared_bytes} tensor_cores={tc}")
+                f"smem={self.shared_bytes} tensor_cores={tc} cp_async_pending={self.cp_async_pending}")
 
 
 # ---------------------------------------------------------------------------
@@ -291,6 +295,7 @@ def _compile_in_process(job: CompileJob) -> Sm90Report:
         rep.ptx_mma = re.search(r"\bmma\.sync", ptx) is not None
         rep.sass_hgmma = "HGMMA" in rep.sass
         rep.sass_hmma = "HMMA" in rep.sass
+        rep.cp_async_pending = cp_async_pending(ptx)
     except Sm90ToolMissing:
         raise
     except Exception:
@@ -555,6 +560,21 @@ def assert_tensor_cores(rep: Sm90Report, *, wgmma: bool = False) -> None:
         assert rep.ptx_wgmma and rep.sass_hgmma, f"{rep.summary()}: no wgmma/HGMMA"
     else:
         assert rep.tensor_cores, f"{rep.summary()}: no tensor-core instructions"
+
+
+def cp_async_pending(ptx: str) -> int:
+    """The largest ``N`` of ``cp.async.wait_group N`` in ``ptx`` (-1 when it has none)."""
+    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
+    return max(waits, default=-1)
+
+
+def assert_pipelined(rep: Sm90Report, min_pending: int = 1) -> None:
+    """Some wait on asynchronous copies leaves ``min_pending`` groups in flight: the main loop's
+    loads of later tiles overlap the current tile's math (Triton's software pipeline took it)."""
+    assert_compiled(rep)
+    assert rep.cp_async_pending >= min_pending, (
+        f"{rep.summary()}: loads are not pipelined (cp.async.wait_group leaves at most "
+        f"{rep.cp_async_pending} groups in flight, need {min_pending})")
 
 
 def assert_sm90_ok(rep: Sm90Report, *, tensor_cores: bool = False, wgmma: bool = False,
