@@ -739,10 +739,10 @@ def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
     T = a.shape[0]
     prec = input_precision(a.dtype)
     has_bias = db is not None
-    db_st = (db.stride(0), db.stride(1)) if has_bias else (0, 0)
     # widths and row strides of the given outputs and of the contiguous fp32 buffers the
     # chunked path sums into: one ALIGN for both, so the tiles do not depend on the path
-    al = align_of(N, K, a.stride(0), x.stride(0), dw.stride(0), dw.stride(1), db_st[0], N * K)
+    al = align_of(N, K, a.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
+                  db.stride(0) if has_bias else 0, N * K)
     cfg = _pick(kind, a.dtype, prec, False, N, al, config)
     chunk = wgrad_chunk(T, E, triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(K, cfg.BLOCK_K), cfg.BLOCK_T,
                         a.device)
