@@ -274,7 +274,17 @@ def _tune_wgrad(device: str, smoke: bool, reps: int) -> list[str]:
                 rows.append((f"chunk={chunk}", _err(exc), None, chunk == "auto"))
     lines += _table("token chunks at the heuristic tiles (fp32 atomics when > 0; auto = the default)",
                     rows, "TFLOP/s")
+    lines += _cublas_line(lambda: torch.mm(dh.t(), x), device, reps, flop, "dh^T @ x, both experts' tokens")
     return lines
+
+
+def _cublas_line(fn, device: str, reps: int, flop: float, what: str) -> list[str]:
+    """The same FLOPs as one dense cuBLAS ``torch.mm`` (no routing): the rate to reach."""
+    try:
+        ms = _time_ms(fn, device, reps)
+        return [f"cuBLAS `torch.mm` ({what}): {ms:.3f} ms, {flop / ms / 1e9:.0f} TFLOP/s", ""]
+    except Exception as exc:  # noqa: BLE001
+        return [f"cuBLAS `torch.mm` ({what}): {_err(exc)}", ""]
 
 
 def _tune_mm(device: str, smoke: bool, reps: int) -> list[str]:
@@ -291,15 +301,25 @@ def _tune_mm(device: str, smoke: bool, reps: int) -> list[str]:
     hid = torch.empty(t, f, device=device, dtype=dtype)
     y = torch.empty(t, h, device=device, dtype=dtype)
     flop = 2 * t * f * h
-    lines = [f"# experts grouped GEMM, VLMo FFN forward: T={t}, H={h}, F={f}, bf16 (gelu)", ""]
+    dy = torch.randn(t, h, device=device, generator=g).to(dtype)
+    dh = torch.empty(t, f, device=device, dtype=dtype)
+    dx = torch.empty(t, h, device=device, dtype=dtype)
+    lines = [f"# experts grouped GEMM, VLMo FFN forward and backward: T={t}, H={h}, F={f}, bf16 (gelu)", ""]
     launches = {
         "ffn_fwd_in": lambda cfg: K._grouped_mm("ffn_fwd_in", x, w_in, K._wt(w_in), b_in, a, hid, perm, offsets,
                                                 f, h, K.ACT_GELU, config=cfg),
         "ffn_fwd_out": lambda cfg: K._grouped_mm("ffn_fwd_out", a, w_out, K._wt(w_out), b_out, y, None, perm,
                                                  offsets, h, f, K.ACT_NONE, config=cfg),
+        "ffn_bwd_dh": lambda cfg: K._grouped_mm("ffn_bwd_dh", dy, w_out, K._w(w_out), None, dh, hid, perm,
+                                                offsets, f, h, K.ACT_GELU, config=cfg),
+        "ffn_bwd_dx": lambda cfg: K._grouped_mm("ffn_bwd_dx", dh, w_in, K._w(w_in), None, dx, None, perm,
+                                                offsets, h, f, K.ACT_NONE, config=cfg),
     }
+    # the same product for one expert's weights over all tokens, as cuBLAS runs it
+    dense = {"ffn_fwd_in": lambda: torch.mm(x, w_in[0].t()), "ffn_fwd_out": lambda: torch.mm(a, w_out[0].t()),
+             "ffn_bwd_dh": lambda: torch.mm(dy, w_out[0]), "ffn_bwd_dx": lambda: torch.mm(dh, w_in[0])}
     for kind, launch in launches.items():
-        n = f if kind == "ffn_fwd_in" else h
+        n = f if kind in ("ffn_fwd_in", "ffn_bwd_dh") else h
         heur = K.heuristic_config(kind, dtype, K.input_precision(dtype), False, n, True)
         cands = [tuple(heur)] + [c for c in MM_CANDIDATES if c != tuple(heur)]
         rows = []
@@ -311,6 +331,7 @@ def _tune_mm(device: str, smoke: bool, reps: int) -> list[str]:
             except Exception as exc:  # noqa: BLE001
                 rows.append((str(c), _err(exc), None, cfg == heur))
         lines += _table(f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", rows, "TFLOP/s")
+        lines += _cublas_line(dense[kind], device, reps, flop, "same shape, one weight")
     return lines
 
 
@@ -318,7 +339,8 @@ def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
     """The VLMo FFN (64 x (40 text + 197 image) tokens, H 768, F 3072, bf16): the weight gradient
     of its first layer (dW_in [2, 3072, 768]) over tiles at the plain grid, then over token
     chunks (fp32 atomics, ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles; then the
-    forward's two grouped GEMMs over tiles. The perf notes' reading: one program per dW tile
+    four grouped GEMMs of its forward and backward over tiles. Each table ends with cuBLAS on
+    the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at. The perf notes' reading: one program per dW tile
     walks all of its expert's tokens, and the image expert's programs are 5x longer than the
     text expert's, so the plain grid is unbalanced."""
     return _tune_wgrad(device, smoke, reps) + _tune_mm(device, smoke, reps)

@@ -173,3 +173,20 @@ def test_helper_reports_software_pipelining():
         sm90.assert_pipelined(gathered3)
     assert sm90.cp_async_pending("cp.async.wait_group 0;\n cp.async.wait_group \t3;") == 3
     assert sm90.cp_async_pending("ld.global.b32 %r1, [%rd1];") == -1
+
+
+def test_mma_loop_sizes_reads_backward_branches():
+    """mma_loop_sizes counts the instructions of each loop holding an MMA, and only those."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12], R24 ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R91], desc[UR22][R16.64], P5 ;
+        /*0040*/              @!P2 BRA 0x10 ;
+        /*0050*/                   FADD R5, R5, R6 ;
+        /*0060*/              @!P3 BRA 0x50 ;
+        /*0070*/                   BRA 0x80 ;
+        /*0080*/                   EXIT ;
+    """
+    assert sm90.mma_loop_sizes(sass) == [4]
+    assert sm90.mma_loop_sizes("") == []

@@ -32,7 +32,8 @@ Grouped weight gradient (``_grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles
     ``dW_e[n, k] = sum_{s in e} A[s, n] X[s, k]`` with ``A`` and ``X`` each read through
     ``perm`` or directly; each program loops over its expert's slots in ``BLOCK_T`` chunks
     (bounds loaded from ``offsets``).  The programs with ``k``-tile 0 also write the bias
-    gradient ``db_e[n] = sum_s A[s, n]``.  Experts with no tokens get zeros.  (Its
+    gradient ``db_e[n] = sum_s A[s, n]`` (16-bit inputs: a 16-column MMA of the A tile against
+    ones; fp32: a row sum).  Experts with no tokens get zeros.  (Its
     parallelism is ``E * tiles_n * tiles_k``; each program reduces over all of its expert's
     tokens: ample for model-sized weights, serial over T for tiny ones.)
 
@@ -390,6 +391,80 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
+def _wgrad_accumulate(a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok,
+                      stride_am, stride_an, stride_xm, stride_xk,
+                      GATHER_A: tl.constexpr, GATHER_X: tl.constexpr, WITH_DB: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The reduction of one dW tile over slots ``lo .. hi-1``: ``(acc [BLOCK_N, BLOCK_K],
+    db [BLOCK_N])`` in fp32, ``db`` zeros unless ``WITH_DB``.
+
+    ``db`` for 16-bit inputs is a second, 16-column MMA of the same A tile against ones (exact
+    products, fp32 sums; column 0 is kept). A row sum of the tile in the loop costs a cross-warp
+    reduction through shared memory every step instead (sm_90a, bf16 128 x 128 x 64: a
+    390-instruction loop against 218 without db and 231 with the MMA). fp32 keeps the row sum:
+    under tf32 the MMA would round A to 10 mantissa bits.
+    """
+    DB_BY_DOT: tl.constexpr = a_ptr.dtype.element_ty != tl.float32
+    offs_t = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    dbacc = tl.zeros([BLOCK_N], tl.float32)
+    if WITH_DB and DB_BY_DOT:
+        dbacc2 = tl.zeros([BLOCK_N, 16], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        slots = t0 + offs_t
+        t_ok = slots < hi
+        if GATHER_A or GATHER_X:
+            tok = tl.load(perm_ptr + slots, mask=t_ok, other=0).to(tl.int64)
+        if GATHER_A:
+            ra = tok
+        else:
+            ra = slots.to(tl.int64)
+        if GATHER_X:
+            rx = tok
+        else:
+            rx = slots.to(tl.int64)
+        at = tl.load(a_ptr + ra[None, :] * stride_am + ns64[:, None] * stride_an,
+                     mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
+        xt = tl.load(x_ptr + rx[:, None] * stride_xm + ks64[None, :] * stride_xk,
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+        if DOT_UPCAST:
+            at = at.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(at, xt, acc, input_precision=INPUT_PRECISION)
+        if WITH_DB:
+            if DB_BY_DOT:
+                dbacc2 = tl.dot(at, tl.full([BLOCK_T, 16], 1.0, at.dtype), dbacc2,
+                                input_precision=INPUT_PRECISION)
+            else:
+                dbacc += tl.sum(at.to(tl.float32), 1)
+    if WITH_DB and DB_BY_DOT:  # every column of dbacc2 holds the row sums: keep column 0 exactly
+        dbacc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, dbacc2, 0.0), 1)
+    return acc, dbacc
+
+
+@triton.jit
+def _wgrad_store(dw_ptr, db_ptr, e64, ns64, n_ok, ks64, k_ok, stride_we, stride_wn, stride_wk,
+                 stride_dbe, stride_dbn, acc, dbacc, db_ok, WITH_DB: tl.constexpr,
+                 ATOMIC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Write one dW tile ``acc [BLOCK_N, BLOCK_K]`` and, ``WITH_DB``, the rows ``db_ok`` of
+    ``dbacc [BLOCK_N]``: fp32 atomics (``ATOMIC``) or a store in the buffers' dtype."""
+    dw_ptrs = dw_ptr + e64 * stride_we + ns64[:, None] * stride_wn + ks64[None, :] * stride_wk
+    db_ptrs = db_ptr + e64 * stride_dbe + ns64 * stride_dbn
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+        if WITH_DB:
+            tl.atomic_add(db_ptrs, dbacc, mask=db_ok)
+    else:
+        if DOT_UPCAST:
+            acc = _round_bf16(acc)
+            dbacc = _round_bf16(dbacc)
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        if WITH_DB:
+            tl.store(db_ptrs, dbacc.to(db_ptr.dtype.element_ty), mask=db_ok)
+
+
+@triton.jit
 def _grouped_wgrad_kernel(
     a_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, offsets_ptr,
     N, K, chunk,
@@ -444,49 +519,18 @@ def _grouped_wgrad_kernel(
     ks = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ks64 = ks.to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if HAS_BIAS:
-        dbacc = tl.zeros([BLOCK_N], tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
-        slots = t0 + offs_t
-        t_ok = slots < hi
-        if GATHER_A or GATHER_X:
-            tok = tl.load(perm_ptr + slots, mask=t_ok, other=0).to(tl.int64)
-        if GATHER_A:
-            ra = tok
-        else:
-            ra = slots.to(tl.int64)
-        if GATHER_X:
-            rx = tok
-        else:
-            rx = slots.to(tl.int64)
-        at = tl.load(a_ptr + ra[None, :] * stride_am + ns64[:, None] * stride_an,
-                     mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
-        xt = tl.load(x_ptr + rx[:, None] * stride_xm + ks64[None, :] * stride_xk,
-                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-        if DOT_UPCAST:
-            at = at.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(at, xt, acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            dbacc += tl.sum(at.to(tl.float32), 1)
-    e64 = e.to(tl.int64)
-    dw_ptrs = dw_ptr + e64 * stride_we + ns64[:, None] * stride_wn + ks64[None, :] * stride_wk
-    if ATOMIC:
-        tl.atomic_add(dw_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
-        if HAS_BIAS:
-            tl.atomic_add(db_ptr + e64 * stride_dbe + ns64 * stride_dbn, dbacc, mask=n_ok & (pk == 0))
-    else:
-        if DOT_UPCAST:
-            acc = _round_bf16(acc)
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
-        if HAS_BIAS:
-            if DOT_UPCAST:
-                dbacc = _round_bf16(dbacc)
-            tl.store(db_ptr + e64 * stride_dbe + ns64 * stride_dbn, dbacc.to(db_ptr.dtype.element_ty),
-                     mask=n_ok & (pk == 0))
+    # every program computes db when there is a bias; the k-tile 0 ones store it. (A loop of
+    # its own for those programs, two loops under a branch, took 162 registers against 112 with
+    # the fp32 atomics in the sm_90a compile: one program per SM instead of two. The 16-column
+    # db MMA costs the others 1/8 more tensor-core work instead.)
+    acc, dbacc = _wgrad_accumulate(
+        a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok, stride_am, stride_an, stride_xm,
+        stride_xk, GATHER_A, GATHER_X, HAS_BIAS, INPUT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K,
+        BLOCK_T)
+    _wgrad_store(dw_ptr, db_ptr, e.to(tl.int64), ns64, n_ok, ks64, k_ok, stride_we,
+                 stride_wn, stride_wk, stride_dbe, stride_dbn, acc, dbacc, n_ok & (pk == 0),
+                 HAS_BIAS, ATOMIC, DOT_UPCAST)
 
 
 # ---------------------------------------------------------------------------

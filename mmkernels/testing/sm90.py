@@ -568,6 +568,31 @@ def cp_async_pending(ptx: str) -> int:
     return max(waits, default=-1)
 
 
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
+
+
+def mma_loop_sizes(sass: str) -> list[int]:
+    """Instruction counts of the SASS loops that hold tensor-core instructions (HGMMA/HMMA).
+
+    A loop is the span from a backward branch's target to the branch. In a GEMM main loop
+    every instruction but the MMAs is issue overhead (addresses, masks, copies, waits): when it
+    grows, the tensor cores wait for the schedulers, which no register or spill count shows.
+    """
+    ins = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    sizes = []
+    for addr, text in ins:
+        if "BRA" not in text:
+            continue
+        target = re.search(r"0x([0-9a-f]+)", text.split("BRA", 1)[1])
+        if not target or int(target.group(1), 16) >= addr:
+            continue
+        lo = int(target.group(1), 16)
+        body = [t for a, t in ins if lo <= a <= addr]
+        if any("HGMMA" in t or "HMMA" in t for t in body):
+            sizes.append(len(body))
+    return sizes
+
+
 def assert_pipelined(rep: Sm90Report, min_pending: int = 1) -> None:
     """Some wait on asynchronous copies leaves ``min_pending`` groups in flight: the main loop's
     loads of later tiles overlap the current tile's math (Triton's software pipeline took it)."""
