@@ -58,7 +58,8 @@ def _job(kind, dtype, prec, act, bias, cfg, size_class, atomic=False):
     kernel, sig, constexprs, div = K.compile_specs(kind, dtype, prec, cfg, act, bias, E=E_MAX,
                                                    sizes=SIZES[size_class], atomic=atomic)
     label = _label(kind, dtype, prec, act, bias, cfg, size_class) + ("-atomic" if atomic else "")
-    return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div, label=label)
+    return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div, label=label,
+                           options=K.launch_options(kind, cfg))
 
 
 def _jobs():
@@ -85,6 +86,8 @@ def _jobs():
                     aligned = K.is_aligned(dtype, K.align_of(H, F))
                     cfg = K.heuristic_config(kind, dtype, prec, swiglu, 4096, aligned)
                     jobs.append(_job(kind, dtype, prec, act, False, cfg, size_class))
+                    if kind in K.WGRAD_KINDS:  # masked dW rows/columns (EVEN off), bias, atomics
+                        jobs.append(_job(kind, dtype, prec, act, True, cfg, size_class, atomic=True))
     return jobs
 
 
@@ -118,6 +121,9 @@ def test_sm90_compile(reports, job):
     sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
     if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
         assert not rep.tensor_cores, rep.summary()
+    if job.label.split("-")[0] in K.WGRAD_KINDS:  # two weight-gradient programs fit on an SM
+        need = K.WGRAD_RESIDENT_PROGRAMS * rep.registers * 32 * job.num_warps
+        assert need <= K.REGISTERS_PER_SM, rep.summary()
     if _pipelined_expected(job):
         # the loads of later steps overlap the math: the weight gradient's gathered reduction
         # ran with every wait draining all copies until its heuristic took 5 stages

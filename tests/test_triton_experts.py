@@ -367,6 +367,27 @@ def test_token_chunked_weight_gradients(monkeypatch, chunk, dtype):
     check_ffn(ids, *rest, 3, "swiglu", check_hidden=False)
 
 
+@pytest.mark.parametrize("chunk", ["0", "32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
+@pytest.mark.parametrize("h_in, h_out", [(32, 64), (32, 40)], ids=["even", "masked"])
+def test_wgrad_unmasked_steps_and_partial_last_step(monkeypatch, chunk, dtype, h_in, h_out):
+    """The weight-gradient loop runs its full BLOCK_T steps without a slot mask and a partial
+    last step with one; with tiles dividing the dW shape (32 x 16 tiles of a 64 x 32 dW) it
+    drops the row/column masks too (EVEN). 97 ragged tokens give every expert a partial step;
+    chunks of 32 give full-step-only programs as well."""
+    monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", chunk)
+    cfg = SMALL["wgrad_linear"]
+    assert (h_out % cfg.BLOCK_N == 0 and h_in % cfg.BLOCK_K == 0) == (h_out == 64)
+    E, T = 3, 97
+    ids = make_ids(T, E, "rand", seed=31)
+    cast = (lambda t: t.to(dtype))
+    x = cast(rand(T, h_in, seed=32))
+    w = cast(rand(E, h_out, h_in, scale=h_in ** -0.5, seed=33))
+    b = cast(rand(E, h_out, seed=34))
+    dy = cast(rand(T, h_out, seed=35))
+    check_linear(ids, x, w, b, dy, E)
+
+
 def test_wgrad_chunk_setting_is_checked(monkeypatch):
     for bad in ("-1", "many"):
         monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", bad)

@@ -45,7 +45,8 @@ weight-gradient launch (dy and x gathered).  FFN forward = ``x -> (h, a)`` in so
 weight gradients ``dW_out = dy^T a``, ``dW_in = dh^T x`` with their bias gradients.
 
 Tiles come from ``heuristic_config`` (dtype, precision, output width, alignment; no
-autotuning), each checked by the sm_90a compile tier.  Widths and row strides go to the
+autotuning), each checked by the sm_90a compile tier, with ``launch_options`` (the weight
+gradient's register cap: two programs per SM).  Widths and row strides go to the
 kernels divided by ``ALIGN``, the largest power of two <= 16 dividing them all, and are
 multiplied back by the constexpr inside, so Triton sees 16-byte aligned rows for widths such
 as 88 or 200; widths with no such alignment (97) take smaller tiles (scalar loads need more
@@ -391,56 +392,110 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
+def _wgrad_load(a_ptr, x_ptr, perm_ptr, t0, hi, ns64, n_ok, ks64, k_ok,
+                stride_am, stride_an, stride_xm, stride_xk,
+                GATHER_A: tl.constexpr, GATHER_X: tl.constexpr, MASK_T: tl.constexpr,
+                EVEN: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One reduction step's tiles: ``(A^T [BLOCK_N, BLOCK_T], X [BLOCK_T, BLOCK_K])`` for the
+    slots ``t0 ..`` (rows read through ``perm`` where gathered). Masks only what may fall
+    outside: slots ``>= hi`` when ``MASK_T`` (the last, partial step), dW rows/columns unless
+    ``EVEN`` (the tile divides N and K)."""
+    slots = t0 + tl.arange(0, BLOCK_T)
+    t_ok = slots < hi
+    if GATHER_A or GATHER_X:
+        if MASK_T:
+            tok = tl.load(perm_ptr + slots, mask=t_ok, other=0).to(tl.int64)
+        else:
+            tok = tl.load(perm_ptr + slots).to(tl.int64)
+    if GATHER_A:
+        ra = tok
+    else:
+        ra = slots.to(tl.int64)
+    if GATHER_X:
+        rx = tok
+    else:
+        rx = slots.to(tl.int64)
+    a_ptrs = a_ptr + ra[None, :] * stride_am + ns64[:, None] * stride_an
+    x_ptrs = x_ptr + rx[:, None] * stride_xm + ks64[None, :] * stride_xk
+    if MASK_T:
+        if EVEN:
+            at = tl.load(a_ptrs, mask=t_ok[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=t_ok[:, None], other=0.0)
+        else:
+            at = tl.load(a_ptrs, mask=n_ok[:, None] & t_ok[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    else:
+        if EVEN:
+            at = tl.load(a_ptrs)
+            xt = tl.load(x_ptrs)
+        else:
+            at = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+    return at, xt
+
+
+@triton.jit
+def _wgrad_mma(at, xt, acc, dbacc, dbacc2, WITH_DB: tl.constexpr, DB_BY_DOT: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc += A^T X``; with ``WITH_DB`` the row sums of ``A^T``: into ``dbacc2 [BLOCK_N, 16]``
+    by an MMA against ones (``DB_BY_DOT``), else into ``dbacc [BLOCK_N, BLOCK_T]`` elementwise
+    (summed over its columns once, after the loop)."""
+    if DOT_UPCAST:
+        at = at.to(tl.float32)
+        xt = xt.to(tl.float32)
+    acc = tl.dot(at, xt, acc, input_precision=INPUT_PRECISION)
+    if WITH_DB:
+        if DB_BY_DOT:
+            dbacc2 = tl.dot(at, tl.full([at.shape[1], 16], 1.0, at.dtype), dbacc2,
+                            input_precision=INPUT_PRECISION)
+        else:
+            dbacc += at.to(tl.float32)
+    return acc, dbacc, dbacc2
+
+
+@triton.jit
 def _wgrad_accumulate(a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok,
                       stride_am, stride_an, stride_xm, stride_xk,
                       GATHER_A: tl.constexpr, GATHER_X: tl.constexpr, WITH_DB: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """The reduction of one dW tile over slots ``lo .. hi-1``: ``(acc [BLOCK_N, BLOCK_K],
     db [BLOCK_N])`` in fp32, ``db`` zeros unless ``WITH_DB``.
 
+    The loop runs over the full ``BLOCK_T`` steps with no slot mask (and no row/column masks
+    when ``EVEN``); a partial last step follows it, masked. Masks are issue overhead: sm_90a,
+    bf16 128 x 128 x 64, the loop is 143 SASS instructions unmasked against 218 masked.
+
     ``db`` for 16-bit inputs is a second, 16-column MMA of the same A tile against ones (exact
     products, fp32 sums; column 0 is kept). A row sum of the tile in the loop costs a cross-warp
-    reduction through shared memory every step instead (sm_90a, bf16 128 x 128 x 64: a
-    390-instruction loop against 218 without db and 231 with the MMA). fp32 keeps the row sum:
-    under tf32 the MMA would round A to 10 mantissa bits.
+    reduction through shared memory every step instead (a 390-instruction loop against 218
+    without db and 231 with the MMA, masked). fp32 keeps the row sum: under tf32 the MMA would
+    round A to 10 mantissa bits.
     """
     DB_BY_DOT: tl.constexpr = a_ptr.dtype.element_ty != tl.float32
-    offs_t = tl.arange(0, BLOCK_T)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    dbacc = tl.zeros([BLOCK_N], tl.float32)
-    if WITH_DB and DB_BY_DOT:
-        dbacc2 = tl.zeros([BLOCK_N, 16], tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
-        slots = t0 + offs_t
-        t_ok = slots < hi
-        if GATHER_A or GATHER_X:
-            tok = tl.load(perm_ptr + slots, mask=t_ok, other=0).to(tl.int64)
-        if GATHER_A:
-            ra = tok
-        else:
-            ra = slots.to(tl.int64)
-        if GATHER_X:
-            rx = tok
-        else:
-            rx = slots.to(tl.int64)
-        at = tl.load(a_ptr + ra[None, :] * stride_am + ns64[:, None] * stride_an,
-                     mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
-        xt = tl.load(x_ptr + rx[:, None] * stride_xm + ks64[None, :] * stride_xk,
-                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-        if DOT_UPCAST:
-            at = at.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(at, xt, acc, input_precision=INPUT_PRECISION)
-        if WITH_DB:
-            if DB_BY_DOT:
-                dbacc2 = tl.dot(at, tl.full([BLOCK_T, 16], 1.0, at.dtype), dbacc2,
-                                input_precision=INPUT_PRECISION)
-            else:
-                dbacc += tl.sum(at.to(tl.float32), 1)
-    if WITH_DB and DB_BY_DOT:  # every column of dbacc2 holds the row sums: keep column 0 exactly
-        dbacc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, dbacc2, 0.0), 1)
-    return acc, dbacc
+    # db partials (only WITH_DB): fp32 inputs sum A^T elementwise (a per-step row sum broke
+    # Triton 3.6's sm_90 TritonGPUOptimizeThreadLocality pass once the loop had a masked tail)
+    dbacc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+    dbacc2 = tl.zeros([BLOCK_N, 16], tl.float32)
+    full_hi = lo + (hi - lo) // BLOCK_T * BLOCK_T
+    for t0 in range(lo, full_hi, BLOCK_T):
+        at, xt = _wgrad_load(a_ptr, x_ptr, perm_ptr, t0, hi, ns64, n_ok, ks64, k_ok,
+                             stride_am, stride_an, stride_xm, stride_xk, GATHER_A, GATHER_X,
+                             False, EVEN, BLOCK_T)
+        acc, dbacc, dbacc2 = _wgrad_mma(at, xt, acc, dbacc, dbacc2, WITH_DB, DB_BY_DOT,
+                                        INPUT_PRECISION, DOT_UPCAST)
+    if full_hi < hi:
+        at, xt = _wgrad_load(a_ptr, x_ptr, perm_ptr, full_hi, hi, ns64, n_ok, ks64, k_ok,
+                             stride_am, stride_an, stride_xm, stride_xk, GATHER_A, GATHER_X,
+                             True, EVEN, BLOCK_T)
+        acc, dbacc, dbacc2 = _wgrad_mma(at, xt, acc, dbacc, dbacc2, WITH_DB, DB_BY_DOT,
+                                        INPUT_PRECISION, DOT_UPCAST)
+    if DB_BY_DOT:  # every column of dbacc2 holds the row sums: keep column 0 exactly
+        db = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, dbacc2, 0.0), 1)
+    else:
+        db = tl.sum(dbacc, 1)
+    return acc, db
 
 
 @triton.jit
@@ -480,6 +535,7 @@ def _grouped_wgrad_kernel(
     DOT_UPCAST: tl.constexpr,
     ALIGN: tl.constexpr,
     ATOMIC: tl.constexpr,
+    EVEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -526,8 +582,8 @@ def _grouped_wgrad_kernel(
     # db MMA costs the others 1/8 more tensor-core work instead.)
     acc, dbacc = _wgrad_accumulate(
         a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok, stride_am, stride_an, stride_xm,
-        stride_xk, GATHER_A, GATHER_X, HAS_BIAS, INPUT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K,
-        BLOCK_T)
+        stride_xk, GATHER_A, GATHER_X, HAS_BIAS, INPUT_PRECISION, DOT_UPCAST, EVEN, BLOCK_N,
+        BLOCK_K, BLOCK_T)
     _wgrad_store(dw_ptr, db_ptr, e.to(tl.int64), ns64, n_ok, ks64, k_ok, stride_we,
                  stride_wn, stride_wk, stride_dbe, stride_dbn, acc, dbacc, n_ok & (pk == 0),
                  HAS_BIAS, ATOMIC, DOT_UPCAST)
@@ -541,6 +597,25 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see _grouped_mm_kernel)
 ROUTE_BLOCK = 1024  # tokens per step of the routing sort (one program, 8 warps)
 ROUTE_WARPS = 8
+
+
+REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (every NVIDIA GPU since Kepler)
+WGRAD_RESIDENT_PROGRAMS = 2  # weight-gradient programs meant to share an SM (latency hiding)
+
+
+def launch_options(kind: str, config) -> dict:
+    """Compile options of launch ``kind`` beyond its tile config (passed at launch and by the
+    compile tier alike).
+
+    The weight gradient's 8-warp tiles are sized for two programs per SM; with bias and fp32
+    atomics ptxas chose 130 registers (sm_90a, bf16 128 x 128 x 64), which leaves one. A cap of
+    ``REGISTERS_PER_SM / (2 x threads)`` = 128 keeps two, with no spills (the compile tier checks).
+    """
+    if kind in WGRAD_KINDS:
+        cap = REGISTERS_PER_SM // (WGRAD_RESIDENT_PROGRAMS * config.num_warps * 32)
+        if cap < 255:
+            return {"maxnreg": cap}
+    return {}
 
 
 def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
@@ -808,8 +883,9 @@ def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
         swe // al, swn // al, swk, db_st[0] // al, db_st[1],
         E=E, GATHER_A=gather_a, GATHER_X=gather_x, HAS_BIAS=has_bias,
         INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(a.dtype), ALIGN=al, ATOMIC=atomic,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN=N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0, BLOCK_N=cfg.BLOCK_N,
+        BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_options(kind, cfg))
     if atomic:
         dw.copy_(dw_k)
         if has_bias:
@@ -1002,7 +1078,8 @@ def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=No
                 "stride_dbe": N // al if has_bias else 0, "stride_dbn": 1 if has_bias else 0}
         constexprs = {"E": E, "GATHER_A": gather_a, "GATHER_X": gather_x, "HAS_BIAS": bool(has_bias),
                       "INPUT_PRECISION": input_precision, "DOT_UPCAST": False, "ALIGN": al,
-                      "ATOMIC": bool(atomic), "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K,
+                      "ATOMIC": bool(atomic), "EVEN": N % config.BLOCK_N == 0 and K % config.BLOCK_K == 0,
+                      "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K,
                       "BLOCK_T": config.BLOCK_T}
         return (_grouped_wgrad_kernel, *launch_signature(sig, ints, constexprs))
     raise ValueError(f"unknown kernel kind {kind!r}")
