@@ -388,6 +388,25 @@ def test_wgrad_unmasked_steps_and_partial_last_step(monkeypatch, chunk, dtype, h
     check_linear(ids, x, w, b, dy, E)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
+@pytest.mark.parametrize("h, f", [(32, 64), (32, 40)], ids=["even", "masked"])
+def test_ffn_even_tiles(dtype, activation, h, f):
+    """Widths the SMALL tiles divide (H = 32, F = 64: EVEN, no k/column masks in the grouped
+    GEMMs' loops and no dW masks in the weight gradients) and widths they do not (F = 40)."""
+    E, T = 3, 97
+    fi = 2 * f if activation == "swiglu" else f
+    ids = make_ids(T, E, "rand", seed=41)
+    cast = (lambda t: t.to(dtype))
+    x = cast(rand(T, h, seed=42))
+    w_in = cast(rand(E, fi, h, scale=h ** -0.5, seed=43))
+    b_in = cast(rand(E, fi, scale=0.5, seed=44))
+    w_out = cast(rand(E, h, f, scale=f ** -0.5, seed=45))
+    b_out = cast(rand(E, h, scale=0.5, seed=46))
+    dy = cast(rand(T, h, seed=47))
+    check_ffn(ids, x, w_in, b_in, w_out, b_out, dy, E, activation)
+
+
 def test_wgrad_chunk_setting_is_checked(monkeypatch):
     for bad in ("-1", "many"):
         monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", bad)
