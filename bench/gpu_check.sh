@@ -24,6 +24,9 @@
 #   6. only with GPU_CHECK_TUNE=1: python3 -m bench.tune_gpu (limit GPU_CHECK_TUNE_TIMEOUT s, 120) -> $OUT/tune.md
 #      (GPU_CHECK_TUNE_ONLY=cross_attention,experts limits and orders the sweeps; tune.md keeps every
 #      family finished before a timeout)
+#   7. only with GPU_CHECK_TUNE=1, when the experts sweep finished: python3 -m bench --quick --family
+#      experts with the fastest settings it found (limit GPU_CHECK_TUNED_BENCH_TIMEOUT s, 120)
+#      -> appended to $OUT/tune.md
 # The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
 # failed or timed out; 2 bench failed (an mmkernels measurement errored, or the
 # bench crashed); 4 a bench provider disagrees with the reference.
@@ -44,6 +47,7 @@ AGREE_T=${GPU_CHECK_AGREE_TIMEOUT:-100}
 BENCH_T=${GPU_CHECK_BENCH_TIMEOUT:-210}
 PROF_T=${GPU_CHECK_PROFILE_TIMEOUT:-45}
 TUNE_T=${GPU_CHECK_TUNE_TIMEOUT:-120}
+TUNED_T=${GPU_CHECK_TUNED_BENCH_TIMEOUT:-120}
 export PYTHONUNBUFFERED=1 MMKERNELS_NO_EXT=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -142,8 +146,25 @@ if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
   echo "== tune_gpu (stderr)" >>"$OUT/bench.log"
   TUNE_ARGS=()
   [ -n "${GPU_CHECK_TUNE_ONLY:-}" ] && TUNE_ARGS=(--only "$GPU_CHECK_TUNE_ONLY")
-  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" ${TUNE_ARGS[@]+"${TUNE_ARGS[@]}"} >/dev/null 2>>"$OUT/bench.log" \
+  TUNED_ENV=$(mktemp)
+  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" --env-out "$TUNED_ENV" \
+    ${TUNE_ARGS[@]+"${TUNE_ARGS[@]}"} >/dev/null 2>>"$OUT/bench.log" \
     || echo "tune_gpu: failed or timed out (its stderr is at the end of bench.log)"
+  # 7. the experts bench again with the fastest tiles and chunks the sweep found (their
+  #    settings, MMKERNELS_EXPERTS_*, from tune_gpu --env-out), appended to tune.md: the tuned
+  #    speed measured in the same call, before any heuristic is changed
+  if [ -s "$TUNED_ENV" ]; then
+    echo "== [$(elapsed) s] python -m bench --quick --family experts with the tuned settings (limit ${TUNED_T} s)"
+    TUNED_OUT=$(mktemp -d)
+    ( set -a; . "$TUNED_ENV"; set +a
+      timeout -k 10 "$TUNED_T" "$PY" -m bench --quick --device "$DEVICE" --family experts --out "$TUNED_OUT" \
+        --time-budget $((TUNED_T > 60 ? TUNED_T - 30 : TUNED_T / 2)) >>"$OUT/bench.log" 2>&1 ) \
+      || echo "tuned experts bench: failed or timed out (see bench.log)"
+    { echo; echo "# bench experts with the tuned settings"; echo; echo '```'; cat "$TUNED_ENV"; echo '```'; echo
+      cat "$TUNED_OUT/results.md" 2>/dev/null || echo "(no results.md: see bench.log)"; } >>"$OUT/tune.md"
+    rm -rf "$TUNED_OUT"
+  fi
+  rm -f "$TUNED_ENV"
 fi
 
 RC=0

@@ -535,14 +535,25 @@ def test_tune_gpu_smoke(tmp_path, capsys):
     from bench import tune_gpu
     if torch.cuda.is_available():
         pytest.skip("smoke mode is for machines without a GPU (on a GPU, run the real sweep)")
-    out = tmp_path / "tune.md"
-    assert tune_gpu.main(["--smoke", "--out", str(out)]) == 0
+    out, env_out = tmp_path / "tune.md", tmp_path / "tuned.env"
+    assert tune_gpu.main(["--smoke", "--out", str(out), "--env-out", str(env_out)]) == 0
     text = out.read_text()
     for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq",
                   "cross_attention BLIP-2", "cross_attention CoCa pooler", "pairs per program",
-                  "experts weight gradient", "token chunks"):
+                  "experts weight gradient", "token chunks", "ffn_bwd_dh tiles", "ffn_bwd_dx tiles",
+                  "cuBLAS `torch.mm`"):
         assert title in text, title
     assert "error:" not in text, text
+    # the fastest configs as settings the experts launchers accept
+    settings = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert set(settings) == {"MMKERNELS_EXPERTS_CONFIGS", "MMKERNELS_EXPERTS_WGRAD_CHUNK"}, settings
+    from bench.harness import scoped_env
+    from mmkernels.experts import kernels as K
+    with scoped_env(K.CONFIGS_ENV, settings["MMKERNELS_EXPERTS_CONFIGS"]):
+        tuned = K.config_overrides()
+    assert set(tuned) == {"wgrad_ffn_in", "ffn_fwd_in", "ffn_fwd_out", "ffn_bwd_dh", "ffn_bwd_dx"}, tuned
+    with scoped_env(K.WGRAD_CHUNK_ENV, settings["MMKERNELS_EXPERTS_WGRAD_CHUNK"]):
+        K.wgrad_chunk_setting()
 
 
 # ----------------------------------------------------------------------------- cross_attention: Q-Former step

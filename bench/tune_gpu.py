@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -240,7 +241,7 @@ def _vlmo_inputs(device: str, smoke: bool):
     return (b, t_text, t_img, h, f), ids.numel(), perm, offsets
 
 
-def _tune_wgrad(device: str, smoke: bool, reps: int) -> list[str]:
+def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     from mmkernels.experts import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
@@ -263,6 +264,7 @@ def _tune_wgrad(device: str, smoke: bool, reps: int) -> list[str]:
             except Exception as exc:  # noqa: BLE001 - report every failure, keep sweeping
                 rows.append((str(c), _err(exc), None, cfg == heur))
     lines += _table("tiles, one program per dW tile (BLOCK_N, BLOCK_K, BLOCK_T, warps, stages)", rows, "TFLOP/s")
+    best["wgrad_ffn_in"] = _fastest(rows)
     rows = []
     for chunk in (WGRAD_CHUNKS[:2] if smoke else WGRAD_CHUNKS):
         with scoped_env(K.WGRAD_CHUNK_ENV, chunk):
@@ -274,6 +276,7 @@ def _tune_wgrad(device: str, smoke: bool, reps: int) -> list[str]:
                 rows.append((f"chunk={chunk}", _err(exc), None, chunk == "auto"))
     lines += _table("token chunks at the heuristic tiles (fp32 atomics when > 0; auto = the default)",
                     rows, "TFLOP/s")
+    best["chunk"] = _fastest(rows)
     lines += _cublas_line(lambda: torch.mm(dh.t(), x), device, reps, flop, "dh^T @ x, both experts' tokens")
     return lines
 
@@ -287,7 +290,7 @@ def _cublas_line(fn, device: str, reps: int, flop: float, what: str) -> list[str
         return [f"cuBLAS `torch.mm` ({what}): {_err(exc)}", ""]
 
 
-def _tune_mm(device: str, smoke: bool, reps: int) -> list[str]:
+def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     from mmkernels.experts import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
@@ -331,6 +334,7 @@ def _tune_mm(device: str, smoke: bool, reps: int) -> list[str]:
             except Exception as exc:  # noqa: BLE001
                 rows.append((str(c), _err(exc), None, cfg == heur))
         lines += _table(f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", rows, "TFLOP/s")
+        best[kind] = _fastest(rows)
         lines += _cublas_line(dense[kind], device, reps, flop, "same shape, one weight")
     return lines
 
@@ -343,7 +347,29 @@ def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
     the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at. The perf notes' reading: one program per dW tile
     walks all of its expert's tokens, and the image expert's programs are 5x longer than the
     text expert's, so the plain grid is unbalanced."""
-    return _tune_wgrad(device, smoke, reps) + _tune_mm(device, smoke, reps)
+    best: dict = {}
+    lines = _tune_wgrad(device, smoke, reps, best) + _tune_mm(device, smoke, reps, best)
+    return lines + _settings_lines(best)
+
+
+def _fastest(rows) -> str | None:
+    """The name of the fastest timed row (None when none ran)."""
+    timed = [r for r in rows if isinstance(r[1], float)]
+    return min(timed, key=lambda r: r[1])[0] if timed else None
+
+
+def _settings_lines(best: dict) -> list[str]:
+    """The fastest configs as the environment settings that select them (``--env-out``)."""
+    from mmkernels.experts import kernels as K
+    tiles = ";".join(f"{kind}={name.strip('()').replace(' ', '')}" for kind, name in best.items()
+                     if kind != "chunk" and name)
+    env = []
+    if tiles:
+        env.append(f"{K.CONFIGS_ENV}={tiles}")
+    if best.get("chunk"):
+        env.append(f"{K.WGRAD_CHUNK_ENV}={best['chunk'].split('=', 1)[1]}")
+    return (["## the fastest of each table, as settings (`--env-out` writes these lines)", "", "```"]
+            + env + ["```", ""])
 
 
 SWEEPS = {"contrastive": tune_contrastive, "attention": tune_attention,
@@ -367,6 +393,8 @@ def main(argv=None) -> int:
                                   "timed-out run keeps what it measured)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one or two configs (checks the script)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--env-out", help="write the fastest settings found (VAR=value lines, e.g. "
+                                      "MMKERNELS_EXPERTS_CONFIGS) to this file, to run the bench with them")
     args = ap.parse_args(argv)
     families = _families(args.only)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -390,6 +418,9 @@ def main(argv=None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
+        if args.env_out:
+            with open(args.env_out, "w") as f:
+                f.writelines(line + "\n" for line in lines if re.match(r"^MMKERNELS_[A-Z_]+=\S", line))
     return 0
 
 

@@ -419,6 +419,33 @@ def test_wgrad_chunk_setting_is_checked(monkeypatch):
         assert K.wgrad_chunk_setting() == want
 
 
+def test_config_overrides_are_parsed_and_checked(monkeypatch):
+    """MMKERNELS_EXPERTS_CONFIGS: kind=5 values per launch kind, anything else a clear error."""
+    monkeypatch.delenv(K.CONFIGS_ENV, raising=False)
+    assert K.config_overrides() == {}
+    monkeypatch.setenv(K.CONFIGS_ENV, " ffn_fwd_in=128,128,64,8,3 ; wgrad_ffn_in=64,128,64,4,5; ")
+    assert K.config_overrides() == {"ffn_fwd_in": K.MMConfig(128, 128, 64, 8, 3),
+                                    "wgrad_ffn_in": K.WGradConfig(64, 128, 64, 4, 5)}
+    for bad in ("ffn_fwd=128,128,64,8,3", "ffn_fwd_in:128,128,64,8,3", "ffn_fwd_in=128,128,64,8",
+                "ffn_fwd_in=128,96,64,8,3", "ffn_fwd_in=128,128,64,8,0", "route=1,1,1,1,1",
+                "ffn_fwd_in=a,b,c,d,e"):
+        monkeypatch.setenv(K.CONFIGS_ENV, bad)
+        with pytest.raises(ValueError, match=K.CONFIGS_ENV):
+            K.config_overrides()
+
+
+def test_config_overrides_replace_the_heuristic(monkeypatch):
+    """An override reaches the launches of its kind (and only those) and computes the same
+    results; an explicit ``config=`` still wins."""
+    heur = K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, None)
+    monkeypatch.setenv(K.CONFIGS_ENV, "ffn_fwd_in=16,32,16,4,1;wgrad_ffn_in=32,16,16,4,1")
+    assert K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, None) == K.MMConfig(16, 32, 16, 4, 1)
+    assert K._pick("ffn_fwd_out", torch.bfloat16, "tf32", False, 4096, 16, None) != K.MMConfig(16, 32, 16, 4, 1)
+    assert K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, heur) == heur
+    ids, *rest = ffn_case(97, 2, torch.float32, "gelu", True, "rand", seed=51)
+    check_ffn(ids, *rest, 2, "gelu", config=None)
+
+
 def test_auto_wgrad_chunk_policy():
     """The automatic token chunking of the weight gradient (no GPU needed: a pure function)."""
     sms = 132  # H100 / H200

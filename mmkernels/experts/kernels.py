@@ -722,9 +722,44 @@ def _check(x: torch.Tensor, offsets: torch.Tensor):
     return E
 
 
+CONFIGS_ENV = "MMKERNELS_EXPERTS_CONFIGS"
+
+
+def config_overrides() -> dict:
+    """``MMKERNELS_EXPERTS_CONFIGS``: tile configs replacing the heuristic's, per launch kind.
+
+    ``"kind=v,v,v,v,v;kind=..."``: a grouped-GEMM kind (``MM_KINDS``) takes
+    ``BLOCK_M,BLOCK_N,BLOCK_K,warps,stages``, a weight-gradient kind (``WGRAD_KINDS``)
+    ``BLOCK_N,BLOCK_K,BLOCK_T,warps,stages``. It applies to every dtype and width of that kind
+    (the sm_90a compile tier checks only the heuristic's configs): meant for the output of
+    ``python -m bench.tune_gpu --env-out``, on the GPU it was measured on. Unset or empty: ``{}``.
+    """
+    raw = os.environ.get(CONFIGS_ENV, "").strip()
+    out: dict = {}
+    for item in filter(None, (p.strip() for p in raw.split(";"))):
+        kind, sep, values = item.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in MM_KINDS + WGRAD_KINDS:
+            raise ValueError(f"{CONFIGS_ENV}: {item!r} is not kind=values with a kind of "
+                             f"{MM_KINDS + WGRAD_KINDS}")
+        try:
+            nums = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"{CONFIGS_ENV}: {item!r}: the values must be integers") from None
+        if len(nums) != 5 or any(v <= 0 or v & (v - 1) for v in nums[:4]) or nums[4] <= 0:
+            raise ValueError(f"{CONFIGS_ENV}: {item!r}: need 5 values, three block sizes and the "
+                             f"warps powers of two, stages >= 1")
+        out[kind] = (WGradConfig if kind in WGRAD_KINDS else MMConfig)(*nums)
+    return out
+
+
 def _pick(kind, dtype, prec, swiglu, N, align, config):
+    """The launch's config: ``config`` (one, or a dict by kind), else ``MMKERNELS_EXPERTS_CONFIGS``,
+    else ``heuristic_config``."""
     if isinstance(config, dict):
         config = config.get(kind)
+    if config is None:
+        config = config_overrides().get(kind)
     if config is None:
         return heuristic_config(kind, dtype, prec, swiglu, N, is_aligned(dtype, align))
     return config
