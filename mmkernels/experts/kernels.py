@@ -553,10 +553,10 @@ def _grouped_wgrad_kernel(
     """dW[e, n, k] = sum_{s of e} A[ra(s), n] X[rx(s), k]; db[e, n] = sum_s A[ra(s), n] (k-tile 0).
 
     ``N``, ``K``, ``stride_am``, ``stride_xm``, ``stride_we``, ``stride_wn`` and ``stride_dbe``
-    arrive divided by ``ALIGN`` (see ``_grouped_mm_kernel``). Program ``(pid, c)`` sums the
-    expert's slots ``c * chunk ..`` up to ``chunk`` of them: with ``ATOMIC`` the chunks of one
-    tile add into fp32 ``dw``/``db`` buffers (zeroed by the caller); without it there is one
-    chunk per expert (``chunk >= T``) and the tile is stored.
+    arrive divided by ``ALIGN`` (see ``_grouped_mm_kernel``). With ``ATOMIC``, program
+    ``(pid, c)`` sums chunk ``c`` of its expert's slots (``cdiv(n_e, chunk)`` equal chunks of at
+    most ``chunk``) into fp32 ``dw``/``db`` buffers (zeroed by the caller); without it there is
+    one chunk per expert (``chunk >= T``) and the tile is stored.
     """
     N = N * ALIGN
     K = K * ALIGN
@@ -568,9 +568,16 @@ def _grouped_wgrad_kernel(
     r = pid % per_e
     pn = r // tiles_k
     pk = r % tiles_k
-    lo = tl.load(offsets_ptr + e) + tl.program_id(1) * chunk
-    hi = tl.minimum(tl.load(offsets_ptr + e + 1), lo + chunk)
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
     if ATOMIC:
+        # the expert's tokens in as many chunks as ``chunk`` asks for, made equal (whole
+        # BLOCK_T steps, so only the last chunk has a partial step): 12608 tokens at chunk 4160
+        # become 4 x 3152, not 3 x 4160 + 128 (the launch's last wave is its slowest chunk)
+        n_chunks = tl.cdiv(hi - lo, chunk)
+        per = tl.cdiv(tl.cdiv(hi - lo, tl.maximum(n_chunks, 1)), BLOCK_T) * BLOCK_T
+        lo = lo + tl.program_id(1) * per
+        hi = tl.minimum(hi, lo + per)
         if lo >= hi:  # past this expert's last chunk (the grid covers the largest possible expert)
             return
     stride_am = tl.cast(stride_am, tl.int64) * ALIGN
