@@ -68,6 +68,8 @@ def _jobs():
         kernel, sig, constexprs, div = K.compile_specs("route", torch.float32, "ieee", E=E)
         jobs.append(sm90.CompileJob(kernel, sig, constexprs, K.ROUTE_WARPS, 1, div,
                                     label=f"route-E{E}"))
+    kernel, sig, constexprs, div = K.compile_specs("route_split", torch.float32, "ieee")
+    jobs.append(sm90.CompileJob(kernel, sig, constexprs, 4, 1, div, label="route-split"))
     for kind in K.KERNEL_KINDS[1:]:
         for act in _activations(kind):
             swiglu = act == "swiglu"

@@ -28,6 +28,7 @@ if not torch.cuda.is_available():  # normally already done by conftest.py
 triton = pytest.importorskip("triton")
 
 from mmkernels.experts import kernels as K  # noqa: E402
+from mmkernels.experts.routing import route_split as route_split_torch  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
 
 try:  # the lead's reference (loop over experts with boolean masks)
@@ -231,6 +232,31 @@ def test_route_empty():
 def test_route_rejects_too_many_experts():
     with pytest.raises(ValueError):
         K.route_triton(torch.zeros(4, dtype=torch.int64, device=DEVICE), K.MAX_EXPERTS + 1)
+
+
+SPLIT_CASES = [(2, 7, 3), (3, 5, 0), (3, 5, 5), (1, 1, 0), (1, 1, 1), (0, 5, 2), (5, 300, 41),
+               (8, 237, 40)]  # 8 x 237: two programs of the split kernel
+
+
+@pytest.mark.parametrize("B,S,P", SPLIT_CASES, ids=[f"B{b}-S{s}-P{p}" for b, s, p in SPLIT_CASES])
+def test_route_split_kernel_matches_the_stable_sort(B, S, P):
+    """The one-launch position split gives the permutation and offsets the stable sort of the
+    equivalent ids gives (and the torch-op form, routing.route_split)."""
+    perm, offsets = K.route_split_triton(B, S, P, DEVICE)
+    assert perm.dtype == torch.int32 and offsets.dtype == torch.int32
+    assert perm.shape == (B * S,) and offsets.shape == (3,)
+    ids = torch.ones(B, S, dtype=torch.int64)
+    ids[:, :P] = 0
+    assert torch.equal(perm.cpu().long(), torch.argsort(ids.reshape(-1), stable=True))
+    assert offsets.cpu().tolist() == [0, B * P, B * S]
+    torch_form = route_split_torch(B, S, P, "cpu")
+    assert torch.equal(perm.cpu(), torch_form.perm) and torch.equal(offsets.cpu(), torch_form.offsets)
+
+
+def test_route_split_kernel_rejects_bad_positions():
+    for p in (-1, 6):
+        with pytest.raises(ValueError, match="split position"):
+            K.route_split_triton(2, 5, p, DEVICE)
 
 
 # ---------------------------------------------------------------------------

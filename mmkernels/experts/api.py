@@ -105,7 +105,7 @@ def _dense_ids(kind: str, ids, x: torch.Tensor) -> torch.Tensor:
 
 def _route(kind: str, ids, x: torch.Tensor, num_experts: int, which: str) -> routing.Routing:
     if kind == "split":
-        return routing.route_split(x.shape[0], x.shape[1], ids, x.device)
+        return routing.route_split(x.shape[0], x.shape[1], ids, x.device, which)
     return routing.route(ids.reshape(-1), num_experts, which)
 
 

@@ -1,14 +1,8 @@
 """Triton kernels for modality experts: routing and grouped GEMMs (issue 4; notes/experts_contract.md).
 
-``route_triton(ids, E) -> (perm, offsets)`` and the four contract functions
-``linear_fwd_triton``, ``linear_bwd_triton``, ``ffn_fwd_triton``, ``ffn_bwd_triton``.
-
-Routing (``_route_kernel``, one program)
-    A stable counting sort.  First pass over blocks of tokens: one-hot ``[BLOCK, E_PAD]`` of
-    the ids, summed into per-expert counts; their exclusive cumsum gives ``offsets``.  Second
-    pass: ``tl.cumsum`` of the one-hot along the tokens gives each token's rank inside its
-    expert within the block; plus the expert's running count it is the token's slot, and
-    ``perm[slot] = token``.  No host sync, no atomics (so it is deterministic and stable).
+The four contract functions ``linear_fwd_triton``, ``linear_bwd_triton``, ``ffn_fwd_triton``,
+``ffn_bwd_triton``; the routing kernels (``route_triton``, ``route_split_triton``) live in
+``route_kernels`` and are re-exported here.
 
 Grouped GEMM (``_grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, BLOCK_N),)``
     For each expert ``e`` and each slot ``s`` of its range ``offsets[e] .. offsets[e+1]-1``:
@@ -71,8 +65,9 @@ import triton
 import triton.language as tl
 
 from .._triton import check_device, dot_upcast, input_precision
-
-MAX_EXPERTS = 8
+from .route_kernels import (ROUTE_BLOCK, ROUTE_WARPS, SPLIT_BLOCK, _route_kernel,  # noqa: F401
+                            _route_split_kernel, route_split_triton, route_triton)
+from .routing import MAX_EXPERTS
 
 # activation codes (constexpr ACT of the grouped GEMM)
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4, 5
@@ -132,34 +127,6 @@ _WGRAD_FLAGS = {
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
-                  E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Stable counting sort of ``ids [T]`` into ``perm [T]`` and ``offsets [E + 1]`` (one program)."""
-    experts = tl.arange(0, E_PAD)
-    offs = tl.arange(0, BLOCK)
-    counts = tl.zeros([E_PAD], tl.int32)
-    for start in range(0, T, BLOCK):
-        tok = start + offs
-        ok = tok < T
-        idv = tl.load(ids_ptr + tok, mask=ok, other=-1).to(tl.int32)
-        onehot = (idv[:, None] == experts[None, :]).to(tl.int32)
-        counts += tl.sum(onehot, 0)
-    starts = tl.cumsum(counts, 0) - counts  # exclusive prefix sum: first slot of each expert
-    tl.store(offsets_ptr + experts, starts, mask=experts < E)
-    tl.store(offsets_ptr + E, tl.sum(counts, 0))
-    running = starts
-    for start in range(0, T, BLOCK):
-        tok = start + offs
-        ok = tok < T
-        idv = tl.load(ids_ptr + tok, mask=ok, other=-1).to(tl.int32)
-        onehot = (idv[:, None] == experts[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, 0) - onehot  # earlier tokens of the same expert in this block
-        slot = tl.sum(onehot * (rank + running[None, :]), 1)
-        tl.store(perm_ptr + slot, tok, mask=ok)
-        running += tl.sum(onehot, 0)
 
 
 @triton.jit
@@ -612,8 +579,6 @@ def _grouped_wgrad_kernel(
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see _grouped_mm_kernel)
-ROUTE_BLOCK = 1024  # tokens per step of the routing sort (one program, 8 warps)
-ROUTE_WARPS = 8
 
 
 REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (every NVIDIA GPU since Kepler)
@@ -770,30 +735,6 @@ def _pick(kind, dtype, prec, swiglu, N, align, config):
     if config is None:
         return heuristic_config(kind, dtype, prec, swiglu, N, is_aligned(dtype, align))
     return config
-
-
-def route_triton(ids: torch.Tensor, E: int):
-    """Stable counting sort of ``ids [T]`` (int32/int64 in [0, E)).
-
-    Returns ``(perm int32 [T], offsets int32 [E + 1])``; one program, no host sync.
-    """
-    check_device(ids)
-    E = int(E)
-    if not 1 <= E <= MAX_EXPERTS:
-        raise ValueError(f"route_triton takes 1..{MAX_EXPERTS} experts, got {E}")
-    ids = ids.reshape(-1)
-    T = ids.numel()
-    dev = ids.device
-    perm = torch.empty(T, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    if T == 0:
-        offsets.zero_()
-        return perm, offsets
-    ids = ids.contiguous()
-    # one BLOCK for every T: no recompilation per sequence length
-    _route_kernel[(1,)](ids, perm, offsets, T, E=E, E_PAD=max(2, triton.next_power_of_2(E)),
-                        BLOCK=ROUTE_BLOCK, num_warps=ROUTE_WARPS, num_stages=1)
-    return perm, offsets
 
 
 def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, act, *, config=None):
@@ -1080,6 +1021,10 @@ def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=No
         sig = {"ids_ptr": "*i64", "perm_ptr": "*i32", "offsets_ptr": "*i32"}
         constexprs = {"E": E, "E_PAD": max(2, triton.next_power_of_2(E)), "BLOCK": ROUTE_BLOCK}
         return (_route_kernel, *launch_signature(sig, {"T": T}, constexprs))
+    if kind == "route_split":  # VLMo-like: 64 samples of 237 tokens split at 40
+        sig = {"perm_ptr": "*i32", "offsets_ptr": "*i32"}
+        return (_route_split_kernel,
+                *launch_signature(sig, {"B": 64, "S": 237, "P": 40}, {"BLOCK": SPLIT_BLOCK}))
     if kind in MM_KINDS:
         gather, scatter, store_h, act_bwd, transposed = _MM_FLAGS[kind]
         act = ACT_NONE if activation is None else ACT_CODES[activation]

@@ -38,17 +38,21 @@ def route_torch(ids: torch.Tensor, num_experts: int) -> Routing:
 def route(ids: torch.Tensor, num_experts: int, backend: str = "cpu") -> Routing:
     """Route ``ids [T]``: the Triton counting-sort kernel on the triton backend, torch otherwise."""
     if backend == "triton":
-        from .kernels import route_triton
+        from .route_kernels import route_triton
         return Routing(*route_triton(ids.reshape(-1), num_experts))
     return route_torch(ids, num_experts)
 
 
-def route_split(batch: int, seq: int, split_position: int, device) -> Routing:
+def route_split(batch: int, seq: int, split_position: int, device, backend: str = "cpu") -> Routing:
     """Routing for ``x [batch, seq, H]`` where positions ``< split_position`` use expert 0.
 
     Arithmetic only (no sort, no ids tensor): slots ``0 .. batch*p - 1`` are the first ``p``
-    positions of each sample in order, then the remaining positions.
+    positions of each sample in order, then the remaining positions. On the triton backend one
+    kernel launch (``route_split_triton``), torch ops otherwise.
     """
+    if backend == "triton":
+        from .route_kernels import route_split_triton
+        return Routing(*route_split_triton(batch, seq, split_position, device))
     p = split_position
     pos = torch.arange(seq, device=device, dtype=torch.int32)
     base = torch.arange(batch, device=device, dtype=torch.int32)[:, None] * seq

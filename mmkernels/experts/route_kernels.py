@@ -1,0 +1,117 @@
+"""Triton routing kernels for modality experts: the sort of tokens by expert, on the device.
+
+``route_triton(ids, E) -> (perm, offsets)``: a stable counting sort (``_route_kernel``, one
+program). First pass over blocks of tokens: one-hot ``[BLOCK, E_PAD]`` of the ids, summed into
+per-expert counts; their exclusive cumsum gives ``offsets``. Second pass: ``tl.cumsum`` of the
+one-hot along the tokens gives each token's rank inside its expert within the block; plus the
+expert's running count it is the token's slot, and ``perm[slot] = token``. No host sync, no
+atomics (so it is deterministic and stable).
+
+``route_split_triton(B, S, p, device) -> (perm, offsets)``: the position split (positions
+``< p`` of each sample on expert 0, the rest on expert 1) as arithmetic, in one launch
+(``_route_split_kernel``): the same result as ``routing.route_split``'s torch ops, which take
+about ten small launches.
+
+Both give ``perm [T]`` int32 (slot -> token) and ``offsets [E + 1]`` int32 (see ``routing``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import check_device
+from .routing import MAX_EXPERTS
+
+ROUTE_BLOCK = 1024  # tokens per step of the routing sort (one program, 8 warps)
+ROUTE_WARPS = 8
+SPLIT_BLOCK = 1024  # slots per program of the position split
+
+
+@triton.jit
+def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
+                  E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Stable counting sort of ``ids [T]`` into ``perm [T]`` and ``offsets [E + 1]`` (one program)."""
+    experts = tl.arange(0, E_PAD)
+    offs = tl.arange(0, BLOCK)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for start in range(0, T, BLOCK):
+        tok = start + offs
+        ok = tok < T
+        idv = tl.load(ids_ptr + tok, mask=ok, other=-1).to(tl.int32)
+        onehot = (idv[:, None] == experts[None, :]).to(tl.int32)
+        counts += tl.sum(onehot, 0)
+    starts = tl.cumsum(counts, 0) - counts  # exclusive prefix sum: first slot of each expert
+    tl.store(offsets_ptr + experts, starts, mask=experts < E)
+    tl.store(offsets_ptr + E, tl.sum(counts, 0))
+    running = starts
+    for start in range(0, T, BLOCK):
+        tok = start + offs
+        ok = tok < T
+        idv = tl.load(ids_ptr + tok, mask=ok, other=-1).to(tl.int32)
+        onehot = (idv[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, 0) - onehot  # earlier tokens of the same expert in this block
+        slot = tl.sum(onehot * (rank + running[None, :]), 1)
+        tl.store(perm_ptr + slot, tok, mask=ok)
+        running += tl.sum(onehot, 0)
+
+
+@triton.jit
+def _route_split_kernel(perm_ptr, offsets_ptr, B, S, P, BLOCK: tl.constexpr):
+    """``perm`` for ``x [B, S, H]`` split at position ``P``: slots ``0 .. B*P-1`` hold the first
+    ``P`` positions of each sample in order, the rest the other ``S - P``; ``offsets = [0, B*P,
+    B*S]`` (written by program 0)."""
+    pid = tl.program_id(0)
+    slots = pid * BLOCK + tl.arange(0, BLOCK)
+    T = B * S
+    n0 = B * P
+    first = slots < n0
+    rest = slots - n0
+    p0 = tl.maximum(P, 1)  # divisors of the side a slot is not on may be 0
+    p1 = tl.maximum(S - P, 1)
+    sample = tl.where(first, slots // p0, rest // p1)
+    pos = tl.where(first, slots % p0, P + rest % p1)
+    tl.store(perm_ptr + slots, sample * S + pos, mask=slots < T)
+    if pid == 0:
+        which = tl.arange(0, 4)
+        tl.store(offsets_ptr + which, tl.where(which == 0, 0, tl.where(which == 1, n0, T)),
+                 mask=which < 3)
+
+
+def route_triton(ids: torch.Tensor, E: int):
+    """Stable counting sort of ``ids [T]`` (int32/int64 in [0, E)).
+
+    Returns ``(perm int32 [T], offsets int32 [E + 1])``; one program, no host sync.
+    """
+    check_device(ids)
+    E = int(E)
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"route_triton takes 1..{MAX_EXPERTS} experts, got {E}")
+    ids = ids.reshape(-1)
+    T = ids.numel()
+    dev = ids.device
+    perm = torch.empty(T, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    if T == 0:
+        offsets.zero_()
+        return perm, offsets
+    ids = ids.contiguous()
+    # one BLOCK for every T: no recompilation per sequence length
+    _route_kernel[(1,)](ids, perm, offsets, T, E=E, E_PAD=max(2, triton.next_power_of_2(E)),
+                        BLOCK=ROUTE_BLOCK, num_warps=ROUTE_WARPS, num_stages=1)
+    return perm, offsets
+
+
+def route_split_triton(batch: int, seq: int, split_position: int, device):
+    """``(perm int32 [batch * seq], offsets int32 [3])`` of the position split, one launch."""
+    device = torch.device(device)
+    T = batch * seq
+    if not 0 <= split_position <= seq:
+        raise ValueError(f"split position must lie in [0, {seq}], got {split_position}")
+    perm = torch.empty(T, dtype=torch.int32, device=device)
+    offsets = torch.empty(3, dtype=torch.int32, device=device)
+    check_device(perm)
+    grid = (max(1, triton.cdiv(T, SPLIT_BLOCK)),)
+    _route_split_kernel[grid](perm, offsets, batch, seq, split_position, BLOCK=SPLIT_BLOCK,
+                              num_warps=4, num_stages=1)
+    return perm, offsets
