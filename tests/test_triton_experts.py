@@ -452,9 +452,12 @@ def test_config_overrides_are_parsed_and_checked(monkeypatch):
     monkeypatch.setenv(K.CONFIGS_ENV, " ffn_fwd_in=128,128,64,8,3 ; wgrad_ffn_in=64,128,64,4,5; ")
     assert K.config_overrides() == {"ffn_fwd_in": K.MMConfig(128, 128, 64, 8, 3),
                                     "wgrad_ffn_in": K.WGradConfig(64, 128, 64, 4, 5)}
+    monkeypatch.setenv(K.CONFIGS_ENV, "ffn_bwd_dh=128,128,64,8,3,128")  # with a register cap
+    assert K.config_overrides() == {"ffn_bwd_dh": K.MMConfig(128, 128, 64, 8, 3, 128)}
     for bad in ("ffn_fwd=128,128,64,8,3", "ffn_fwd_in:128,128,64,8,3", "ffn_fwd_in=128,128,64,8",
                 "ffn_fwd_in=128,96,64,8,3", "ffn_fwd_in=128,128,64,8,0", "route=1,1,1,1,1",
-                "ffn_fwd_in=a,b,c,d,e"):
+                "ffn_fwd_in=a,b,c,d,e", "ffn_fwd_in=128,128,64,8,3,0", "ffn_fwd_in=128,128,64,8,3,300",
+                "wgrad_ffn_in=128,128,64,8,5,128", "ffn_fwd_in=128,128,64,8,3,128,1"):
         monkeypatch.setenv(K.CONFIGS_ENV, bad)
         with pytest.raises(ValueError, match=K.CONFIGS_ENV):
             K.config_overrides()
@@ -470,6 +473,18 @@ def test_config_overrides_replace_the_heuristic(monkeypatch):
     assert K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, heur) == heur
     ids, *rest = ffn_case(97, 2, torch.float32, "gelu", True, "rand", seed=51)
     check_ffn(ids, *rest, 2, "gelu", config=None)
+
+
+def test_launch_options_register_caps():
+    """A grouped-GEMM config's register cap reaches the launch; the weight gradient's 8-warp
+    tiles are capped for two programs per SM, its 4-warp ones need no cap."""
+    assert K.launch_options("ffn_fwd_in", K.MMConfig(128, 128, 64, 8, 3)) == {}
+    assert K.launch_options("ffn_fwd_in", K.MMConfig(128, 128, 64, 8, 3, 168)) == {"maxnreg": 168}
+    assert K.launch_options("wgrad_ffn_in", K.WGradConfig(128, 128, 64, 8, 5)) == {"maxnreg": 128}
+    assert K.launch_options("wgrad_ffn_in", K.WGradConfig(64, 64, 32, 4, 5)) == {}
+    assert K.launch_options("route", None) == {}
+    ids, *rest = ffn_case(97, 2, torch.float32, "gelu", True, "rand", seed=52)  # interpreted: no-op
+    check_ffn(ids, *rest, 2, "gelu", config={**SMALL, "ffn_fwd_in": K.MMConfig(16, 32, 16, 4, 1, 64)})
 
 
 def test_auto_wgrad_chunk_policy():

@@ -82,6 +82,7 @@ class MMConfig(NamedTuple):
     BLOCK_K: int  # reduction step
     num_warps: int
     num_stages: int
+    maxnreg: int = 0  # register cap per thread (ptxas .maxnreg; 0: none), see launch_options
 
 
 class WGradConfig(NamedTuple):
@@ -589,10 +590,14 @@ def launch_options(kind: str, config) -> dict:
     """Compile options of launch ``kind`` beyond its tile config (passed at launch and by the
     compile tier alike).
 
+    A grouped-GEMM config may carry a register cap (``MMConfig.maxnreg``: two 8-warp programs
+    per SM at 128, e.g. 128 x 128 tiles with an activation epilogue that would take 184-255).
     The weight gradient's 8-warp tiles are sized for two programs per SM; with bias and fp32
     atomics ptxas chose 130 registers (sm_90a, bf16 128 x 128 x 64), which leaves one. A cap of
     ``REGISTERS_PER_SM / (2 x threads)`` = 128 keeps two, with no spills (the compile tier checks).
     """
+    if getattr(config, "maxnreg", 0):
+        return {"maxnreg": config.maxnreg}
     if kind in WGRAD_KINDS:
         cap = REGISTERS_PER_SM // (WGRAD_RESIDENT_PROGRAMS * config.num_warps * 32)
         if cap < 255:
@@ -701,7 +706,7 @@ def config_overrides() -> dict:
     """``MMKERNELS_EXPERTS_CONFIGS``: tile configs replacing the heuristic's, per launch kind.
 
     ``"kind=v,v,v,v,v;kind=..."``: a grouped-GEMM kind (``MM_KINDS``) takes
-    ``BLOCK_M,BLOCK_N,BLOCK_K,warps,stages``, a weight-gradient kind (``WGRAD_KINDS``)
+    ``BLOCK_M,BLOCK_N,BLOCK_K,warps,stages[,maxnreg]``, a weight-gradient kind (``WGRAD_KINDS``)
     ``BLOCK_N,BLOCK_K,BLOCK_T,warps,stages``. It applies to every dtype and width of that kind
     (the sm_90a compile tier checks only the heuristic's configs): meant for the output of
     ``python -m bench.tune_gpu --env-out``, on the GPU it was measured on. Unset or empty: ``{}``.
@@ -718,9 +723,12 @@ def config_overrides() -> dict:
             nums = [int(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"{CONFIGS_ENV}: {item!r}: the values must be integers") from None
-        if len(nums) != 5 or any(v <= 0 or v & (v - 1) for v in nums[:4]) or nums[4] <= 0:
-            raise ValueError(f"{CONFIGS_ENV}: {item!r}: need 5 values, three block sizes and the "
-                             f"warps powers of two, stages >= 1")
+        n_max = 5 if kind in WGRAD_KINDS else 6  # grouped GEMMs: an optional register cap
+        if (not 5 <= len(nums) <= n_max or any(v <= 0 or v & (v - 1) for v in nums[:4])
+                or nums[4] <= 0 or any(not 24 <= v <= 255 for v in nums[5:])):
+            raise ValueError(f"{CONFIGS_ENV}: {item!r}: need 5 values (grouped GEMMs: 5 or 6), "
+                             f"three block sizes and the warps powers of two, stages >= 1, a "
+                             f"register cap in [24, 255]")
         out[kind] = (WGradConfig if kind in WGRAD_KINDS else MMConfig)(*nums)
     return out
 
@@ -767,7 +775,7 @@ def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, a
         ACT_BWD=act_bwd, B_TRANS=b_trans, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(dtype),
         ALIGN=al, EVEN=N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0, BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=MM_GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(kind, cfg))
 
 
 WGRAD_CHUNK_ENV = "MMKERNELS_EXPERTS_WGRAD_CHUNK"
