@@ -132,6 +132,20 @@ def test_non_contiguous_and_fully_masked_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_fills_no_gradient_for_lse(backend):
+    """lse [B, H, S] is saved for the backward and has no gradient: autograd must not fill a zero
+    one on every backward (set_materialize_grads(False) on the op's context)."""
+    from mmkernels.testing.fills import fills
+    _require(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, 24, 24, 16, torch.float32, seed=3))
+    with mmkernels.backend(backend):
+        out = mmkernels.multimodal_attention(q, k, v, MultimodalMask.causal(2, 24))
+        filled = [(op, s) for op, s in fills(lambda: out.backward(torch.ones_like(out))) if s == (2, 2, 24)]
+    assert not filled, filled
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_self_attention_module(backend):
     _require(backend)
     torch.manual_seed(7)

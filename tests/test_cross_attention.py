@@ -30,6 +30,23 @@ def _require(backend):
             pytest.fail(f"the Triton cross-attention kernels do not import: {exc}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_fills_no_gradient_for_lse(backend):
+    """lse [B, H, Lq] is saved for the backward and has no gradient: autograd must not fill a
+    zero one on every backward (set_materialize_grads(False) on the op's context)."""
+    from mmkernels.testing.fills import fills
+    _require(backend)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 8, 16, generator=g).requires_grad_()
+    k = torch.randn(2, 3, 20, 16, generator=g).requires_grad_()
+    v = torch.randn(2, 3, 20, 16, generator=g).requires_grad_()
+    with mmkernels.backend(backend):
+        out = mmkernels.cross_attention(q, k, v)
+        filled = [(op, s) for op, s in fills(lambda: out.backward(torch.ones_like(out))) if s == (2, 3, 8)]
+    assert not filled, filled
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
 def _randn(*shape, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)

@@ -63,10 +63,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, *meta)
     ctx.scale, ctx.backend, ctx.n_meta = scale, backend, len(meta)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero [B, H, S] gradient filled for lse each backward
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *meta = ctx.saved_tensors
+    if dout is None:  # the output did not reach the loss
+        return None, None, None, [None] * ctx.n_meta, None, None
     dq, dk, dv = attention_bwd(q, k, v, out, lse, dout.contiguous(), meta, ctx.scale, ctx.backend)
     return dq, dk, dv, [None] * ctx.n_meta, None, None
 

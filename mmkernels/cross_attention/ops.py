@@ -70,10 +70,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero [B, H, S] gradient filled for lse each backward
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    if dout is None:  # the output did not reach the loss
+        return (None,) * 8
     dq, dk, dv = cross_attention_bwd(q, k, v, out, lse, dout.contiguous(), key_padding_mask, seed,
                                      ctx.scale, ctx.dropout_p, ctx.backend)
     return dq, dk, dv, None, None, None, None, None
