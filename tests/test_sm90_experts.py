@@ -54,10 +54,11 @@ def _label(kind, dtype, prec, act, bias, cfg, size_class):
             f"{size_class}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}")
 
 
-def _job(kind, dtype, prec, act, bias, cfg, size_class, atomic=False):
+def _job(kind, dtype, prec, act, bias, cfg, size_class, atomic=False, row32=True):
     kernel, sig, constexprs, div = K.compile_specs(kind, dtype, prec, cfg, act, bias, E=E_MAX,
-                                                   sizes=SIZES[size_class], atomic=atomic)
-    label = _label(kind, dtype, prec, act, bias, cfg, size_class) + ("-atomic" if atomic else "")
+                                                   sizes=SIZES[size_class], atomic=atomic, row32=row32)
+    label = (_label(kind, dtype, prec, act, bias, cfg, size_class) + ("-atomic" if atomic else "")
+             + ("" if row32 else "-row64"))
     return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div, label=label,
                            options=K.launch_options(kind, cfg))
 
@@ -90,6 +91,11 @@ def _jobs():
                     jobs.append(_job(kind, dtype, prec, act, False, cfg, size_class))
                     if kind in K.WGRAD_KINDS:  # masked dW rows/columns (EVEN off), bias, atomics
                         jobs.append(_job(kind, dtype, prec, act, True, cfg, size_class, atomic=True))
+        if kind in K.WGRAD_KINDS:  # int64 row offsets (inputs past 2**31 elements), bf16 heuristic
+            for atomic in (False, True):
+                cfg = K.heuristic_config(kind, torch.bfloat16, "tf32", False, 4096, True)
+                jobs.append(_job(kind, torch.bfloat16, "tf32", None, True, cfg, "al16", atomic=atomic,
+                                 row32=False))
     return jobs
 
 

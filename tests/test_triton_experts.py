@@ -433,6 +433,20 @@ def test_ffn_even_tiles(dtype, activation, h, f):
     check_ffn(ids, x, w_in, b_in, w_out, b_out, dy, E, activation)
 
 
+def test_wgrad_int64_row_offsets(monkeypatch):
+    """Inputs whose element offsets pass 2**31 take the weight gradient's int64 row offsets
+    (ROW32 off); the int32 ones are what every smaller launch uses. Same results either way."""
+    big = torch.empty_strided((2, 3), (2 ** 31, 1), device="meta")
+    assert K.offsets_fit_int32(torch.empty(5, 7), big[:1])
+    assert not K.offsets_fit_int32(torch.empty(5, 7), big)
+    assert not K.offsets_fit_int32(torch.empty_strided((2 ** 20, 2 ** 11 + 1), (2 ** 11 + 1, 1), device="meta"))
+    monkeypatch.setattr(K, "offsets_fit_int32", lambda *ts: False)
+    for chunk in ("0", "32"):
+        monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", chunk)
+        ids, x, w, b, dy = linear_case(97, 3, torch.bfloat16, True, "rand", seed=61)
+        check_linear(ids, x, w, b, dy, 3)
+
+
 def test_wgrad_chunk_setting_is_checked(monkeypatch):
     for bad in ("-1", "many"):
         monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", bad)
