@@ -27,9 +27,9 @@ Grouped weight gradient (``_grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles
     ``perm`` or directly; each program loops over its expert's slots in ``BLOCK_T`` chunks
     (bounds loaded from ``offsets``).  The programs with ``k``-tile 0 also write the bias
     gradient ``db_e[n] = sum_s A[s, n]`` (16-bit inputs: a 16-column MMA of the A tile against
-    ones; fp32: a row sum).  Experts with no tokens get zeros.  (Its
-    parallelism is ``E * tiles_n * tiles_k``; each program reduces over all of its expert's
-    tokens: ample for model-sized weights, serial over T for tiny ones.)
+    ones; fp32: a row sum).  Experts with no tokens get zeros.  When those ``E * tiles_n *
+    tiles_k`` programs cannot fill the GPU, a second grid axis cuts each expert's tokens into
+    equal chunks summed with fp32 atomics (``auto_wgrad_chunk``).
 
 Launches (``KERNEL_KINDS``): linear forward = one grouped GEMM (gather x, scatter y); linear
 backward = one grouped GEMM for dx (gather dy, ``W_e`` not transposed, scatter) plus one
