@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -293,7 +293,7 @@ def _cublas_line(fn, device: str, reps: int, flop: float, what: str) -> list[str
         return [f"cuBLAS `torch.mm` ({what}): {_err(exc)}", ""]
 
 
-def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
+def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[str]]:
     from mmkernels.experts import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
@@ -310,7 +310,7 @@ def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     dy = torch.randn(t, h, device=device, generator=g).to(dtype)
     dh = torch.empty(t, f, device=device, dtype=dtype)
     dx = torch.empty(t, h, device=device, dtype=dtype)
-    lines = [f"# experts grouped GEMM, VLMo FFN forward and backward: T={t}, H={h}, F={f}, bf16 (gelu)", ""]
+    yield [f"# experts grouped GEMM, VLMo FFN forward and backward: T={t}, H={h}, F={f}, bf16 (gelu)", ""]
     launches = {
         "ffn_fwd_in": lambda cfg: K._grouped_mm("ffn_fwd_in", x, w_in, K._wt(w_in), b_in, a, hid, perm, offsets,
                                                 f, h, K.ACT_GELU, config=cfg),
@@ -336,24 +336,23 @@ def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
                 rows.append((name, ms, flop / ms / 1e9, cfg == heur))
             except Exception as exc:  # noqa: BLE001
                 rows.append((name, _err(exc), None, cfg == heur))
-        lines += _table(f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap])", rows,
-                        "TFLOP/s")
         best[kind] = _fastest(rows)
-        lines += _cublas_line(dense[kind], device, reps, flop, "same shape, one weight")
-    return lines
+        yield (_table(f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap])", rows,
+                      "TFLOP/s") + _cublas_line(dense[kind], device, reps, flop, "same shape, one weight"))
 
 
-def tune_experts(device: str, smoke: bool, reps: int) -> list[str]:
+def tune_experts(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     """The VLMo FFN (64 x (40 text + 197 image) tokens, H 768, F 3072, bf16): the weight gradient
     of its first layer (dW_in [2, 3072, 768]) over tiles at the plain grid, then over token
     chunks (fp32 atomics, ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles; then the
     four grouped GEMMs of its forward and backward over tiles. Each table ends with cuBLAS on
-    the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at. The perf notes' reading: one program per dW tile
-    walks all of its expert's tokens, and the image expert's programs are 5x longer than the
-    text expert's, so the plain grid is unbalanced."""
+    the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at; last, the
+    fastest of each table as the settings that select them. Yields one section at a time
+    (``main`` rewrites ``--out`` after each: a timeout keeps the finished tables)."""
     best: dict = {}
-    lines = _tune_wgrad(device, smoke, reps, best) + _tune_mm(device, smoke, reps, best)
-    return lines + _settings_lines(best)
+    yield _tune_wgrad(device, smoke, reps, best)
+    yield from _tune_mm(device, smoke, reps, best)
+    yield _settings_lines(best)
 
 
 def _fastest(rows) -> str | None:
@@ -413,19 +412,29 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     lines = [f"# mmkernels tile sweeps on {name}", ""]
     for family in families:
-        try:
-            new = SWEEPS[family](device, args.smoke, reps)
-        except Exception as exc:  # noqa: BLE001 - one family failing must not hide the others
-            new = [f"# {family}", _err(exc), ""]
-        lines += new
-        print("\n".join(new), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(lines) + "\n")
-        if args.env_out:
-            with open(args.env_out, "w") as f:
-                f.writelines(line + "\n" for line in lines if re.match(r"^MMKERNELS_[A-Z_]+=\S", line))
+        for new in _sections(SWEEPS[family], family, device, args.smoke, reps):
+            lines += new
+            print("\n".join(new), flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+            if args.env_out:
+                with open(args.env_out, "w") as f:
+                    f.writelines(line + "\n" for line in lines if re.match(r"^MMKERNELS_[A-Z_]+=\S", line))
     return 0
+
+
+def _sections(sweep, family: str, device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
+    """A sweep's output as sections: its list of lines, or each list a generator sweep yields;
+    an exception ends the family with an error line (one family failing must not hide the others)."""
+    try:
+        out = sweep(device, smoke, reps)
+        if isinstance(out, list):
+            yield out
+            return
+        yield from out
+    except Exception as exc:  # noqa: BLE001
+        yield [f"# {family}", _err(exc), ""]
 
 
 if __name__ == "__main__":
