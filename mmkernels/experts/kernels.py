@@ -723,7 +723,13 @@ def config_overrides() -> dict:
     (the sm_90a compile tier checks only the heuristic's configs): meant for the output of
     ``python -m bench.tune_gpu --env-out``, on the GPU it was measured on. Unset or empty: ``{}``.
     """
-    raw = os.environ.get(CONFIGS_ENV, "").strip()
+    return dict(_parse_config_overrides(os.environ.get(CONFIGS_ENV, "").strip()))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config_overrides(raw: str) -> tuple:
+    """``config_overrides``'s parse of one setting, cached: every launch asks (seven per FFN
+    forward and backward), the setting rarely changes. ``((kind, config), ...)``."""
     out: dict = {}
     for item in filter(None, (p.strip() for p in raw.split(";"))):
         kind, sep, values = item.partition("=")
@@ -742,7 +748,7 @@ def config_overrides() -> dict:
                              f"three block sizes and the warps powers of two, stages >= 1, a "
                              f"register cap in [24, 255]")
         out[kind] = (WGradConfig if kind in WGRAD_KINDS else MMConfig)(*nums)
-    return out
+    return tuple(out.items())
 
 
 def _pick(kind, dtype, prec, swiglu, N, align, config):
