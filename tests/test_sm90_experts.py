@@ -11,7 +11,9 @@ unaligned specialisation.  Each must compile, use at most 227 KB of shared memor
 registers, and -- except fp32 with exact products, which runs on FMA units, and the routing
 sort, which has no product -- use Hopper tensor cores (wgmma in the PTX, HGMMA in the SASS).
 The tensor-core launches with aligned rows must also be software-pipelined: some
-``cp.async.wait_group`` leaves copies in flight (``sm90.assert_pipelined``).
+``cp.async.wait_group`` leaves copies in flight (``sm90.assert_pipelined``), and every 8-warp
+launch must leave registers for two programs per SM (the weight gradient with its register
+cap, the activation launches with their epilogue in column slices).
 
 Compilation runs in worker processes without TRITON_INTERPRET (see
 mmkernels.testing.sm90), one per CPU core.
@@ -50,8 +52,9 @@ def _biases(kind):
 
 def _label(kind, dtype, prec, act, bias, cfg, size_class):
     tile = "x".join(str(v) for v in cfg[:3])
+    split = getattr(cfg, "epilogue_split", 1)
     return (f"{kind}-{_DT[dtype]}-{prec}-{act or 'noact'}-{'bias' if bias else 'nobias'}-"
-            f"{size_class}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}")
+            f"{size_class}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}" + (f"-e{split}" if split > 1 else ""))
 
 
 def _job(kind, dtype, prec, act, bias, cfg, size_class, atomic=False, row32=True):
@@ -129,8 +132,8 @@ def test_sm90_compile(reports, job):
     sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
     if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
         assert not rep.tensor_cores, rep.summary()
-    if job.label.split("-")[0] in K.WGRAD_KINDS:  # two weight-gradient programs fit on an SM
-        need = K.WGRAD_RESIDENT_PROGRAMS * rep.registers * 32 * job.num_warps
+    if job.num_warps == 8:  # two 8-warp programs fit on an SM (one hides the other's latency)
+        need = K.RESIDENT_PROGRAMS * rep.registers * 32 * job.num_warps
         assert need <= K.REGISTERS_PER_SM, rep.summary()
     if _pipelined_expected(job):
         # the loads of later steps overlap the math: the weight gradient's gathered reduction
@@ -148,8 +151,8 @@ def _pipelined_expected(job) -> bool:
 def test_every_heuristic_config_is_compiled():
     """The config the launchers pick for every (kind, dtype, precision, width, alignment) is compiled."""
     compiled = {(j.label.split("-")[0], j.num_warps, j.num_stages,
-                 tuple(j.constexprs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T")
-                       if n in j.constexprs))
+                 tuple(j.constexprs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T",
+                                                 "EPI_SPLIT") if n in j.constexprs))
                 for j in JOBS}
     for kind in K.KERNEL_KINDS[1:]:
         for dtype in DTYPES:
@@ -160,7 +163,8 @@ def test_every_heuristic_config_is_compiled():
                         for aligned in (True, False):
                             cfg = K.heuristic_config(kind, dtype, prec, swiglu, N, aligned)
                             assert cfg in K.candidate_configs(kind, dtype, prec, swiglu)
-                            assert (kind, cfg.num_warps, cfg.num_stages, tuple(cfg[:3])) in compiled, \
+                            tiles = tuple(cfg[:3]) + tuple(cfg[6:])  # + the epilogue split
+                            assert (kind, cfg.num_warps, cfg.num_stages, tiles) in compiled, \
                                 (kind, dtype, prec, act, N, aligned, cfg)
 
 

@@ -138,15 +138,15 @@ def check_linear(ids, x, w, b, dy, E, config=SMALL):
         assert_close(got, r, eager=ea, name=name)
 
 
-def ffn_case(T, E, dtype, activation, has_bias, pattern, seed=0, f=F_W):
+def ffn_case(T, E, dtype, activation, has_bias, pattern, seed=0, f=F_W, h_in=H_IN, h_out=H_OUT):
     ids = make_ids(T, E, pattern, seed)
     fi = 2 * f if activation == "swiglu" else f
-    x = rand(T, H_IN, seed=seed + 1)
-    w_in = rand(E, fi, H_IN, scale=H_IN ** -0.5, seed=seed + 2)
+    x = rand(T, h_in, seed=seed + 1)
+    w_in = rand(E, fi, h_in, scale=h_in ** -0.5, seed=seed + 2)
     b_in = rand(E, fi, scale=0.5, seed=seed + 3) if has_bias else None
-    w_out = rand(E, H_OUT, f, scale=f ** -0.5, seed=seed + 4)
-    b_out = rand(E, H_OUT, scale=0.5, seed=seed + 5) if has_bias else None
-    dy = rand(T, H_OUT, seed=seed + 6)
+    w_out = rand(E, h_out, f, scale=f ** -0.5, seed=seed + 4)
+    b_out = rand(E, h_out, scale=0.5, seed=seed + 5) if has_bias else None
+    dy = rand(T, h_out, seed=seed + 6)
     cast = (lambda t: None if t is None else t.to(dtype))
     return ids, cast(x), cast(w_in), cast(b_in), cast(w_out), cast(b_out), cast(dy)
 
@@ -420,17 +420,23 @@ def test_wgrad_unmasked_steps_and_partial_last_step(monkeypatch, chunk, dtype, h
 def test_ffn_even_tiles(dtype, activation, h, f):
     """Widths the SMALL tiles divide (H = 32, F = 64: EVEN, no k/column masks in the grouped
     GEMMs' loops and no dW masks in the weight gradients) and widths they do not (F = 40)."""
-    E, T = 3, 97
-    fi = 2 * f if activation == "swiglu" else f
-    ids = make_ids(T, E, "rand", seed=41)
-    cast = (lambda t: t.to(dtype))
-    x = cast(rand(T, h, seed=42))
-    w_in = cast(rand(E, fi, h, scale=h ** -0.5, seed=43))
-    b_in = cast(rand(E, fi, scale=0.5, seed=44))
-    w_out = cast(rand(E, h, f, scale=f ** -0.5, seed=45))
-    b_out = cast(rand(E, h, scale=0.5, seed=46))
-    dy = cast(rand(T, h, seed=47))
-    check_ffn(ids, x, w_in, b_in, w_out, b_out, dy, E, activation)
+    ids, *rest = ffn_case(97, 3, dtype, activation, True, "rand", seed=41, f=f, h_in=h, h_out=h)
+    check_ffn(ids, *rest, 3, activation)
+
+
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("activation", K.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ffn_split_epilogue(dtype, activation, split):
+    """The grouped GEMMs' epilogue over 2 or 4 column slices of the tile in turn
+    (``MMConfig.epilogue_split``): bias, h, activation and act' land on the right columns. 16 x 64
+    tiles over H = 40 (two slices of four past the last column) and F = 72 (a tile of 8 valid
+    columns, then masked slices), 97 ragged tokens over 3 experts."""
+    cfg = {**SMALL, **{k: K.MMConfig(16, 64, 16, 4, 1, 0, split) for k in K.MM_KINDS}}
+    ids, *rest = ffn_case(97, 3, dtype, activation, True, "rand", seed=51, f=72, h_in=40, h_out=40)
+    check_ffn(ids, *rest, 3, activation, config=cfg)
+    ids, x, w, b, dy = linear_case(97, 3, dtype, True, "empty", seed=58)
+    check_linear(ids, x, w, b, dy, 3, config=cfg)
 
 
 def test_wgrad_int64_row_offsets(monkeypatch):
@@ -460,7 +466,8 @@ def test_wgrad_chunk_setting_is_checked(monkeypatch):
 
 
 def test_config_overrides_are_parsed_and_checked(monkeypatch):
-    """MMKERNELS_EXPERTS_CONFIGS: kind=5 values per launch kind, anything else a clear error."""
+    """MMKERNELS_EXPERTS_CONFIGS: kind=5 values per launch kind (grouped GEMMs: up to 7),
+    anything else a clear error."""
     monkeypatch.delenv(K.CONFIGS_ENV, raising=False)
     assert K.config_overrides() == {}
     monkeypatch.setenv(K.CONFIGS_ENV, " ffn_fwd_in=128,128,64,8,3 ; wgrad_ffn_in=64,128,64,4,5; ")
@@ -468,10 +475,15 @@ def test_config_overrides_are_parsed_and_checked(monkeypatch):
                                     "wgrad_ffn_in": K.WGradConfig(64, 128, 64, 4, 5)}
     monkeypatch.setenv(K.CONFIGS_ENV, "ffn_bwd_dh=128,128,64,8,3,128")  # with a register cap
     assert K.config_overrides() == {"ffn_bwd_dh": K.MMConfig(128, 128, 64, 8, 3, 128)}
+    # an epilogue split, with a register cap or none (0)
+    monkeypatch.setenv(K.CONFIGS_ENV, "ffn_bwd_dh=128,128,64,8,3,0,4;ffn_fwd_in=128,256,64,8,3,168,2")
+    assert K.config_overrides() == {"ffn_bwd_dh": K.MMConfig(128, 128, 64, 8, 3, 0, 4),
+                                    "ffn_fwd_in": K.MMConfig(128, 256, 64, 8, 3, 168, 2)}
     for bad in ("ffn_fwd=128,128,64,8,3", "ffn_fwd_in:128,128,64,8,3", "ffn_fwd_in=128,128,64,8",
                 "ffn_fwd_in=128,96,64,8,3", "ffn_fwd_in=128,128,64,8,0", "route=1,1,1,1,1",
-                "ffn_fwd_in=a,b,c,d,e", "ffn_fwd_in=128,128,64,8,3,0", "ffn_fwd_in=128,128,64,8,3,300",
-                "wgrad_ffn_in=128,128,64,8,5,128", "ffn_fwd_in=128,128,64,8,3,128,1"):
+                "ffn_fwd_in=a,b,c,d,e", "ffn_fwd_in=128,128,64,8,3,16", "ffn_fwd_in=128,128,64,8,3,300",
+                "wgrad_ffn_in=128,128,64,8,5,128", "ffn_fwd_in=128,128,64,8,3,128,3",
+                "ffn_fwd_in=128,32,64,8,3,0,4", "ffn_fwd_in=128,128,64,8,3,0,4,1"):
         monkeypatch.setenv(K.CONFIGS_ENV, bad)
         with pytest.raises(ValueError, match=K.CONFIGS_ENV):
             K.config_overrides()

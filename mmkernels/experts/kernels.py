@@ -4,7 +4,8 @@ The four contract functions ``linear_fwd_triton``, ``linear_bwd_triton``, ``ffn_
 ``ffn_bwd_triton``; the routing kernels (``route_triton``, ``route_split_triton``) live in
 ``route_kernels`` and are re-exported here.
 
-Grouped GEMM (``_grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, BLOCK_N),)``
+Grouped GEMM (``_grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, OUT_N),)``
+    (``OUT_N`` = ``BLOCK_N``, half of it for the swiglu forward: ``mm_output_columns``)
     For each expert ``e`` and each slot ``s`` of its range ``offsets[e] .. offsets[e+1]-1``:
     ``out_row = epilogue(in_row @ B_e)``.  The row tiles of all experts are numbered one
     after the other (an expert with ``n`` slots has ``cdiv(n, BLOCK_M)`` of them; their total
@@ -17,10 +18,13 @@ Grouped GEMM (``_grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, 
     read from a weight ``[E, *, *]`` with explicit strides, so one kernel computes
     ``x @ W_e^T`` (forward) and ``dy @ W_e`` (backward ``dx``).  Epilogues (constexpr
     ``ACT``/``STORE_H``/``ACT_BWD``): bias add; gelu (erf) / gelu_tanh / silu / relu, storing
-    the pre-activation ``h`` as well when asked; swiglu with two accumulators (gate columns
-    ``n`` and up columns ``N + n`` of ``B``; output ``silu(gate) * up``, ``h`` gets both
-    halves); and the activation's backward: ``dh = da * act'(h)`` reading ``h``, for swiglu
-    both halves of ``dh [T, 2F]`` from a ``da [T, F]`` tile.
+    the pre-activation ``h`` as well when asked; swiglu with one B tile of ``BLOCK_N / 2`` gate
+    columns ``n`` and the matching up columns ``N + n`` (one MMA; the accumulator's halves are
+    gate and up; output ``silu(gate) * up``, ``h`` gets both halves); and the activation's backward: ``dh = da * act'(h)`` reading ``h``, for swiglu
+    both halves of ``dh [T, 2F]`` from a ``da [T, F]`` tile.  The epilogue may run on 2 or 4
+    column slices of the tile in turn (``EPI_SPLIT``, ``MMConfig.epilogue_split``): fewer
+    registers live at once, so the activation launches take 128 x 128 tiles at two programs
+    per SM.
 
 Grouped weight gradient (``_grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles_k,)``
     ``dW_e[n, k] = sum_{s in e} A[s, n] X[s, k]`` with ``A`` and ``X`` each read through
@@ -83,6 +87,7 @@ class MMConfig(NamedTuple):
     num_warps: int
     num_stages: int
     maxnreg: int = 0  # register cap per thread (ptxas .maxnreg; 0: none), see launch_options
+    epilogue_split: int = 1  # the epilogue runs on 1, 2 or 4 column slices in turn (registers)
 
 
 class WGradConfig(NamedTuple):
@@ -211,6 +216,7 @@ def _grouped_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
 ):
     """out[dst(s), n] = epilogue(sum_k A[src(s), k] * B_e[k, n]) for the slots s of each expert e.
 
@@ -230,7 +236,11 @@ def _grouped_mm_kernel(
     # the weight columns of GROUP_M tiles; plain row-major order re-reads a wide A (93 MB for
     # the VLMo FFN's a [T, 3072]) once per wave of column tiles
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N * ALIGN, BLOCK_N)
+    DUAL: tl.constexpr = (ACT == 5) and (not ACT_BWD)
+    # output columns per program: the swiglu forward's B tile pairs OUT_N gate columns with the
+    # OUT_N matching up columns (one n = BLOCK_N wgmma, not two of BLOCK_N / 2)
+    OUT_N: tl.constexpr = BLOCK_N // 2 if DUAL else BLOCK_N
+    num_pid_n = tl.cdiv(N * ALIGN, OUT_N)
     num_pid_m = tl.num_programs(0) // num_pid_n
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
@@ -281,21 +291,24 @@ def _grouped_mm_kernel(
         dst = rows.to(tl.int64)
     slot64 = rows.to(tl.int64)
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    cols64 = cols.to(tl.int64)
+    col0 = pid_n * OUT_N
+    if DUAL:  # B columns: gate n .. n + OUT_N - 1, then up N + n .. N + n + OUT_N - 1
+        jj = tl.arange(0, BLOCK_N)
+        cols = col0 + jj % OUT_N
+        col_ok = cols < N
+        cols64 = cols.to(tl.int64) + (jj // OUT_N).to(tl.int64) * N
+    else:
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        cols64 = cols.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_k64 = offs_k.to(tl.int64)
 
     a_ptrs = a_ptr + src[:, None] * stride_am + offs_k64[None, :] * stride_ak
     b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_k64[:, None] * stride_bk \
         + cols64[None, :] * stride_bn
-    DUAL: tl.constexpr = (ACT == 5) and (not ACT_BWD)
-    up_off = N * stride_bn  # column offset of the up projection (swiglu forward)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if DUAL:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # EVEN (the tiles divide N and K): only the row mask, loop-invariant (masks are issue
         # slots: sm_90a bf16 128 x 64 x 64, 105 SASS instructions a step masked, 96 not)
@@ -310,20 +323,90 @@ def _grouped_mm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if DUAL:
-            if EVEN:
-                bu = tl.load(b_ptrs + up_off)
-            else:
-                bu = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_UPCAST:
-                bu = bu.to(tl.float32)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    # the epilogue in EPI_SPLIT column slices of the accumulator, one after the other: its
+    # temporaries (activation, h loads, 64-bit row addresses) then live for a slice at a time
+    # (sm_90a bf16 128 x 128 gelu: 184 registers in one piece, 116 in four; the backward's
+    # act' 255 -> 120), so 128 x 128 tiles with an activation keep two programs per SM
+    if DUAL:
+        acc, acc_up = _split_columns(acc, BLOCK_M, BLOCK_N)  # gate, up: [BLOCK_M, OUT_N]
+    else:
+        acc_up = acc  # unread by the epilogue
+    bias_row = bias_ptr + expert.to(tl.int64) * stride_biase
+    SUB: tl.constexpr = OUT_N // EPI_SPLIT
+    if EPI_SPLIT == 1:
+        _mm_epilogue(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                     stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT,
+                     STORE_H, ACT_BWD, DUAL, DOT_UPCAST, SUB)
+    else:
+        tl.static_assert((EPI_SPLIT == 2) or (EPI_SPLIT == 4), "EPI_SPLIT: 1, 2 or 4")
+        c0, c1 = _split_columns(acc, BLOCK_M, OUT_N)
+        u0, u1 = c0, c1
+        if DUAL:
+            u0, u1 = _split_columns(acc_up, BLOCK_M, OUT_N)
+        if EPI_SPLIT == 2:
+            _mm_epilogue(c0, u0, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                         stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT,
+                         STORE_H, ACT_BWD, DUAL, DOT_UPCAST, SUB)
+            _mm_epilogue(c1, u1, col0 + SUB, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                         stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT,
+                         STORE_H, ACT_BWD, DUAL, DOT_UPCAST, SUB)
+        else:
+            _mm_epilogue_halves(c0, u0, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                                stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS,
+                                ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M, OUT_N // 2)
+            _mm_epilogue_halves(c1, u1, col0 + 2 * SUB, row_ok, slot64, dst, bias_row, out_ptr,
+                                h_ptr, N, stride_biasn, stride_om, stride_on, stride_hm, stride_hn,
+                                HAS_BIAS, ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M,
+                                OUT_N // 2)
+
+
+@triton.jit
+def _split_columns(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """``x [BLOCK_M, WIDTH]`` -> its column halves ``x[:, :WIDTH/2]``, ``x[:, WIDTH/2:]``."""
+    return tl.split(tl.permute(tl.reshape(x, [BLOCK_M, 2, WIDTH // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _mm_epilogue_halves(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                        stride_biasn, stride_om, stride_on, stride_hm, stride_hn,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
+                        ACT_BWD: tl.constexpr, DUAL: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """``_mm_epilogue`` of the slice ``acc [BLOCK_M, WIDTH]`` (columns ``col0 ..``) in two halves."""
+    HALF: tl.constexpr = WIDTH // 2
+    c0, c1 = _split_columns(acc, BLOCK_M, WIDTH)
+    u0, u1 = c0, c1
+    if DUAL:
+        u0, u1 = _split_columns(acc_up, BLOCK_M, WIDTH)
+    _mm_epilogue(c0, u0, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N, stride_biasn,
+                 stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT, STORE_H, ACT_BWD,
+                 DUAL, DOT_UPCAST, HALF)
+    _mm_epilogue(c1, u1, col0 + HALF, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                 stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT, STORE_H,
+                 ACT_BWD, DUAL, DOT_UPCAST, HALF)
+
+
+@triton.jit
+def _mm_epilogue(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                 stride_biasn, stride_om, stride_on, stride_hm, stride_hn,
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
+                 ACT_BWD: tl.constexpr, DUAL: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """The grouped GEMM's epilogue for the output columns ``col0 .. col0 + WIDTH - 1``.
+
+    ``acc`` (and, for the swiglu forward, ``acc_up``): fp32 ``[BLOCK_M, WIDTH]`` sums of those
+    columns; ``row_ok``, ``slot64`` (slot = row of ``h``), ``dst`` (output row): ``[BLOCK_M]``;
+    ``bias_row``: the expert's bias. Adds the bias, stores ``h`` (``STORE_H``), then the
+    activation (forward) or ``da * act'(h)`` (``ACT_BWD``), masked to the valid rows and
+    columns ``< N``; swiglu reaches its up half at column offset ``N``.
+    """
+    cols64 = (col0 + tl.arange(0, WIDTH)).to(tl.int64)
+    col_ok = cols64 < N
     msk = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
-        bias_row = bias_ptr + expert.to(tl.int64) * stride_biase
         acc += tl.load(bias_row + cols64 * stride_biasn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if DUAL:
             acc_up += tl.load(bias_row + (N + cols64) * stride_biasn, mask=col_ok,
@@ -595,7 +678,7 @@ MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see _gro
 
 
 REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (every NVIDIA GPU since Kepler)
-WGRAD_RESIDENT_PROGRAMS = 2  # weight-gradient programs meant to share an SM (latency hiding)
+RESIDENT_PROGRAMS = 2  # 8-warp programs of one launch meant to share an SM (latency hiding)
 
 
 def launch_options(kind: str, config) -> dict:
@@ -611,7 +694,7 @@ def launch_options(kind: str, config) -> dict:
     if getattr(config, "maxnreg", 0):
         return {"maxnreg": config.maxnreg}
     if kind in WGRAD_KINDS:
-        cap = REGISTERS_PER_SM // (WGRAD_RESIDENT_PROGRAMS * config.num_warps * 32)
+        cap = REGISTERS_PER_SM // (RESIDENT_PROGRAMS * config.num_warps * 32)
         if cap < 255:
             return {"maxnreg": cap}
     return {}
@@ -639,9 +722,10 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
                      N: int = 4096, aligned: bool = True):
     """The tile configuration of launch ``kind`` (an entry of KERNEL_KINDS but "route").
 
-    ``swiglu``: the swiglu launches of ffn_fwd_in (two accumulators) and ffn_bwd_dh (two h
-    tiles and two outputs in the epilogue); they take the same tiles as the other activations
-    at present.  ``N``: the output width of a grouped GEMM
+    ``swiglu``: the swiglu launches of ffn_fwd_in (a B tile of gate and up columns, half as
+    many output columns: ``mm_output_columns``) and ffn_bwd_dh (two h tiles and two outputs in
+    the epilogue); they take the same tiles as the other activations.  ``N``: the output width
+    of a grouped GEMM
     (columns of dW for the weight gradient); narrow outputs (<= 64) take 64-wide tiles.
     ``aligned``: widths and row strides give 16-byte aligned rows (``is_aligned``); when not
     (odd widths such as 97), loads are scalar and need many more registers, so the tiles shrink.
@@ -672,10 +756,15 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
         return MMConfig(64, 32, 32, 4, 2)
     if tf32:
         return MMConfig(64, 64, 32, 4, 3)
-    if narrow or kind in ("ffn_fwd_in", "ffn_bwd_dh"):
-        # activation epilogues (two accumulators for swiglu forward; h tiles and act' for the
-        # backward) reach 239-255 registers with 128 x 128 tiles: 128 x 64 stays below 130
+    if narrow:
         return MMConfig(128, 64, 64, 8, 3)
+    if kind in ("ffn_fwd_in", "ffn_bwd_dh"):
+        # an activation epilogue over a whole 128 x 128 tile took 184 (gelu forward) to 255
+        # registers (act' backward), one program per SM; over four 128 x 32 slices in turn,
+        # 107-124 for every activation, no spills: two per SM, and wgmma n = 128 (the B tile
+        # reused twice as often as at the 128 x 64 tiles these launches took before). The
+        # swiglu forward's 128-wide B tile pairs 64 gate with 64 up columns: 118 registers.
+        return MMConfig(128, 128, 64, 8, 3, 0, 4)
     return MMConfig(128, 128, 64, 8, 3)
 
 
@@ -718,7 +807,8 @@ def config_overrides() -> dict:
     """``MMKERNELS_EXPERTS_CONFIGS``: tile configs replacing the heuristic's, per launch kind.
 
     ``"kind=v,v,v,v,v;kind=..."``: a grouped-GEMM kind (``MM_KINDS``) takes
-    ``BLOCK_M,BLOCK_N,BLOCK_K,warps,stages[,maxnreg]``, a weight-gradient kind (``WGRAD_KINDS``)
+    ``BLOCK_M,BLOCK_N,BLOCK_K,warps,stages[,maxnreg[,epilogue_split]]`` (``maxnreg`` 0: no
+    cap; ``epilogue_split`` 1, 2 or 4), a weight-gradient kind (``WGRAD_KINDS``)
     ``BLOCK_N,BLOCK_K,BLOCK_T,warps,stages``. It applies to every dtype and width of that kind
     (the sm_90a compile tier checks only the heuristic's configs): meant for the output of
     ``python -m bench.tune_gpu --env-out``, on the GPU it was measured on. Unset or empty: ``{}``.
@@ -741,12 +831,15 @@ def _parse_config_overrides(raw: str) -> tuple:
             nums = [int(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"{CONFIGS_ENV}: {item!r}: the values must be integers") from None
-        n_max = 5 if kind in WGRAD_KINDS else 6  # grouped GEMMs: an optional register cap
+        # grouped GEMMs: an optional register cap, then an optional epilogue split
+        n_max = 5 if kind in WGRAD_KINDS else 7
         if (not 5 <= len(nums) <= n_max or any(v <= 0 or v & (v - 1) for v in nums[:4])
-                or nums[4] <= 0 or any(not 24 <= v <= 255 for v in nums[5:])):
-            raise ValueError(f"{CONFIGS_ENV}: {item!r}: need 5 values (grouped GEMMs: 5 or 6), "
+                or nums[4] <= 0 or any(v and not 24 <= v <= 255 for v in nums[5:6])
+                or any(v not in (1, 2, 4) or nums[1] // v < 16 for v in nums[6:])):
+            raise ValueError(f"{CONFIGS_ENV}: {item!r}: need 5 values (grouped GEMMs: 5 to 7), "
                              f"three block sizes and the warps powers of two, stages >= 1, a "
-                             f"register cap in [24, 255]")
+                             f"register cap 0 (none) or in [24, 255], an epilogue split of 1, 2 "
+                             f"or 4 leaving slices of >= 16 columns")
         out[kind] = (WGradConfig if kind in WGRAD_KINDS else MMConfig)(*nums)
     return tuple(out.items())
 
@@ -761,6 +854,12 @@ def _pick(kind, dtype, prec, swiglu, N, align, config):
     if config is None:
         return heuristic_config(kind, dtype, prec, swiglu, N, is_aligned(dtype, align))
     return config
+
+
+def mm_output_columns(cfg: MMConfig, act: int, act_bwd: bool) -> int:
+    """Output columns one grouped-GEMM program writes: ``BLOCK_N``, but half of it for the swiglu
+    forward, whose B tile holds ``BLOCK_N / 2`` gate columns and the matching up columns."""
+    return cfg.BLOCK_N // 2 if act == ACT_SWIGLU and not act_bwd else cfg.BLOCK_N
 
 
 def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, act, *, config=None):
@@ -784,15 +883,16 @@ def _grouped_mm(kind, a, weight, w_strides, bias, out, h, perm, offsets, N, K, a
         sbn //= al
     else:
         sbk //= al
-    grid = ((triton.cdiv(T, cfg.BLOCK_M) + E) * triton.cdiv(N, cfg.BLOCK_N),)
+    out_n = mm_output_columns(cfg, act, act_bwd)
+    grid = ((triton.cdiv(T, cfg.BLOCK_M) + E) * triton.cdiv(N, out_n),)
     _grouped_mm_kernel[grid](
         a, weight, bias_t, out, h_t, perm, offsets, N // al, K // al,
         a.stride(0) // al, a.stride(1), sbe // al, sbk, sbn, bias_st[0] // al, bias_st[1],
         out.stride(0) // al, out.stride(1), h_st[0] // al, h_st[1],
         E=E, GATHER=gather, SCATTER=scatter, HAS_BIAS=has_bias, ACT=act, STORE_H=store_h,
         ACT_BWD=act_bwd, B_TRANS=b_trans, INPUT_PRECISION=prec, DOT_UPCAST=dot_upcast(dtype),
-        ALIGN=al, EVEN=N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0, BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=MM_GROUP_M,
+        ALIGN=al, EVEN=N % out_n == 0 and K % cfg.BLOCK_K == 0, BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=MM_GROUP_M, EPI_SPLIT=cfg.epilogue_split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(kind, cfg))
 
 
@@ -1093,9 +1193,11 @@ def compile_specs(kind: str, dtype: torch.dtype, input_precision: str, config=No
         constexprs = {"E": E, "GATHER": gather, "SCATTER": scatter, "HAS_BIAS": hb, "ACT": act,
                       "STORE_H": store_h, "ACT_BWD": act_bwd, "B_TRANS": transposed,
                       "INPUT_PRECISION": input_precision, "DOT_UPCAST": False, "ALIGN": al,
-                      "EVEN": N % config.BLOCK_N == 0 and K % config.BLOCK_K == 0,
+                      "EVEN": (N % mm_output_columns(config, act, act_bwd) == 0
+                               and K % config.BLOCK_K == 0),
                       "BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
-                      "BLOCK_K": config.BLOCK_K, "GROUP_M": MM_GROUP_M}
+                      "BLOCK_K": config.BLOCK_K, "GROUP_M": MM_GROUP_M,
+                      "EPI_SPLIT": config.epilogue_split}
         return (_grouped_mm_kernel, *launch_signature(sig, ints, constexprs))
     if kind in WGRAD_KINDS:
         gather_a, gather_x = _WGRAD_FLAGS[kind]
