@@ -541,7 +541,8 @@ def test_tune_gpu_smoke(tmp_path, capsys):
     for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq",
                   "cross_attention BLIP-2", "cross_attention CoCa pooler", "pairs per program",
                   "experts weight gradient", "token chunks", "ffn_bwd_dh tiles", "ffn_bwd_dx tiles",
-                  "cuBLAS `torch.mm`"):
+                  "cuBLAS `torch.mm`", "CogVLM MLP swiglu", "ffn_fwd_in swiglu tiles",
+                  "ffn_bwd_dh swiglu tiles"):
         assert title in text, title
     assert "error:" not in text, text
     # the fastest configs as settings the experts launchers accept

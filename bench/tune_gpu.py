@@ -339,19 +339,62 @@ def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[s
     for kind, launch in launches.items():
         n = f if kind in ("ffn_fwd_in", "ffn_bwd_dh") else h
         heur = K.heuristic_config(kind, dtype, K.input_precision(dtype), False, n, True)
-        cands = [heur] + [K.MMConfig(*c) for c in MM_CANDIDATES if K.MMConfig(*c) != heur]
-        rows = []
-        for cfg in (cands[:2] if smoke else cands):
-            name = _mm_name(cfg)
-            try:
-                ms = _time_ms(lambda: launch(cfg), device, reps)
-                rows.append((name, ms, flop / ms / 1e9, cfg == heur))
-            except Exception as exc:  # noqa: BLE001
-                rows.append((name, _err(exc), None, cfg == heur))
-        best[kind] = _fastest(rows)
-        title = f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap[, epilogue split]])"
-        yield (_table(title, rows, "TFLOP/s")
-               + _cublas_line(dense[kind], device, reps, flop, "same shape, one weight"))
+        lines, best[kind] = _mm_table(kind, launch, heur, flop, dense[kind], device, smoke, reps)
+        yield lines
+
+
+def _mm_table(kind: str, launch, heur, flop: float, dense, device: str, smoke: bool, reps: int):
+    """``launch(cfg)`` timed at the heuristic's ``heur`` and every ``MM_CANDIDATES`` config, then
+    ``dense()`` (cuBLAS, the same FLOPs): ``(the table's lines, the fastest config's name)``."""
+    from mmkernels.experts import kernels as K
+    cands = [heur] + [K.MMConfig(*c) for c in MM_CANDIDATES if K.MMConfig(*c) != heur]
+    rows = []
+    for cfg in (cands[:2] if smoke else cands):
+        name = _mm_name(cfg)
+        try:
+            ms = _time_ms(lambda: launch(cfg), device, reps)
+            rows.append((name, ms, flop / ms / 1e9, cfg == heur))
+        except Exception as exc:  # noqa: BLE001
+            rows.append((name, _err(exc), None, cfg == heur))
+    title = f"{kind} tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap[, epilogue split]])"
+    return (_table(title, rows, "TFLOP/s") + _cublas_line(dense, device, reps, flop, "same shape, one weight"),
+            _fastest(rows))
+
+
+def _tune_swiglu(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
+    """The CogVLM MLP's two swiglu launches (4 x (1226 image + 300 text) tokens, H 4096, F 11008,
+    bf16), the GEMMs of most of its FLOPs: ``ffn_fwd_in`` (a B tile of gate and up columns) and
+    ``ffn_bwd_dh`` (swiglu's backward epilogue). For reading only: the settings above come from
+    the VLMo tables and apply to every activation."""
+    from mmkernels.experts import kernels as K
+    b, t_img, t_text, h, f = (1, 24, 8, 64, 96) if smoke else (4, 1226, 300, 4096, 11008)
+    # per sample: BOS (text), the image tokens (expert 1), the other text tokens, as the bench's layout
+    ids = torch.cat([torch.zeros(b, 1, dtype=torch.int64), torch.ones(b, t_img, dtype=torch.int64),
+                     torch.zeros(b, t_text - 1, dtype=torch.int64)], 1)
+    t = ids.numel()
+    perm, offsets = K.route_triton(ids.reshape(-1).to(device), 2)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(t, h, device=device, generator=g).to(dtype)
+    w_in = (0.02 * torch.randn(2, 2 * f, h, device=device, generator=g)).to(dtype)
+    w_out = (0.02 * torch.randn(2, h, f, device=device, generator=g)).to(dtype)
+    hid = torch.empty(t, 2 * f, device=device, dtype=dtype)
+    a = torch.empty(t, f, device=device, dtype=dtype)
+    dy = torch.randn(t, h, device=device, generator=g).to(dtype)
+    dh = torch.empty(t, 2 * f, device=device, dtype=dtype)
+    yield [f"# experts grouped GEMM, CogVLM MLP swiglu launches: T={t}, H={h}, F={f}, bf16 (reading only)", ""]
+    launches = {
+        "ffn_fwd_in": (lambda cfg: K._grouped_mm("ffn_fwd_in", x, w_in, K._wt(w_in), None, a, hid, perm, offsets,
+                                                 f, h, K.ACT_SWIGLU, config=cfg),
+                       4 * t * h * f, lambda: torch.mm(x, w_in[0].t())),
+        "ffn_bwd_dh": (lambda cfg: K._grouped_mm("ffn_bwd_dh", dy, w_out, K._w(w_out), None, dh, hid, perm,
+                                                 offsets, f, h, K.ACT_SWIGLU, config=cfg),
+                       2 * t * h * f, lambda: torch.mm(dy, w_out[0])),
+    }
+    for kind, (launch, flop, dense) in launches.items():
+        heur = K.heuristic_config(kind, dtype, K.input_precision(dtype), True, f, True)
+        lines, _ = _mm_table(f"{kind} swiglu", launch, heur, flop, dense, device, smoke, reps)
+        yield lines
 
 
 def tune_experts(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
@@ -359,13 +402,15 @@ def tune_experts(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     of its first layer (dW_in [2, 3072, 768]) over tiles at the plain grid, then over token
     chunks (fp32 atomics, ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles; then the
     four grouped GEMMs of its forward and backward over tiles. Each table ends with cuBLAS on
-    the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at; last, the
-    fastest of each table as the settings that select them. Yields one section at a time
-    (``main`` rewrites ``--out`` after each: a timeout keeps the finished tables)."""
+    the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at; then the
+    fastest of each table as the settings that select them; last, the CogVLM MLP's two swiglu
+    launches over the same tiles (read only). Yields one section at a time (``main`` rewrites
+    ``--out`` and ``--env-out`` after each: a timeout keeps the finished tables)."""
     best: dict = {}
     yield _tune_wgrad(device, smoke, reps, best)
     yield from _tune_mm(device, smoke, reps, best)
     yield _settings_lines(best)
+    yield from _tune_swiglu(device, smoke, reps)
 
 
 def _fastest(rows) -> str | None:
