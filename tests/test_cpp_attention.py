@@ -1,7 +1,7 @@
 """The C++ CPU attention kernels (mmkernels._C.attention_fwd / attention_bwd) against the dense reference.
 
 These call the extension directly (no dispatch, no autograd wrapper) and pin the kernel interface of
-/work/notes/attention_contract.md. The reference (mmkernels.attention.reference) materialises the
+``mmkernels.attention.ops`` (its module docstring). The reference (mmkernels.attention.reference) materialises the
 scores and the dense mask in float64; its gradients come from autograd with a random upstream
 gradient. For 16-bit and float32 inputs "eager" is the same reference evaluated in the input dtype,
 which sets the allowance of mmkernels.testing.numerics.assert_close.

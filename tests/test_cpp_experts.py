@@ -1,7 +1,7 @@
 """The C++ CPU modality-expert kernels (mmkernels._C.experts_*) against the loop-over-experts reference.
 
 These call the extension directly (no dispatch, no autograd wrapper) and pin the kernel interface of
-/work/notes/experts_contract.md: routing by (perm, offsets) int32 tensors, outputs in token order,
+``mmkernels.experts.ops`` (its module docstring): routing by (perm, offsets) int32 tensors, outputs in token order,
 the FFN's h / a in sorted order, empty(0) for absent gradients, zero gradients for experts without
 tokens, T = 0. The reference (mmkernels.experts.reference) is evaluated in float64 with autograd and
 a random upstream gradient; for 16-bit and float32 inputs "eager" is the same reference evaluated in

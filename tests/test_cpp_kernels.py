@@ -1,7 +1,7 @@
 """The C++ CPU kernels (mmkernels._C) against a dense float64 computation.
 
 These call the extension directly (no dispatch, no autograd wrapper): they pin the
-kernel contract of /work/notes/contract.md. The reference materialises L in float64
+kernel contract of ``mmkernels.contrastive.ops`` (its module docstring). The reference materialises L in float64
 and takes its gradients with autograd; "eager" is the same dense computation in
 float32, whose error sets the allowance for quantities limited by the fp32 GEMM
 (an output passes when |out - ref| <= atol + rtol*|ref| + 2*max|eager - ref|).

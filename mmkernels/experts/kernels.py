@@ -1,4 +1,4 @@
-"""Triton kernels for modality experts: routing and grouped GEMMs (issue 4; notes/experts_contract.md).
+"""Triton kernels for modality experts: routing and grouped GEMMs (issue 4; contract: ``ops.py``).
 
 The four contract functions ``linear_fwd_triton``, ``linear_bwd_triton``, ``ffn_fwd_triton``,
 ``ffn_bwd_triton``; the routing kernels (``route_triton``, ``route_split_triton``) live in
