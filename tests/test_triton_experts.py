@@ -102,12 +102,12 @@ def routing(ids, E):
     return perm, offsets
 
 
-def linear_case(T, E, dtype, has_bias, pattern, seed=0):
+def linear_case(T, E, dtype, has_bias, pattern, seed=0, h_in=H_IN, h_out=H_OUT):
     ids = make_ids(T, E, pattern, seed)
-    x = rand(T, H_IN, seed=seed + 1)
-    w = rand(E, H_OUT, H_IN, scale=H_IN ** -0.5, seed=seed + 2)
-    b = rand(E, H_OUT, seed=seed + 3) if has_bias else None
-    dy = rand(T, H_OUT, seed=seed + 4)
+    x = rand(T, h_in, seed=seed + 1)
+    w = rand(E, h_out, h_in, scale=h_in ** -0.5, seed=seed + 2)
+    b = rand(E, h_out, seed=seed + 3) if has_bias else None
+    dy = rand(T, h_out, seed=seed + 4)
     cast = (lambda t: None if t is None else t.to(dtype))
     return ids, cast(x), cast(w), cast(b), cast(dy)
 
@@ -288,8 +288,11 @@ def test_linear_low_precision(dtype, T, E, pattern):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
-def test_linear_heuristic_config(dtype):
-    ids, x, w, b, dy = linear_case(150, 3, dtype, True, "rand", seed=5)
+@pytest.mark.parametrize("h_in, h_out", [(H_IN, H_OUT), (32, 80)], ids=["unaligned", "aligned"])
+def test_linear_heuristic_config(dtype, h_in, h_out):
+    """The launchers' own tiles: scalar-load tiles at widths 20/36, the 16-byte aligned tiles
+    (grouped GEMM 128 x 128, weight gradient 128 x 128 x 64 in 5 stages) at 32/80."""
+    ids, x, w, b, dy = linear_case(150, 3, dtype, True, "rand", seed=5, h_in=h_in, h_out=h_out)
     check_linear(ids, x, w, b, dy, 3, config=None)
 
 
