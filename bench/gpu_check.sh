@@ -20,7 +20,8 @@
 #      those in GPU_CHECK_FAMILIES, comma-separated, e.g. "cross_attention,experts") -> $OUT/bench.log
 #      and moves its results.json, results.md and plot.png to the top of $OUT
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
-#   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45): device time per kernel -> $OUT/profile.md
+#   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45; the cases of GPU_CHECK_FAMILIES
+#      only, when set): device time per kernel -> $OUT/profile.md (rewritten after each case)
 #   6. only with GPU_CHECK_TUNE=1: python3 -m bench.tune_gpu (limit GPU_CHECK_TUNE_TIMEOUT s, 120) -> $OUT/tune.md
 #      (GPU_CHECK_TUNE_ONLY=cross_attention,experts limits and orders the sweeps; tune.md keeps every
 #      family finished before a timeout)
@@ -135,7 +136,10 @@ rm -rf "$OUT/bench"
 if [ "$DEVICE" = cuda ]; then
   echo "== [$(elapsed) s] python -m bench.profile_gpu (limit ${PROF_T} s)"
   echo "== profile_gpu (stderr)" >>"$OUT/bench.log"
-  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" >/dev/null 2>>"$OUT/bench.log" \
+  PROF_ARGS=()  # the families of GPU_CHECK_FAMILIES only (case names start with their family)
+  [ -n "${GPU_CHECK_FAMILIES:-}" ] && PROF_ARGS=(--case "$GPU_CHECK_FAMILIES")
+  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" "${PROF_ARGS[@]}" >/dev/null \
+    2>>"$OUT/bench.log" \
     || echo "profile_gpu: failed or timed out (its stderr is at the end of bench.log)"
 fi
 

@@ -57,6 +57,27 @@ def _with_env(name: str, value: str | None, step):
     return wrapped
 
 
+def _experts_cogvlm_mlp():
+    """CogVLM's visual-expert MLP, as the bench's cogvlm:1226+300 case: B=4 sequences of [BOS] +
+    1226 image tokens (expert 1) + 299 text tokens, H 4096, swiglu F 11008, no biases, bf16."""
+    import mmkernels
+    b, hdim, f = 4, 4096, 11008
+    ids = torch.cat([torch.zeros(b, 1, dtype=torch.int64), torch.ones(b, 1226, dtype=torch.int64),
+                     torch.zeros(b, 299, dtype=torch.int64)], 1).cuda()
+    x = torch.randn(b, ids.shape[1], hdim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w_in = (0.02 * torch.randn(2, 2 * f, hdim, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    w_out = (0.02 * torch.randn(2, hdim, f, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    dout = torch.randn_like(x)
+    leaves = (x, w_in, w_out)
+
+    def step():
+        for p in leaves:
+            p.grad = None
+        y = mmkernels.modality_ffn(x, ids, w_in, None, w_out, None, activation="swiglu")
+        (y * dout).sum(dtype=torch.float32).backward()
+    return step
+
+
 def _experts(wgrad_chunk: str | None = None):
     import mmkernels
     t, hdim, f = 64 * 237, 768, 3072
@@ -113,6 +134,7 @@ CASES = {
     "attention causal B=2 H=16 S=8192 D=128": lambda: _attention("causal", 2, 16, 8192, 128),
     "experts VLMo FFN B=64 40+197 768/3072 (wgrad chunks: auto)": _experts,
     "experts VLMo FFN, one wgrad program per dW tile (chunk 0)": lambda: _experts("0"),
+    "experts CogVLM MLP B=4 1226+300 4096/11008 swiglu": _experts_cogvlm_mlp,
     "cross_attention BLIP-2 B=128 H=12 Lq=32 Lk=257 D=64": lambda: _cross_attention(128, 257),
     "qformer step B=128 32+32 tokens, 257 image tokens": lambda: _qformer(128),
 }
@@ -172,28 +194,35 @@ def _host_profile(step, calls: int, top: int = 15) -> list[str]:
     return [ln[:160] for ln in lines[start:start + top + 1]]
 
 
+def selected_cases(case_args: list[str] | None) -> list[str]:
+    """The names of ``CASES`` that contain one of the substrings given (``--case`` values, each
+    possibly comma-separated, as gpu_check passes ``GPU_CHECK_FAMILIES``); all when none."""
+    wanted = [c.strip() for arg in (case_args or []) for c in arg.split(",") if c.strip()]
+    return [name for name in CASES if not wanted or any(c in name for c in wanted)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="also write the tables to this file")
-    ap.add_argument("--case", action="append", help="substring of a case name (default: all)")
+    ap.add_argument("--case", action="append", help="substring of a case name (default: all); "
+                                                    "repeat it, or give several comma-separated")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_gpu: no CUDA device", file=sys.stderr)
         return 1
     lines = [f"# mmkernels kernel profile: {torch.cuda.get_device_name()}", ""]
-    for name, make in CASES.items():
-        if args.case and not any(c in name for c in args.case):
-            continue
+    for name in selected_cases(args.case):
+        make = CASES[name]
         try:
-            lines += profile_case(name, make)
+            new = profile_case(name, make)
         except Exception as exc:  # one failing case must not hide the others
-            lines += [f"## {name}", f"error: {type(exc).__name__}: {exc}", ""]
+            new = [f"## {name}", f"error: {type(exc).__name__}: {exc}", ""]
         torch.cuda.empty_cache()
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        lines += new
+        print("\n".join(new), flush=True)
+        if args.out:  # after every case: a run cut short by a time limit keeps what it profiled
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
     return 0
 
 

@@ -557,6 +557,18 @@ def test_tune_gpu_smoke(tmp_path, capsys):
         K.wgrad_chunk_setting()
 
 
+def test_profile_gpu_case_selection():
+    """gpu_check passes GPU_CHECK_FAMILIES to bench.profile_gpu as ``--case``: the experts run
+    profiles the VLMo FFN (chunked and not) and the CogVLM MLP, and nothing else."""
+    from bench import profile_gpu
+    experts = profile_gpu.selected_cases(["experts"])
+    assert len(experts) == 3 and all(n.startswith("experts") for n in experts)
+    assert any("CogVLM MLP" in n for n in experts)
+    both = profile_gpu.selected_cases(["experts,contrastive"])
+    assert set(experts) < set(both) and any(n.startswith("contrastive") for n in both)
+    assert profile_gpu.selected_cases(None) == list(profile_gpu.CASES)
+
+
 # ----------------------------------------------------------------------------- cross_attention: Q-Former step
 
 from bench.cases import cross_attention as XA  # noqa: E402
