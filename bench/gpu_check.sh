@@ -138,7 +138,7 @@ if [ "$DEVICE" = cuda ]; then
   echo "== profile_gpu (stderr)" >>"$OUT/bench.log"
   PROF_ARGS=()  # the families of GPU_CHECK_FAMILIES only (case names start with their family)
   [ -n "${GPU_CHECK_FAMILIES:-}" ] && PROF_ARGS=(--case "$GPU_CHECK_FAMILIES")
-  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" "${PROF_ARGS[@]}" >/dev/null \
+  timeout -k 5 "$PROF_T" "$PY" -m bench.profile_gpu --out "$OUT/profile.md" ${PROF_ARGS[@]+"${PROF_ARGS[@]}"} >/dev/null \
     2>>"$OUT/bench.log" \
     || echo "profile_gpu: failed or timed out (its stderr is at the end of bench.log)"
 fi
