@@ -12,7 +12,8 @@
 # run from this checkout with PYTHONPATH=$PWD and MMKERNELS_NO_EXT=1):
 #   1. prints nvidia-smi, clocks and versions                       -> $OUT/env.txt
 #   2. installs carried wheels from .whl/ into /tmp/site, if any     (pip --no-index)
-#   3. python3 -m pytest -m gpu --maxfail=8 -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150) -> $OUT/tests.log
+#   3. python3 -m pytest -m gpu --maxfail=8 -q tests   (limit GPU_CHECK_TEST_TIMEOUT s, 150; with
+#      GPU_CHECK_FAMILIES, only the tests of those families: -k "experts or ...") -> $OUT/tests.log
 #      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
 #      the reference's loss and gradients at small sizes on the GPU
 #      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 100)  -> appended to tests.log
@@ -97,10 +98,18 @@ for name in ("mmkernels", "open_clip", "inf_cl"):
 PYEOF
 
 # 3. GPU tests ---------------------------------------------------------------
+# GPU_CHECK_FAMILIES (e.g. "experts" or "cross_attention,experts") also narrows the tests and the
+# agreement check to those families: pytest -k "experts or ..." (the test files and the
+# agreement tests carry their family's name)
+FAM_K=""
+[ -n "${GPU_CHECK_FAMILIES:-}" ] && FAM_K=$(echo "$GPU_CHECK_FAMILIES" | sed 's/ //g; s/,/ or /g')
+TEST_K=()
+[ -n "$FAM_K" ] && TEST_K=(-k "$FAM_K")
 TEST_RC=0
 if [ -d tests ]; then
   echo "== [$(elapsed) s] pytest -m gpu --maxfail=8 -q tests (limit ${TEST_T} s)"
-  timeout -k 10 "$TEST_T" "$PY" -m pytest -m gpu --maxfail=8 -q -rfE --durations=8 -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
+  timeout -k 10 "$TEST_T" "$PY" -m pytest -m gpu --maxfail=8 -q -rfE --durations=8 -p no:cacheprovider \
+    ${TEST_K[@]+"${TEST_K[@]}"} tests 2>&1 | tee "$OUT/tests.log"
   TEST_RC=${PIPESTATUS[0]}
   case $TEST_RC in
     0) echo "GPU tests: passed" ;;
@@ -113,8 +122,9 @@ else
 fi
 
 # 3b. the bench's providers compute the same function as the reference (small sizes)
-echo "== [$(elapsed) s] pytest bench/test_bench.py -k agrees on $DEVICE (limit ${AGREE_T} s)"
-BENCH_DEVICE=$DEVICE timeout -k 10 "$AGREE_T" "$PY" -m pytest bench/test_bench.py -k agrees -q -p no:cacheprovider \
+AGREE_K="agrees${FAM_K:+ and ($FAM_K)}"
+echo "== [$(elapsed) s] pytest bench/test_bench.py -k \"$AGREE_K\" on $DEVICE (limit ${AGREE_T} s)"
+BENCH_DEVICE=$DEVICE timeout -k 10 "$AGREE_T" "$PY" -m pytest bench/test_bench.py -k "$AGREE_K" -q -p no:cacheprovider \
   2>&1 | tee -a "$OUT/tests.log"
 AGREE_RC=${PIPESTATUS[0]}
 [ "$AGREE_RC" -eq 5 ] && AGREE_RC=0
