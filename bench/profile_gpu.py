@@ -61,9 +61,9 @@ def _experts_cogvlm_mlp():
     """CogVLM's visual-expert MLP, as the bench's cogvlm:1226+300 case: B=4 sequences of [BOS] +
     1226 image tokens (expert 1) + 299 text tokens, H 4096, swiglu F 11008, no biases, bf16."""
     import mmkernels
+    from bench.cases.experts import layout_ids
     b, hdim, f = 4, 4096, 11008
-    ids = torch.cat([torch.zeros(b, 1, dtype=torch.int64), torch.ones(b, 1226, dtype=torch.int64),
-                     torch.zeros(b, 299, dtype=torch.int64)], 1).cuda()
+    ids = layout_ids("cogvlm:1226+300", b, "cuda")
     x = torch.randn(b, ids.shape[1], hdim, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w_in = (0.02 * torch.randn(2, 2 * f, hdim, device="cuda", dtype=torch.bfloat16)).requires_grad_()
     w_out = (0.02 * torch.randn(2, hdim, f, device="cuda", dtype=torch.bfloat16)).requires_grad_()

@@ -251,8 +251,9 @@ def _mm_name(cfg) -> str:
 def _vlmo_inputs(device: str, smoke: bool):
     from mmkernels.experts import kernels as K
     b, t_text, t_img, h, f = (2, 8, 24, 64, 128) if smoke else (64, 40, 197, 768, 3072)
-    ids = torch.cat([torch.zeros(b, t_text, dtype=torch.int64), torch.ones(b, t_img, dtype=torch.int64)], 1)
-    perm, offsets = K.route_triton(ids.reshape(-1).to(device), 2)
+    from bench.cases.experts import layout_ids
+    ids = layout_ids(f"vlmo:{t_text}+{t_img}", b, device)
+    perm, offsets = K.route_triton(ids.reshape(-1), 2)
     return (b, t_text, t_img, h, f), ids.numel(), perm, offsets
 
 
@@ -368,11 +369,10 @@ def _tune_swiglu(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     the VLMo tables and apply to every activation."""
     from mmkernels.experts import kernels as K
     b, t_img, t_text, h, f = (1, 24, 8, 64, 96) if smoke else (4, 1226, 300, 4096, 11008)
-    # per sample: BOS (text), the image tokens (expert 1), the other text tokens, as the bench's layout
-    ids = torch.cat([torch.zeros(b, 1, dtype=torch.int64), torch.ones(b, t_img, dtype=torch.int64),
-                     torch.zeros(b, t_text - 1, dtype=torch.int64)], 1)
+    from bench.cases.experts import layout_ids
+    ids = layout_ids(f"cogvlm:{t_img}+{t_text}", b, device)  # [BOS] + image (expert 1) + text
     t = ids.numel()
-    perm, offsets = K.route_triton(ids.reshape(-1).to(device), 2)
+    perm, offsets = K.route_triton(ids.reshape(-1), 2)
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(t, h, device=device, generator=g).to(dtype)

@@ -228,32 +228,27 @@ def _grouped_mm_kernel(
     else:
         acc_up = acc  # unread by the epilogue
     bias_row = bias_ptr + expert.to(tl.int64) * stride_biase
-    SUB: tl.constexpr = OUT_N // EPI_SPLIT
     if EPI_SPLIT == 1:
         _mm_epilogue(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
                      stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT,
-                     STORE_H, ACT_BWD, DUAL, DOT_UPCAST, SUB)
-    else:
-        tl.static_assert((EPI_SPLIT == 2) or (EPI_SPLIT == 4), "EPI_SPLIT: 1, 2 or 4")
+                     STORE_H, ACT_BWD, DUAL, DOT_UPCAST, OUT_N)
+    elif EPI_SPLIT == 2:
+        _mm_epilogue_halves(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                            stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS,
+                            ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M, OUT_N)
+    else:  # four slices: each half of the tile in two halves
+        tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT: 1, 2 or 4")
+        HALF: tl.constexpr = OUT_N // 2
         c0, c1 = _split_columns(acc, BLOCK_M, OUT_N)
         u0, u1 = c0, c1
         if DUAL:
             u0, u1 = _split_columns(acc_up, BLOCK_M, OUT_N)
-        if EPI_SPLIT == 2:
-            _mm_epilogue(c0, u0, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
-                         stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT,
-                         STORE_H, ACT_BWD, DUAL, DOT_UPCAST, SUB)
-            _mm_epilogue(c1, u1, col0 + SUB, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
-                         stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS, ACT,
-                         STORE_H, ACT_BWD, DUAL, DOT_UPCAST, SUB)
-        else:
-            _mm_epilogue_halves(c0, u0, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
-                                stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS,
-                                ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M, OUT_N // 2)
-            _mm_epilogue_halves(c1, u1, col0 + 2 * SUB, row_ok, slot64, dst, bias_row, out_ptr,
-                                h_ptr, N, stride_biasn, stride_om, stride_on, stride_hm, stride_hn,
-                                HAS_BIAS, ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M,
-                                OUT_N // 2)
+        _mm_epilogue_halves(c0, u0, col0, row_ok, slot64, dst, bias_row, out_ptr, h_ptr, N,
+                            stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS,
+                            ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M, HALF)
+        _mm_epilogue_halves(c1, u1, col0 + HALF, row_ok, slot64, dst, bias_row, out_ptr, h_ptr,
+                            N, stride_biasn, stride_om, stride_on, stride_hm, stride_hn, HAS_BIAS,
+                            ACT, STORE_H, ACT_BWD, DUAL, DOT_UPCAST, BLOCK_M, HALF)
 
 
 @triton.jit
