@@ -123,3 +123,33 @@ def test_cuda_graph_capture_of_the_split_form():
     torch.cuda.synchronize()
     for got, ref in zip(static_out, step()):
         assert_close(got.float(), ref.double(), dtype)
+
+
+def test_autocast_with_fp32_parameters_is_sync_free_and_matches_bf16_weights():
+    """Mixed-precision training: fp32 parameters under ``torch.autocast("cuda", bfloat16)`` run
+    the bf16 kernels (no host synchronisation, casts included) and give what the same module
+    with bf16 weights gives, gradients returned to the fp32 parameters in fp32."""
+    torch.manual_seed(61)
+    fused = mmkernels.MultiwayFFN(256, 384, num_experts=2, activation="swiglu").cuda()
+    low = mmkernels.MultiwayFFN(256, 384, num_experts=2, activation="swiglu").cuda().bfloat16()
+    low.load_state_dict(fused.state_dict())
+    ids = make_ids((3, 150), 2, seed=62).cuda()
+    x = randn(3, 150, 256, seed=63).to("cuda", torch.float32).requires_grad_()
+    xl = x.detach().bfloat16().requires_grad_()
+    dy = randn(3, 150, 256, seed=64).to("cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fused(x, ids)
+        y.backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    y_low = low(xl, ids)
+    y_low.backward(dy)
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert_close(y.float(), y_low.double(), torch.bfloat16, name="y")
+    assert_close(x.grad, xl.grad.double(), torch.bfloat16, name="dx")
+    for (name, p), q in zip(fused.named_parameters(), low.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        assert_close(p.grad, q.grad.double(), torch.bfloat16, name=name)

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from .. import _backend
+from .. import _autocast, _backend
 from .. import _validation as check
 from . import activations, routing
 from .ops import modality_ffn_fwd, modality_linear_fwd
@@ -126,9 +126,14 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
     Returns:
         ``[..., H_out]`` in x's dtype; gradients flow to ``x``, ``weight`` and ``bias``.
 
+    Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
+    first, as for ``nn.Linear`` (fp32 parameters with bf16/fp16 activations work, and the GEMM
+    runs in the autocast dtype).
+
     Out-of-range ids raise ``ValueError`` on CPU; on CUDA the check is an asynchronous device
     assert (the op never synchronises with the host).
     """
+    x, weight, bias = _autocast.lower_precision(x, weight, bias)
     _check_x(x)
     _check_param(weight, "weight", 3, x)
     e, h_out, h_in = weight.shape
@@ -167,8 +172,12 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
     Returns:
         ``[..., H_out]`` in x's dtype; gradients flow to x and every weight and bias. The
         backward reuses the pre-activation saved by the forward (``T x Fi`` elements).
+
+    Under ``torch.autocast`` the tensors are cast to the autocast dtype first, as for the
+    ``nn.Linear`` layers this replaces.
     """
     activations.check_activation(activation)
+    x, w_in, b_in, w_out, b_out = _autocast.lower_precision(x, w_in, b_in, w_out, b_out)
     _check_x(x)
     _check_param(w_in, "w_in", 3, x)
     _check_param(w_out, "w_out", 3, x)

@@ -1,0 +1,46 @@
+"""``torch.autocast`` for ops whose PyTorch counterparts autocast runs in lower precision.
+
+A custom op registered with ``torch.library`` gets no autocast rule of its own: under
+``torch.autocast`` it would see its inputs in whatever dtype they arrive, while the
+``nn.Linear`` it replaces runs in the autocast dtype. In mixed-precision training (fp32
+parameters, bf16/fp16 activations) that means a dtype-mismatch error, or a silent fp32 GEMM
+where the model ran a bf16 one. The public functions of such ops call :func:`lower_precision`
+first, so under autocast they cast exactly the tensors autocast casts for ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+
+# The device types whose autocast state torch can report; others (meta, ...) are never cast.
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def lower_precision(*args):
+    """``args`` with their tensors cast to the autocast dtype when autocast is on for them.
+
+    The device type is that of the first argument (``x`` of the op). When
+    ``torch.autocast`` is enabled for it, every floating tensor on that device type other than
+    float64 is cast to ``torch.get_autocast_dtype(device_type)`` (bf16 or fp16), the rule
+    autocast applies to ``F.linear``. Anything else (``None``, ints, integer tensors, float64,
+    tensors on another device) passes through unchanged, so the op's own checks still report
+    bad input. Outside autocast every argument is returned as it is.
+
+    The casts are differentiable: gradients reach fp32 parameters in fp32, as with
+    ``nn.Linear`` under autocast.
+
+    Returns:
+        a tuple of the same length as ``args``.
+    """
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor):
+        return args
+    device_type = first.device.type
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return args
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(a.to(dtype) if _eligible(a, device_type) else a for a in args)
+
+
+def _eligible(a, device_type: str) -> bool:
+    return (isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+            and a.device.type == device_type)
