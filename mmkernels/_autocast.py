@@ -31,14 +31,22 @@ def lower_precision(*args):
     Returns:
         a tuple of the same length as ``args``.
     """
-    first = args[0] if args else None
-    if not isinstance(first, torch.Tensor):
+    dtype = autocast_dtype(args[0]) if args else None
+    if dtype is None:
         return args
-    device_type = first.device.type
-    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
-        return args
-    dtype = torch.get_autocast_dtype(device_type)
+    device_type = args[0].device.type
     return tuple(a.to(dtype) if _eligible(a, device_type) else a for a in args)
+
+
+def autocast_dtype(t) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs ``t``'s device type in, or ``None`` when it is off there
+    (or ``t`` is not a tensor, or its device type has no autocast state, e.g. ``meta``)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    device_type = t.device.type
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _eligible(a, device_type: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _backend
+from .. import _autocast, _backend
 from .mask import MultimodalMask
 from .ops import attention_fwd
 from .reference import check_inputs, multimodal_attention_reference
@@ -31,8 +31,10 @@ def multimodal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         ``out = 0`` (``lse = -inf``) and zero gradient, never NaN.
 
     On the ``cpu`` and ``triton`` backends no ``Sq x Sk`` tensor is allocated; tiles the mask
-    hides entirely are skipped.
+    hides entirely are skipped. Under ``torch.autocast`` q, k and v are cast to the autocast
+    dtype first, as for ``scaled_dot_product_attention``.
     """
+    q, k, v = _autocast.lower_precision(q, k, v)
     scale = check_inputs(q, k, v, mask, scale)
     which = _backend.resolve(q.device)
     if which == "triton" and q.dtype == torch.float64:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import _backend
+from .. import _autocast, _backend
 from .. import _validation as check
 from . import reference
 from .ops import contrastive_stats, stats_dtype
@@ -77,6 +77,17 @@ def _resolve(features: torch.Tensor) -> str:
     return which
 
 
+def _under_autocast(a: torch.Tensor, b: torch.Tensor):
+    """Autocast's rule for ``CE(logit_scale * a @ b.T)``: the matmul's inputs in the autocast
+    dtype, the loss in float32 (cross-entropy is an fp32 op under autocast). Returns the
+    features to use and the loss dtype: outside autocast, the features as given and their
+    dtype."""
+    if _autocast.autocast_dtype(a) is None or a.dtype == torch.float64:
+        return a, b, getattr(a, "dtype", None)
+    a, b = _autocast.lower_precision(a, b)
+    return a, b, torch.float32
+
+
 def _cross_entropy(lse, pos, total, classes: int, label_smoothing: float):
     """Per-row cross-entropy from the stats (float32 ``[N]``)."""
     if label_smoothing == 0.0:
@@ -99,11 +110,14 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 
     Returns:
         The loss in the features' dtype (0-dim, or ``[N]`` for ``"none"``), and the
-        stats when asked.
+        stats when asked. Under ``torch.autocast`` the features are cast to the autocast dtype
+        and the loss comes back in float32, as autocast runs OpenCLIP's ``ClipLoss`` (a
+        lower-precision matmul, an fp32 cross-entropy).
 
     ``loss = (CE(L, arange(N)) + CE(L.T, arange(N))) / 2`` with ``L = logit_scale *
     image_features @ text_features.T``; memory O(N * D) on the ``cpu``/``triton`` backends.
     """
+    image_features, text_features, loss_dtype = _under_autocast(image_features, text_features)
     _check_pair(image_features, text_features, "image_features", "text_features")
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f"image_features has {image_features.shape[0]} rows but text_features has "
@@ -113,9 +127,10 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     scale = _scale_tensor(logit_scale, image_features)
     which = _resolve(image_features)
     if which == "reference":
-        return reference.contrastive_loss_reference(
+        out = reference.contrastive_loss_reference(
             image_features, text_features, scale.to(image_features.dtype), label_smoothing=label_smoothing,
             reduction=reduction, return_stats=return_stats)
+        return (out[0].to(loss_dtype), out[1]) if return_stats else out.to(loss_dtype)
 
     n = image_features.shape[0]
     targets = torch.arange(n, device=image_features.device)
@@ -123,7 +138,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         image_features, text_features, scale, targets, True, which)
     per_pair = 0.5 * (_cross_entropy(row_lse, pos, row_sum, n, label_smoothing)
                       + _cross_entropy(col_lse, pos, col_sum, n, label_smoothing))
-    loss = reference.reduce(per_pair, reduction).to(image_features.dtype)
+    loss = reference.reduce(per_pair, reduction).to(loss_dtype)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -146,9 +161,11 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
         label_smoothing: as in ``torch.nn.functional.cross_entropy`` (over the M classes).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``).
 
-    Returns ``CE(logit_scale * queries @ keys.T, targets)`` in the queries' dtype.
+    Returns ``CE(logit_scale * queries @ keys.T, targets)`` in the queries' dtype (under
+    ``torch.autocast``: the features cast to the autocast dtype, the loss in float32).
     On CUDA the range check of ``targets`` is an asynchronous device assert (no host sync).
     """
+    queries, keys, loss_dtype = _under_autocast(queries, keys)
     _check_pair(queries, keys, "queries", "keys")
     _check_options(label_smoothing, reduction)
     n, m = queries.shape[0], keys.shape[0]
@@ -169,10 +186,10 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
     if which == "reference":
         return reference.infonce_loss_reference(
             queries, keys, scale.to(queries.dtype), targets=targets,
-            label_smoothing=label_smoothing, reduction=reduction)
+            label_smoothing=label_smoothing, reduction=reduction).to(loss_dtype)
     row_lse, _, row_sum, pos, _, _, _ = contrastive_stats(queries, keys, scale, targets, False, which)
     per_row = _cross_entropy(row_lse, pos, row_sum, m, label_smoothing)
-    return reference.reduce(per_row, reduction).to(queries.dtype)
+    return reference.reduce(per_row, reduction).to(loss_dtype)
 
 
 class ContrastiveLoss(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _autocast, _backend
 from .ops import cross_attention_fwd
 from .reference import check_inputs, cross_attention_reference, make_seed
 
@@ -33,8 +33,11 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ``out [B, H, Lq, D]`` in q's dtype (and ``lse``). A query whose keys are all padding gets
         ``out = 0`` and zero gradient, never NaN.
 
-    No ``Lq x Lk`` tensor is allocated on the ``cpu`` and ``triton`` backends.
+    No ``Lq x Lk`` tensor is allocated on the ``cpu`` and ``triton`` backends. Under
+    ``torch.autocast`` q, k and v are cast to the autocast dtype first, as for
+    ``scaled_dot_product_attention``.
     """
+    q, k, v = _autocast.lower_precision(q, k, v)
     scale = check_inputs(q, k, v, key_padding_mask, scale, dropout_p)
     dropout_p = float(dropout_p)
     which = _backend.resolve(q.device)

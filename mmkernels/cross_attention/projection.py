@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _autocast
 from .. import _validation as check
 
 def _flat_pairs(pairs, name: str) -> list[torch.Tensor]:
@@ -123,10 +124,18 @@ def fused_kv_projection(image_embeds: torch.Tensor, weights, biases=None, *, num
     Returns:
         A list with one ``(k, v)`` pair per layer, each ``[B, H, Lk, D]``: strided views of one
         ``[B, Lk, L * 2 * H * D]`` GEMM output (no copies), ready for ``cross_attention``.
+
+    Under ``torch.autocast`` the features, weights and biases are cast to the autocast dtype
+    first, as for the ``nn.Linear`` projections this replaces: forward and backward GEMMs run in
+    that dtype and fp32 parameters get fp32 gradients. The cast weights are separate tensors,
+    so they are concatenated on each call even when the parameters share one storage.
     """
     check.tensor(image_embeds, "image_embeds", 3)
     check.floating(image_embeds, "image_embeds")
     w_flat = _flat_pairs(weights, "weights")
+    b_flat = [] if biases is None else _flat_pairs(biases, "biases")
+    image_embeds, *flat = _autocast.lower_precision(image_embeds, *w_flat, *b_flat)
+    w_flat, b_flat = flat[:len(w_flat)], flat[len(w_flat):]
     layers = len(w_flat) // 2
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -141,9 +150,7 @@ def fused_kv_projection(image_embeds: torch.Tensor, weights, biases=None, *, num
         check.same_device(("image_embeds", image_embeds), (name, w))
     if rows % num_heads:
         raise ValueError(f"the projection width {rows} is not a multiple of num_heads {num_heads}")
-    b_flat = []
     if biases is not None:
-        b_flat = _flat_pairs(biases, "biases")
         if len(b_flat) != len(w_flat):
             raise ValueError(f"biases has {len(b_flat) // 2} layers but weights has {layers}")
         for i, t in enumerate(b_flat):
