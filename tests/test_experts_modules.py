@@ -487,6 +487,42 @@ def test_from_experts_keeps_dtype(dtype):
     assert_close(y, ref, dtype, eager=want)
 
 
+def test_from_experts_keeps_frozen_layers_frozen():
+    """A layer frozen in every expert stays frozen in the copy (and gets no gradient); trained
+    layers train. The op then computes no gradient for the frozen weights."""
+    _require("cpu")
+    torch.manual_seed(18)
+    mlps = [TimmMlp(16, 24) for _ in range(3)]
+    for m in mlps:
+        m.fc1.requires_grad_(False)
+    fused = MultiwayFFN.from_experts(mlps)
+    assert not fused.w_in.requires_grad and not fused.b_in.requires_grad
+    assert fused.w_out.requires_grad and fused.b_out.requires_grad
+    linears = [nn.Linear(16, 8).requires_grad_(False) for _ in range(2)]
+    lin = MultiwayLinear.from_experts(linears)
+    assert not lin.weight.requires_grad and not lin.bias.requires_grad
+    x = _x(2, 7, 16, seed=19).requires_grad_()
+    ids = torch.randint(0, 3, (2, 7), generator=torch.Generator().manual_seed(20))
+    with mmkernels.backend("cpu"):
+        fused(x, ids).sum().backward()
+    assert fused.w_in.grad is None and fused.b_in.grad is None
+    assert fused.w_out.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("layer,linear_part", [("gate_proj", "weight"), ("up_proj", "bias"), ("down_proj", "weight")])
+def test_from_experts_refuses_one_frozen_expert(layer, linear_part):
+    """CogVLM pretraining freezes the language expert and trains the visual one: one stacked
+    parameter cannot hold that, so the conversion says so instead of training both."""
+    language, vision = LlamaMLP(16, 24), LlamaMLP(16, 24)
+    getattr(language, layer).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"frozen \(requires_grad=False\) in expert\(s\) \[0\] but trained in expert\(s\) \[(0, )?1\]"):
+        MultiwayFFN.from_experts([language, vision])
+    lang, vis = nn.Linear(16, 48), nn.Linear(16, 48)
+    getattr(lang, linear_part).requires_grad_(False)
+    with pytest.raises(ValueError, match="cannot freeze one expert alone"):
+        MultiwayLinear.from_experts([lang, vis])
+
+
 # ----------------------------------------------------------------------------- from_experts: refused layouts
 
 def test_from_experts_errors():

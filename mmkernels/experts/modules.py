@@ -53,6 +53,24 @@ def _same_placement(tensors: list[torch.Tensor], what: str) -> None:
             raise ValueError(f"{what}: the experts live on different devices ({t0.device} and {t.device})")
 
 
+def _common_requires_grad(parts: list[tuple[int, torch.Tensor]], what: str) -> bool:
+    """Whether the experts' slices of one stacked parameter train; ``parts``: ``(expert, tensor)``.
+
+    One parameter of a multiway module holds every expert's slice, so either all of them
+    train or none does; experts that disagree (CogVLM pretraining freezes the language expert
+    and trains the visual one) are refused rather than silently all trained.
+    """
+    frozen = sorted({e for e, t in parts if not t.requires_grad})
+    trained = sorted({e for e, t in parts if t.requires_grad})
+    if frozen and trained:
+        raise ValueError(
+            f"from_experts: {what} is frozen (requires_grad=False) in expert(s) {frozen} but trained in "
+            f"expert(s) {trained}. A multiway module holds every expert's {what} in one parameter, so it "
+            "cannot freeze one expert alone (zeroed gradients would still see weight decay); freeze all "
+            "experts or none before converting, or keep the partly frozen layer as separate modules")
+    return not frozen
+
+
 class MultiwayLinear(nn.Module):
     """``nn.Linear`` with one weight per modality expert.
 
@@ -92,7 +110,8 @@ class MultiwayLinear(nn.Module):
 
         The ``nn.Linear`` s must agree in ``in_features``, ``out_features``, bias presence,
         dtype and device (e.g. CogVLM's ``language_expert_query_key_value`` and
-        ``vision_expert_query_key_value``).
+        ``vision_expert_query_key_value``), and in ``requires_grad``: a weight (bias) frozen in
+        every expert is frozen in the copy; frozen in some experts only, it is refused.
         """
         linears = _check_experts_list(linears, "nn.Linear")
         for i, lin in enumerate(linears):
@@ -106,6 +125,9 @@ class MultiwayLinear(nn.Module):
             if (lin.bias is None) != (first.bias is None):
                 raise ValueError("from_experts: some experts have a bias and others do not")
         _same_placement([lin.weight for lin in linears], "from_experts")
+        trained = {"weight": _common_requires_grad(list(enumerate(lin.weight for lin in linears)), "weight")}
+        if first.bias is not None:
+            trained["bias"] = _common_requires_grad(list(enumerate(lin.bias for lin in linears)), "bias")
         w = first.weight
         module = cls(first.in_features, first.out_features, len(linears), bias=first.bias is not None,
                      device=w.device, dtype=w.dtype)
@@ -113,6 +135,8 @@ class MultiwayLinear(nn.Module):
             module.weight.copy_(torch.stack([lin.weight for lin in linears]))
             if module.bias is not None:
                 module.bias.copy_(torch.stack([lin.bias for lin in linears]))
+        for name, flag in trained.items():
+            getattr(module, name).requires_grad_(flag)
         return module
 
     def extra_repr(self) -> str:
@@ -281,6 +305,8 @@ class MultiwayFFN(nn.Module):
 
         Dropout is not part of the fused FFN (the copy matches the experts in eval mode). A
         normalisation between the two layers (torchscale ``subln``, timm ``norm``) is refused.
+        Each stacked parameter keeps the experts' ``requires_grad`` when they agree (a layer
+        frozen in every expert stays frozen) and is refused when they do not.
         """
         experts = _check_experts_list(experts, "expert MLPs")
         if activation is not None:
@@ -317,6 +343,13 @@ class MultiwayFFN(nn.Module):
         if not swiglu and fi != f:
             raise ValueError(f"from_experts: the first layer has {fi} outputs but the second layer takes {f}")
         _same_placement(fc + wo, "from_experts")
+        parts = {"w_in": [(e, lin.weight) for e, (_, _, fs, _) in enumerate(unpacked) for lin in fs],
+                 "w_out": [(e, sec.weight) for e, (_, _, _, sec) in enumerate(unpacked)]}
+        if bi[0] is not None:
+            parts["b_in"] = [(e, lin.bias) for e, (_, _, fs, _) in enumerate(unpacked) for lin in fs]
+        if bo[0] is not None:
+            parts["b_out"] = [(e, sec.bias) for e, (_, _, _, sec) in enumerate(unpacked)]
+        trained = {name: _common_requires_grad(ts, name) for name, ts in parts.items()}
         w = fc[0]
         module = cls(hidden, f, len(experts), act, bias=True, out_features=out_features, device=w.device,
                      dtype=w.dtype)
@@ -331,6 +364,8 @@ class MultiwayFFN(nn.Module):
                 module.b_out = None
             else:
                 module.b_out.copy_(torch.stack(bo))
+        for name, flag in trained.items():
+            getattr(module, name).requires_grad_(flag)
         return module
 
     def extra_repr(self) -> str:
