@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import mmkernels
-from mmkernels.cross_attention import projection, share_kv_storage
+from mmkernels import _storage
+from mmkernels.cross_attention import share_kv_storage
 from mmkernels.testing.numerics import assert_close
 
 
@@ -43,7 +44,7 @@ def test_equals_per_layer_projections_with_gradients(shared, bias):
     layers = _layers(4, heads * d, c, bias=bias)
     if shared:
         share_kv_storage(layers)
-        assert projection._contiguous_run([m.weight for p in layers for m in p]) is not None
+        assert _storage.contiguous_run([m.weight for p in layers for m in p]) is not None
     x = torch.randn(2, 7, c, dtype=torch.float64, requires_grad=True)
     ws, bs = _weights(layers)
     got = mmkernels.fused_kv_projection(x, ws, bs, num_heads=heads)
@@ -114,14 +115,14 @@ def test_share_kv_storage_keeps_parameters_and_values():
     for p, b in zip(_params(layers), before):
         assert torch.equal(p.detach(), b)
     ws = [m.weight for pair in layers for m in pair]
-    run = projection._contiguous_run(ws)
+    run = _storage.contiguous_run(ws)
     assert run is not None and run.shape == (6 * 8, 6)
     # an optimiser step updates the shared storage in place: the packed view sees it
     x = torch.randn(2, 3, 6)
     out = mmkernels.fused_kv_projection(x, *_weights(layers), num_heads=2)
     sum(t.sum() for pair in out for t in pair).backward()
     opt.step()
-    assert torch.equal(projection._contiguous_run(ws), torch.cat([w.detach() for w in ws]))
+    assert torch.equal(_storage.contiguous_run(ws), torch.cat([w.detach() for w in ws]))
     new = mmkernels.fused_kv_projection(x, *_weights(layers), num_heads=2)
     assert_close(new[2][1], _per_layer(x, layers, 2)[2][1].double())
 

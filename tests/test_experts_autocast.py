@@ -19,6 +19,7 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext
 from mmkernels.testing.numerics import assert_close
+from expert_models import LlamaMLP, TimmMlp
 
 BACKENDS = ["reference", "cpu", "triton"]
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
@@ -27,31 +28,6 @@ AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 def _require(backend):
     if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
         pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
-
-
-class Mlp(nn.Module):
-    """timm ``Mlp`` / VLMo ``mlp_text``: fc1, GELU, fc2."""
-
-    def __init__(self, h, f):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(h, f), nn.GELU(), nn.Linear(f, h)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LlamaMLP(nn.Module):
-    """CogVLM's language/vision MLP: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, h, f):
-        super().__init__()
-        self.gate_proj = nn.Linear(h, f, bias=False)
-        self.up_proj = nn.Linear(h, f, bias=False)
-        self.down_proj = nn.Linear(f, h, bias=False)
-        self.act_fn = nn.SiLU()
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _routed(experts, x, ids):
@@ -88,7 +64,7 @@ def _case(kind):
         experts = nn.ModuleList([nn.Linear(24, 20) for _ in range(3)])
         fused = MultiwayLinear.from_experts(list(experts))
     elif kind == "gelu":
-        experts = nn.ModuleList([Mlp(24, 40) for _ in range(2)])
+        experts = nn.ModuleList([TimmMlp(24, 40) for _ in range(2)])
         fused = MultiwayFFN.from_experts(list(experts))
     else:
         experts = nn.ModuleList([LlamaMLP(24, 36) for _ in range(2)])

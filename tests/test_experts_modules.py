@@ -20,6 +20,7 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext
 from mmkernels.testing.numerics import assert_close
+from expert_models import LlamaMLP, TimmMlp
 
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -79,23 +80,6 @@ class MultiwayNetwork(nn.Module):
         return torch.cat([self.A(x1), self.B(x2)], dim=self.dim)
 
 
-class TimmMlp(nn.Module):
-    """timm.layers.Mlp (VLMo's mlp_text / mlp_imag / mlp_vl)."""
-
-    def __init__(self, in_features, hidden_features, out_features=None, act_layer=nn.GELU, bias=True, drop=0.0):
-        super().__init__()
-        out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-
-
 class VLMoFFN(nn.Module):
     """VLMo block FFN: text tokens (the first ``text_len``) through mlp_text, image tokens through
     mlp_imag; in the top (vision-language) layers every token goes through mlp_vl."""
@@ -110,20 +94,6 @@ class VLMoFFN(nn.Module):
         if modality_type == "vl":
             return self.mlp_vl(x)
         return torch.cat([self.mlp_text(x[:, :text_len]), self.mlp_imag(x[:, text_len:])], dim=1)
-
-
-class LlamaMLP(nn.Module):
-    """CogVLM's MLP (= LLaMA MLP): down_proj(act_fn(gate_proj(x)) * up_proj(x)), no biases, SiLU."""
-
-    def __init__(self, hidden_size, intermediate_size, act_fn=None):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.act_fn = nn.SiLU() if act_fn is None else act_fn
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TimmSwiGLU(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
-from mmkernels.cross_attention import projection  # noqa: E402
+from mmkernels import _storage  # noqa: E402
 from mmkernels.integrations import is_patched, key_padding_from_hf_mask, patch_blip2, unpatch_blip2  # noqa: E402
 from mmkernels.integrations import transformers as integ  # noqa: E402
 
@@ -146,7 +146,7 @@ def test_fused_projection_once_and_stash_cleared(monkeypatch):
     # patching shares the cross layers' K/V storage: the fused GEMM reads a view
     weights = [t for m in cross for t in (m.key.weight, m.value.weight)]
     biases = [t for m in cross for t in (m.key.bias, m.value.bias)]
-    assert projection._contiguous_run(weights) is not None and projection._contiguous_run(biases) is not None
+    assert _storage.contiguous_run(weights) is not None and _storage.contiguous_run(biases) is not None
     calls, seen = [], []
     real = integ.fused_kv_projection
 

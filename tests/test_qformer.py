@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
 from mmkernels import MultimodalMask, QFormer  # noqa: E402
-from mmkernels.cross_attention import projection  # noqa: E402
+from mmkernels import _storage  # noqa: E402
 from mmkernels.models import qformer as qformer_mod  # noqa: E402
 
 from transformers import Blip2QFormerConfig, Blip2QFormerModel  # noqa: E402
@@ -113,8 +113,8 @@ def _kv_params(model):
 
 def _shared(model) -> bool:
     weights, biases = _kv_params(model)
-    return (projection._contiguous_run(weights) is not None
-            and projection._contiguous_run(biases) is not None)
+    return (_storage.contiguous_run(weights) is not None
+            and _storage.contiguous_run(biases) is not None)
 
 
 def test_kv_storage_shared_across_load_and_moves():
@@ -150,8 +150,8 @@ def test_one_fused_projection_per_forward(monkeypatch):
 
     monkeypatch.setattr(qformer_mod, "fused_kv_projection", counting)
     runs = []
-    real_run = projection._contiguous_run
-    monkeypatch.setattr(projection, "_contiguous_run", lambda ts: runs.append(real_run(ts)) or runs[-1])
+    real_run = _storage.contiguous_run
+    monkeypatch.setattr(_storage, "contiguous_run", lambda ts: runs.append(real_run(ts)) or runs[-1])
     x, e, _ = make_inputs(torch.float64)
     ours(x, e, query_length=Q)
     assert calls == [2]               # 4 layers, cross_attention_frequency 2: one GEMM for both

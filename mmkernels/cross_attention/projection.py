@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import _autocast
+from .._storage import pack_, packed
 from .. import _validation as check
 
 def _flat_pairs(pairs, name: str) -> list[torch.Tensor]:
@@ -39,34 +40,6 @@ def _flat_pairs(pairs, name: str) -> list[torch.Tensor]:
             check.tensor(t, f"{name}[{i}].{part}")
             flat.append(t)
     return flat
-
-
-def _contiguous_run(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """A view spanning ``tensors`` when they are contiguous and back to back in one storage."""
-    first = tensors[0]
-    try:
-        storage = first.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
-        return None
-    offset = first.storage_offset()
-    for t in tensors:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
-            return None
-        offset += t.numel()
-    rows = sum(t.shape[0] for t in tensors)
-    size = (rows,) + tuple(first.shape[1:])
-    stride = first.stride() if first.dim() > 1 else (1,)
-    return first.detach().as_strided(size, stride, first.storage_offset())
-
-
-def _packed(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The row-concatenation of ``tensors`` (detached): a view of their storage when they are
-    back to back in one, else a fresh ``torch.cat``."""
-    if not torch.compiler.is_compiling():
-        run = _contiguous_run(tensors)
-        if run is not None:
-            return run
-    return torch.cat([t.detach() for t in tensors])
 
 
 class _LayerKV(torch.autograd.Function):
@@ -103,7 +76,7 @@ class _LayerKV(torch.autograd.Function):
         dy2 = dy.view(b * lk, 2 * hd)
         dx = dw_k = dw_v = db_k = db_v = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ _packed([w_k, w_v])).view(b, lk, c)
+            dx = (dy2 @ packed([w_k, w_v])).view(b, lk, c)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dw_k, dw_v = (dy2.t() @ x.reshape(b * lk, c)).split(hd)
         if ctx.has_bias and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
@@ -160,7 +133,7 @@ def fused_kv_projection(image_embeds: torch.Tensor, weights, biases=None, *, num
             check.same_dtype(("image_embeds", image_embeds), (name, t))
             check.same_device(("image_embeds", image_embeds), (name, t))
     with torch.no_grad():  # one GEMM for every layer; each layer's _LayerKV routes its gradients
-        y = torch.nn.functional.linear(image_embeds, _packed(w_flat), _packed(b_flat) if b_flat else None)
+        y = torch.nn.functional.linear(image_embeds, packed(w_flat), packed(b_flat) if b_flat else None)
     holder = [y]
     out = []
     for l in range(layers):
@@ -191,11 +164,4 @@ def share_kv_storage(linears) -> None:
             if not all(p is None for p in params):
                 raise ValueError(f"share_kv_storage: some linears have a {attr} and some do not")
             continue
-        if _contiguous_run(params) is not None:
-            continue
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.data = flat[offset:offset + n].view_as(p)
-            offset += n
+        pack_(params)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch import nn
 
-from .. import _autocast, _backend
+from .. import _autocast, _backend, _storage
 from .. import _validation as check
 from . import activations, routing
 from .ops import modality_ffn_fwd, modality_linear_fwd
@@ -21,6 +22,15 @@ from .reference import modality_ffn_reference, modality_linear_reference
 
 MAX_EXPERTS = routing.MAX_EXPERTS
 _ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _per_expert(t, name: str):
+    """``t`` as one ``[E, ...]`` tensor: a tensor (or ``None``) as given; a list, tuple or
+    ``nn.ParameterList`` of per-expert tensors stacked, without a copy when they lie back to
+    back in one storage, gradients flowing to each."""
+    if isinstance(t, (list, tuple, nn.ParameterList)):
+        return _storage.stacked(t, name)
+    return t
 
 
 def _check_x(x) -> torch.Tensor:
@@ -120,8 +130,11 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
             (CogVLM ``token_type_ids``), or a Python int split position ``p`` for
             ``x [B, S, H_in]``: positions ``< p`` use expert 0, the rest expert 1 (``E == 2``).
             Both forms give identical results.
-        weight: ``[E, H_out, H_in]`` (``nn.Linear`` layout per expert), ``1 <= E <= 8``, x's dtype.
-        bias: ``[E, H_out]`` or ``None``.
+        weight: ``[E, H_out, H_in]`` (``nn.Linear`` layout per expert), ``1 <= E <= 8``, x's dtype;
+            or a sequence of ``E`` tensors ``[H_out, H_in]`` (a list, or the ``nn.ParameterList``
+            of a module built with ``per_expert_parameters=True``), stacked without a copy when
+            they lie back to back in one storage.
+        bias: ``[E, H_out]`` (or ``E`` tensors ``[H_out]``) or ``None``.
 
     Returns:
         ``[..., H_out]`` in x's dtype; gradients flow to ``x``, ``weight`` and ``bias``.
@@ -133,6 +146,7 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
     Out-of-range ids raise ``ValueError`` on CPU; on CUDA the check is an asynchronous device
     assert (the op never synchronises with the host).
     """
+    weight, bias = _per_expert(weight, "weight"), _per_expert(bias, "bias")
     x, weight, bias = _autocast.lower_precision(x, weight, bias)
     _check_x(x)
     _check_param(weight, "weight", 3, x)
@@ -169,6 +183,9 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
         activation: ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"``, ``"relu"`` or ``"swiglu"``
             (``silu(gate) * up``).
 
+    Each weight and bias may also be a sequence of ``E`` per-expert tensors, as in
+    :func:`modality_linear`.
+
     Returns:
         ``[..., H_out]`` in x's dtype; gradients flow to x and every weight and bias. The
         backward reuses the pre-activation saved by the forward (``T x Fi`` elements).
@@ -177,6 +194,8 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
     ``nn.Linear`` layers this replaces.
     """
     activations.check_activation(activation)
+    w_in, b_in = _per_expert(w_in, "w_in"), _per_expert(b_in, "b_in")
+    w_out, b_out = _per_expert(w_out, "w_out"), _per_expert(b_out, "b_out")
     x, w_in, b_in, w_out, b_out = _autocast.lower_precision(x, w_in, b_in, w_out, b_out)
     _check_x(x)
     _check_param(w_in, "w_in", 3, x)

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import activations
 from .api import MAX_EXPERTS, modality_ffn, modality_linear
+from .parameters import ExpertModule, expert_data, expert_parameter, set_requires_grad
 
 
 def _check_num_experts(num_experts: int) -> int:
@@ -53,34 +54,19 @@ def _same_placement(tensors: list[torch.Tensor], what: str) -> None:
             raise ValueError(f"{what}: the experts live on different devices ({t0.device} and {t.device})")
 
 
-def _common_requires_grad(parts: list[tuple[int, torch.Tensor]], what: str) -> bool:
-    """Whether the experts' slices of one stacked parameter train; ``parts``: ``(expert, tensor)``.
-
-    One parameter of a multiway module holds every expert's slice, so either all of them
-    train or none does; experts that disagree (CogVLM pretraining freezes the language expert
-    and trains the visual one) are refused rather than silently all trained.
-    """
-    frozen = sorted({e for e, t in parts if not t.requires_grad})
-    trained = sorted({e for e, t in parts if t.requires_grad})
-    if frozen and trained:
-        raise ValueError(
-            f"from_experts: {what} is frozen (requires_grad=False) in expert(s) {frozen} but trained in "
-            f"expert(s) {trained}. A multiway module holds every expert's {what} in one parameter, so it "
-            "cannot freeze one expert alone (zeroed gradients would still see weight decay); freeze all "
-            "experts or none before converting, or keep the partly frozen layer as separate modules")
-    return not frozen
-
-
-class MultiwayLinear(nn.Module):
+class MultiwayLinear(ExpertModule):
     """``nn.Linear`` with one weight per modality expert.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
         num_experts: ``E``, 1..8 (2: text/image; 3: VLMo's text/image/vision-language).
         bias: learn ``bias [E, out_features]``.
+        per_expert_parameters: hold each expert's weight and bias as a parameter of its own
+            (``weight[e]``, ``bias[e]`` in ``nn.ParameterList`` s sharing one storage), so that
+            one expert can be frozen; see ``mmkernels/experts/parameters.py``.
 
-    Parameters ``weight [E, out_features, in_features]`` and ``bias [E, out_features]``,
-    each expert initialised as ``nn.Linear`` would be.
+    Parameters ``weight [E, out_features, in_features]`` and ``bias [E, out_features]`` (or
+    their per-expert lists), each expert initialised as ``nn.Linear`` would be.
 
     ``forward(x [..., in_features], modality_ids) -> [..., out_features]``: ``modality_ids`` an
     int tensor shaped ``x.shape[:-1]`` with values in ``[0, E)``, or an int split position for
@@ -88,30 +74,34 @@ class MultiwayLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 2, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, per_expert_parameters: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.num_experts = _check_num_experts(num_experts)
+        self.per_expert_parameters = bool(per_expert_parameters)
         kw = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **kw)) if bias else None
+        e, per = num_experts, self.per_expert_parameters
+        self.weight = expert_parameter(e, (out_features, in_features), per, **kw)
+        self.bias = expert_parameter(e, (out_features,), per, **kw) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for e in range(self.num_experts):
-            _init_linear_(self.weight.data[e], None if self.bias is None else self.bias.data[e])
+            _init_linear_(expert_data(self.weight, e), None if self.bias is None else expert_data(self.bias, e))
 
     def forward(self, x: torch.Tensor, modality_ids) -> torch.Tensor:
         return modality_linear(x, modality_ids, self.weight, self.bias)
 
     @classmethod
-    def from_experts(cls, linears: Sequence[nn.Linear]) -> "MultiwayLinear":
+    def from_experts(cls, linears: Sequence[nn.Linear], per_expert_parameters: bool = False) -> "MultiwayLinear":
         """One ``MultiwayLinear`` holding exact copies of ``linears`` (expert ``e`` = ``linears[e]``).
 
         The ``nn.Linear`` s must agree in ``in_features``, ``out_features``, bias presence,
         dtype and device (e.g. CogVLM's ``language_expert_query_key_value`` and
-        ``vision_expert_query_key_value``), and in ``requires_grad``: a weight (bias) frozen in
-        every expert is frozen in the copy; frozen in some experts only, it is refused.
+        ``vision_expert_query_key_value``). ``requires_grad`` is copied: with
+        ``per_expert_parameters=True`` per expert (a frozen language expert stays frozen, the
+        visual one trains); otherwise the experts must agree, and a weight frozen in some
+        experts only is refused.
         """
         linears = _check_experts_list(linears, "nn.Linear")
         for i, lin in enumerate(linears):
@@ -125,23 +115,23 @@ class MultiwayLinear(nn.Module):
             if (lin.bias is None) != (first.bias is None):
                 raise ValueError("from_experts: some experts have a bias and others do not")
         _same_placement([lin.weight for lin in linears], "from_experts")
-        trained = {"weight": _common_requires_grad(list(enumerate(lin.weight for lin in linears)), "weight")}
+        parts = {"weight": list(enumerate(lin.weight for lin in linears))}
         if first.bias is not None:
-            trained["bias"] = _common_requires_grad(list(enumerate(lin.bias for lin in linears)), "bias")
+            parts["bias"] = list(enumerate(lin.bias for lin in linears))
         w = first.weight
         module = cls(first.in_features, first.out_features, len(linears), bias=first.bias is not None,
-                     device=w.device, dtype=w.dtype)
+                     device=w.device, dtype=w.dtype, per_expert_parameters=per_expert_parameters)
         with torch.no_grad():
-            module.weight.copy_(torch.stack([lin.weight for lin in linears]))
-            if module.bias is not None:
-                module.bias.copy_(torch.stack([lin.bias for lin in linears]))
-        for name, flag in trained.items():
-            getattr(module, name).requires_grad_(flag)
+            for name, pieces in parts.items():
+                for e, t in pieces:
+                    expert_data(getattr(module, name), e).copy_(t)
+        set_requires_grad(module, parts)
         return module
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, bias={self.bias is not None}")
+                f"num_experts={self.num_experts}, bias={self.bias is not None}"
+                + (", per_expert_parameters=True" if self.per_expert_parameters else ""))
 
 
 # ----------------------------------------------------------------------------- activations of foreign modules
@@ -243,7 +233,7 @@ def _unpack_expert(module: nn.Module, index: int, activation: str | None):
     return layout, act, lins, _linear(module, second, index)
 
 
-class MultiwayFFN(nn.Module):
+class MultiwayFFN(ExpertModule):
     """A two-layer MLP with one set of weights per modality expert (VLMo/BEiT-3 multiway FFN,
     CogVLM visual-expert MLP).
 
@@ -255,28 +245,34 @@ class MultiwayFFN(nn.Module):
             (LLaMA/CogVLM: ``silu(gate) * up``, first layer of width ``2F``).
         bias: learn ``b_in`` and ``b_out``.
         out_features: output width (default ``hidden_size``).
+        per_expert_parameters: hold each expert's weights and biases as parameters of their own
+            (``w_in[e]`` ... in ``nn.ParameterList`` s sharing one storage each), so that one
+            expert can be frozen; see ``mmkernels/experts/parameters.py``.
 
     Parameters ``w_in [E, Fi, H]`` (``Fi = 2F`` for swiglu: gate rows, then up rows), ``b_in [E, Fi]``,
-    ``w_out [E, out_features, F]``, ``b_out [E, out_features]``; each layer of each expert is
-    initialised as ``nn.Linear`` would be.
+    ``w_out [E, out_features, F]``, ``b_out [E, out_features]`` (or their per-expert lists); each
+    layer of each expert is initialised as ``nn.Linear`` would be.
 
     ``forward(x [..., H], modality_ids) -> [..., out_features]``, ``modality_ids`` an int tensor
     shaped ``x.shape[:-1]`` or an int split position (``x [B, S, H]``, two experts).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int = 2, activation: str = "gelu",
-                 bias: bool = True, out_features: int | None = None, device=None, dtype=None):
+                 bias: bool = True, out_features: int | None = None, device=None, dtype=None,
+                 per_expert_parameters: bool = False):
         super().__init__()
         self.activation = activations.check_activation(activation)
         self.num_experts = _check_num_experts(num_experts)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.out_features = hidden_size if out_features is None else out_features
         fi = 2 * intermediate_size if activation == "swiglu" else intermediate_size
+        self.per_expert_parameters = bool(per_expert_parameters)
         kw = dict(device=device, dtype=dtype)
-        self.w_in = nn.Parameter(torch.empty(num_experts, fi, hidden_size, **kw))
-        self.b_in = nn.Parameter(torch.empty(num_experts, fi, **kw)) if bias else None
-        self.w_out = nn.Parameter(torch.empty(num_experts, self.out_features, intermediate_size, **kw))
-        self.b_out = nn.Parameter(torch.empty(num_experts, self.out_features, **kw)) if bias else None
+        e, per = num_experts, self.per_expert_parameters
+        self.w_in = expert_parameter(e, (fi, hidden_size), per, **kw)
+        self.b_in = expert_parameter(e, (fi,), per, **kw) if bias else None
+        self.w_out = expert_parameter(e, (self.out_features, intermediate_size), per, **kw)
+        self.b_out = expert_parameter(e, (self.out_features,), per, **kw) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -285,14 +281,16 @@ class MultiwayFFN(nn.Module):
         for e in range(self.num_experts):
             for j in range(blocks):  # swiglu: gate and up are two nn.Linear(H, F)
                 rows = slice(j * f, (j + 1) * f)
-                _init_linear_(self.w_in.data[e, rows], None if self.b_in is None else self.b_in.data[e, rows])
-            _init_linear_(self.w_out.data[e], None if self.b_out is None else self.b_out.data[e])
+                _init_linear_(expert_data(self.w_in, e)[rows],
+                              None if self.b_in is None else expert_data(self.b_in, e)[rows])
+            _init_linear_(expert_data(self.w_out, e), None if self.b_out is None else expert_data(self.b_out, e))
 
     def forward(self, x: torch.Tensor, modality_ids) -> torch.Tensor:
         return modality_ffn(x, modality_ids, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
 
     @classmethod
-    def from_experts(cls, experts: Sequence[nn.Module], activation: str | None = None) -> "MultiwayFFN":
+    def from_experts(cls, experts: Sequence[nn.Module], activation: str | None = None,
+                     per_expert_parameters: bool = False) -> "MultiwayFFN":
         """One ``MultiwayFFN`` holding exact copies of the per-expert MLPs (expert ``e`` = ``experts[e]``).
 
         Accepted layouts (all experts alike):
@@ -305,8 +303,9 @@ class MultiwayFFN(nn.Module):
 
         Dropout is not part of the fused FFN (the copy matches the experts in eval mode). A
         normalisation between the two layers (torchscale ``subln``, timm ``norm``) is refused.
-        Each stacked parameter keeps the experts' ``requires_grad`` when they agree (a layer
-        frozen in every expert stays frozen) and is refused when they do not.
+        ``requires_grad`` is copied: with ``per_expert_parameters=True`` per expert (CogVLM's
+        frozen language expert stays frozen while the visual expert trains; an expert's gate and
+        up projections must agree); otherwise a layer must be frozen in every expert or in none.
         """
         experts = _check_experts_list(experts, "expert MLPs")
         if activation is not None:
@@ -349,26 +348,23 @@ class MultiwayFFN(nn.Module):
             parts["b_in"] = [(e, lin.bias) for e, (_, _, fs, _) in enumerate(unpacked) for lin in fs]
         if bo[0] is not None:
             parts["b_out"] = [(e, sec.bias) for e, (_, _, _, sec) in enumerate(unpacked)]
-        trained = {name: _common_requires_grad(ts, name) for name, ts in parts.items()}
         w = fc[0]
         module = cls(hidden, f, len(experts), act, bias=True, out_features=out_features, device=w.device,
-                     dtype=w.dtype)
+                     dtype=w.dtype, per_expert_parameters=per_expert_parameters)
+        if bi[0] is None:
+            module.b_in = None
+        if bo[0] is None:
+            module.b_out = None
         with torch.no_grad():
-            module.w_in.copy_(torch.stack(fc))
-            module.w_out.copy_(torch.stack(wo))
-            if bi[0] is None:
-                module.b_in = None
-            else:
-                module.b_in.copy_(torch.stack(bi))
-            if bo[0] is None:
-                module.b_out = None
-            else:
-                module.b_out.copy_(torch.stack(bo))
-        for name, flag in trained.items():
-            getattr(module, name).requires_grad_(flag)
+            for name, stack in (("w_in", fc), ("w_out", wo), ("b_in", bi), ("b_out", bo)):
+                if name in parts:
+                    for e, t in enumerate(stack):
+                        expert_data(getattr(module, name), e).copy_(t)
+        set_requires_grad(module, parts)
         return module
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"activation={self.activation!r}, bias={self.b_in is not None or self.b_out is not None}")
+                f"activation={self.activation!r}, bias={self.b_in is not None or self.b_out is not None}"
+                + (", per_expert_parameters=True" if self.per_expert_parameters else ""))

@@ -17,3 +17,16 @@ def capture(step):
     with torch.cuda.graph(graph):
         out = step()
     return graph, out
+
+
+def sync_free(step):
+    """``step()`` run under ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation
+    inside it raises. A first call outside the check warms up (Triton compilation, allocator),
+    as a model's first step would; the checked second call's outputs are returned."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,84 @@
+"""How ``MultiwayLinear`` / ``MultiwayFFN`` hold their experts' weights.
+
+Two layouts, chosen with ``per_expert_parameters``:
+
+* stacked (default): one ``nn.Parameter`` ``[E, ...]`` per weight or bias, what the ops take.
+* per expert: an ``nn.ParameterList`` of ``E`` parameters ``[...]``, views of one ``[E, ...]``
+  storage. The ops read them as that stack without a copy (``mmkernels._storage``), and each
+  expert is a parameter of its own, so one expert can be frozen (``requires_grad=False``, no
+  optimiser state, no weight decay) while the others train: CogVLM's pretraining freezes the
+  language expert and trains the visual one. State-dict keys gain the expert index
+  (``w_in.0``, ``w_in.1``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _storage
+
+
+def expert_parameter(num_experts: int, shape: tuple[int, ...], per_expert: bool, **kw):
+    """An uninitialised ``[E, *shape]`` parameter, or (``per_expert``) a ``ParameterList`` of ``E``
+    ``[*shape]`` parameters that are views of one ``[E, *shape]`` storage. ``kw``: device, dtype."""
+    data = torch.empty(num_experts, *shape, **kw)
+    if not per_expert:
+        return nn.Parameter(data)
+    return nn.ParameterList([nn.Parameter(d) for d in data.unbind(0)])
+
+
+def expert_data(param, e: int) -> torch.Tensor:
+    """Expert ``e``'s slice of ``param`` (either layout), as plain data to initialise or copy into."""
+    return param[e].data if isinstance(param, nn.ParameterList) else param.data[e]
+
+
+def common_requires_grad(parts: list[tuple[int, torch.Tensor]], what: str) -> bool:
+    """Whether the ``(expert, tensor)`` ``parts`` that become one parameter train.
+
+    They must agree: one parameter cannot be partly frozen (zeroed gradients would still see
+    weight decay and optimiser state). ``what`` names the parameter in the error.
+    """
+    frozen = sorted({e for e, t in parts if not t.requires_grad})
+    trained = sorted({e for e, t in parts if t.requires_grad})
+    if frozen and trained:
+        raise ValueError(
+            f"from_experts: {what} is frozen (requires_grad=False) in expert(s) {frozen} but trained in "
+            f"expert(s) {trained}, and one parameter holds them, so it cannot freeze one expert alone. Pass "
+            "per_expert_parameters=True to give each expert its own parameters (then only an expert's gate "
+            "and up projections must agree), or freeze all experts or none before converting")
+    return not frozen
+
+
+def set_requires_grad(module: nn.Module, parts: dict[str, list[tuple[int, torch.Tensor]]]) -> None:
+    """Copy the source modules' ``requires_grad`` onto ``module``'s parameters.
+
+    ``parts``: parameter name -> the ``(expert, tensor)`` it was built from. Stacked parameters
+    take the flag all experts share; per-expert ones each expert's own.
+    """
+    for name, pieces in parts.items():
+        param = getattr(module, name)
+        if isinstance(param, nn.ParameterList):
+            for e, p in enumerate(param):
+                p.requires_grad_(common_requires_grad([(x, t) for x, t in pieces if x == e], name))
+        else:
+            param.requires_grad_(common_requires_grad(pieces, name))
+
+
+class ExpertModule(nn.Module):
+    """Base of the multiway modules: keeps per-expert parameters in one storage across ``.to()``,
+    ``.half()``, ``.cuda()`` (as ``nn.RNNBase`` re-flattens its weights after them), ``deepcopy``
+    and unpickling, which give every parameter a storage of its own."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pack_experts()
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._pack_experts()
+
+    def _pack_experts(self) -> None:
+        for child in self.children():
+            if isinstance(child, nn.ParameterList) and len(child):
+                _storage.pack_(list(child))

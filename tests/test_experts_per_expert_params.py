@@ -1,0 +1,204 @@
+"""Multiway modules with ``per_expert_parameters=True``: one parameter per expert, so one expert
+can be frozen (CogVLM pretraining trains the visual expert beside a frozen language expert).
+
+The per-expert parameters are views of one storage, read by the ops as the ``[E, ...]`` stack
+without a copy; results must equal the stacked layout's exactly, and a frozen expert must get
+no gradient and no optimiser update.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import mmkernels
+from mmkernels import MultiwayFFN, MultiwayLinear, _ext, _storage
+from mmkernels.testing.numerics import assert_close
+from expert_models import LlamaMLP
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _require(backend):
+    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
+        pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
+
+
+def _x(*shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _ids(shape, e, seed):
+    return torch.randint(0, e, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _names(module):
+    return [n for n in ("weight", "bias", "w_in", "b_in", "w_out", "b_out") if getattr(module, n, None) is not None]
+
+
+def _one_storage(module):
+    return all(_storage.contiguous_run(list(getattr(module, n))) is not None for n in _names(module))
+
+
+def _stacked_twin(module):
+    """The same module in the stacked layout, with equal weights."""
+    twin = copy.deepcopy(module)
+    for n in _names(module):
+        plist = getattr(module, n)
+        setattr(twin, n, nn.Parameter(torch.stack([p.detach() for p in plist])))
+    twin.per_expert_parameters = False
+    return twin
+
+
+def _make(kind):
+    torch.manual_seed(3)
+    if kind == "linear":
+        return MultiwayLinear(20, 12, num_experts=3, per_expert_parameters=True)
+    return MultiwayFFN(20, 28, num_experts=2, activation=kind, bias=kind != "swiglu", per_expert_parameters=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "gelu", "swiglu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_expert_parameters_compute_what_the_stacked_layout_computes(backend, kind):
+    _require(backend)
+    m = _make(kind)
+    assert isinstance(m.weight if kind == "linear" else m.w_in, nn.ParameterList) and _one_storage(m)
+    twin = _stacked_twin(m)
+    e = m.num_experts
+    x = _x(2, 11, 20, seed=4)
+    ids = _ids((2, 11), e, seed=5)
+    dy = _x(2, 11, 12 if kind == "linear" else 20, seed=6)
+    outs = []
+    for mod in (m, twin):
+        xx = x.clone().requires_grad_()
+        with mmkernels.backend(backend):
+            y = mod(xx, ids)
+        y.backward(dy)
+        outs.append((y, xx.grad, {n: getattr(mod, n) for n in _names(mod)}))
+    (y, dx, params), (y2, dx2, params2) = outs
+    assert torch.equal(y, y2) and torch.equal(dx, dx2)
+    for n in params:
+        for i in range(e):
+            assert torch.equal(params[n][i].grad, params2[n].grad[i]), f"{n}[{i}]"
+
+
+def test_frozen_language_expert_stays_frozen_through_training():
+    """CogVLM pretraining: the language expert (0) frozen, the visual expert (1) trained with
+    AdamW and weight decay. The language weights get no gradient and stay bit-identical; the
+    visual ones get the original module's gradients."""
+    _require("cpu")
+    torch.manual_seed(7)
+    language, vision = LlamaMLP(16, 24), LlamaMLP(16, 24)
+    language.requires_grad_(False)
+    with pytest.raises(ValueError, match="per_expert_parameters=True"):
+        MultiwayFFN.from_experts([language, vision])
+    fused = MultiwayFFN.from_experts([language, vision], per_expert_parameters=True)
+    assert [p.requires_grad for p in fused.w_in] == [False, True]
+    assert [p.requires_grad for p in fused.w_out] == [False, True]
+    assert _one_storage(fused)
+    frozen = [p.detach().clone() for p in (fused.w_in[0], fused.w_out[0])]
+
+    x = _x(2, 9, 16, seed=8)
+    ids = _ids((2, 9), 2, seed=9)
+    dy = _x(2, 9, 16, seed=10)
+    opt = torch.optim.AdamW(fused.parameters(), lr=1e-2, weight_decay=0.1)
+    with mmkernels.backend("cpu"):
+        fused(x, ids).backward(dy)
+    assert fused.w_in[0].grad is None and fused.w_out[0].grad is None
+    ref = copy.deepcopy(vision).double()
+    mask = (ids == 1).unsqueeze(-1)
+    (ref(x.double()) * mask).backward(dy.double())
+    want_in = torch.cat([ref.gate_proj.weight.grad, ref.up_proj.weight.grad])
+    assert_close(fused.w_in[1].grad, want_in, torch.float32, scale=4.0, name="visual w_in grad")
+    assert_close(fused.w_out[1].grad, ref.down_proj.weight.grad, torch.float32, scale=4.0, name="visual w_out grad")
+    before = fused.w_in[1].detach().clone()
+    opt.step()
+    assert torch.equal(fused.w_in[0], frozen[0]) and torch.equal(fused.w_out[0], frozen[1])
+    assert not torch.equal(fused.w_in[1], before)
+    assert _one_storage(fused)  # the optimiser updates in place
+
+
+def test_from_experts_per_expert_still_refuses_a_split_expert():
+    """Per expert, an expert's gate and up projections become one parameter: they must agree."""
+    language, vision = LlamaMLP(16, 24), LlamaMLP(16, 24)
+    language.gate_proj.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"w_in is frozen .* in expert\(s\) \[0\] but trained in expert\(s\) \[0\]"):
+        MultiwayFFN.from_experts([language, vision], per_expert_parameters=True)
+    lin = [nn.Linear(8, 4), nn.Linear(8, 4)]
+    lin[1].weight.requires_grad_(False)
+    fused = MultiwayLinear.from_experts(lin, per_expert_parameters=True)
+    assert [p.requires_grad for p in fused.weight] == [True, False]
+    assert [p.requires_grad for p in fused.bias] == [True, True]
+    for i in range(2):
+        assert torch.equal(fused.weight[i], lin[i].weight) and torch.equal(fused.bias[i], lin[i].bias)
+
+
+def test_one_storage_survives_moves_copies_and_loading():
+    m = _make("gelu")
+    assert list(m.state_dict()) == ["w_in.0", "w_in.1", "b_in.0", "b_in.1", "w_out.0", "w_out.1",
+                                    "b_out.0", "b_out.1"]
+    ids_before = [id(p) for p in m.parameters()]
+    m.double()
+    assert _one_storage(m) and m.w_in[0].dtype == torch.float64
+    assert [id(p) for p in m.parameters()] == ids_before  # optimisers keep their parameters
+    m.to(torch.bfloat16)
+    assert _one_storage(m)
+    c = copy.deepcopy(m)
+    assert _one_storage(c)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    assert _one_storage(torch.load(buf, weights_only=False))
+    fresh = _make("gelu").to(torch.bfloat16)
+    fresh.load_state_dict(m.state_dict())
+    assert _one_storage(fresh) and torch.equal(fresh.w_out[1], m.w_out[1])
+    stack = _storage.stacked(list(fresh.w_in), "w_in")
+    assert stack.data_ptr() == fresh.w_in[0].data_ptr()  # read in place, no copy
+    assert "per_expert_parameters=True" in repr(fresh)
+
+
+def test_functional_ops_take_per_expert_lists():
+    """``modality_linear`` / ``modality_ffn`` take a sequence of per-expert tensors anywhere they
+    take an ``[E, ...]`` tensor (stacked with a copy when they are separate tensors), and
+    gradients reach each of them; mismatched experts are named in the error."""
+    _require("cpu")
+    torch.manual_seed(11)
+    w = [torch.randn(6, 8, requires_grad=True) for _ in range(3)]
+    b = [torch.randn(6, requires_grad=True) for _ in range(3)]
+    x = _x(5, 8, seed=12)
+    ids = _ids((5,), 3, seed=13)
+    with mmkernels.backend("cpu"):
+        y = mmkernels.modality_linear(x, ids, w, b)
+        ws, bs = torch.stack(w).detach().requires_grad_(), torch.stack(b).detach().requires_grad_()
+        y2 = mmkernels.modality_linear(x, ids, ws, bs)
+    assert torch.equal(y, y2)
+    y.sum().backward()
+    y2.sum().backward()
+    for i in range(3):
+        assert torch.equal(w[i].grad, ws.grad[i]) and torch.equal(b[i].grad, bs.grad[i])
+    with pytest.raises(ValueError, match=r"weight\[1\] is \(6, 7\)"):
+        mmkernels.modality_linear(x, ids, [w[0], torch.randn(6, 7), w[2]])
+    with pytest.raises(ValueError, match=r"w_out is an empty sequence"):
+        mmkernels.modality_ffn(x, ids, torch.randn(3, 6, 8), None, [], None)
+
+
+def test_per_expert_parameters_compile_and_autocast():
+    """``torch.compile(fullgraph=True)`` (the stack is then a copy: storage views are not traced)
+    and autocast (the stack is cast once) give the eager results."""
+    _require("cpu")
+    m = _make("swiglu")
+    x = _x(2, 7, 20, seed=14)
+    ids = _ids((2, 7), 2, seed=15)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with mmkernels.backend("cpu"):
+        assert torch.equal(compiled(x, ids), m(x, ids))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x, ids)
+        assert y.dtype == torch.bfloat16
+        twin = _stacked_twin(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(y, twin(x, ids))
