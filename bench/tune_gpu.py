@@ -273,7 +273,7 @@ def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     with scoped_env(K.WGRAD_CHUNK_ENV, "0"):
         for c in (WGRAD_CANDIDATES[:2] if smoke else WGRAD_CANDIDATES):
             cfg = K.WGradConfig(*c)
-            fn = lambda: K._grouped_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets, config=cfg)  # noqa: E731
+            fn = lambda: K._wgrad_launch("wgrad_ffn_in", dh, x, dw, db, perm, offsets, config=cfg)  # noqa: E731
             try:
                 ms = _time_ms(fn, device, reps)
                 rows.append((str(c), ms, flop / ms / 1e9, cfg == heur))
@@ -284,7 +284,7 @@ def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     rows = []
     for chunk in (WGRAD_CHUNKS[:2] if smoke else WGRAD_CHUNKS):
         with scoped_env(K.WGRAD_CHUNK_ENV, chunk):
-            fn = lambda: K._grouped_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets)  # noqa: E731
+            fn = lambda: K._wgrad_launch("wgrad_ffn_in", dh, x, dw, db, perm, offsets)  # noqa: E731
             try:
                 ms = _time_ms(fn, device, reps)
                 rows.append((f"chunk={chunk}", ms, flop / ms / 1e9, chunk == "auto"))

@@ -1,7 +1,7 @@
 // mmkernels: blockwise (flash-style) multimodal masked attention on the CPU.
 //
 // The mask is never materialised: it is described by O(B*S) per-token metadata (modality,
-// segment, position, run id) and a small rule table (see /work/notes/attention_contract.md).
+// segment, position, run id) and a small rule table (see mmkernels/attention/mask.py).
 // Queries are processed in blocks of BM rows and keys in blocks of BN columns. Before the
 // main loops each (batch, query block, key block) tile is classified from per-block
 // summaries (min/max of segment, position and run ids and the set of modalities present):

@@ -1,4 +1,4 @@
-// mmkernels: CPU (C++) multimodal masked attention. See /work/notes/attention_contract.md.
+// mmkernels: CPU (C++) multimodal masked attention. See mmkernels/attention/ops.py.
 #pragma once
 
 #include <tuple>

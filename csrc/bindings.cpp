@@ -56,9 +56,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
 
   m.def("experts_linear_bwd", &mmkernels::experts_linear_bwd,
-        "Backward of experts_linear_fwd. Returns (dx or empty(0), dw or empty(0), db or empty(0)).",
+        "Backward of experts_linear_fwd. Returns (dx or empty(0), dw or empty(0), db or empty(0));\n"
+        "dw_experts: E flags, the experts whose weight gradient is wanted (others: zero slices).",
         py::arg("dy"), py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("weight"),
-        py::arg("bias"), py::arg("needs_dx"), py::arg("needs_dw"),
+        py::arg("bias"), py::arg("needs_dx"), py::arg("dw_experts"),
         py::call_guard<py::gil_scoped_release>());
 
   m.def("experts_ffn_fwd", &mmkernels::experts_ffn_fwd,
@@ -69,9 +70,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
 
   m.def("experts_ffn_bwd", &mmkernels::experts_ffn_bwd,
-        "Backward of experts_ffn_fwd from its saved h and a. Returns (dx, dw_in, db_in or empty(0),\n"
-        "dw_out, db_out or empty(0)).",
+        "Backward of experts_ffn_fwd from its saved h and a. Returns (dx, dw_in, db_in, dw_out, db_out),\n"
+        "each empty(0) when not wanted (needs_dx; the per-expert masks dw_in_experts, dw_out_experts).",
         py::arg("dy"), py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("w_in"),
         py::arg("b_in"), py::arg("w_out"), py::arg("b_out"), py::arg("h"), py::arg("a"),
-        py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+        py::arg("activation"), py::arg("needs_dx"), py::arg("dw_in_experts"), py::arg("dw_out_experts"),
+        py::call_guard<py::gil_scoped_release>());
 }

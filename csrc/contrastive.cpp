@@ -8,7 +8,7 @@
 // scale * G and feeds it to two more GEMMs (dq rows, dk accumulation).
 // bf16/fp16 inputs are converted to float32 once (O(N*D)); float64 inputs (gradcheck) take a
 // plain ATen float64 version of the same chunked algorithm.
-// The exact contract is in /work/notes/contract.md.
+// The exact contract is in mmkernels/contrastive/ops.py.
 
 #include "contrastive.h"
 

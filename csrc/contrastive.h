@@ -1,4 +1,4 @@
-// mmkernels: CPU (C++) contrastive kernels. See /work/notes/contract.md.
+// mmkernels: CPU (C++) contrastive kernels. See mmkernels/contrastive/ops.py.
 #pragma once
 
 #include <tuple>

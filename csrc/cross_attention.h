@@ -1,5 +1,5 @@
 // mmkernels: CPU (C++) cross-attention with key padding and counter-hash attention dropout.
-// See mmkernels/cross_attention/reference.py (the definition) and /work/notes/xattn_contract.md.
+// See mmkernels/cross_attention/reference.py (the definition) and mmkernels/cross_attention/ops.py.
 #pragma once
 
 #include <tuple>

@@ -2,7 +2,7 @@
 //
 // Tokens are routed by a stable sort computed by the caller: slot s of the sorted order holds
 // token perm[s], and expert e owns slots offsets[e] .. offsets[e+1]-1 (see
-// /work/notes/experts_contract.md). No permuted copy of the activations is ever made: for each
+// mmkernels/experts/ops.py). No permuted copy of the activations is ever made: for each
 // expert, its slot range is processed in chunks of at most MAX_CHUNK_ROWS (2048) rows. A chunk's input
 // rows are gathered (through perm, any strides, converted to the compute type) into a reused
 // contiguous scratch block, multiplied through BLAS (at::mm_out / addmm into float32 for
@@ -14,12 +14,14 @@
 // weight gradients accumulate over the expert's chunks (into the output directly when the weight
 // dtype is the compute type, else into a per-expert float32 accumulator converted once at the
 // end; bias gradients are column sums accumulated in double within a chunk), and input gradients
-// are scattered back. Experts with no tokens are skipped and their gradients set to zero.
+// are scattered back. Experts with no tokens, and experts outside a weight-gradient mask (frozen
+// experts), get zero weight gradients and none of that work.
 // float64 inputs (gradcheck) run the same code in float64.
 
 #include "experts.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -350,6 +352,24 @@ struct GradSlot {
   }
 };
 
+// Start, finish or skip (zero) expert e's slice in each of a layer's gradient slots.
+void begin_all(int64_t e, std::initializer_list<GradSlot*> slots) {
+  for (GradSlot* g : slots) g->begin(e);
+}
+void finish_all(int64_t e, std::initializer_list<GradSlot*> slots) {
+  for (GradSlot* g : slots) g->finish(e);
+}
+void skip_all(int64_t e, std::initializer_list<GradSlot*> slots) {
+  for (GradSlot* g : slots) g->skip(e);
+}
+
+// A weight-gradient mask: E flags (the experts whose weight gradient is wanted); true if any is.
+bool check_mask(const std::vector<bool>& mask, int64_t E, const char* name) {
+  TORCH_CHECK(static_cast<int64_t>(mask.size()) == E, "mmkernels experts: ", name, " must hold one flag per expert (",
+              E, "), got ", mask.size());
+  return std::any_of(mask.begin(), mask.end(), [](bool b) { return b; });
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------- linear
@@ -399,7 +419,7 @@ at::Tensor experts_linear_fwd(const at::Tensor& x, const at::Tensor& perm, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 experts_linear_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& perm,
                    const at::Tensor& offsets, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, bool needs_dx, bool needs_dw) {
+                   const c10::optional<at::Tensor>& bias, bool needs_dx, const std::vector<bool>& dw_experts) {
   c10::NoGradGuard no_grad;
   check_weight(weight, "weight");
   const int64_t E = weight.size(0), Hout = weight.size(1), Hin = weight.size(2);
@@ -410,13 +430,14 @@ experts_linear_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tenso
   check_2d(dy_in, "dy", T, Hout);
   const at::Tensor dy = dy_in.scalar_type() == x.scalar_type() ? dy_in : dy_in.to(x.scalar_type());
   const at::Tensor b = check_bias(bias, "bias", E, Hout);
+  const bool needs_dw = check_mask(dw_experts, E, "dw_experts");
   const Route rt = make_route(perm, offsets, T, E);
   const auto empty0 = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
 
   at::Tensor dx = needs_dx ? at::empty({T, Hin}, x.options()) : empty0(x);
   at::Tensor dw = needs_dw ? at::empty({E, Hout, Hin}, weight.options()) : empty0(weight);
-  at::Tensor db = b.defined() ? at::empty({E, Hout}, weight.options()) : empty0(weight);
-  if (!needs_dx && !needs_dw && !b.defined()) return {dx, dw, db};
+  at::Tensor db = needs_dw && b.defined() ? at::empty({E, Hout}, weight.options()) : empty0(weight);
+  if (!needs_dx && !needs_dw) return {dx, dw, db};
   const auto ct = compute_type(x.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "experts_linear_bwd", [&] {
@@ -425,18 +446,15 @@ experts_linear_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tenso
     at::Tensor dyb = at::empty({R, Hout}, x.options().dtype(ct));
     at::Tensor xb = needs_dw ? at::empty({R, Hin}, x.options().dtype(ct)) : at::Tensor();
     at::Tensor dxb = needs_dx ? at::empty({R, Hin}, x.options().dtype(ct)) : at::Tensor();
-    GradSlot gw(needs_dw ? dw : at::Tensor(), ct), gb(b.defined() ? db : at::Tensor(), ct);
+    GradSlot gw(needs_dw ? dw : at::Tensor(), ct), gb(needs_dw && b.defined() ? db : at::Tensor(), ct);
     scalar_t* dxp = needs_dx ? dx.data_ptr<scalar_t>() : nullptr;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t s0 = rt.offsets[e], s1 = rt.offsets[e + 1];
-      if (s0 == s1) {
-        gw.skip(e);
-        gb.skip(e);
-        continue;
-      }
+      const bool we = needs_dw && dw_experts[e] && s0 < s1;  // this expert's dW and db
+      if (!we) skip_all(e, {&gw, &gb});
+      if (s0 == s1 || !(needs_dx || we)) continue;
       const at::Tensor W = needs_dx ? expert_weight(weight, e, ct) : at::Tensor();  // [Hout, Hin]
-      gw.begin(e);
-      gb.begin(e);
+      if (we) begin_all(e, {&gw, &gb});
       for (int64_t c0 = s0; c0 < s1; c0 += R) {
         const int64_t n = std::min(R, s1 - c0);
         at::Tensor dyc = dyb.narrow(0, 0, n);
@@ -446,15 +464,14 @@ experts_linear_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tenso
           at::mm_out(dxc, dyc, W);
           scatter_rows<CT, scalar_t>(dxc.data_ptr<CT>(), rt.p + c0, n, Hin, dxp);
         }
-        if (needs_dw) {
+        if (we) {
           at::Tensor xc = xb.narrow(0, 0, n);
           gather_rows<scalar_t, CT>(x, rt.p + c0, n, xc.data_ptr<CT>());
           gw.add_mm(dyc.t(), xc);
+          if (gb.wanted()) gb.add_colsum<CT>(dyc);
         }
-        if (gb.wanted()) gb.add_colsum<CT>(dyc);
       }
-      gw.finish(e);
-      gb.finish(e);
+      if (we) finish_all(e, {&gw, &gb});
     }
   });
   return {dx, dw, db};
@@ -554,7 +571,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 experts_ffn_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& perm,
                 const at::Tensor& offsets, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
                 const at::Tensor& w_out, const c10::optional<at::Tensor>& b_out, const at::Tensor& h_in,
-                const at::Tensor& a_in, const std::string& activation) {
+                const at::Tensor& a_in, const std::string& activation, bool needs_dx,
+                const std::vector<bool>& dw_in_experts, const std::vector<bool>& dw_out_experts) {
   c10::NoGradGuard no_grad;
   const FfnDims d = check_ffn(x, w_in, w_out, activation);
   const int64_t T = d.T, E = d.E, Hin = d.Hin, Fi = d.Fi, F = d.F, Hout = d.Hout;
@@ -562,16 +580,20 @@ experts_ffn_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& 
   check_2d(dy_in, "dy", T, Hout);
   check_2d(h_in, "h", T, Fi);
   check_2d(a_in, "a", T, F);
+  const bool needs_dw_in = check_mask(dw_in_experts, E, "dw_in_experts");
+  const bool needs_dw_out = check_mask(dw_out_experts, E, "dw_out_experts");
   const Route rt = make_route(perm, offsets, T, E);
   const auto st = x.scalar_type();
   const at::Tensor dy = dy_in.scalar_type() == st ? dy_in : dy_in.to(st);
   const at::Tensor h = h_in.to(st).contiguous(), a = a_in.to(st).contiguous();
+  const auto empty0 = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
 
-  at::Tensor dx = at::empty({T, Hin}, x.options());
-  at::Tensor dw_in = at::empty({E, Fi, Hin}, w_in.options());
-  at::Tensor dw_out = at::empty({E, Hout, F}, w_out.options());
-  at::Tensor db_in = bi.defined() ? at::empty({E, Fi}, w_in.options()) : at::empty({0}, w_in.options());
-  at::Tensor db_out = bo.defined() ? at::empty({E, Hout}, w_out.options()) : at::empty({0}, w_out.options());
+  at::Tensor dx = needs_dx ? at::empty({T, Hin}, x.options()) : empty0(x);
+  at::Tensor dw_in = needs_dw_in ? at::empty({E, Fi, Hin}, w_in.options()) : empty0(w_in);
+  at::Tensor dw_out = needs_dw_out ? at::empty({E, Hout, F}, w_out.options()) : empty0(w_out);
+  at::Tensor db_in = needs_dw_in && bi.defined() ? at::empty({E, Fi}, w_in.options()) : empty0(w_in);
+  at::Tensor db_out = needs_dw_out && bo.defined() ? at::empty({E, Hout}, w_out.options()) : empty0(w_out);
+  if (!needs_dx && !needs_dw_in && !needs_dw_out) return {dx, dw_in, db_in, dw_out, db_out};
   const auto ct = compute_type(st);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "experts_ffn_bwd", [&] {
@@ -583,39 +605,53 @@ experts_ffn_bwd(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& 
     at::Tensor dab = at::empty({R, F}, copts), dhb = at::empty({R, Fi}, copts);
     at::Tensor dxb = at::empty({R, Hin}, copts);
     at::Tensor ab = same ? at::Tensor() : at::empty({R, F}, copts);
-    GradSlot gwi(dw_in, ct), gwo(dw_out, ct);
-    GradSlot gbi(bi.defined() ? db_in : at::Tensor(), ct), gbo(bo.defined() ? db_out : at::Tensor(), ct);
+    GradSlot gwi(needs_dw_in ? dw_in : at::Tensor(), ct), gwo(needs_dw_out ? dw_out : at::Tensor(), ct);
+    GradSlot gbi(needs_dw_in && bi.defined() ? db_in : at::Tensor(), ct);
+    GradSlot gbo(needs_dw_out && bo.defined() ? db_out : at::Tensor(), ct);
     const scalar_t* hp = h.data_ptr<scalar_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* dxp = needs_dx ? dx.data_ptr<scalar_t>() : nullptr;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t s0 = rt.offsets[e], s1 = rt.offsets[e + 1];
-      if (s0 == s1) {
-        for (GradSlot* g : {&gwi, &gwo, &gbi, &gbo}) g->skip(e);
-        continue;
-      }
-      const at::Tensor Win = expert_weight(w_in, e, ct);    // [Fi, Hin]
-      const at::Tensor Wout = expert_weight(w_out, e, ct);  // [Hout, F]
-      for (GradSlot* g : {&gwi, &gwo, &gbi, &gbo}) g->begin(e);
+      const bool win = needs_dw_in && dw_in_experts[e] && s0 < s1;    // this expert's dW_in, db_in
+      const bool wout = needs_dw_out && dw_out_experts[e] && s0 < s1;  // this expert's dW_out, db_out
+      const bool wdh = needs_dx || win;                                // dH is needed
+      if (!win) skip_all(e, {&gwi, &gbi});
+      if (!wout) skip_all(e, {&gwo, &gbo});
+      if (s0 == s1 || !(wdh || wout)) continue;
+      const at::Tensor Win = needs_dx ? expert_weight(w_in, e, ct) : at::Tensor();  // [Fi, Hin]
+      const at::Tensor Wout = wdh ? expert_weight(w_out, e, ct) : at::Tensor();     // [Hout, F]
+      if (win) begin_all(e, {&gwi, &gbi});
+      if (wout) begin_all(e, {&gwo, &gbo});
       for (int64_t c0 = s0; c0 < s1; c0 += R) {
         const int64_t n = std::min(R, s1 - c0);
-        at::Tensor dyc = dyb.narrow(0, 0, n), xc = xb.narrow(0, 0, n);
-        at::Tensor dac = dab.narrow(0, 0, n), dhc = dhb.narrow(0, 0, n), dxc = dxb.narrow(0, 0, n);
+        at::Tensor dyc = dyb.narrow(0, 0, n);
         gather_rows<scalar_t, CT>(dy, rt.p + c0, n, dyc.data_ptr<CT>());
-        gather_rows<scalar_t, CT>(x, rt.p + c0, n, xc.data_ptr<CT>());
-        // Second layer: dW_out += dY^T A, db_out += sum dY, dA = dY W_out.
-        const at::Tensor ac = same ? a.narrow(0, c0, n) : ab.narrow(0, 0, n).copy_(a.narrow(0, c0, n));
-        gwo.add_mm(dyc.t(), ac);
-        if (gbo.wanted()) gbo.add_colsum<CT>(dyc);
+        // Second layer: dW_out += dY^T A, db_out += sum dY.
+        if (wout) {
+          const at::Tensor ac = same ? a.narrow(0, c0, n) : ab.narrow(0, 0, n).copy_(a.narrow(0, c0, n));
+          gwo.add_mm(dyc.t(), ac);
+          if (gbo.wanted()) gbo.add_colsum<CT>(dyc);
+        }
+        if (!wdh) continue;
+        // dA = dY W_out; activation: dH = dA * act'(H).
+        at::Tensor dac = dab.narrow(0, 0, n), dhc = dhb.narrow(0, 0, n);
         at::mm_out(dac, dyc, Wout);
-        // Activation: dH = dA * act'(H).
         act_bwd<scalar_t, CT>(dac.data_ptr<CT>(), hp + c0 * Fi, n, Fi, F, d.act, dhc.data_ptr<CT>());
         // First layer: dW_in += dH^T X, db_in += sum dH, dX = dH W_in.
-        gwi.add_mm(dhc.t(), xc);
-        if (gbi.wanted()) gbi.add_colsum<CT>(dhc);
-        at::mm_out(dxc, dhc, Win);
-        scatter_rows<CT, scalar_t>(dxc.data_ptr<CT>(), rt.p + c0, n, Hin, dxp);
+        if (win) {
+          at::Tensor xc = xb.narrow(0, 0, n);
+          gather_rows<scalar_t, CT>(x, rt.p + c0, n, xc.data_ptr<CT>());
+          gwi.add_mm(dhc.t(), xc);
+          if (gbi.wanted()) gbi.add_colsum<CT>(dhc);
+        }
+        if (needs_dx) {
+          at::Tensor dxc = dxb.narrow(0, 0, n);
+          at::mm_out(dxc, dhc, Win);
+          scatter_rows<CT, scalar_t>(dxc.data_ptr<CT>(), rt.p + c0, n, Hin, dxp);
+        }
       }
-      for (GradSlot* g : {&gwi, &gwo, &gbi, &gbo}) g->finish(e);
+      if (win) finish_all(e, {&gwi, &gbi});
+      if (wout) finish_all(e, {&gwo, &gbo});
     }
   });
   return {dx, dw_in, db_in, dw_out, db_out};

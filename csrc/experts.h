@@ -1,9 +1,10 @@
 // mmkernels: CPU (C++) modality-expert routing (grouped GEMM with gather/scatter).
-// See /work/notes/experts_contract.md.
+// The op contract: mmkernels/experts/ops.py.
 #pragma once
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -20,12 +21,18 @@ namespace mmkernels {
 at::Tensor experts_linear_fwd(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& offsets,
                               const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// (dx [T, Hin] or empty(0) unless needs_dx, dw [E, Hout, Hin] or empty(0) unless needs_dw,
-//  db [E, Hout] or empty(0) when bias is None).
+// Weight-gradient masks (dw_experts, dw_in_experts, dw_out_experts): E flags, true for the
+// experts whose weight (and bias) gradient is wanted. When none is, the gradient is empty(0);
+// otherwise it is [E, ...] with zero slices for the experts not wanted, whose GEMMs are skipped
+// (a frozen expert costs no weight-gradient work).
+
+// (dx [T, Hin] or empty(0) unless needs_dx, dw [E, Hout, Hin] or empty(0),
+//  db [E, Hout] or empty(0) when bias is None or no dw is wanted).
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 experts_linear_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& perm,
                    const at::Tensor& offsets, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, bool needs_dx, bool needs_dw);
+                   const c10::optional<at::Tensor>& bias, bool needs_dx,
+                   const std::vector<bool>& dw_experts);
 
 // activation: "gelu" (erf), "gelu_tanh", "silu", "relu", "swiglu" (w_in rows 0..F-1 gate,
 // F..2F-1 up; act = silu(gate) * up). w_in [E, Fi, Hin] (Fi = 2F for swiglu, else F),
@@ -37,12 +44,14 @@ experts_ffn_fwd(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& o
                 const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in, const at::Tensor& w_out,
                 const c10::optional<at::Tensor>& b_out, const std::string& activation);
 
-// Returns (dx [T, Hin], dw_in [E, Fi, Hin], db_in [E, Fi] or empty(0), dw_out [E, Hout, F],
-//          db_out [E, Hout] or empty(0)); h and a are the forward's sorted-order outputs.
+// Returns (dx [T, Hin] or empty(0) unless needs_dx, dw_in [E, Fi, Hin], db_in [E, Fi],
+//          dw_out [E, Hout, F], db_out [E, Hout]), each weight (bias) gradient empty(0) when its
+// mask wants no expert (or the bias is None); h and a are the forward's sorted-order outputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 experts_ffn_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& perm,
                 const at::Tensor& offsets, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
                 const at::Tensor& w_out, const c10::optional<at::Tensor>& b_out, const at::Tensor& h,
-                const at::Tensor& a, const std::string& activation);
+                const at::Tensor& a, const std::string& activation, bool needs_dx,
+                const std::vector<bool>& dw_in_experts, const std::vector<bool>& dw_out_experts);
 
 }  // namespace mmkernels

@@ -79,3 +79,23 @@ def run(kind: str, backend: str, x, ids, params, dy, activation="gelu", dtype=No
 
 def names(kind: str):
     return ["y", "dx", "dweight", "dbias"] if kind == "linear" else ["y", "dx", "dw_in", "db_in", "dw_out", "db_out"]
+
+
+def record_launches(monkeypatch):
+    """Patch the weight-gradient launch and the grouped GEMM to record what runs:
+    ``("wgrad", kind, E of the launch)`` and ``("mm", kind)``."""
+    from mmkernels.experts import kernels as K
+    seen = []
+    real_wgrad, real_mm = K._wgrad_launch, K._grouped_mm
+
+    def wgrad(kind, a, x, dw, *args, **kw):
+        seen.append(("wgrad", kind, dw.shape[0]))
+        return real_wgrad(kind, a, x, dw, *args, **kw)
+
+    def mm(kind, *args, **kw):
+        seen.append(("mm", kind))
+        return real_mm(kind, *args, **kw)
+
+    monkeypatch.setattr(K, "_wgrad_launch", wgrad)
+    monkeypatch.setattr(K, "_grouped_mm", mm)
+    return seen

@@ -93,7 +93,7 @@ def run_linear(ids, e, x, w, b, dy, dtype, layout_x=None):
     if layout_x is not None:
         xd, dyd = layout_x(xd), layout_x(dyd)
     y = C.experts_linear_fwd(xd, perm, offsets, wd, bd)
-    dx, dw, db = C.experts_linear_bwd(dyd, xd, perm, offsets, wd, bd, True, True)
+    dx, dw, db = C.experts_linear_bwd(dyd, xd, perm, offsets, wd, bd, True, [True] * e)
 
     def fn(x_, w_, b_):
         return modality_linear_reference(x_, ids, w_, b_)
@@ -145,15 +145,22 @@ def test_linear_needs_flags():
     ids = make_ids(t, e, "random", seed=3)
     perm, offsets = routing(ids, e)
     x, w, b, dy = linear_inputs(t, e, 16, 8, True, seed=9)
-    full = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, True)
-    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, False)
-    assert dw.numel() == 0 and torch.equal(dx, full[0]) and torch.equal(db, full[2])
-    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, False, True)
+    every, none = [True] * e, [False] * e
+    full = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, every)
+    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, none)
+    assert dw.numel() == 0 and db.numel() == 0 and torch.equal(dx, full[0])
+    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, False, every)
     assert dx.numel() == 0 and torch.equal(dw, full[1]) and torch.equal(db, full[2])
-    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, None, False, True)
+    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, None, False, every)
     assert dx.numel() == 0 and db.numel() == 0 and torch.equal(dw, full[1])
-    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, None, False, False)
+    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, None, False, none)
     assert dx.numel() == 0 and dw.numel() == 0 and db.numel() == 0
+    # a frozen expert 0: zero slices, the other expert's gradients unchanged
+    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, [False, True])
+    assert torch.equal(dx, full[0]) and torch.equal(dw[1], full[1][1]) and torch.equal(db[1], full[2][1])
+    assert bool((dw[0] == 0).all()) and bool((db[0] == 0).all()) and bool(full[1][0].abs().sum() > 0)
+    with pytest.raises(RuntimeError, match="one flag per expert"):
+        C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, [True])
 
 
 def test_linear_mixed_weight_dtype():
@@ -165,7 +172,7 @@ def test_linear_mixed_weight_dtype():
     xb, dyb = x.to(torch.bfloat16), dy.to(torch.bfloat16)
     wf, bf = w.float(), b.to(torch.bfloat16)
     y = C.experts_linear_fwd(xb, perm, offsets, wf, bf)
-    dx, dw, db = C.experts_linear_bwd(dyb, xb, perm, offsets, wf, bf, True, True)
+    dx, dw, db = C.experts_linear_bwd(dyb, xb, perm, offsets, wf, bf, True, [True] * e)
     assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
     r_y, r_g = grads(lambda x_, w_, b_: modality_linear_reference(x_, ids, w_, b_),
                      (xb.double(), w, b), dyb.double())
@@ -187,6 +194,33 @@ def ffn_inputs(t, e, hin, f, hout, act, bias, seed):
     return x, w_in, b_in, w_out, b_out, dy
 
 
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_ffn_backward_flags_and_expert_masks(act):
+    """needs_dx and the per-expert weight-gradient masks: what is computed equals the full
+    backward; experts left out get zero slices; a gradient no expert wants is empty."""
+    t, e = 60, 3
+    ids = make_ids(t, e, "random", seed=5)
+    perm, offsets = routing(ids, e)
+    x, w_in, b_in, w_out, b_out, dy = ffn_inputs(t, e, 12, 10, 8, act, True, seed=6)
+    y, h, a = C.experts_ffn_fwd(x, perm, offsets, w_in, b_in, w_out, b_out, act)
+    args = (dy, x, perm, offsets, w_in, b_in, w_out, b_out, h, a, act)
+    every, none = [True] * e, [False] * e
+    full = C.experts_ffn_bwd(*args, True, every, every)
+    got = C.experts_ffn_bwd(*args, True, none, none)
+    assert torch.equal(got[0], full[0]) and all(g.numel() == 0 for g in got[1:])
+    got = C.experts_ffn_bwd(*args, False, [True, False, True], [False, True, False])
+    assert got[0].numel() == 0
+    for k, mask in ((1, [True, False, True]), (2, [True, False, True]), (3, [False, True, False]),
+                    (4, [False, True, False])):
+        for i in range(e):
+            if mask[i]:
+                assert torch.equal(got[k][i], full[k][i]), (k, i)
+            else:
+                assert bool((got[k][i] == 0).all()) and bool(full[k][i].abs().sum() > 0), (k, i)
+    with pytest.raises(RuntimeError, match="one flag per expert"):
+        C.experts_ffn_bwd(*args, True, every, [True])
+
+
 def ffn_h_sorted(x, ids, perm, w_in, b_in):
     """The pre-activation h of every token, float64, in sorted order."""
     h = torch.zeros(x.shape[0], w_in.shape[1], dtype=torch.float64)
@@ -203,7 +237,8 @@ def run_ffn(ids, e, act, x, w_in, b_in, w_out, b_out, dy, dtype, layout_x=None):
     if layout_x is not None:
         xd, dyd = layout_x(xd), layout_x(dyd)
     y, h, a = C.experts_ffn_fwd(xd, perm, offsets, wid, bid, wod, bod, act)
-    dx, dw_in, db_in, dw_out, db_out = C.experts_ffn_bwd(dyd, xd, perm, offsets, wid, bid, wod, bod, h, a, act)
+    dx, dw_in, db_in, dw_out, db_out = C.experts_ffn_bwd(dyd, xd, perm, offsets, wid, bid, wod, bod, h, a, act,
+                                                         True, [True] * e, [True] * e)
 
     def fn(x_, wi_, bi_, wo_, bo_):
         return modality_ffn_reference(x_, ids, wi_, bi_, wo_, bo_, act)
@@ -269,7 +304,8 @@ def test_ffn_special_values(act):
     w_out = torch.ones(e, 3, f, dtype=torch.float64)
     dy = torch.ones(t, 3, dtype=torch.float64)
     y, h, a = C.experts_ffn_fwd(x, perm, offsets, w_in, None, w_out, None, act)
-    dx, *_ = C.experts_ffn_bwd(dy, x, perm, offsets, w_in, None, w_out, None, h, a, act)
+    dx, *_ = C.experts_ffn_bwd(dy, x, perm, offsets, w_in, None, w_out, None, h, a, act, True, [True] * e,
+                               [True] * e)
     r_y, r_g = grads(lambda x_: modality_ffn_reference(x_, ids, w_in, None, w_out, None, act), [x], dy)
     assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(dx).all())
     assert_close(y, r_y, name="y")
@@ -290,7 +326,7 @@ def test_zero_tokens(dtype):
     b = randn(e, hout, seed=2).to(dtype)
     y = C.experts_linear_fwd(x, perm, offsets, w, b)
     assert y.shape == (0, hout) and y.dtype == dtype
-    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, True)
+    dx, dw, db = C.experts_linear_bwd(dy, x, perm, offsets, w, b, True, [True] * e)
     assert dx.shape == (0, hin) and dw.shape == w.shape and db.shape == b.shape
     assert bool((dw == 0).all()) and bool((db == 0).all())
     for act in ACTS:
@@ -300,12 +336,13 @@ def test_zero_tokens(dtype):
         y, h, a = C.experts_ffn_fwd(x, perm, offsets, w_in, b_in, w_out, b_out, act)
         assert y.shape == (0, hout) and h.shape == (0, fi) and a.shape == (0, f)
         dx, dw_in, db_in, dw_out, db_out = C.experts_ffn_bwd(dy, x, perm, offsets, w_in, b_in, w_out, b_out,
-                                                             h, a, act)
+                                                             h, a, act, True, [True] * e, [True] * e)
         assert dx.shape == (0, hin) and dw_in.shape == w_in.shape and dw_out.shape == w_out.shape
         assert db_in.shape == b_in.shape and db_out.shape == b_out.shape
         for g in (dw_in, db_in, dw_out, db_out):
             assert g.dtype == dtype and bool((g == 0).all())
-        _, _, db_in, _, db_out = C.experts_ffn_bwd(dy, x, perm, offsets, w_in, None, w_out, None, h, a, act)
+        _, _, db_in, _, db_out = C.experts_ffn_bwd(dy, x, perm, offsets, w_in, None, w_out, None, h, a, act,
+                                                   True, [True] * e, [True] * e)
         assert db_in.numel() == 0 and db_out.numel() == 0
 
 

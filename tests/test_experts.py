@@ -218,7 +218,7 @@ def test_routing_feeds_the_op(backend):
     perm, offsets = routing.route(ids, 3, backend)
     assert perm.dtype == torch.int32 and offsets.dtype == torch.int32
     assert offsets.tolist() == [0] + torch.cumsum(torch.bincount(ids, minlength=3), 0).tolist()
-    y = torch.ops.mmkernels.modality_linear_fwd(x, w, b, perm, offsets, backend)
+    y = torch.ops.mmkernels.modality_linear_fwd(x, w, b, perm, offsets, [True] * 3, backend)
     assert_close(y, modality_linear_reference(x.double(), ids, w.double(), b.double()))
 
 
@@ -310,21 +310,29 @@ def test_opcheck_cpu(bias):
     ops = torch.ops.mmkernels
     x, w, b, perm, offsets = (t.requires_grad_() if t is not None and t.is_floating_point() else t
                               for t in _op_args("linear", bias=bias))
-    torch.library.opcheck(ops.modality_linear_fwd.default, (x, w, b, perm, offsets, "cpu"))
+    e = w.shape[0]
+    all_e, some_e, none_e = [True] * e, [i % 2 == 1 for i in range(e)], [False] * e
+    torch.library.opcheck(ops.modality_linear_fwd.default, (x, w, b, perm, offsets, all_e, "cpu"))
+    torch.library.opcheck(ops.modality_linear_fwd.default, (x, w, b, perm, offsets, some_e, "cpu"))
     dy = randn(x.shape[0], w.shape[1], seed=30, dtype=torch.float32)
-    for needs_dx, needs_dw in ((True, True), (True, False), (False, True)):
+    for needs_dx, mask in ((True, all_e), (True, none_e), (False, all_e), (False, some_e)):
         torch.library.opcheck(ops.modality_linear_bwd.default,
                               (dy, x.detach(), w.detach(), None if b is None else b.detach(), perm, offsets,
-                               needs_dx, needs_dw, "cpu"))
+                               needs_dx, mask, "cpu"))
     for act in ("gelu", "swiglu"):
         x, w_in, b_in, w_out, b_out, perm, offsets = _op_args("ffn", act, bias)
         args = [x, w_in, b_in, w_out, b_out]
         leafs = [None if t is None else t.requires_grad_() for t in args]
-        torch.library.opcheck(ops.modality_ffn_fwd.default, (*leafs, perm, offsets, act, "cpu"))
-        y, h, a = ops.modality_ffn_fwd(*args, perm, offsets, act, "cpu")
+        e = w_in.shape[0]
+        all_e, some_e, none_e = [True] * e, [i % 2 == 1 for i in range(e)], [False] * e
+        for masks in ((all_e, all_e), (some_e, all_e), (none_e, some_e)):
+            torch.library.opcheck(ops.modality_ffn_fwd.default, (*leafs, perm, offsets, act, *masks, "cpu"))
+        y, h, a = ops.modality_ffn_fwd(*args, perm, offsets, act, all_e, all_e, "cpu")
         dy = torch.randn_like(y)
         det = [None if t is None else t.detach() for t in args]
-        torch.library.opcheck(ops.modality_ffn_bwd.default, (dy, *det, perm, offsets, h, a, act, "cpu"))
+        for needs_dx, masks in ((True, (all_e, all_e)), (False, (some_e, none_e)), (True, (none_e, none_e))):
+            torch.library.opcheck(ops.modality_ffn_bwd.default,
+                                  (dy, *det, perm, offsets, h, a, act, needs_dx, *masks, "cpu"))
 
 
 def test_opcheck_triton_schema_and_fake():
@@ -333,11 +341,13 @@ def test_opcheck_triton_schema_and_fake():
     ops = torch.ops.mmkernels
     x, w, b, perm, offsets = _op_args("linear", t=9, e=2)
     torch.library.opcheck(ops.modality_linear_fwd.default,
-                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), perm, offsets, "triton"),
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), perm, offsets, [True, False],
+                           "triton"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x, w_in, b_in, w_out, b_out, perm, offsets = _op_args("ffn", "swiglu", t=9, e=2)
     torch.library.opcheck(ops.modality_ffn_fwd.default,
-                          (x, w_in, b_in, w_out, b_out, perm, offsets, "swiglu", "triton"),
+                          (x, w_in, b_in, w_out, b_out, perm, offsets, "swiglu", [True, True], [False, True],
+                           "triton"),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -136,9 +136,10 @@ def test_cpu_backend_refuses_other_devices():
 def test_op_rejects_unknown_backend():
     perm, offsets = routing.route(IDS.reshape(-1), E)
     with pytest.raises(ValueError, match="unknown backend"):
-        torch.ops.mmkernels.modality_linear_fwd(X.reshape(-1, H), W, BIAS, perm, offsets, "cuda")
+        torch.ops.mmkernels.modality_linear_fwd(X.reshape(-1, H), W, BIAS, perm, offsets, [True] * E, "cuda")
     with pytest.raises(ValueError, match="unknown backend"):
-        torch.ops.mmkernels.modality_ffn_fwd(X.reshape(-1, H), W_IN, B_IN, W_OUT, B_OUT, perm, offsets, "gelu", "tpu")
+        torch.ops.mmkernels.modality_ffn_fwd(X.reshape(-1, H), W_IN, B_IN, W_OUT, B_OUT, perm, offsets, "gelu",
+                                             [True] * E, [True] * E, "tpu")
 
 
 def test_valid_but_awkward_input_works():

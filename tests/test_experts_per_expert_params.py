@@ -18,6 +18,7 @@ import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext, _storage
 from mmkernels.testing.numerics import assert_close
 from expert_models import LlamaMLP
+from experts_cases import record_launches
 
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -202,3 +203,33 @@ def test_per_expert_parameters_compile_and_autocast():
         twin = _stacked_twin(m)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(y, twin(x, ids))
+
+
+def test_frozen_weights_cost_no_weight_gradient_work(monkeypatch):
+    """triton backend: with every weight frozen (adapter training) the FFN backward runs the dh
+    and dx GEMMs only; with a frozen expert among per-expert parameters each weight-gradient
+    launch covers the trained expert alone."""
+    _require("triton")
+    x = _x(2, 9, 20, seed=16).requires_grad_()
+    ids = _ids((2, 9), 2, seed=17)
+    m = _make("gelu")
+    seen = record_launches(monkeypatch)
+    m.requires_grad_(False)
+    with mmkernels.backend("triton"):
+        m(x, ids).sum().backward()
+    assert [s for s in seen if s[0] == "wgrad"] == [] and ("mm", "ffn_bwd_dx") in seen
+    seen.clear()
+    m.requires_grad_(True)
+    for name in ("w_in", "b_in", "w_out", "b_out"):
+        getattr(m, name)[0].requires_grad_(False)
+    with mmkernels.backend("triton"):
+        m(x, ids).sum().backward()
+    assert [s for s in seen if s[0] == "wgrad"] == [("wgrad", "wgrad_ffn_out", 1), ("wgrad", "wgrad_ffn_in", 1)]
+    assert m.w_in[0].grad is None and m.w_in[1].grad is not None
+    lin = _make("linear")
+    lin.weight[1].requires_grad_(False)
+    lin.bias[1].requires_grad_(False)
+    seen.clear()
+    with mmkernels.backend("triton"):
+        lin(_x(2, 9, 20, seed=18), _ids((2, 9), 3, seed=19)).sum().backward()
+    assert [s for s in seen if s[0] == "wgrad"] == [("wgrad", "wgrad_linear", 1), ("wgrad", "wgrad_linear", 1)]

@@ -30,6 +30,7 @@ triton = pytest.importorskip("triton")
 from mmkernels.experts import kernels as K  # noqa: E402
 from mmkernels.experts.routing import route_split as route_split_torch  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
+from experts_cases import record_launches  # noqa: E402
 
 try:  # the lead's reference (loop over experts with boolean masks)
     from mmkernels.experts.reference import modality_ffn_reference, modality_linear_reference  # noqa: E402
@@ -127,7 +128,7 @@ def check_linear(ids, x, w, b, dy, E, config=SMALL):
     perm, offsets = routing(ids, E)
     xd, wd, bd, dyd = (None if t is None else t.to(DEVICE) for t in (x, w, b, dy))
     y = K.linear_fwd_triton(xd, perm, offsets, wd, bd, config=config)
-    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, True, config=config)
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, [True] * E, config=config)
     ref = ref_linear(ids, x, w, b, dy)
     eager = ref_linear(ids, x, w, b, dy, dtype) if dtype != torch.float32 else (None,) * 4
     for name, got, r, ea in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref, eager):
@@ -320,9 +321,9 @@ def test_linear_flags_and_zero_tokens():
     ids, x, w, b, dy = linear_case(9, E, torch.float32, True, "rand")
     perm, offsets = routing(ids, E)
     xd, wd, bd, dyd = (t.to(DEVICE) for t in (x, w, b, dy))
-    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, False, config=SMALL)
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, [False] * E, config=SMALL)
     assert dx.shape == x.shape and dw.numel() == 0 and db.numel() == 0
-    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, None, False, True, config=SMALL)
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, None, False, [True] * E, config=SMALL)
     assert dx.numel() == 0 and dw.shape == w.shape and db.numel() == 0
     # T = 0: empty outputs, zero weight/bias gradients
     ids0 = torch.zeros(0, dtype=torch.int64)
@@ -331,7 +332,7 @@ def test_linear_flags_and_zero_tokens():
     y0 = K.linear_fwd_triton(x0, perm0, off0, wd, bd)
     assert y0.shape == (0, H_OUT)
     dx0, dw0, db0 = K.linear_bwd_triton(torch.zeros(0, H_OUT, device=DEVICE), x0, perm0, off0,
-                                        wd, bd, True, True)
+                                        wd, bd, True, [True] * E)
     assert dx0.shape == (0, H_IN)
     assert torch.equal(dw0.cpu(), torch.zeros_like(w)) and torch.equal(db0.cpu(), torch.zeros_like(b))
 
@@ -342,7 +343,7 @@ def test_zero_token_expert_gets_zero_grads():
     ids, x, w, b, dy = linear_case(40, E, torch.float32, True, "empty")
     perm, offsets = routing(ids, E)
     _, dw, db = K.linear_bwd_triton(dy.to(DEVICE), x.to(DEVICE), perm, offsets, w.to(DEVICE),
-                                    b.to(DEVICE), False, True, config=SMALL)
+                                    b.to(DEVICE), False, [True] * E, config=SMALL)
     assert torch.equal(dw[1].cpu(), torch.zeros_like(dw[1].cpu()))
     assert torch.equal(db[1].cpu(), torch.zeros_like(db[1].cpu()))
     assert dw[0].abs().sum() > 0 and dw[2].abs().sum() > 0
@@ -606,3 +607,64 @@ def test_heuristic_configs_are_known():
                     for n in (8, 64, 100, 4096):
                         cfg = K.heuristic_config(kind, dtype, prec, sw, n)
                         assert cfg in K.candidate_configs(kind, dtype, prec, sw)
+
+
+# ----------------------------------------------------------------------------- weight-gradient masks
+
+@pytest.mark.parametrize("mask", [[True, False, True], [False, True, True], [False, False, True]], ids=str)
+def test_linear_wgrad_mask_skips_frozen_experts(monkeypatch, mask):
+    """Experts left out of the mask get zero dW/db slices and no programs (one launch per run of
+    flagged experts); the flagged experts' gradients are those of the full computation."""
+    E = 3
+    ids, x, w, b, dy = linear_case(40, E, torch.float32, True, "rand")
+    perm, offsets = routing(ids, E)
+    xd, wd, bd, dyd = (t.to(DEVICE) for t in (x, w, b, dy))
+    full = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, [True] * E, config=SMALL)
+    seen = record_launches(monkeypatch)
+    dx, dw, db = K.linear_bwd_triton(dyd, xd, perm, offsets, wd, bd, True, mask, config=SMALL)
+    runs, n = [], 0  # lengths of the runs of consecutive flagged experts
+    for flag in mask + [False]:
+        if flag:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    assert [e for what, _, e in (s for s in seen if s[0] == "wgrad")] == runs
+    assert torch.equal(dx, full[0])
+    for e in range(E):
+        if mask[e]:
+            assert torch.equal(dw[e], full[1][e]) and torch.equal(db[e], full[2][e])
+        else:
+            assert bool((dw[e] == 0).all()) and bool((db[e] == 0).all()) and bool(full[1][e].abs().sum() > 0)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_ffn_backward_computes_only_what_is_wanted(monkeypatch, activation):
+    """needs_dx and the two per-expert masks decide which launches run: frozen weights cost no
+    weight-gradient launch, no dx needs no dx launch, and nothing wanted of the first layer
+    skips dh too. What is computed equals the full backward's."""
+    E = 2
+    ids, x, w_in, b_in, w_out, b_out, dy = ffn_case(30, E, torch.float32, activation, True, "rand")
+    perm, offsets = routing(ids, E)
+    dev = [t.to(DEVICE) for t in (x, w_in, b_in, w_out, b_out, dy)]
+    xd, wid, bid, wod, bod, dyd = dev
+    y, h, a = K.ffn_fwd_triton(xd, perm, offsets, wid, bid, wod, bod, activation, config=SMALL)
+    args = (dyd, xd, perm, offsets, wid, bid, wod, bod, h, a, activation)
+    full = K.ffn_bwd_triton(*args, config=SMALL)
+    seen = record_launches(monkeypatch)
+    # frozen weights (adapter training): dx only
+    got = K.ffn_bwd_triton(*args, True, [False] * E, [False] * E, config=SMALL)
+    assert seen == [("mm", "ffn_bwd_dh"), ("mm", "ffn_bwd_dx")]
+    assert torch.equal(got[0], full[0]) and all(g.numel() == 0 for g in got[1:])
+    # the second layer of expert 1 only: no dh, no dx
+    seen.clear()
+    got = K.ffn_bwd_triton(*args, False, [False] * E, [False, True], config=SMALL)
+    assert seen == [("wgrad", "wgrad_ffn_out", 1)]
+    assert got[0].numel() == 0 and got[1].numel() == 0 and got[2].numel() == 0
+    assert torch.equal(got[3][1], full[3][1]) and torch.equal(got[4][1], full[4][1])
+    assert bool((got[3][0] == 0).all()) and bool((got[4][0] == 0).all())
+    # the first layer of expert 0: dh but no dx
+    seen.clear()
+    got = K.ffn_bwd_triton(*args, False, [True, False], [False] * E, config=SMALL)
+    assert seen == [("mm", "ffn_bwd_dh"), ("wgrad", "wgrad_ffn_in", 1)]
+    assert torch.equal(got[1][0], full[1][0]) and torch.equal(got[2][0], full[2][0])
+    assert bool((got[1][1] == 0).all()) and got[3].numel() == 0

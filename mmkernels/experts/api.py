@@ -33,6 +33,19 @@ def _per_expert(t, name: str):
     return t
 
 
+def _trains(w, b, e: int) -> list[bool]:
+    """Per expert, whether its slice of weight ``w`` or bias ``b`` (each an ``[E, ...]`` tensor,
+    a sequence of per-expert tensors, or ``None``) requires a gradient: the op's weight-gradient
+    mask, so a frozen per-expert parameter costs no weight-gradient work."""
+    def flags(t):
+        if t is None:
+            return [False] * e
+        if isinstance(t, torch.Tensor):
+            return [t.requires_grad] * e
+        return [bool(p.requires_grad) for p in t]
+    return [wf or bf for wf, bf in zip(flags(w), flags(b))]
+
+
 def _check_x(x) -> torch.Tensor:
     check.tensor(x, "x")
     if x.dim() < 1:
@@ -146,6 +159,7 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
     Out-of-range ids raise ``ValueError`` on CPU; on CUDA the check is an asynchronous device
     assert (the op never synchronises with the host).
     """
+    sources = weight, bias
     weight, bias = _per_expert(weight, "weight"), _per_expert(bias, "bias")
     x, weight, bias = _autocast.lower_precision(x, weight, bias)
     _check_x(x)
@@ -161,7 +175,7 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
     if which == "reference":
         return modality_linear_reference(x, _dense_ids(kind, ids, x), weight, bias)
     perm, offsets = _route(kind, ids, x, e, which)
-    y = modality_linear_fwd(x.reshape(-1, h_in), weight, bias, perm, offsets, which)
+    y = modality_linear_fwd(x.reshape(-1, h_in), weight, bias, perm, offsets, _trains(*sources, e), which)
     return y.reshape(*x.shape[:-1], h_out)
 
 
@@ -194,6 +208,7 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
     ``nn.Linear`` layers this replaces.
     """
     activations.check_activation(activation)
+    sources = (w_in, b_in), (w_out, b_out)
     w_in, b_in = _per_expert(w_in, "w_in"), _per_expert(b_in, "b_in")
     w_out, b_out = _per_expert(w_out, "w_out"), _per_expert(b_out, "b_out")
     x, w_in, b_in, w_out, b_out = _autocast.lower_precision(x, w_in, b_in, w_out, b_out)
@@ -222,5 +237,6 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
     if which == "reference":
         return modality_ffn_reference(x, _dense_ids(kind, ids, x), w_in, b_in, w_out, b_out, activation)
     perm, offsets = _route(kind, ids, x, e, which)
-    y, _, _ = modality_ffn_fwd(x.reshape(-1, h_in), w_in, b_in, w_out, b_out, perm, offsets, activation, which)
+    y, _, _ = modality_ffn_fwd(x.reshape(-1, h_in), w_in, b_in, w_out, b_out, perm, offsets, activation,
+                               _trains(*sources[0], e), _trains(*sources[1], e), which)
     return y.reshape(*x.shape[:-1], h_out)

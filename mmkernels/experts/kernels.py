@@ -104,8 +104,30 @@ def offsets_fit_int32(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
-    """Launch ``_grouped_wgrad_kernel``: dw [E, N, K] (and db [E, N]) from a [T, N], x [T, K]."""
+def _grouped_wgrad(kind, a, x, dw, db, perm, offsets, experts, *, config=None):
+    """dw [E, N, K] (and db [E, N]) from a [T, N], x [T, K] for the experts flagged in
+    ``experts`` (E bools); the others' slices are zeroed and get no programs: one launch of
+    ``_grouped_wgrad_kernel`` per run of consecutive flagged experts, on views of dw, db and
+    offsets starting at the run's first expert (perm and the token bounds stay global)."""
+    e = 0
+    while e < len(experts):
+        if not experts[e]:
+            dw[e].zero_()
+            if db is not None:
+                db[e].zero_()
+            e += 1
+            continue
+        end = e
+        while end < len(experts) and experts[end]:
+            end += 1
+        _wgrad_launch(kind, a, x, dw[e:end], None if db is None else db[e:end], perm, offsets[e:],
+                      config=config)
+        e = end
+
+
+def _wgrad_launch(kind, a, x, dw, db, perm, offsets, *, config=None):
+    """Launch ``_grouped_wgrad_kernel``: dw [E, N, K] (and db [E, N]) from a [T, N], x [T, K],
+    expert ``e``'s tokens at ``perm[offsets[e]:offsets[e + 1]]``."""
     gather_a, gather_x = _WGRAD_FLAGS[kind]
     E, N, K = dw.shape
     T = a.shape[0]
@@ -182,10 +204,11 @@ def linear_fwd_triton(x, perm, offsets, weight, bias=None, *, config=None):
     return y
 
 
-def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, needs_dw, *, config=None):
+def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, dw_experts, *, config=None):
     """``(dx [T, Hin] | empty(0), dw [E, Hout, Hin] | empty(0), db [E, Hout] | empty(0))``.
 
-    ``db`` is computed with ``dw`` (``needs_dw``) when ``bias`` is given.
+    ``dw_experts``: E bools, the experts whose weight gradient is wanted (zero slices for the
+    others); ``dw`` and, when ``bias`` is given, ``db`` are empty if none is.
     """
     _check(x, offsets)
     T, Hin = x.shape
@@ -197,12 +220,12 @@ def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, needs_dw, *,
         if T > 0:
             _grouped_mm("linear_bwd_dx", dy, weight, _w(weight), None, dx, None, perm, offsets,
                         Hin, Hout, ACT_NONE, config=config)
-    if needs_dw:
+    if any(dw_experts):
         dw = torch.empty((E, Hout, Hin), dtype=weight.dtype, device=dev)
         if bias is not None:
             db = torch.empty((E, Hout), dtype=bias.dtype, device=dev)
         _grouped_wgrad("wgrad_linear", dy, x, dw, db if bias is not None else None, perm, offsets,
-                       config=config)
+                       dw_experts, config=config)
     return dx, dw, db
 
 
@@ -227,31 +250,43 @@ def ffn_fwd_triton(x, perm, offsets, w_in, b_in, w_out, b_out, activation, *, co
     return y, h, a
 
 
-def ffn_bwd_triton(dy, x, perm, offsets, w_in, b_in, w_out, b_out, h, a, activation, *, config=None):
-    """``(dx [T, Hin], dw_in [E, Fi, Hin], db_in [E, Fi] | empty(0), dw_out [E, Hout, F],
-    db_out [E, Hout] | empty(0))`` (bias gradients when the bias is given)."""
+def ffn_bwd_triton(dy, x, perm, offsets, w_in, b_in, w_out, b_out, h, a, activation, needs_dx=True,
+                   dw_in_experts=None, dw_out_experts=None, *, config=None):
+    """``(dx [T, Hin], dw_in [E, Fi, Hin], db_in [E, Fi], dw_out [E, Hout, F], db_out [E, Hout])``,
+    each ``empty(0)`` when not wanted: ``dx`` unless ``needs_dx``, a weight (and its bias)
+    gradient when its mask (E bools, default every expert) flags no expert, a bias gradient when
+    there is no bias. Experts left out of a mask get zero slices and no weight-gradient work;
+    ``dh`` is computed only for ``dx`` or ``dw_in``."""
     _check(x, offsets)
     act = _act_code(activation)
     T, Hin = x.shape
     E, Fi = w_in.shape[0], w_in.shape[1]
     Hout, F = w_out.shape[1], w_out.shape[2]
+    mask_in = [True] * E if dw_in_experts is None else list(dw_in_experts)
+    mask_out = [True] * E if dw_out_experts is None else list(dw_out_experts)
     dev = x.device
-    dx = torch.empty((T, Hin), dtype=x.dtype, device=dev)
-    dw_in = torch.empty((E, Fi, Hin), dtype=w_in.dtype, device=dev)
-    dw_out = torch.empty((E, Hout, F), dtype=w_out.dtype, device=dev)
-    db_in = torch.empty((E, Fi), dtype=b_in.dtype, device=dev) if b_in is not None else None
-    db_out = torch.empty((E, Hout), dtype=b_out.dtype, device=dev) if b_out is not None else None
-    dh = torch.empty((T, Fi), dtype=x.dtype, device=dev)
-    if T > 0:
+    dx = torch.empty((T, Hin), dtype=x.dtype, device=dev) if needs_dx else _empty(x)
+    dw_in = db_in = dw_out = db_out = dh = None
+    if (needs_dx or any(mask_in)) and T > 0:
         # dh = (dy @ W_out_e) * act'(h), in sorted order
+        dh = torch.empty((T, Fi), dtype=x.dtype, device=dev)
         _grouped_mm("ffn_bwd_dh", dy, w_out, _w(w_out), None, dh, h, perm, offsets, F, Hout, act,
                     config=config)
-        _grouped_mm("ffn_bwd_dx", dh, w_in, _w(w_in), None, dx, None, perm, offsets, Hin, Fi,
-                    ACT_NONE, config=config)
-    _grouped_wgrad("wgrad_ffn_out", dy, a, dw_out, db_out, perm, offsets, config=config)
-    _grouped_wgrad("wgrad_ffn_in", dh, x, dw_in, db_in, perm, offsets, config=config)
-    return (dx, dw_in, db_in if db_in is not None else _empty(w_in), dw_out,
-            db_out if db_out is not None else _empty(w_out))
+        if needs_dx:
+            _grouped_mm("ffn_bwd_dx", dh, w_in, _w(w_in), None, dx, None, perm, offsets, Hin, Fi,
+                        ACT_NONE, config=config)
+    if any(mask_out):
+        dw_out = torch.empty((E, Hout, F), dtype=w_out.dtype, device=dev)
+        db_out = torch.empty((E, Hout), dtype=b_out.dtype, device=dev) if b_out is not None else None
+        _grouped_wgrad("wgrad_ffn_out", dy, a, dw_out, db_out, perm, offsets, mask_out, config=config)
+    if any(mask_in):
+        dw_in = torch.empty((E, Fi, Hin), dtype=w_in.dtype, device=dev)
+        db_in = torch.empty((E, Fi), dtype=b_in.dtype, device=dev) if b_in is not None else None
+        if dh is None:  # no tokens
+            dh = torch.empty((T, Fi), dtype=x.dtype, device=dev)
+        _grouped_wgrad("wgrad_ffn_in", dh, x, dw_in, db_in, perm, offsets, mask_in, config=config)
+    return tuple(_empty(ref) if t is None else t
+                 for t, ref in ((dx, x), (dw_in, w_in), (db_in, w_in), (dw_out, w_out), (db_out, w_out)))
 
 
 # ---------------------------------------------------------------------------
