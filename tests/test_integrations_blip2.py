@@ -3,6 +3,8 @@
 The main comparisons run on the default backend (auto: the C++ `cpu` kernels on CPU tensors);
 one small comparison runs the Triton kernels (through the interpreter without a GPU).
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
 from mmkernels import _storage  # noqa: E402
+from mmkernels.testing.numerics import assert_close  # noqa: E402
 from mmkernels.integrations import is_patched, key_padding_from_hf_mask, patch_blip2, unpatch_blip2  # noqa: E402
 from mmkernels.integrations import transformers as integ  # noqa: E402
 
@@ -383,3 +386,35 @@ def test_patched_instructblip_qformer_matches_hf():
     assert len(got) == len(want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_patched_matches_hf_under_autocast():
+    """Mixed-precision BLIP-2 training: an fp32 Q-Former under ``torch.autocast`` (bf16) reading
+    bf16 features of a half-precision vision tower (HF casts them to the Q-Former's dtype; direct
+    callers of the fused projection with mixed dtypes are tested in tests/test_autocast.py). The
+    patched model returns the dtypes HF returns under the same autocast and stays within bf16
+    error of the float64 model, with fp32 parameter gradients."""
+    hf = make_hf(torch.float32, "eager")
+    x, e, up = make_inputs(torch.float32, Q)
+    e = e.to(torch.bfloat16)
+
+    def step(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run_grads(model, x, e, up)
+
+    ref = step(hf)
+    exact = run_grads(copy.deepcopy(hf).double(), x.double(), e.double(), up.double())
+    unpatch = patch_blip2(hf)
+    got = step(hf)
+    unpatch()
+    assert [t.dtype for t in got[:3]] == [t.dtype for t in ref[:3]]  # out: fp32 after the final LayerNorm
+    assert got[2].dtype == torch.bfloat16
+    for name, g, r, t in (("out", got[0], ref[0], exact[0]), ("dx", got[1], ref[1], exact[1]),
+                          ("d image", got[2], ref[2], exact[2])):
+        assert_close(g, t, torch.bfloat16, eager=r, scale=4.0, name=name)
+    for n, t in exact[3].items():
+        if t is None:  # parts the queries do not reach (the text FFN)
+            assert got[3][n] is None, n
+            continue
+        assert got[3][n] is not None and got[3][n].dtype == torch.float32, n
+        assert_close(got[3][n], t, torch.bfloat16, eager=ref[3][n], scale=4.0, name=n)
