@@ -66,7 +66,9 @@ def pack_(params: Sequence[torch.Tensor]) -> None:
 
 class _Stack(torch.autograd.Function):
     """``[E, ...]`` from E same-shape tensors: a view of their storage when :func:`packed` can
-    give one; the backward hands each tensor its slice of the gradient (views, no copy)."""
+    give one. The backward hands each tensor its slice of the gradient: views of one storage
+    when every tensor wants one; copies when some do not, so that the unwanted slices (a frozen
+    expert's) are freed with the stacked gradient instead of living on inside the others'."""
 
     @staticmethod
     def forward(ctx, *tensors):
@@ -74,7 +76,10 @@ class _Stack(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return tuple(g if needed else None for g, needed in zip(grad.unbind(0), ctx.needs_input_grad))
+        slices = grad.unbind(0)
+        if all(ctx.needs_input_grad):
+            return slices
+        return tuple(g.clone() if needed else None for g, needed in zip(slices, ctx.needs_input_grad))
 
 
 def stacked(tensors: Sequence[torch.Tensor], name: str) -> torch.Tensor:
