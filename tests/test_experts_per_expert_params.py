@@ -235,3 +235,26 @@ def test_frozen_weights_cost_no_weight_gradient_work(monkeypatch):
     with mmkernels.backend("triton"):
         lin(_x(2, 9, 20, seed=18), _ids((2, 9), 3, seed=19)).sum().backward()
     assert [s for s in seen if s[0] == "wgrad"] == [("wgrad", "wgrad_linear", 1), ("wgrad", "wgrad_linear", 1)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "gelu", "swiglu"])
+def test_state_dicts_load_across_layouts(kind):
+    """A checkpoint of either layout loads strictly into the other (also nested in a model), so a
+    run can switch per_expert_parameters on to freeze an expert and off again."""
+    per = _make(kind)
+    stacked = _stacked_twin(per)
+    fresh_per = _make(kind)
+    for p in fresh_per.parameters():
+        p.data.zero_()
+    fresh_per.load_state_dict(stacked.state_dict())
+    assert _one_storage(fresh_per)
+    for n in _names(per):
+        for e in range(per.num_experts):
+            assert torch.equal(getattr(fresh_per, n)[e], getattr(per, n)[e])
+    fresh_stacked = _stacked_twin(_make(kind))
+    outer = nn.Sequential(nn.Identity(), fresh_stacked)
+    outer.load_state_dict(nn.Sequential(nn.Identity(), per).state_dict())
+    for n in _names(per):
+        assert torch.equal(getattr(fresh_stacked, n), getattr(stacked, n))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh_per.load_state_dict({k: v for k, v in stacked.state_dict().items() if not k.startswith("w")})

@@ -73,6 +73,8 @@ class MultiwayLinear(ExpertModule):
     ``x [B, S, in_features]`` (``E == 2``). See :func:`mmkernels.modality_linear`.
     """
 
+    EXPERT_PARAMETERS = ("weight", "bias")
+
     def __init__(self, in_features: int, out_features: int, num_experts: int = 2, bias: bool = True,
                  device=None, dtype=None, per_expert_parameters: bool = False):
         super().__init__()
@@ -256,6 +258,8 @@ class MultiwayFFN(ExpertModule):
     ``forward(x [..., H], modality_ids) -> [..., out_features]``, ``modality_ids`` an int tensor
     shaped ``x.shape[:-1]`` or an int split position (``x [B, S, H]``, two experts).
     """
+
+    EXPERT_PARAMETERS = ("w_in", "b_in", "w_out", "b_out")
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int = 2, activation: str = "gelu",
                  bias: bool = True, out_features: int | None = None, device=None, dtype=None,

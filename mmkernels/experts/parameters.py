@@ -8,7 +8,7 @@ Two layouts, chosen with ``per_expert_parameters``:
   expert is a parameter of its own, so one expert can be frozen (``requires_grad=False``, no
   optimiser state, no weight decay) while the others train: CogVLM's pretraining freezes the
   language expert and trains the visual one. State-dict keys gain the expert index
-  (``w_in.0``, ``w_in.1``).
+  (``w_in.0``, ``w_in.1``); a state dict of either layout loads into either.
 """
 from __future__ import annotations
 
@@ -64,10 +64,32 @@ def set_requires_grad(module: nn.Module, parts: dict[str, list[tuple[int, torch.
             param.requires_grad_(common_requires_grad(pieces, name))
 
 
+def _convert_layout(module, state_dict, prefix, *_):
+    """``load_state_dict`` pre-hook: a state dict of either layout loads into either, the
+    stacked ``name [E, ...]`` split into ``name.0`` .. ``name.{E-1}`` or those stacked."""
+    for name in module.EXPERT_PARAMETERS:
+        param = getattr(module, name, None)
+        key = prefix + name
+        keys = [f"{key}.{e}" for e in range(module.num_experts)]
+        if isinstance(param, nn.ParameterList):
+            if key in state_dict and not any(k in state_dict for k in keys):
+                for k, t in zip(keys, state_dict.pop(key).unbind(0)):
+                    state_dict[k] = t
+        elif param is not None and key not in state_dict and all(k in state_dict for k in keys):
+            state_dict[key] = torch.stack([state_dict.pop(k) for k in keys])
+
+
 class ExpertModule(nn.Module):
     """Base of the multiway modules: keeps per-expert parameters in one storage across ``.to()``,
     ``.half()``, ``.cuda()`` (as ``nn.RNNBase`` re-flattens its weights after them), ``deepcopy``
-    and unpickling, which give every parameter a storage of its own."""
+    and unpickling, which give every parameter a storage of its own; and loads state dicts of
+    either layout (``EXPERT_PARAMETERS``: the names of the weights and biases)."""
+
+    EXPERT_PARAMETERS: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_pre_hook(_convert_layout)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
