@@ -505,7 +505,7 @@ def test_experts_cli_writes_report(tmp_path):
                "mmkernels,cogvlm,torchscale,dense", "--size", "B=1", "--no-isolate", "--no-plot", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())["results"]
-    assert {r["op"] for r in res if r["status"] == "ok"} == {X.OP_FFN, X.OP_LINEAR}
+    assert {r["op"] for r in res if r["status"] == "ok"} == {X.OP_FFN, X.OP_LINEAR, "modality_ffn_frozen"}
     assert all(r["status"] in ("ok", "skipped") for r in res), [r for r in res if r["status"] == "error"]
     assert all(r["tflops"] and r["flops"] for r in res if r["status"] == "ok")
     assert all(r["reason"] for r in res if r["status"] == "skipped")
@@ -586,3 +586,22 @@ def test_qformer_provider_agrees_with_hf_eager(case, provider):
         pytest.skip(reason)
     XA.agree(case, provider.name)
 
+
+
+def test_experts_frozen_case_freezes_expert_0():
+    """modality_ffn_frozen: every provider leaves the frozen expert's weight gradients zero and
+    trains the other; its FLOPs count the trained expert's weight gradients only."""
+    from bench.cases import experts_frozen as XF
+
+    case = XF.case("cogvlm:9+7", 2, 64, 96, "swiglu", False, "float32", "cpu")
+    fwd = 2 * 2 * 16 * 64 * (192 + 96)
+    trained = X.expert_tokens("cogvlm:9+7", 2)[1]
+    assert case.flops == 2 * fwd + 2 * trained * 64 * (192 + 96)
+    for provider in case.providers:
+        if harness.preflight(case, provider, harness.RunOptions()):
+            continue
+        inputs = case.make_inputs(case)
+        provider.fn(**inputs).backward()
+        for name in ("w_in", "w_out"):
+            g = inputs[name].grad
+            assert bool((g[0] == 0).all()) and bool(g[1].abs().sum() > 0), (provider.name, name)

@@ -66,13 +66,15 @@ SPLIT_KINDS = ("vlmo", "beit3")  # two experts, contiguous, one split position f
 KINDS = ("vlmo", "vlmo_vl", "beit3", "cogvlm")
 SPEED_OF_LIGHT = "dense"
 
-# ("ffn", layout, B, H, F, act, bias) / ("linear", layout, B, Hin, Hout, bias)
+# ("ffn", layout, B, H, F, act, bias) / ("linear", layout, B, Hin, Hout, bias); "ffn_frozen": the
+# FFN trained with expert 0 frozen (bench/cases/experts_frozen.py; CogVLM's language expert)
 GPU_CASES = {
     "full": [
         ("ffn", "vlmo:40+197", 64, 768, 3072, "gelu", True),
         ("ffn", "vlmo_vl:40+197", 64, 768, 3072, "gelu", True),
         ("ffn", "beit3:197+64", 32, 1024, 4096, "gelu", True),
         ("ffn", "cogvlm:1226+300", 4, 4096, 11008, "swiglu", False),
+        ("ffn_frozen", "cogvlm:1226+300", 4, 4096, 11008, "swiglu", False),  # pretraining
         ("linear", "cogvlm:1226+300", 4, 4096, 3 * 4096, True),  # QKV
         ("linear", "cogvlm:1226+300", 4, 4096, 4096, False),  # dense (attention output)
     ],
@@ -88,6 +90,7 @@ CPU_CASES = {
         ("ffn", "vlmo_vl:40+197", 2, 768, 3072, "gelu", True),
         ("ffn", "beit3:197+64", 1, 1024, 4096, "gelu", True),
         ("ffn", "cogvlm:1226+300", 1, 512, 1376, "swiglu", False),
+        ("ffn_frozen", "cogvlm:1226+300", 1, 512, 1376, "swiglu", False),
         ("linear", "cogvlm:1226+300", 1, 512, 3 * 512, True),
         ("linear", "cogvlm:1226+300", 1, 512, 512, False),
     ],
@@ -103,6 +106,7 @@ PYTEST_CASES = [
     ("ffn", "vlmo_vl:5+11", 3, 64, 128, "gelu", True),
     ("ffn", "beit3:11+6", 2, 64, 96, "gelu", True),
     ("ffn", "cogvlm:9+7", 2, 64, 96, "swiglu", False),
+    ("ffn_frozen", "cogvlm:9+7", 2, 64, 96, "swiglu", False),
     ("linear", "cogvlm:9+7", 2, 64, 192, True),
     ("linear", "cogvlm:9+7", 2, 64, 64, False),
     ("linear", "beit3:11+6", 2, 64, 64, True),  # the split path and torchscale for linear
@@ -169,6 +173,7 @@ class ExpertsContext:
         self.E = num_experts(layout)
         self.split = split_position(layout)
         self.activation = activation
+        self.frozen = frozenset()  # experts whose weights get no gradient (bench/cases/experts_frozen.py)
 
     def all_on_expert0(self) -> "ExpertsContext":
         """The same context with every token on expert 0 (what ``dense`` computes)."""
@@ -272,12 +277,17 @@ def ffn_reference(x, w_in, b_in, w_out, b_out, ctx, dout=None):
 def ffn_cogvlm(x, w_in, b_in, w_out, b_out, ctx, dout=None):
     """CogVLM ``VisionExpertMLP.forward``: output = torch.empty; per expert output[mask] = mlp(x[mask])."""
     E = ctx.E
-    wi, bi, wo, bo = _experts(w_in, E), _experts(b_in, E), _experts(w_out, E), _experts(b_out, E)
-    out = torch.empty(x.shape[:-1] + (w_out.shape[1],), dtype=x.dtype, device=x.device)
-    for e in range(E):
+    return _loss(cogvlm_mlp(x, _experts(w_in, E), _experts(b_in, E), _experts(w_out, E), _experts(b_out, E), ctx),
+                 dout)
+
+
+def cogvlm_mlp(x, wi: list, bi: list, wo: list, bo: list, ctx):
+    """The body of ``VisionExpertMLP.forward`` on per-expert weight lists."""
+    out = torch.empty(x.shape[:-1] + (wo[0].shape[0],), dtype=x.dtype, device=x.device)
+    for e in range(ctx.E):
         mask = ctx.ids == e
         out[mask] = expert_ffn(x[mask], wi[e], bi[e], wo[e], bo[e], ctx.activation)
-    return _loss(out, dout)
+    return out
 
 
 def ffn_torchscale(x, w_in, b_in, w_out, b_out, ctx, dout=None):
@@ -603,7 +613,7 @@ def _apply_overrides(rows: list, overrides: dict) -> list:
         variants = [row]
         if overrides.get("B"):
             variants = [(r[0], r[1], b) + tuple(r[3:]) for r in variants for b in overrides["B"]]
-        if row[0] == "ffn":
+        if row[0] in ("ffn", "ffn_frozen"):
             if overrides.get("H"):
                 variants = [r[:3] + (h,) + tuple(r[4:]) for r in variants for h in overrides["H"]]
             if overrides.get("F"):
@@ -621,6 +631,11 @@ def cases(device: str, profile: str, overrides: Optional[dict] = None) -> list:
         if row[0] == "ffn":
             _op, layout, B, H, Fd, act, bias = row
             out.append(ffn_case(layout, B, H, Fd, act, bias, dtype, device))
+        elif row[0] == "ffn_frozen":
+            from bench.cases import experts_frozen
+
+            _op, layout, B, H, Fd, act, bias = row
+            out.append(experts_frozen.case(layout, B, H, Fd, act, bias, dtype, device))
         else:
             _op, layout, B, Hin, Hout, bias = row
             out.append(linear_case(layout, B, Hin, Hout, bias, dtype, device))
@@ -649,6 +664,10 @@ def notes(device: str, profile: str) -> list:
         "experts: the routing-overhead table divides each provider's time by dense's (one dense FFN / linear "
         "over all tokens with one expert's weights: the speed of light for routed experts); peers take per-expert "
         "weights as unbind(0) views of the stacked [E, ...] parameters.",
+        "experts: modality_ffn_frozen is the CogVLM MLP trained with expert 0 (language) frozen, as CogVLM's "
+        "pretraining does: no gradient for its weights; mmkernels gets per-expert weight lists "
+        "(per_expert_parameters) and skips the frozen expert's weight-gradient GEMMs. FLOPs count the trained "
+        "experts' weight gradients only.",
     ]
     if gpu:
         lines.append("experts: GPU run in bf16 (VLMo-base FFN B=64, BEiT-3 large B=32, CogVLM B=4 at H=4096, "
