@@ -19,6 +19,7 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext
 from mmkernels.testing.numerics import assert_close
+from experts_cases import randn
 from expert_models import LlamaMLP, TimmMlp
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -36,11 +37,6 @@ def _routed(experts, x, ids):
     for e, expert in enumerate(experts):
         out = out + (ids == e).unsqueeze(-1) * expert(x)
     return out
-
-
-def _x(*shape, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
 def _rounded64(module, dtype):
@@ -73,7 +69,7 @@ def _case(kind):
     e = len(experts)
     ids = torch.randint(0, e, (2, 13), generator=torch.Generator().manual_seed(6))
     ids[1, :5] = e - 1
-    return experts, fused, _x(2, 13, 24, seed=7), ids
+    return experts, fused, randn(2, 13, 24, seed=7, dtype=torch.float32), ids
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
@@ -84,7 +80,7 @@ def test_fused_modules_follow_autocast_like_the_experts_they_replace(backend, ki
     fp32 parameter gradients, all matching the per-expert nn modules under the same autocast."""
     _require(backend)
     experts, fused, x, ids = _case(kind)
-    dy = _x(2, 13, experts[0](x).shape[-1], seed=8)
+    dy = randn(2, 13, experts[0](x).shape[-1], seed=8, dtype=torch.float32)
 
     ref = _rounded64(experts, dtype)
     xr = x.to(dtype).double().requires_grad_()

@@ -18,7 +18,7 @@ import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext, _storage
 from mmkernels.testing.numerics import assert_close
 from expert_models import LlamaMLP
-from experts_cases import record_launches
+from experts_cases import make_ids, randn, record_launches
 
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -26,15 +26,6 @@ BACKENDS = ["reference", "cpu", "triton"]
 def _require(backend):
     if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
         pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
-
-
-def _x(*shape, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _ids(shape, e, seed):
-    return torch.randint(0, e, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _names(module):
@@ -70,9 +61,9 @@ def test_per_expert_parameters_compute_what_the_stacked_layout_computes(backend,
     assert isinstance(m.weight if kind == "linear" else m.w_in, nn.ParameterList) and _one_storage(m)
     twin = _stacked_twin(m)
     e = m.num_experts
-    x = _x(2, 11, 20, seed=4)
-    ids = _ids((2, 11), e, seed=5)
-    dy = _x(2, 11, 12 if kind == "linear" else 20, seed=6)
+    x = randn(2, 11, 20, seed=4, dtype=torch.float32)
+    ids = make_ids((2, 11), e, seed=5)
+    dy = randn(2, 11, 12 if kind == "linear" else 20, seed=6, dtype=torch.float32)
     outs = []
     for mod in (m, twin):
         xx = x.clone().requires_grad_()
@@ -103,9 +94,9 @@ def test_frozen_language_expert_stays_frozen_through_training():
     assert _one_storage(fused)
     frozen = [p.detach().clone() for p in (fused.w_in[0], fused.w_out[0])]
 
-    x = _x(2, 9, 16, seed=8)
-    ids = _ids((2, 9), 2, seed=9)
-    dy = _x(2, 9, 16, seed=10)
+    x = randn(2, 9, 16, seed=8, dtype=torch.float32)
+    ids = make_ids((2, 9), 2, seed=9)
+    dy = randn(2, 9, 16, seed=10, dtype=torch.float32)
     opt = torch.optim.AdamW(fused.parameters(), lr=1e-2, weight_decay=0.1)
     with mmkernels.backend("cpu"):
         fused(x, ids).backward(dy)
@@ -172,8 +163,8 @@ def test_functional_ops_take_per_expert_lists():
     torch.manual_seed(11)
     w = [torch.randn(6, 8, requires_grad=True) for _ in range(3)]
     b = [torch.randn(6, requires_grad=True) for _ in range(3)]
-    x = _x(5, 8, seed=12)
-    ids = _ids((5,), 3, seed=13)
+    x = randn(5, 8, seed=12, dtype=torch.float32)
+    ids = make_ids((5,), 3, seed=13)
     with mmkernels.backend("cpu"):
         y = mmkernels.modality_linear(x, ids, w, b)
         ws, bs = torch.stack(w).detach().requires_grad_(), torch.stack(b).detach().requires_grad_()
@@ -194,8 +185,8 @@ def test_per_expert_parameters_compile_and_autocast():
     and autocast (the stack is cast once) give the eager results."""
     _require("cpu")
     m = _make("swiglu")
-    x = _x(2, 7, 20, seed=14)
-    ids = _ids((2, 7), 2, seed=15)
+    x = randn(2, 7, 20, seed=14, dtype=torch.float32)
+    ids = make_ids((2, 7), 2, seed=15)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     with mmkernels.backend("cpu"):
         assert torch.equal(compiled(x, ids), m(x, ids))
@@ -212,8 +203,8 @@ def test_frozen_weights_cost_no_weight_gradient_work(monkeypatch):
     and dx GEMMs only; with a frozen expert among per-expert parameters each weight-gradient
     launch covers the trained expert alone."""
     _require("triton")
-    x = _x(2, 9, 20, seed=16).requires_grad_()
-    ids = _ids((2, 9), 2, seed=17)
+    x = randn(2, 9, 20, seed=16, dtype=torch.float32).requires_grad_()
+    ids = make_ids((2, 9), 2, seed=17)
     m = _make("gelu")
     seen = record_launches(monkeypatch)
     m.requires_grad_(False)
@@ -233,7 +224,7 @@ def test_frozen_weights_cost_no_weight_gradient_work(monkeypatch):
     lin.bias[1].requires_grad_(False)
     seen.clear()
     with mmkernels.backend("triton"):
-        lin(_x(2, 9, 20, seed=18), _ids((2, 9), 3, seed=19)).sum().backward()
+        lin(randn(2, 9, 20, seed=18, dtype=torch.float32), make_ids((2, 9), 3, seed=19)).sum().backward()
     assert [s for s in seen if s[0] == "wgrad"] == [("wgrad", "wgrad_linear", 1), ("wgrad", "wgrad_linear", 1)]
 
 
