@@ -76,4 +76,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("b_in"), py::arg("w_out"), py::arg("b_out"), py::arg("h"), py::arg("a"),
         py::arg("activation"), py::arg("needs_dx"), py::arg("dw_in_experts"), py::arg("dw_out_experts"),
         py::call_guard<py::gil_scoped_release>());
+
+  m.def("experts_layer_norm_fwd", &mmkernels::experts_layer_norm_fwd,
+        "Modality-expert (multiway) LayerNorm: y[t] = layer_norm(x[t]) * weight[e] + bias[e] for the\n"
+        "tokens t of expert e. Returns (y [T, H] token order, mean [T], rstd [T] float32/float64).",
+        py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("experts_layer_norm_bwd", &mmkernels::experts_layer_norm_bwd,
+        "Backward of experts_layer_norm_fwd from its saved mean and rstd. Returns (dx, dw, db), each\n"
+        "empty(0) when not wanted (needs_dx; dw_experts: E flags, others get zero slices; no bias).",
+        py::arg("dy"), py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("weight"),
+        py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("needs_dx"), py::arg("dw_experts"),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -19,6 +19,7 @@
 // float64 inputs (gradcheck) run the same code in float64.
 
 #include "experts.h"
+#include "experts_common.h"
 
 #include <algorithm>
 #include <initializer_list>
@@ -37,6 +38,8 @@
 namespace mmkernels {
 namespace {
 
+using namespace experts_common;
+
 // Rows per chunk: at most MAX_CHUNK_ROWS, and a scratch buffer of at most CHUNK_ELEMS elements
 // (but never fewer than MIN_CHUNK_ROWS rows, so very wide layers still get efficient GEMMs).
 // MKL on 2 cores: [R, 512] x [512, 2048] in row chunks costs +30% at R = 1024 and +12% at
@@ -44,15 +47,9 @@ namespace {
 constexpr int64_t MAX_CHUNK_ROWS = 2048;
 constexpr int64_t MIN_CHUNK_ROWS = 128;
 constexpr int64_t CHUNK_ELEMS = int64_t(1) << 22;
-// Roughly how many elements one parallel work item of an elementwise pass should cover.
-constexpr int64_t GRAIN_ELEMS = int64_t(1) << 14;
-
 inline int64_t chunk_rows(int64_t width) {
   const int64_t w = std::max<int64_t>(width, 1);
   return std::clamp<int64_t>(CHUNK_ELEMS / w, MIN_CHUNK_ROWS, MAX_CHUNK_ROWS);
-}
-inline int64_t row_grain(int64_t width) {
-  return std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(width, 1));
 }
 
 enum class Act { Gelu, GeluTanh, Silu, Relu, Swiglu };
@@ -68,54 +65,7 @@ Act parse_activation(const std::string& name) {
   return Act::Gelu;  // unreachable
 }
 
-inline at::ScalarType compute_type(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// ----------------------------------------------------------------------------- routing
-
-struct Route {
-  at::Tensor perm;               // contiguous int32 [T]
-  std::vector<int64_t> offsets;  // [E + 1]
-  const int32_t* p = nullptr;
-};
-
-Route make_route(const at::Tensor& perm, const at::Tensor& offsets, int64_t T, int64_t E) {
-  TORCH_CHECK(perm.defined() && offsets.defined(), "mmkernels experts: perm and offsets must be defined");
-  TORCH_CHECK(perm.device().is_cpu() && offsets.device().is_cpu(),
-              "mmkernels experts (cpu kernel): perm and offsets must be CPU tensors");
-  TORCH_CHECK(!at::isFloatingType(perm.scalar_type()) && !at::isFloatingType(offsets.scalar_type()),
-              "mmkernels experts: perm and offsets must be integer tensors");
-  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == T, "mmkernels experts: perm must have shape [", T,
-              "], got ", perm.sizes());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == E + 1,
-              "mmkernels experts: offsets must have shape [", E + 1, "], got ", offsets.sizes());
-  Route r;
-  r.perm = perm.to(at::kInt).contiguous();
-  r.p = r.perm.data_ptr<int32_t>();
-  const at::Tensor oc = offsets.to(at::kLong).contiguous();
-  const int64_t* o = oc.data_ptr<int64_t>();
-  r.offsets.assign(o, o + E + 1);
-  TORCH_CHECK(r.offsets[0] == 0 && r.offsets[E] == T, "mmkernels experts: offsets must run from 0 to T = ",
-              T, ", got ", offsets);
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(r.offsets[e] <= r.offsets[e + 1], "mmkernels experts: offsets must be non-decreasing, got ",
-                offsets);
-  }
-  bool in_range = true;
-  for (int64_t s = 0; s < T; ++s) in_range &= (r.p[s] >= 0) & (r.p[s] < T);
-  TORCH_CHECK(in_range, "mmkernels experts: perm has entries outside [0, ", T, ")");
-  return r;
-}
-
-void check_2d(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.defined() && t.device().is_cpu(), "mmkernels experts (cpu kernel): ", name,
-              " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "mmkernels experts: ", name,
-              " must have shape [", rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mmkernels experts: ", name, " must be floating, got ",
-              t.scalar_type());
-}
+// ----------------------------------------------------------------------------- checks
 
 void check_weight(const at::Tensor& w, const char* name) {
   TORCH_CHECK(w.defined() && w.device().is_cpu(), "mmkernels experts (cpu kernel): ", name,
@@ -129,11 +79,6 @@ at::Tensor check_bias(const c10::optional<at::Tensor>& b, const char* name, int6
   if (!b.has_value() || !b->defined()) return at::Tensor();
   check_2d(*b, name, E, n);
   return *b;
-}
-
-void check_input_dtype(at::ScalarType st) {
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "mmkernels experts: dtype must be float32, float64, bfloat16 or float16, got ", st);
 }
 
 // ----------------------------------------------------------------------------- gather / scatter
@@ -361,13 +306,6 @@ void finish_all(int64_t e, std::initializer_list<GradSlot*> slots) {
 }
 void skip_all(int64_t e, std::initializer_list<GradSlot*> slots) {
   for (GradSlot* g : slots) g->skip(e);
-}
-
-// A weight-gradient mask: E flags (the experts whose weight gradient is wanted); true if any is.
-bool check_mask(const std::vector<bool>& mask, int64_t E, const char* name) {
-  TORCH_CHECK(static_cast<int64_t>(mask.size()) == E, "mmkernels experts: ", name, " must hold one flag per expert (",
-              E, "), got ", mask.size());
-  return std::any_of(mask.begin(), mask.end(), [](bool b) { return b; });
 }
 
 }  // namespace

@@ -15,13 +15,16 @@ Public API::
     mmkernels.modality_ffn(x, modality_ids, w_in, b_in, w_out, b_out, activation="gelu")
     mmkernels.MultiwayLinear(in_features, out_features, num_experts=2, ...)
     mmkernels.MultiwayFFN(hidden_size, intermediate_size, num_experts=2, activation="gelu", ...)
+    mmkernels.modality_layer_norm(x, modality_ids, weight, bias=None, eps=1e-5)
+    mmkernels.MultiwayLayerNorm(hidden_size, num_experts=2, eps=1e-5, ...)
     with mmkernels.backend("reference" | "cpu" | "triton" | "auto"): ...
 """
 from ._backend import backend
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
 from .cross_attention import cross_attention, fused_kv_projection, share_kv_storage
 from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
-from .experts import MultiwayFFN, MultiwayLinear, modality_ffn, modality_linear
+from .experts import (MultiwayFFN, MultiwayLayerNorm, MultiwayLinear, modality_ffn, modality_layer_norm,
+                      modality_linear)
 from .models import QFormer
 
 __version__ = "0.1.0"
@@ -29,4 +32,5 @@ __version__ = "0.1.0"
 __all__ = ["backend", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
            "cross_attention", "fused_kv_projection", "share_kv_storage", "QFormer",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
-           "MultiwayFFN", "MultiwayLinear", "modality_ffn", "modality_linear", "__version__"]
+           "MultiwayFFN", "MultiwayLayerNorm", "MultiwayLinear", "modality_ffn", "modality_layer_norm",
+           "modality_linear", "__version__"]

@@ -52,3 +52,25 @@ def autocast_dtype(t) -> torch.dtype | None:
 def _eligible(a, device_type: str) -> bool:
     return (isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
             and a.device.type == device_type)
+
+
+# The device types whose autocast runs ``layer_norm`` in float32 ("CUDA ops that can autocast to
+# float32" in PyTorch's AMP documentation). CPU autocast leaves it in its input's dtype.
+_FP32_NORM_DEVICE_TYPES = ("cuda",)
+
+
+def norm_precision(*args):
+    """``args`` with their tensors cast to float32 where autocast does that for ``F.layer_norm``.
+
+    When ``torch.autocast`` is enabled for the first argument's device type and that device type
+    runs ``layer_norm`` in float32 under autocast (CUDA), every bf16/fp16 tensor on it is cast to
+    float32, so the op returns float32 as ``nn.LayerNorm`` does there. Otherwise (autocast off,
+    or CPU autocast, which keeps ``layer_norm`` in its input's dtype) the arguments are returned
+    as they are. The casts are differentiable.
+    """
+    if autocast_dtype(args[0] if args else None) is None:
+        return args
+    device_type = args[0].device.type
+    if device_type not in _FP32_NORM_DEVICE_TYPES:
+        return args
+    return tuple(a.float() if _eligible(a, device_type) else a for a in args)

@@ -67,7 +67,8 @@ KINDS = ("vlmo", "vlmo_vl", "beit3", "cogvlm")
 SPEED_OF_LIGHT = "dense"
 
 # ("ffn", layout, B, H, F, act, bias) / ("linear", layout, B, Hin, Hout, bias); "ffn_frozen": the
-# FFN trained with expert 0 frozen (bench/cases/experts_frozen.py; CogVLM's language expert)
+# FFN trained with expert 0 frozen (bench/cases/experts_frozen.py; CogVLM's language expert);
+# ("layer_norm", layout, B, H, bias): the per-modality LayerNorm (bench/cases/experts_norm.py)
 GPU_CASES = {
     "full": [
         ("ffn", "vlmo:40+197", 64, 768, 3072, "gelu", True),
@@ -77,6 +78,9 @@ GPU_CASES = {
         ("ffn_frozen", "cogvlm:1226+300", 4, 4096, 11008, "swiglu", False),  # pretraining
         ("linear", "cogvlm:1226+300", 4, 4096, 3 * 4096, True),  # QKV
         ("linear", "cogvlm:1226+300", 4, 4096, 4096, False),  # dense (attention output)
+        ("layer_norm", "vlmo:40+197", 64, 768, True),  # VLMo norm2_text / norm2_imag
+        ("layer_norm", "vlmo_vl:40+197", 64, 768, True),  # with norm2_vl
+        ("layer_norm", "beit3:197+64", 32, 1024, True),  # BEiT-3 large multiway LayerNorm
     ],
     "quick": [
         ("ffn", "vlmo:40+197", 64, 768, 3072, "gelu", True),
@@ -93,6 +97,9 @@ CPU_CASES = {
         ("ffn_frozen", "cogvlm:1226+300", 1, 512, 1376, "swiglu", False),
         ("linear", "cogvlm:1226+300", 1, 512, 3 * 512, True),
         ("linear", "cogvlm:1226+300", 1, 512, 512, False),
+        ("layer_norm", "vlmo:40+197", 16, 768, True),
+        ("layer_norm", "vlmo_vl:40+197", 16, 768, True),
+        ("layer_norm", "beit3:197+64", 8, 1024, True),
     ],
     "quick": [
         ("ffn", "vlmo:40+197", 2, 768, 3072, "gelu", True),
@@ -110,6 +117,8 @@ PYTEST_CASES = [
     ("linear", "cogvlm:9+7", 2, 64, 192, True),
     ("linear", "cogvlm:9+7", 2, 64, 64, False),
     ("linear", "beit3:11+6", 2, 64, 64, True),  # the split path and torchscale for linear
+    ("layer_norm", "beit3:11+6", 2, 64, True),
+    ("layer_norm", "vlmo_vl:5+11", 3, 40, False),
 ]
 
 
@@ -607,7 +616,8 @@ def _table(device: str, profile: str) -> list:
 
 
 def _apply_overrides(rows: list, overrides: dict) -> list:
-    """``B`` replaces every row's batch; ``H`` and ``F`` replace the FFN rows' widths."""
+    """``B`` replaces every row's batch; ``H`` and ``F`` replace the FFN rows' widths (``H`` the
+    LayerNorm rows' too)."""
     out = []
     for row in rows:
         variants = [row]
@@ -618,6 +628,8 @@ def _apply_overrides(rows: list, overrides: dict) -> list:
                 variants = [r[:3] + (h,) + tuple(r[4:]) for r in variants for h in overrides["H"]]
             if overrides.get("F"):
                 variants = [r[:4] + (f,) + tuple(r[5:]) for r in variants for f in overrides["F"]]
+        if row[0] == "layer_norm" and overrides.get("H"):
+            variants = [r[:3] + (h,) + tuple(r[4:]) for r in variants for h in overrides["H"]]
         out.extend(variants)
     return out
 
@@ -636,6 +648,11 @@ def cases(device: str, profile: str, overrides: Optional[dict] = None) -> list:
 
             _op, layout, B, H, Fd, act, bias = row
             out.append(experts_frozen.case(layout, B, H, Fd, act, bias, dtype, device))
+        elif row[0] == "layer_norm":
+            from bench.cases import experts_norm
+
+            _op, layout, B, H, bias = row
+            out.append(experts_norm.case(layout, B, H, bias, dtype, device))
         else:
             _op, layout, B, Hin, Hout, bias = row
             out.append(linear_case(layout, B, Hin, Hout, bias, dtype, device))
@@ -668,6 +685,10 @@ def notes(device: str, profile: str) -> list:
         "pretraining does: no gradient for its weights; mmkernels gets per-expert weight lists "
         "(per_expert_parameters) and skips the frozen expert's weight-gradient GEMMs. FLOPs count the trained "
         "experts' weight gradients only.",
+        "experts: modality_layer_norm is the per-modality LayerNorm (VLMo norm2_text/norm2_imag/norm2_vl, BEiT-3 "
+        "multiway LayerNorm, eps 1e-6), memory-bound: no FLOPs; its routing-overhead row divides by one "
+        "F.layer_norm over all tokens (dense). Peers: torchscale (split, LayerNorm per part, cat) on the split "
+        "layouts, masked (boolean gather + index_put per expert) everywhere.",
     ]
     if gpu:
         lines.append("experts: GPU run in bf16 (VLMo-base FFN B=64, BEiT-3 large B=32, CogVLM B=4 at H=4096, "

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import activations
 from .api import MAX_EXPERTS, modality_ffn, modality_linear
-from .parameters import ExpertModule, expert_data, expert_parameter, set_requires_grad
+from .parameters import ExpertModule, copy_experts_, expert_data, expert_parameter, set_requires_grad
 
 
 def _check_num_experts(num_experts: int) -> int:
@@ -123,11 +123,7 @@ class MultiwayLinear(ExpertModule):
         w = first.weight
         module = cls(first.in_features, first.out_features, len(linears), bias=first.bias is not None,
                      device=w.device, dtype=w.dtype, per_expert_parameters=per_expert_parameters)
-        with torch.no_grad():
-            for name, pieces in parts.items():
-                for e, t in pieces:
-                    expert_data(getattr(module, name), e).copy_(t)
-        set_requires_grad(module, parts)
+        copy_experts_(module, parts)
         return module
 
     def extra_repr(self) -> str:

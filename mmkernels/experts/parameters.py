@@ -64,6 +64,17 @@ def set_requires_grad(module: nn.Module, parts: dict[str, list[tuple[int, torch.
             param.requires_grad_(common_requires_grad(pieces, name))
 
 
+def copy_experts_(module: nn.Module, parts: dict[str, list[tuple[int, torch.Tensor]]]) -> None:
+    """``from_experts``' last step where every expert gives one tensor per parameter: copy each
+    ``(expert, tensor)`` of ``parts`` (parameter name -> pieces) into that expert's slice of
+    ``module``'s parameter, then copy ``requires_grad`` (:func:`set_requires_grad`)."""
+    with torch.no_grad():
+        for name, pieces in parts.items():
+            for e, t in pieces:
+                expert_data(getattr(module, name), e).copy_(t)
+    set_requires_grad(module, parts)
+
+
 def _convert_layout(module, state_dict, prefix, *_):
     """``load_state_dict`` pre-hook: a state dict of either layout loads into either, the
     stacked ``name [E, ...]`` split into ``name.0`` .. ``name.{E-1}`` or those stacked."""

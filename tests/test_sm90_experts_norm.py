@@ -1,0 +1,118 @@
+"""sm_90 compile tier for the per-modality LayerNorm's Triton kernels (no GPU needed).
+
+Every launch ``layer_norm_fwd_triton`` / ``layer_norm_bwd_triton`` make (``NORM_KINDS``: the
+forward, the backward with dx and the dw/db partial sums, dx only, or the partial sums only,
+and the partial-sum reduction), with and without bias in bf16 (fp16 and fp32: the forward,
+the full backward and the reduction, with bias), with E = 8 experts
+(the largest unrolled offsets scan) and E = 1 (a weight-gradient mask of 1, which Triton turns
+into a constexpr), is compiled for the H100 (sm_90a) with Triton's own compiler, at the tiles
+and warps ``norm_config`` picks (the launchers' own function), for model widths H = 768, 1024
+and 4096, the odd width 97 (scalar loads), the widest rows (16384, and 12289: the backward's
+column split, aligned and odd), and one odd width in every other BLOCK_H class, so every
+configuration the launchers can pick is compiled. Each must compile, use at most 227 KB of shared memory and not
+spill registers.
+
+Compilation runs in worker processes without TRITON_INTERPRET (see mmkernels.testing.sm90),
+one per CPU core.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mmkernels.experts import norm_kernels as NK  # noqa: E402
+from mmkernels.testing import sm90  # noqa: E402
+
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+WIDTHS = (768, 1024, 4096, 97, 16384, 12289)  # every dtype, bias, backward variant
+# one odd width per remaining BLOCK_H class (the worst case for registers), 8192 (aligned
+# column parts) and 8196 (rows 8-byte aligned in bf16: the backward's unaligned parts with
+# ALIGN = 4): bf16 and fp32
+CLASS_WIDTHS = (13, 29, 37, 255, 511, 2047, 8191, 8192, 8196)
+# (needs_dx, has_dw) of the backward launches
+BWD_VARIANTS = {"dx-dw": (True, True), "dx": (True, False), "dw": (False, True)}
+
+
+def _job(kind, dtype, H, bias, E=8, variant="dx-dw", param_dtype=None):
+    needs_dx, has_dw = BWD_VARIANTS[variant]
+    kernel, sig, constexprs, div, warps, stages = NK.norm_compile_specs(
+        kind, dtype, H, bias, E=E, needs_dx=needs_dx, has_dw=has_dw, param_dtype=param_dtype)
+    label = f"{kind}-{_DT[dtype]}-H{H}-{'bias' if bias else 'nobias'}-E{E}"
+    if kind == "ln_bwd":
+        label += f"-{variant}"
+    if param_dtype is not None:
+        label += f"-params{_DT[param_dtype]}"
+    return sm90.CompileJob(kernel, sig, constexprs, warps, stages, div, label=label)
+
+
+def _jobs():
+    jobs = []
+    for H in WIDTHS:
+        # bf16: every launch variant; fp16 (the same code with another element type) and fp32
+        # (twice the bytes a row: the register-heaviest loads): the forward and the full backward
+        for bias in (False, True):
+            jobs.append(_job("ln_fwd", torch.bfloat16, H, bias))
+            jobs.append(_job("ln_dw_reduce", torch.bfloat16, H, bias))
+            jobs.append(_job("ln_bwd", torch.bfloat16, H, bias, variant="dx-dw"))
+            jobs.append(_job("ln_bwd", torch.bfloat16, H, bias, variant="dw"))
+        jobs.append(_job("ln_bwd", torch.bfloat16, H, False, variant="dx"))  # no partial sums: no bias
+        for dtype in (torch.float16, torch.float32):
+            jobs.append(_job("ln_fwd", dtype, H, True))
+            jobs.append(_job("ln_bwd", dtype, H, True, variant="dx-dw"))
+            jobs.append(_job("ln_dw_reduce", dtype, H, True))
+    for H in CLASS_WIDTHS:
+        for dtype in (torch.bfloat16, torch.float32):
+            jobs.append(_job("ln_fwd", dtype, H, True))
+            jobs.append(_job("ln_bwd", dtype, H, True))
+    for kind in NK.NORM_KINDS:  # one expert (mask 1 -> constexpr); fp32 parameters beside bf16
+        jobs.append(_job(kind, torch.bfloat16, 768, True, E=1))
+        jobs.append(_job(kind, torch.bfloat16, 768, True, param_dtype=torch.float32))
+    return jobs
+
+
+JOBS = _jobs()
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return sm90.compile_reports(JOBS)
+
+
+def test_tools_present():
+    sm90.check_tools()
+
+
+def test_every_kernel_argument_is_specified():
+    sm90.assert_jobs_specify_every_argument(JOBS)
+
+
+def test_labels_unique():
+    labels = [j.label for j in JOBS]
+    assert len(labels) == len(set(labels))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
+def test_sm90_compile(reports, job):
+    rep = reports[job.label]
+    print(rep.summary())
+    sm90.assert_sm90_ok(rep)  # compiles, no spills, shared memory <= 227 KB
+
+
+def test_every_norm_config_is_compiled():
+    """The forward and backward launch shape ``norm_config`` gives every width 1..MAX_NORM_H
+    (it depends on BLOCK_H and, above 4096, the rows' alignment only) is among the compiled
+    jobs."""
+    fwd = {(j.constexprs["BLOCK_H"], j.constexprs["ROWS"], j.num_warps) for j in JOBS
+           if j.label.startswith("ln_fwd-")}
+    bwd = {(j.constexprs["BLOCK_P"], j.constexprs["SPLIT"], j.constexprs["ROWS"], j.num_warps)
+           for j in JOBS if j.label.startswith("ln_bwd-")}
+    block = 16
+    while block <= NK.MAX_NORM_H:
+        for H in {max(1, block // 2 + 1), block} if block > 16 else {1, 16}:
+            for aligned in (True, False):
+                cfg = NK.norm_config(H, aligned)
+                assert (cfg.BLOCK_H, cfg.fwd_rows, cfg.fwd_warps) in fwd, (H, cfg)
+                assert (cfg.BLOCK_P, cfg.bwd_split, cfg.bwd_rows, cfg.bwd_warps) in bwd, (H, cfg)
+        block *= 2
