@@ -375,11 +375,12 @@ EXPERTS_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 def _experts_oracle(case, provider):
     """The provider that defines the function, evaluated in float64: mmkernels' reference where it
     imports (and is not the provider under test), else the boolean-mask loop (CogVLM's, or ``masked``
-    for the LayerNorm)."""
+    for the LayerNorm), or torchscale's split (the sub-LN FFN, on a split layout)."""
     ref = case.provider("reference")
     if provider.name != "reference" and harness.preflight(case, ref, harness.RunOptions()) is None:
         return ref
-    return next(p for p in case.providers if p.name in ("cogvlm", "masked"))
+    names = {p.name for p in case.providers}
+    return case.provider(next(n for n in ("cogvlm", "masked", "torchscale") if n in names))
 
 
 def _close(got, want, tol, what):
@@ -436,7 +437,8 @@ def test_experts_layouts():
 def test_experts_cases_match_the_issue():
     """GPU suite: VLMo-base FFN (B=64, 40+197, 768/3072, 2 experts) and its 3-expert VL-FFN layers, BEiT-3
     large (1024/4096), CogVLM (B=4, 1226+300, H=4096) SwiGLU MLP 11008, QKV (H->3H) and dense (H->H);
-    --quick = VLMo FFN + CogVLM MLP; FLOPs 3 x forward, swiglu three GEMMs; CPU in fp32."""
+    --quick = VLMo FFN + CogVLM MLP + VLMo's per-modality LayerNorm; FLOPs 3 x forward, swiglu three GEMMs;
+    CPU in fp32."""
     full = [c for c in X.cases("cuda", "full") if c.family == "experts"]
     ffn = {(c.shape["layout"], c.shape["E"], c.shape["B"], c.shape["H"], c.shape["F"], c.shape["act"])
            for c in full if c.op == X.OP_FFN}
@@ -457,11 +459,14 @@ def test_experts_cases_match_the_issue():
     names = {p.name for p in vlmo.providers}
     assert {"mmkernels", "cogvlm", "torchscale", "grouped_mm", "dense", "reference"} <= names
     quick = [c for c in X.cases("cuda", "quick") if c.family == "experts"]
-    assert {(c.op, c.shape["layout"]) for c in quick} == {(X.OP_FFN, "vlmo:40+197"), (X.OP_FFN, "cogvlm:1226+300")}
+    assert {(c.op, c.shape["layout"]) for c in quick} == {(X.OP_FFN, "vlmo:40+197"), (X.OP_FFN, "cogvlm:1226+300"),
+                                                          ("modality_layer_norm", "vlmo:40+197")}
     norms = {(c.shape["layout"], c.shape["E"], c.shape["B"], c.shape["H"])
              for c in full if c.op == "modality_layer_norm"}
     assert norms == {("vlmo:40+197", 2, 64, 768), ("vlmo_vl:40+197", 3, 64, 768), ("beit3:197+64", 2, 32, 1024)}
     assert all(c.flops is None for c in full if c.op == "modality_layer_norm")  # memory-bound: time / dense
+    subln = {(c.shape["layout"], c.shape["B"], c.shape["H"], c.shape["F"]) for c in full if c.op == "modality_ffn_subln"}
+    assert subln == {("beit3:197+64", 32, 1024, 4096)}
     for prof in ("full", "quick"):
         cpu = [c for c in X.cases("cpu", prof) if c.family == "experts"]
         assert cpu and all(c.dtype == "float32" for c in cpu)
@@ -511,7 +516,7 @@ def test_experts_cli_writes_report(tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())["results"]
     assert {r["op"] for r in res if r["status"] == "ok"} == {X.OP_FFN, X.OP_LINEAR, "modality_ffn_frozen",
-                                                             "modality_layer_norm"}
+                                                             "modality_layer_norm", "modality_ffn_subln"}
     assert all(r["status"] in ("ok", "skipped") for r in res), [r for r in res if r["status"] == "error"]
     assert all(r["tflops"] and r["flops"] for r in res if r["status"] == "ok" and r["op"] != "modality_layer_norm")
     assert "**modality_layer_norm: routing overhead**" in (out / "results.md").read_text()

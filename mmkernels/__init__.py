@@ -16,6 +16,7 @@ Public API::
     mmkernels.MultiwayLinear(in_features, out_features, num_experts=2, ...)
     mmkernels.MultiwayFFN(hidden_size, intermediate_size, num_experts=2, activation="gelu", ...)
     mmkernels.modality_layer_norm(x, modality_ids, weight, bias=None, eps=1e-5)
+    mmkernels.modality_ffn_subln(x, modality_ids, w_in, b_in, norm_weight, norm_bias, w_out, b_out, ...)
     mmkernels.MultiwayLayerNorm(hidden_size, num_experts=2, eps=1e-5, ...)
     with mmkernels.backend("reference" | "cpu" | "triton" | "auto"): ...
 """
@@ -23,8 +24,8 @@ from ._backend import backend
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
 from .cross_attention import cross_attention, fused_kv_projection, share_kv_storage
 from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
-from .experts import (MultiwayFFN, MultiwayLayerNorm, MultiwayLinear, modality_ffn, modality_layer_norm,
-                      modality_linear)
+from .experts import (MultiwayFFN, MultiwayLayerNorm, MultiwayLinear, modality_ffn, modality_ffn_subln,
+                      modality_layer_norm, modality_linear)
 from .models import QFormer
 
 __version__ = "0.1.0"
@@ -32,5 +33,6 @@ __version__ = "0.1.0"
 __all__ = ["backend", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
            "cross_attention", "fused_kv_projection", "share_kv_storage", "QFormer",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
-           "MultiwayFFN", "MultiwayLayerNorm", "MultiwayLinear", "modality_ffn", "modality_layer_norm",
+           "MultiwayFFN", "MultiwayLayerNorm", "MultiwayLinear", "modality_ffn", "modality_ffn_subln",
+           "modality_layer_norm",
            "modality_linear", "__version__"]

@@ -1,20 +1,26 @@
-"""Stand-ins of the expert modules of real models (timm ``Mlp``, CogVLM's LLaMA MLP), shared by
-the experts tests that convert them with ``from_experts``."""
+"""Stand-ins of the expert modules of real models (timm ``Mlp``, CogVLM's LLaMA MLP, torchscale's
+``FeedForwardNetwork`` and ``MultiwayNetwork``), shared by the experts tests that convert them with
+``from_experts``: same attribute names, same forward."""
 from __future__ import annotations
 
+import copy
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class TimmMlp(nn.Module):
     """timm.layers.Mlp (VLMo's mlp_text / mlp_imag / mlp_vl)."""
 
-    def __init__(self, in_features, hidden_features, out_features=None, act_layer=nn.GELU, bias=True, drop=0.0):
+    def __init__(self, in_features, hidden_features, out_features=None, act_layer=nn.GELU, bias=True, drop=0.0,
+                 norm_layer=None):
         super().__init__()
         out_features = out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
+        self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
@@ -34,3 +40,51 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TorchscaleFFN(nn.Module):
+    """torchscale.component.feedforward_network.FeedForwardNetwork (VLMo/BEiT-3 in torchscale)."""
+
+    def __init__(self, embed_dim, ffn_dim, activation_fn="gelu", dropout=0.0, subln=False, layernorm_eps=1e-5):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.activation_fn = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}[activation_fn]
+        self.activation_dropout_module = nn.Dropout(dropout)
+        self.dropout_module = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=layernorm_eps) if subln else None
+
+    def forward(self, x):
+        x_shape = x.shape
+        x = x.reshape(-1, x.size(-1))
+        x = self.fc1(x)
+        x = self.activation_fn(x.float()).type_as(x)
+        x = self.activation_dropout_module(x)
+        if self.ffn_layernorm is not None:
+            x = self.ffn_layernorm(x)
+        x = self.fc2(x)
+        x = x.view(x_shape)
+        return self.dropout_module(x)
+
+
+class MultiwayNetwork(nn.Module):
+    """torchscale.component.multiway_network.MultiwayNetwork: A for positions < split_position, B after."""
+
+    def __init__(self, module, dim=1):
+        super().__init__()
+        self.dim = dim
+        self.A = module
+        self.B = copy.deepcopy(module)
+        for m in self.B.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+        self.split_position = -1
+
+    def forward(self, x):
+        if self.split_position == -1:
+            return self.A(x)
+        if self.split_position == 0:
+            return self.B(x)
+        x1, x2 = torch.split(x, [self.split_position, x.size(self.dim) - self.split_position], dim=self.dim)
+        return torch.cat([self.A(x1), self.B(x2)], dim=self.dim)

@@ -20,7 +20,7 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext
 from mmkernels.testing.numerics import assert_close
-from expert_models import LlamaMLP, TimmMlp
+from expert_models import LlamaMLP, MultiwayNetwork, TimmMlp, TorchscaleFFN
 
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -31,54 +31,6 @@ def _require(backend):
 
 
 # ----------------------------------------------------------------------------- stand-ins of the models' modules
-
-class TorchscaleFFN(nn.Module):
-    """torchscale.component.feedforward_network.FeedForwardNetwork (VLMo/BEiT-3 in torchscale)."""
-
-    def __init__(self, embed_dim, ffn_dim, activation_fn="gelu", dropout=0.0, subln=False):
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.activation_fn = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}[activation_fn]
-        self.activation_dropout_module = nn.Dropout(dropout)
-        self.dropout_module = nn.Dropout(dropout)
-        self.fc1 = nn.Linear(embed_dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim)
-        self.ffn_layernorm = nn.LayerNorm(ffn_dim) if subln else None
-
-    def forward(self, x):
-        x_shape = x.shape
-        x = x.reshape(-1, x.size(-1))
-        x = self.fc1(x)
-        x = self.activation_fn(x.float()).type_as(x)
-        x = self.activation_dropout_module(x)
-        if self.ffn_layernorm is not None:
-            x = self.ffn_layernorm(x)
-        x = self.fc2(x)
-        x = x.view(x_shape)
-        return self.dropout_module(x)
-
-
-class MultiwayNetwork(nn.Module):
-    """torchscale.component.multiway_network.MultiwayNetwork: A for positions < split_position, B after."""
-
-    def __init__(self, module, dim=1):
-        super().__init__()
-        self.dim = dim
-        self.A = module
-        self.B = copy.deepcopy(module)
-        for m in self.B.modules():
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
-        self.split_position = -1
-
-    def forward(self, x):
-        if self.split_position == -1:
-            return self.A(x)
-        if self.split_position == 0:
-            return self.B(x)
-        x1, x2 = torch.split(x, [self.split_position, x.size(self.dim) - self.split_position], dim=self.dim)
-        return torch.cat([self.A(x1), self.B(x2)], dim=self.dim)
-
 
 class VLMoFFN(nn.Module):
     """VLMo block FFN: text tokens (the first ``text_len``) through mlp_text, image tokens through
@@ -512,8 +464,8 @@ def test_from_experts_errors():
         MultiwayLinear.from_experts(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown layout"):
         MultiwayFFN.from_experts([nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))] * 2)
-    with pytest.raises(ValueError, match="LayerNorm"):  # torchscale subln=True (BEiT-3's default)
-        MultiwayFFN.from_experts([TorchscaleFFN(8, 16, subln=True)] * 2)
+    with pytest.raises(ValueError, match="LayerNorm between their two layers"):
+        MultiwayFFN.from_experts([TorchscaleFFN(8, 16, subln=True), TorchscaleFFN(8, 16)])
     with pytest.raises(ValueError, match="layout"):
         MultiwayFFN.from_experts([TorchscaleFFN(8, 16), LlamaMLP(8, 16)])
     with pytest.raises(ValueError, match="activation"):
@@ -531,8 +483,8 @@ def test_from_experts_errors():
         bad.fc2 = nn.Linear(12, 8)
         MultiwayFFN.from_experts([bad, copy.deepcopy(bad)])
     norm = TimmMlp(8, 16)
-    norm.norm = nn.LayerNorm(16)
-    with pytest.raises(ValueError, match="normalisation"):
+    norm.norm = nn.GroupNorm(1, 16)  # a LayerNorm there is taken (subln: tests/test_experts_subln.py)
+    with pytest.raises(ValueError, match="only a LayerNorm"):
         MultiwayFFN.from_experts([norm] * 2)
     glu = TimmMlp(8, 32)
     glu.chunk_dim = -1  # timm GluMlp

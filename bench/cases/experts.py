@@ -68,7 +68,9 @@ SPEED_OF_LIGHT = "dense"
 
 # ("ffn", layout, B, H, F, act, bias) / ("linear", layout, B, Hin, Hout, bias); "ffn_frozen": the
 # FFN trained with expert 0 frozen (bench/cases/experts_frozen.py; CogVLM's language expert);
-# ("layer_norm", layout, B, H, bias): the per-modality LayerNorm (bench/cases/experts_norm.py)
+# ("layer_norm", layout, B, H, bias): the per-modality LayerNorm (bench/cases/experts_norm.py);
+# ("ffn_subln", layout, B, H, F, bias): the gelu FFN with a LayerNorm between its layers, BEiT-3's
+# torchscale default (bench/cases/experts_subln.py)
 GPU_CASES = {
     "full": [
         ("ffn", "vlmo:40+197", 64, 768, 3072, "gelu", True),
@@ -81,10 +83,12 @@ GPU_CASES = {
         ("layer_norm", "vlmo:40+197", 64, 768, True),  # VLMo norm2_text / norm2_imag
         ("layer_norm", "vlmo_vl:40+197", 64, 768, True),  # with norm2_vl
         ("layer_norm", "beit3:197+64", 32, 1024, True),  # BEiT-3 large multiway LayerNorm
+        ("ffn_subln", "beit3:197+64", 32, 1024, 4096, True),  # BEiT-3 large FFN as configured (subln)
     ],
     "quick": [
         ("ffn", "vlmo:40+197", 64, 768, 3072, "gelu", True),
         ("ffn", "cogvlm:1226+300", 4, 4096, 11008, "swiglu", False),
+        ("layer_norm", "vlmo:40+197", 64, 768, True),  # last: a few seconds; results are saved per row
     ],
 }
 # CPU (fp32, 2 cores): the models' token layouts at a smaller batch; CogVLM at 1/8 of its width
@@ -100,10 +104,12 @@ CPU_CASES = {
         ("layer_norm", "vlmo:40+197", 16, 768, True),
         ("layer_norm", "vlmo_vl:40+197", 16, 768, True),
         ("layer_norm", "beit3:197+64", 8, 1024, True),
+        ("ffn_subln", "beit3:197+64", 1, 1024, 4096, True),
     ],
     "quick": [
         ("ffn", "vlmo:40+197", 2, 768, 3072, "gelu", True),
         ("ffn", "cogvlm:1226+300", 1, 512, 1376, "swiglu", False),
+        ("layer_norm", "vlmo:40+197", 16, 768, True),
     ],
 }
 # pytest bench/ (and gpu_check's agreement step on the GPU): every layout and both ops, tiny.
@@ -119,6 +125,7 @@ PYTEST_CASES = [
     ("linear", "beit3:11+6", 2, 64, 64, True),  # the split path and torchscale for linear
     ("layer_norm", "beit3:11+6", 2, 64, True),
     ("layer_norm", "vlmo_vl:5+11", 3, 40, False),
+    ("ffn_subln", "beit3:11+6", 2, 64, 96, True),
 ]
 
 
@@ -623,7 +630,7 @@ def _apply_overrides(rows: list, overrides: dict) -> list:
         variants = [row]
         if overrides.get("B"):
             variants = [(r[0], r[1], b) + tuple(r[3:]) for r in variants for b in overrides["B"]]
-        if row[0] in ("ffn", "ffn_frozen"):
+        if row[0] in ("ffn", "ffn_frozen", "ffn_subln"):
             if overrides.get("H"):
                 variants = [r[:3] + (h,) + tuple(r[4:]) for r in variants for h in overrides["H"]]
             if overrides.get("F"):
@@ -648,6 +655,11 @@ def cases(device: str, profile: str, overrides: Optional[dict] = None) -> list:
 
             _op, layout, B, H, Fd, act, bias = row
             out.append(experts_frozen.case(layout, B, H, Fd, act, bias, dtype, device))
+        elif row[0] == "ffn_subln":
+            from bench.cases import experts_subln
+
+            _op, layout, B, H, Fd, bias = row
+            out.append(experts_subln.case(layout, B, H, Fd, bias, dtype, device))
         elif row[0] == "layer_norm":
             from bench.cases import experts_norm
 
@@ -689,6 +701,9 @@ def notes(device: str, profile: str) -> list:
         "multiway LayerNorm, eps 1e-6), memory-bound: no FLOPs; its routing-overhead row divides by one "
         "F.layer_norm over all tokens (dense). Peers: torchscale (split, LayerNorm per part, cat) on the split "
         "layouts, masked (boolean gather + index_put per expert) everywhere.",
+        "experts: modality_ffn_subln is BEiT-3's multiway FFN as torchscale builds it (subln=True: a LayerNorm "
+        "over the F activations before fc2, per expert); mmkernels runs it as three routed ops, torchscale "
+        "splits, runs both experts' FFNs and concatenates.",
     ]
     if gpu:
         lines.append("experts: GPU run in bf16 (VLMo-base FFN B=64, BEiT-3 large B=32, CogVLM B=4 at H=4096, "

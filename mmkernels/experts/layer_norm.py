@@ -19,9 +19,9 @@ from .. import _autocast
 from .. import _validation as check
 from .api import (MAX_EXPERTS, _check_experts, _check_ids, _check_x, _dense_ids, _per_expert, _resolve, _route,
                   _trains)
-from .modules import _check_experts_list, _check_num_experts, _same_placement
 from .norm_ops import modality_layer_norm_fwd
-from .parameters import ExpertModule, copy_experts_, expert_data, expert_parameter
+from .parameters import (ExpertModule, check_experts_list, check_num_experts, copy_experts_, expert_data,
+                         expert_parameter, same_placement)
 from .reference import modality_layer_norm_reference
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -99,7 +99,8 @@ def modality_layer_norm(x: torch.Tensor, modality_ids, weight: torch.Tensor, bia
     return y.reshape(x.shape)
 
 
-def _is_layer_norm(m) -> bool:
+def is_layer_norm(m) -> bool:
+    """An ``nn.LayerNorm``, or one of apex's fused LayerNorms (same attributes and semantics)."""
     return isinstance(m, nn.LayerNorm) or type(m).__name__ in _FOREIGN_LAYER_NORMS
 
 
@@ -130,7 +131,7 @@ class MultiwayLayerNorm(ExpertModule):
                 or shape[0] < 1:
             raise ValueError(f"normalized_shape must be one positive int (the last dimension), got {normalized_shape!r}")
         self.normalized_shape = (int(shape[0]),)
-        self.num_experts = _check_num_experts(num_experts)
+        self.num_experts = check_num_experts(num_experts)
         self.eps = _check_eps(eps)
         self.per_expert_parameters = bool(per_expert_parameters)
         kw = dict(device=device, dtype=dtype)
@@ -159,9 +160,9 @@ class MultiwayLayerNorm(ExpertModule):
         and device, and have a learnable scale (``elementwise_affine=True``). ``requires_grad`` is
         copied as by :meth:`MultiwayLinear.from_experts`.
         """
-        norms = _check_experts_list(norms, "LayerNorms")
+        norms = check_experts_list(norms, "LayerNorms")
         for i, ln in enumerate(norms):
-            if not _is_layer_norm(ln):
+            if not is_layer_norm(ln):
                 raise TypeError(f"from_experts: expert {i} is a {type(ln).__name__}, not an nn.LayerNorm")
             if getattr(ln, "weight", None) is None:
                 raise ValueError(f"from_experts: expert {i} has no learnable scale (elementwise_affine=False); "
@@ -179,7 +180,7 @@ class MultiwayLayerNorm(ExpertModule):
                                  "MultiwayLayerNorm has one eps")
             if (ln.bias is None) != (first.bias is None):
                 raise ValueError("from_experts: some experts have a bias and others do not")
-        _same_placement([ln.weight for ln in norms], "from_experts")
+        same_placement([ln.weight for ln in norms], "from_experts")
         parts = {"weight": list(enumerate(ln.weight for ln in norms))}
         if first.bias is not None:
             parts["bias"] = list(enumerate(ln.bias for ln in norms))

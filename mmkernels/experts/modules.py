@@ -17,14 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations
-from .api import MAX_EXPERTS, modality_ffn, modality_linear
-from .parameters import ExpertModule, copy_experts_, expert_data, expert_parameter, set_requires_grad
-
-
-def _check_num_experts(num_experts: int) -> int:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"num_experts must be an int in 1..{MAX_EXPERTS}, got {num_experts!r}")
-    return num_experts
+from .api import modality_ffn, modality_linear
+from .layer_norm import MultiwayLayerNorm, is_layer_norm
+from .subln import modality_ffn_subln
+from .parameters import (ExpertModule, check_experts_list, check_num_experts, copy_experts_, expert_data,
+                         expert_parameter, same_placement, set_requires_grad)
 
 
 def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -34,24 +31,6 @@ def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         fan_in = weight.shape[1]
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)
-
-
-def _check_experts_list(experts, what: str) -> list:
-    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
-        raise TypeError(f"from_experts takes a sequence of {what}, got a single {type(experts).__name__}")
-    experts = list(experts)
-    if not 1 <= len(experts) <= MAX_EXPERTS:
-        raise ValueError(f"from_experts takes 1..{MAX_EXPERTS} experts, got {len(experts)}")
-    return experts
-
-
-def _same_placement(tensors: list[torch.Tensor], what: str) -> None:
-    t0 = tensors[0]
-    for t in tensors[1:]:
-        if t.dtype != t0.dtype:
-            raise TypeError(f"{what}: the experts have different dtypes ({t0.dtype} and {t.dtype}); convert them first")
-        if t.device != t0.device:
-            raise ValueError(f"{what}: the experts live on different devices ({t0.device} and {t.device})")
 
 
 class MultiwayLinear(ExpertModule):
@@ -79,7 +58,7 @@ class MultiwayLinear(ExpertModule):
                  device=None, dtype=None, per_expert_parameters: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.num_experts = _check_num_experts(num_experts)
+        self.num_experts = check_num_experts(num_experts)
         self.per_expert_parameters = bool(per_expert_parameters)
         kw = dict(device=device, dtype=dtype)
         e, per = num_experts, self.per_expert_parameters
@@ -105,7 +84,7 @@ class MultiwayLinear(ExpertModule):
         visual one trains); otherwise the experts must agree, and a weight frozen in some
         experts only is refused.
         """
-        linears = _check_experts_list(linears, "nn.Linear")
+        linears = check_experts_list(linears, "nn.Linear")
         for i, lin in enumerate(linears):
             if not isinstance(lin, nn.Linear):
                 raise TypeError(f"from_experts: expert {i} is a {type(lin).__name__}, not an nn.Linear")
@@ -116,7 +95,7 @@ class MultiwayLinear(ExpertModule):
                                  f"features but expert 0 maps {first.in_features} -> {first.out_features}")
             if (lin.bias is None) != (first.bias is None):
                 raise ValueError("from_experts: some experts have a bias and others do not")
-        _same_placement([lin.weight for lin in linears], "from_experts")
+        same_placement([lin.weight for lin in linears], "from_experts")
         parts = {"weight": list(enumerate(lin.weight for lin in linears))}
         if first.bias is not None:
             parts["bias"] = list(enumerate(lin.bias for lin in linears))
@@ -190,7 +169,8 @@ def _linear(module: nn.Module, attr: str, index: int) -> nn.Linear:
 
 
 def _unpack_expert(module: nn.Module, index: int, activation: str | None):
-    """``(layout, activation, first-layer Linears, second-layer Linear)`` of one expert MLP."""
+    """``(layout, activation, first-layer Linears, second-layer Linear, LayerNorm between them or None)``
+    of one expert MLP."""
     if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
         layout, firsts, second = "gate_up_down", ["gate_proj", "up_proj"], "down_proj"
     elif all(hasattr(module, a) for a in ("fc1_g", "fc1_x", "fc2")):
@@ -205,13 +185,17 @@ def _unpack_expert(module: nn.Module, index: int, activation: str | None):
     if hasattr(module, "chunk_dim"):  # timm GluMlp: fc1 output chunked, gate in the *second* half
         raise ValueError(f"from_experts: expert {index} is a timm {type(module).__name__} (gated fc1 with the "
                          "gate in its second half), which MultiwayFFN does not take")
-    if getattr(module, "ffn_layernorm", None) is not None:
-        raise ValueError(f"from_experts: expert {index} has a LayerNorm between its two layers (torchscale "
-                         "subln=True, ffn_layernorm), which the fused FFN does not compute")
-    for attr in ("norm", "ffn_layernorm"):
-        if not _is_identity(getattr(module, attr, None)):
-            raise ValueError(f"from_experts: expert {index} has a normalisation layer ({attr}) between its two "
-                             "layers, which the fused FFN does not compute")
+    norm = None
+    for attr in ("ffn_layernorm", "norm"):  # torchscale subln=True (BEiT-3's default); timm Mlp(norm_layer=)
+        m = getattr(module, attr, None)
+        if _is_identity(m):
+            continue
+        if not is_layer_norm(m):
+            raise ValueError(f"from_experts: expert {index} has a {type(m).__name__} ({attr}) between its two "
+                             "layers; only a LayerNorm (torchscale subln) is supported there")
+        if norm is not None:
+            raise ValueError(f"from_experts: expert {index} has two normalisation layers between its two layers")
+        norm = m
     found, inferred = _find_activation(module)
     if layout in ("gate_up_down", "timm_swiglu"):
         if activation is not None and activation != "swiglu":
@@ -228,7 +212,7 @@ def _unpack_expert(module: nn.Module, index: int, activation: str | None):
             raise ValueError(f"from_experts: cannot tell the activation of expert {index} "
                              f"({type(module).__name__}); pass activation= one of {activations.ACTIVATIONS}")
     lins = [_linear(module, a, index) for a in firsts]
-    return layout, act, lins, _linear(module, second, index)
+    return layout, act, lins, _linear(module, second, index), norm
 
 
 class MultiwayFFN(ExpertModule):
@@ -246,6 +230,10 @@ class MultiwayFFN(ExpertModule):
         per_expert_parameters: hold each expert's weights and biases as parameters of their own
             (``w_in[e]`` ... in ``nn.ParameterList`` s sharing one storage each), so that one
             expert can be frozen; see ``mmkernels/experts/parameters.py``.
+        subln: a per-modality LayerNorm over the ``F`` activations before the second layer
+            (``ffn_layernorm``, a :class:`MultiwayLayerNorm`; torchscale's ``subln=True``, which
+            BEiT-3 uses), with epsilon ``subln_eps``. The FFN then runs as three routed ops
+            (:func:`mmkernels.experts.subln.modality_ffn_subln`) instead of the fused kernel.
 
     Parameters ``w_in [E, Fi, H]`` (``Fi = 2F`` for swiglu: gate rows, then up rows), ``b_in [E, Fi]``,
     ``w_out [E, out_features, F]``, ``b_out [E, out_features]`` (or their per-expert lists); each
@@ -259,10 +247,10 @@ class MultiwayFFN(ExpertModule):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int = 2, activation: str = "gelu",
                  bias: bool = True, out_features: int | None = None, device=None, dtype=None,
-                 per_expert_parameters: bool = False):
+                 per_expert_parameters: bool = False, subln: bool = False, subln_eps: float = 1e-5):
         super().__init__()
         self.activation = activations.check_activation(activation)
-        self.num_experts = _check_num_experts(num_experts)
+        self.num_experts = check_num_experts(num_experts)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.out_features = hidden_size if out_features is None else out_features
         fi = 2 * intermediate_size if activation == "swiglu" else intermediate_size
@@ -273,9 +261,13 @@ class MultiwayFFN(ExpertModule):
         self.b_in = expert_parameter(e, (fi,), per, **kw) if bias else None
         self.w_out = expert_parameter(e, (self.out_features, intermediate_size), per, **kw)
         self.b_out = expert_parameter(e, (self.out_features,), per, **kw) if bias else None
+        self.ffn_layernorm = (MultiwayLayerNorm(intermediate_size, e, eps=subln_eps, per_expert_parameters=per, **kw)
+                              if subln else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.ffn_layernorm is not None:
+            self.ffn_layernorm.reset_parameters()
         f = self.intermediate_size
         blocks = 2 if self.activation == "swiglu" else 1
         for e in range(self.num_experts):
@@ -286,6 +278,10 @@ class MultiwayFFN(ExpertModule):
             _init_linear_(expert_data(self.w_out, e), None if self.b_out is None else expert_data(self.b_out, e))
 
     def forward(self, x: torch.Tensor, modality_ids) -> torch.Tensor:
+        if self.ffn_layernorm is not None:
+            norm = self.ffn_layernorm
+            return modality_ffn_subln(x, modality_ids, self.w_in, self.b_in, norm.weight, norm.bias, self.w_out,
+                                      self.b_out, self.activation, norm.eps)
         return modality_ffn(x, modality_ids, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
 
     @classmethod
@@ -295,22 +291,28 @@ class MultiwayFFN(ExpertModule):
 
         Accepted layouts (all experts alike):
 
-        * ``fc1``/``fc2`` ``nn.Linear`` s: torchscale ``FeedForwardNetwork`` (VLMo, BEiT-3 without
-          sub-LN), timm ``Mlp``; the activation is read from ``activation_fn``/``act_fn``/``act``
+        * ``fc1``/``fc2`` ``nn.Linear`` s: torchscale ``FeedForwardNetwork`` (VLMo, BEiT-3), timm
+          ``Mlp``; the activation is read from ``activation_fn``/``act_fn``/``act``
           (``F.gelu``, ``nn.GELU``, ``nn.SiLU``, ``nn.ReLU``, HF activations) unless given.
         * ``gate_proj``/``up_proj``/``down_proj`` (CogVLM, LLaMA MLP; timm ``SwiGLU``'s
           ``fc1_g``/``fc1_x``/``fc2``): ``activation = "swiglu"``, ``w_in`` = gate rows then up rows.
 
         Dropout is not part of the fused FFN (the copy matches the experts in eval mode). A
-        normalisation between the two layers (torchscale ``subln``, timm ``norm``) is refused.
+        LayerNorm between the two layers (torchscale ``subln=True``'s ``ffn_layernorm``, BEiT-3's
+        default; timm ``Mlp(norm_layer=nn.LayerNorm)``'s ``norm``) becomes ``ffn_layernorm``
+        (``subln``); any other normalisation there is refused.
         ``requires_grad`` is copied: with ``per_expert_parameters=True`` per expert (CogVLM's
         frozen language expert stays frozen while the visual expert trains; an expert's gate and
         up projections must agree); otherwise a layer must be frozen in every expert or in none.
         """
-        experts = _check_experts_list(experts, "expert MLPs")
+        experts = check_experts_list(experts, "expert MLPs")
         if activation is not None:
             activations.check_activation(activation)
         unpacked = [_unpack_expert(m, i, activation) for i, m in enumerate(experts)]
+        norms = [u[4] for u in unpacked]
+        if any(n is None for n in norms) and any(n is not None for n in norms):
+            raise ValueError("from_experts: some experts have a LayerNorm between their two layers and others do not")
+        unpacked = [u[:4] for u in unpacked]
         layout, act, firsts, second = unpacked[0]
         for i, (lay, a, fs, sec) in enumerate(unpacked[1:], 1):
             if lay != layout:
@@ -341,7 +343,7 @@ class MultiwayFFN(ExpertModule):
                              f"width, got {fi} rows and {f}")
         if not swiglu and fi != f:
             raise ValueError(f"from_experts: the first layer has {fi} outputs but the second layer takes {f}")
-        _same_placement(fc + wo, "from_experts")
+        same_placement(fc + wo, "from_experts")
         parts = {"w_in": [(e, lin.weight) for e, (_, _, fs, _) in enumerate(unpacked) for lin in fs],
                  "w_out": [(e, sec.weight) for e, (_, _, _, sec) in enumerate(unpacked)]}
         if bi[0] is not None:
@@ -355,6 +357,11 @@ class MultiwayFFN(ExpertModule):
             module.b_in = None
         if bo[0] is None:
             module.b_out = None
+        if norms[0] is not None:
+            if tuple(norms[0].normalized_shape) != (f,):
+                raise ValueError(f"from_experts: the LayerNorm between the layers normalises "
+                                 f"{tuple(norms[0].normalized_shape)} features, but the activation has {f}")
+            module.ffn_layernorm = MultiwayLayerNorm.from_experts(norms, per_expert_parameters=per_expert_parameters)
         with torch.no_grad():
             for name, stack in (("w_in", fc), ("w_out", wo), ("b_in", bi), ("b_out", bo)):
                 if name in parts:
@@ -367,4 +374,5 @@ class MultiwayFFN(ExpertModule):
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"out_features={self.out_features}, num_experts={self.num_experts}, "
                 f"activation={self.activation!r}, bias={self.b_in is not None or self.b_out is not None}"
+                + (", subln=True" if self.ffn_layernorm is not None else "")
                 + (", per_expert_parameters=True" if self.per_expert_parameters else ""))

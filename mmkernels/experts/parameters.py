@@ -16,6 +16,34 @@ import torch
 from torch import nn
 
 from .. import _storage
+from .routing import MAX_EXPERTS
+
+
+def check_num_experts(num_experts: int) -> int:
+    """A module constructor's ``num_experts``: an int in ``1..MAX_EXPERTS``."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be an int in 1..{MAX_EXPERTS}, got {num_experts!r}")
+    return num_experts
+
+
+def check_experts_list(experts, what: str) -> list:
+    """``from_experts``' sequence of per-expert modules (``what`` names them) as a list of 1..8."""
+    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"from_experts takes a sequence of {what}, got a single {type(experts).__name__}")
+    experts = list(experts)
+    if not 1 <= len(experts) <= MAX_EXPERTS:
+        raise ValueError(f"from_experts takes 1..{MAX_EXPERTS} experts, got {len(experts)}")
+    return experts
+
+
+def same_placement(tensors: list[torch.Tensor], what: str) -> None:
+    """The experts' tensors share one dtype and one device (``what`` prefixes the error)."""
+    t0 = tensors[0]
+    for t in tensors[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{what}: the experts have different dtypes ({t0.dtype} and {t.dtype}); convert them first")
+        if t.device != t0.device:
+            raise ValueError(f"{what}: the experts live on different devices ({t0.device} and {t.device})")
 
 
 def expert_parameter(num_experts: int, shape: tuple[int, ...], per_expert: bool, **kw):
