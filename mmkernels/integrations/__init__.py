@@ -3,7 +3,15 @@
 ``patch_blip2(model) -> unpatch``: HF transformers' BLIP-2 / InstructBLIP Q-Former attention on
 :func:`mmkernels.cross_attention`, with one fused K/V GEMM for all cross-attention layers.
 transformers is imported only when a patch function runs.
+
+``patch_multiway(model) -> int``: torchscale's ``MultiwayNetwork`` s (BEiT-3, VLMo in torchscale)
+around ``nn.Linear`` s, LayerNorms and FFNs on :class:`mmkernels.MultiwayLinear` /
+:class:`mmkernels.MultiwayLayerNorm` / :class:`mmkernels.MultiwayFFN`, through
+:class:`MultiwayAdapter` s whose state dicts keep torchscale's keys. Found by duck typing:
+torchscale is never imported.
 """
+from .torchscale import MultiwayAdapter, patch_multiway
 from .transformers import is_patched, key_padding_from_hf_mask, patch_blip2, unpatch_blip2
 
-__all__ = ["is_patched", "key_padding_from_hf_mask", "patch_blip2", "unpatch_blip2"]
+__all__ = ["MultiwayAdapter", "is_patched", "key_padding_from_hf_mask", "patch_blip2", "patch_multiway",
+           "unpatch_blip2"]
