@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import _autocast
 from .. import _validation as check
-from .api import (MAX_EXPERTS, _check_experts, _check_ids, _check_x, _dense_ids, _per_expert, _resolve, _route,
+from .api import (_check_experts, _check_ids, _check_x, _dense_ids, _per_expert, _resolve, _route,
                   _trains)
 from .norm_ops import modality_layer_norm_fwd
 from .parameters import (ExpertModule, check_experts_list, check_num_experts, copy_experts_, expert_data,
@@ -195,4 +195,4 @@ class MultiwayLayerNorm(ExpertModule):
                 f"bias={self.bias is not None}" + (", per_expert_parameters=True" if self.per_expert_parameters else ""))
 
 
-__all__ = ["MAX_EXPERTS", "MultiwayLayerNorm", "modality_layer_norm"]
+__all__ = ["MultiwayLayerNorm", "modality_layer_norm"]

@@ -11,10 +11,20 @@ no split, no concatenation, no host synchronisation.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from . import activations
-from .api import _per_expert, modality_linear
+from .api import modality_linear
 from .layer_norm import modality_layer_norm
+
+
+def _stacked_shape(t, name: str) -> tuple[int, ...]:
+    """The ``[E, ...]`` shape of ``t``: a tensor, or a sequence of ``E`` per-expert tensors."""
+    if isinstance(t, torch.Tensor):
+        return tuple(t.shape)
+    if isinstance(t, (list, tuple, nn.ParameterList)) and len(t) and isinstance(t[0], torch.Tensor):
+        return (len(t), *t[0].shape)
+    raise TypeError(f"{name} must be a tensor or a sequence of per-expert tensors, got {type(t).__name__}")
 
 
 def modality_ffn_subln(x: torch.Tensor, modality_ids, w_in, b_in, norm_weight, norm_bias, w_out, b_out,
@@ -36,24 +46,21 @@ def modality_ffn_subln(x: torch.Tensor, modality_ids, w_in, b_in, norm_weight, n
         elements, ``T (Fi + 2F)`` for swiglu), as the unfused model does.
     """
     activations.check_activation(activation)
-    w_in_t, w_out_t, nw_t = (_per_expert(t, n) for t, n in ((w_in, "w_in"), (w_out, "w_out"),
-                                                             (norm_weight, "norm_weight")))
-    for t, name in ((w_in_t, "w_in"), (w_out_t, "w_out"), (nw_t, "norm_weight")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor or a sequence of per-expert tensors, got {type(t).__name__}")
-    if w_in_t.dim() != 3 or w_out_t.dim() != 3:
-        raise ValueError(f"w_in and w_out must be [E, Fi, H_in] and [E, H_out, F], got shapes "
-                         f"{tuple(w_in_t.shape)} and {tuple(w_out_t.shape)}")
-    if activation == "swiglu" and w_in_t.shape[1] % 2:
+    # shapes only: the three ops check (and read) the tensors themselves, stacking per-expert
+    # lists once each, with the per-expert weight-gradient masks taken from the lists
+    w_in_s, w_out_s, nw_s = (_stacked_shape(t, n) for t, n in ((w_in, "w_in"), (w_out, "w_out"),
+                                                               (norm_weight, "norm_weight")))
+    if len(w_in_s) != 3 or len(w_out_s) != 3:
+        raise ValueError(f"w_in and w_out must be [E, Fi, H_in] and [E, H_out, F], got shapes {w_in_s} and {w_out_s}")
+    if activation == "swiglu" and w_in_s[1] % 2:
         raise ValueError(f"swiglu needs an even first-layer width (w_in [E, 2F, H_in]), got w_in.shape[1] = "
-                         f"{w_in_t.shape[1]}")
-    f = activations.inner_width(activation, w_in_t.shape[1])
-    e = w_in_t.shape[0]
-    if tuple(nw_t.shape) != (e, f):
-        raise ValueError(f"norm_weight must have shape [E, F] = [{e}, {f}] (the activation's width), got "
-                         f"{tuple(nw_t.shape)}")
-    if w_out_t.shape[0] != e or w_out_t.shape[2] != f:
-        raise ValueError(f"w_out must have shape [E, H_out, F] with E = {e}, F = {f}, got {tuple(w_out_t.shape)}")
+                         f"{w_in_s[1]}")
+    f = activations.inner_width(activation, w_in_s[1])
+    e = w_in_s[0]
+    if nw_s != (e, f):
+        raise ValueError(f"norm_weight must have shape [E, F] = [{e}, {f}] (the activation's width), got {nw_s}")
+    if w_out_s[0] != e or w_out_s[2] != f:
+        raise ValueError(f"w_out must have shape [E, H_out, F] with E = {e}, F = {f}, got {w_out_s}")
     h = modality_linear(x, modality_ids, w_in, b_in)
     a = activations.apply(activation, h)
     n = modality_layer_norm(a, modality_ids, norm_weight, norm_bias, eps)
