@@ -1,8 +1,6 @@
 """Registration (opcheck, torch.compile), float64 gradcheck, and the memory bound of the cpu backend."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,16 +12,11 @@ from mmkernels.testing.numerics import assert_close
 from contrastive_cases import features, leaf
 from rss_probe import peak_extra
 
-needs_cpp = pytest.mark.skipif(not _ext.available() and os.environ.get("MMKERNELS_NO_EXT") == "1",
-                               reason="pure-Python install asked for (MMKERNELS_NO_EXT=1)")
 
-
-@needs_cpp
 def test_cpp_extension_is_built():
     assert _ext.available(), _ext.LOAD_ERROR
 
 
-@needs_cpp
 @pytest.mark.parametrize("with_columns", [True, False])
 def test_opcheck(with_columns):
     q, k = leaf(features(9, 12, seed=1)), leaf(features(9 if with_columns else 13, 12, seed=2))
@@ -37,7 +30,6 @@ def test_opcheck(with_columns):
                           (q.detach(), k.detach(), scale.detach(), targets, stats[0], stats[4], *g, "cpu"))
 
 
-@needs_cpp
 def test_torch_compile_fullgraph():
     img, txt = features(33, 16, seed=3), features(33, 16, seed=4)
 
@@ -58,7 +50,6 @@ def test_torch_compile_fullgraph():
     assert_close(s1.grad, s2.grad.double())
 
 
-@needs_cpp
 def test_torch_compile_infonce_fullgraph():
     q, k = features(17, 8, seed=5), features(40, 8, seed=6)
     t = torch.arange(17) + 3
@@ -68,7 +59,6 @@ def test_torch_compile_infonce_fullgraph():
     assert_close(out, reference.infonce_loss_reference(q.double(), k.double(), 5.0, targets=t))
 
 
-@needs_cpp
 @pytest.mark.parametrize("label_smoothing,reduction", [(0.0, "mean"), (0.1, "none"), (0.3, "sum")])
 def test_gradcheck_float64(label_smoothing, reduction):
     img = leaf(features(5, 3, torch.float64, seed=7, normalize=False))
@@ -115,7 +105,6 @@ def _peak_extra(which: str, n: int, d: int) -> dict:
     return {"extra": out["extra"], "loss": out["result"]}
 
 
-@needs_cpp
 @pytest.mark.slow
 def test_cpu_memory_bound_no_n_by_n():
     """N = 8192, D = 512 fp32: the cpu backend's extra memory is a small multiple of N*D*4 bytes

@@ -13,11 +13,10 @@ import torch
 
 from mmkernels.attention.mask import BLOCKED, CAUSAL, FULL, SPAN, MultimodalMask
 from mmkernels.attention.reference import multimodal_attention_reference as reference
+from mmkernels.testing import cpp
 from mmkernels.testing.numerics import assert_close
 
-C = pytest.importorskip("mmkernels._C")
-if not hasattr(C, "attention_fwd"):  # pragma: no cover - stale build
-    pytest.skip("mmkernels._C has no attention kernels (rebuild the extension)", allow_module_level=True)
+C = cpp.kernels()
 
 
 def meta_of(mask):

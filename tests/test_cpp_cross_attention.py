@@ -16,11 +16,10 @@ import torch
 
 from mmkernels.cross_attention.reference import cross_attention_reference as reference
 from mmkernels.cross_attention.reference import dropout_keep_mask
+from mmkernels.testing import cpp
 from mmkernels.testing.numerics import assert_close
 
-C = pytest.importorskip("mmkernels._C")
-if not hasattr(C, "cross_attention_fwd"):  # pragma: no cover - stale build
-    pytest.skip("mmkernels._C has no cross_attention kernels (rebuild the extension)", allow_module_level=True)
+C = cpp.kernels()
 
 SEED = torch.tensor([398764591, 1478610112], dtype=torch.int64)
 

@@ -10,14 +10,12 @@ the input dtype, which sets the allowance of mmkernels.testing.numerics.assert_c
 import pytest
 import torch
 
-from mmkernels import _ext
 from mmkernels.experts import activations
 from mmkernels.experts.reference import modality_ffn_reference, modality_linear_reference
+from mmkernels.testing import cpp
 from mmkernels.testing.numerics import assert_close
 
-C = _ext.C
-if C is None or not hasattr(C, "experts_linear_fwd"):  # pragma: no cover - no or stale build
-    pytest.skip("mmkernels._C has no experts kernels (build the extension)", allow_module_level=True)
+C = cpp.kernels()
 
 ACTS = ["gelu", "gelu_tanh", "silu", "relu", "swiglu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from experts_cases import make_ids, randn
-from mmkernels import _ext
 from mmkernels.experts.reference import modality_layer_norm_reference
 from mmkernels.experts.routing import route_torch
+from mmkernels.testing import cpp
 from mmkernels.testing.numerics import assert_close
 
-C = _ext.C
-if C is None or not hasattr(C, "experts_layer_norm_fwd"):  # pragma: no cover - no or stale build
-    pytest.skip("mmkernels._C has no experts_layer_norm kernels (build the extension)", allow_module_level=True)
+C = cpp.kernels()
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 EPS = 1e-5

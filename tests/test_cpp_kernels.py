@@ -12,7 +12,9 @@ import itertools
 import pytest
 import torch
 
-C = pytest.importorskip("mmkernels._C")
+from mmkernels.testing import cpp
+
+C = cpp.kernels()
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

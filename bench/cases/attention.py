@@ -55,7 +55,7 @@ FAMILY = "attention"
 OP_FWD, OP_BWD, OP_MASK = "attention_fwd", "attention_fwd_bwd", "attention_mask"
 FLEX_BLOCK = 128  # create_block_mask's default BLOCK_SIZE
 DEFAULT_TILE = (128, 64)  # mmkernels' Triton forward tile (bf16, D <= 128) when the kernel module does not say
-CPU_TILE = (64, 128)  # the C++ kernel's BM x BN (csrc/attention.cpp; it classifies tiles itself, inside its forward)
+CPU_TILE = (64, 128)  # the C++ kernel's BM x BN (mmkernels/csrc/attention.cpp; it classifies tiles itself, inside its forward)
 BWD_FLOP_FACTOR = 2.5  # forward + backward = 2.5 x forward (the backward recomputes QK^T and does 4 products)
 
 # (mask, B, H, S, D) per device kind and profile

@@ -7,7 +7,7 @@ full attention. Rows that see no key give ``out = 0``, ``lse = -inf`` and zero g
 
 Its backward, ``mmkernels::attention_bwd``, recomputes the probabilities from ``lse`` and
 returns ``dq, dk, dv``. ``lse`` is an output for inspection only (not differentiable).
-``backend`` is ``"cpu"`` (C++ in ``csrc/attention.cpp``) or ``"triton"``.
+``backend`` is ``"cpu"`` (C++ in ``mmkernels/csrc/attention.cpp``) or ``"triton"``.
 """
 from __future__ import annotations
 

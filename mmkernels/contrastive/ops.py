@@ -20,7 +20,7 @@ differentiable) it forms, tile by tile,
 + g_pos * onehot(targets)`` and returns ``dq = scale * G @ k``,
 ``dk = scale * G.T @ q``, ``dscale = sum(G * q @ k.T)``.
 
-``backend`` is ``"cpu"`` (C++ kernels in ``csrc/``) or ``"triton"``. Statistics are
+``backend`` is ``"cpu"`` (C++ kernels in ``mmkernels/csrc/``) or ``"triton"``. Statistics are
 float32 (float64 for float64 inputs, which only the ``cpu`` backend accepts).
 """
 from __future__ import annotations

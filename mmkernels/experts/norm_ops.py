@@ -18,7 +18,7 @@ ops (``mmkernels/experts/ops.py``).
 
 ``weight`` and ``bias`` have x's dtype, or float32 beside bfloat16/float16 ``x`` (fp32
 LayerNorm parameters beside low-precision activations, which ``F.layer_norm`` also takes).
-``backend`` is ``"cpu"`` (C++, ``csrc/experts_norm.cpp``) or ``"triton"``
+``backend`` is ``"cpu"`` (C++, ``mmkernels/csrc/experts_norm.cpp``) or ``"triton"``
 (``mmkernels/experts/norm_kernels.py``).
 """
 from __future__ import annotations
