@@ -28,7 +28,8 @@ def report() -> str:
         f"torch: {torch.__version__} (cuda {torch.version.cuda})",
         f"triton: {triton_version}",
         f"transformers: {transformers_version}",
-        f"compiled CPU kernels (mmkernels._C): {'built' if _ext.available() else 'missing: ' + str(_ext.LOAD_ERROR)}",
+        "compiled CPU kernels (mmkernels._C): "
+        + (f"loaded from {_ext.build_dir()}" if _ext.available() else f"missing: {_ext.LOAD_ERROR}"),
         f"backend asked for: {_backend.current()}  (MMKERNELS_BACKEND / mmkernels.backend)",
         f"TRITON_INTERPRET: {int(_backend.TRITON_INTERPRET)}",
     ]
