@@ -505,6 +505,7 @@ def test_experts_grouped_mm_skip_reason(monkeypatch):
         X.grouped_mm_support.cache_clear()
 
 
+@pytest.mark.slow
 def test_experts_cli_writes_report(tmp_path):
     """The CLI runs the family at the pytest profile (mmkernels rows may be skips until the op lands) and
     the report has the routing-overhead table."""

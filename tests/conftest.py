@@ -3,6 +3,12 @@
 Without a CUDA device the Triton kernels run through Triton's interpreter:
 ``TRITON_INTERPRET`` must be set before triton or mmkernels is imported.
 Tests marked ``gpu`` are skipped without CUDA.
+
+The quick tier (``pytest -m quick``) is chosen here, not by hand: the first case of every
+test function, and for functions parametrised by ``backend`` the first case of each backend,
+so every op runs on every CPU backend (reference, C++, interpreted Triton) forward and
+backward, with its error checks, in a few minutes. Tests marked ``slow`` or ``gpu`` are never
+quick; ``QUICK_EXCLUDED`` names the tiers left to the whole suite.
 """
 import os
 
@@ -12,8 +18,33 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tiers that are not about the CPU backends: each test compiles a kernel configuration for
+# sm_90 (seconds each, hundreds of configurations), or installs into a fresh environment.
+QUICK_EXCLUDED = ("test_sm90_", "test_install.py")
+
+
+def _quick_key(item):
+    """The group an item belongs to: its function, and its ``backend`` parameter if any."""
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    return (item.nodeid.split("::", 1)[0], getattr(item, "originalname", item.name), repr(backend))
+
+
+def _mark_quick(items):
+    seen = set()
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("gpu"):
+            continue
+        if any(part in item.nodeid.split("::", 1)[0] for part in QUICK_EXCLUDED):
+            continue
+        key = _quick_key(item)
+        if key not in seen:
+            seen.add(key)
+            item.add_marker(pytest.mark.quick)
+
 
 def pytest_collection_modifyitems(config, items):
+    _mark_quick(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -207,6 +207,7 @@ def _extra(which, s):
     return peak_extra(_MEMORY_BODY, which, s)["extra"]
 
 
+@pytest.mark.slow
 def test_cpu_memory_grows_with_s_not_s_squared():
     """S = 4096, H = 4: the fp32 scores of the 4 heads alone are 256 MiB. The cpu backend
     (about 20 MiB measured here: q/k/v gradients, out, per-thread tiles) stays far below

@@ -34,6 +34,7 @@ def test_equals_torch_tile_map_random(seed, sq, sk):
         assert torch.equal(got, torch_tile_map(m, bm, bn)), (bm, bn)
 
 
+@pytest.mark.slow
 def test_many_key_tiles_span_several_programs():
     # more key tiles than one program's chunk (TN_CHUNK): the chunked grid and its edge
     m = MultimodalMask.prefix_lm([100, 700], [1000, 900], 1000)

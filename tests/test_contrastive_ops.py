@@ -30,6 +30,7 @@ def test_opcheck(with_columns):
                           (q.detach(), k.detach(), scale.detach(), targets, stats[0], stats[4], *g, "cpu"))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     img, txt = features(33, 16, seed=3), features(33, 16, seed=4)
 

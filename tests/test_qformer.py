@@ -294,6 +294,7 @@ def test_training_dropout_is_seeded():
 
 # ----------------------------------------------------------------------------- torch.compile
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_training_step():
     """The whole module compiles without graph breaks (the registered ops, the fused K/V projection,
     dropout), and the compiled step gives the eager step's output and gradients (eval mode)."""
