@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -14,6 +15,75 @@ def interpreting() -> bool:
         return bool(knobs.runtime.interpret)
     except Exception:  # a triton without knobs
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreted_scalar_index(self) -> int:
+    """``operator.index`` of a tensor in Triton's interpreter: a scalar's handle holds a
+    1-element numpy array, read with ``.item()`` (which, like ``int()``, refuses blocks)."""
+    return int(self.handle.data.item())
+
+
+def _interpreter_index_is_broken(interpreter) -> bool:
+    """Whether the interpreter's ``tl.tensor.__index__`` fails (or warns) on a scalar.
+
+    Triton versions whose ``_patch_lang_tensor`` sets ``__index__`` to ``int(handle.data)``
+    convert a 1-element 1-D numpy array with ``int()``: NumPy deprecates that (< 2.3) and then
+    refuses it ("only 0-dimensional arrays can be converted to Python scalars"), so every
+    ``range(lo, hi, STEP)`` with a run-time bound fails in a kernel. The check runs the
+    interpreter's own patch on a stand-in class and converts a scalar, with the deprecation
+    turned into an error.
+    """
+    import types
+    import warnings
+
+    import numpy as np
+
+    class _Scalar:
+        handle = types.SimpleNamespace(data=np.array([3], dtype=np.int32))
+
+    scope = interpreter._LangPatchScope()
+    try:
+        interpreter._patch_lang_tensor(_Scalar, scope)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            return operator.index(_Scalar()) != 3
+    except (TypeError, DeprecationWarning):
+        return True
+    finally:
+        scope.restore()
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Make run-time loop bounds work in Triton's interpreter on every NumPy (see
+    :func:`_interpreter_index_is_broken`).
+
+    Where the interpreter's ``__index__`` is broken, its ``_patch_lang_tensor`` (which runs at
+    the start of every interpreted launch and whose changes are undone after it) is wrapped to
+    set ``__index__`` again, through ``.item()``, after the original. Versions with a working
+    ``__index__``, an interpreter of another shape and compiled (GPU) launches are left alone.
+    Idempotent.
+    """
+    try:
+        from triton.runtime import interpreter
+        original = interpreter._patch_lang_tensor
+        interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "_mmkernels_scalar_index", False):
+        return
+    try:
+        broken = _interpreter_index_is_broken(interpreter)
+    except Exception:  # an interpreter this check does not understand: leave it as it is
+        return
+    if not broken:
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", _interpreted_scalar_index)
+
+    _patch_lang_tensor._mmkernels_scalar_index = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -69,3 +139,8 @@ def aligned_strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:
     """``(stride_b, stride_h, stride_s) // align, stride_d`` of a 4-D ``t`` (see :func:`stride_align`)."""
     sb, sh, ss, sd = t.stride()
     return (sb // align, sh // align, ss // align, sd)
+
+
+# every module that launches Triton kernels imports this one before it defines them
+if interpreting():
+    _fix_interpreter_scalar_index()

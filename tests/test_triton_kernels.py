@@ -23,7 +23,7 @@ from mmkernels.testing.numerics import assert_close  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
     # the interpreter evaluates kernels with numpy: inf/nan arithmetic warnings, and
-    # Triton 3.6's int() of 1-element arrays (fine with numpy < 2.3, see DESIGN.md)
+    # Triton 3.6's int() of 1-element arrays (mmkernels._triton replaces it on numpy >= 2.3)
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
 ]

@@ -152,6 +152,12 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
     if tf32:
         return MMConfig(64, 64, 32, 4, 3)
     if narrow:
+        if kind == "ffn_bwd_dh" and swiglu:
+            # two h tiles and two outputs: over the whole 128 x 64 tile the epilogue took 107
+            # (Triton 3.6) to 176 (Triton 3.9, which runs the sigmoid in the load's layout and
+            # converts two fp32 tiles to the accumulator's) registers; in two 128 x 32 slices
+            # 74-78 on both, so two programs per SM whichever Triton compiles it
+            return MMConfig(128, 64, 64, 8, 3, 0, 2)
         return MMConfig(128, 64, 64, 8, 3)
     if kind in ("ffn_fwd_in", "ffn_bwd_dh"):
         # an activation epilogue over a whole 128 x 128 tile took 184 (gelu forward) to 255

@@ -228,6 +228,11 @@ def _grouped_wgrad_kernel(
         a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok, stride_am, stride_an, stride_xm,
         stride_xk, GATHER_A, GATHER_X, HAS_BIAS, INPUT_PRECISION, DOT_UPCAST, EVEN, ROW32,
         BLOCK_N, BLOCK_K, BLOCK_T)
+    # the db rows to write: those below N in k-tile 0, none in the others. One comparison of
+    # the row block against a scalar bound, so the mask is an int1 block from the start (a
+    # scalar condition splat into a block mask reaches Triton's interpreter as int32 data,
+    # which the masked loads and stores of Triton 3.9's interpreter reject)
+    db_ok = ns < tl.where(pk == 0, N, 0)
     _wgrad_store(dw_ptr, db_ptr, e.to(tl.int64), ns64, n_ok, ks64, k_ok, stride_we,
-                 stride_wn, stride_wk, stride_dbe, stride_dbn, acc, dbacc, n_ok & (pk == 0),
+                 stride_wn, stride_wk, stride_dbe, stride_dbn, acc, dbacc, db_ok,
                  HAS_BIAS, ATOMIC, DOT_UPCAST)

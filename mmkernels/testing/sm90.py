@@ -14,11 +14,12 @@ parallel worker processes) and returns one :class:`Sm90Report` per job;
 a job that fails to compile gives a report whose ``error`` is set.
 
 How it works: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 128))``
-produces PTX and a cubin with Triton's bundled ptxas.  ``ptxas -v --gpu-name
-sm_90a`` is run again on the PTX to read registers and spills, and
-``cuobjdump --dump-sass`` on the cubin to look for HGMMA/HMMA.  Both tools ship
-inside the triton wheel (``triton/backends/nvidia/bin``); ``TRITON_PTXAS_PATH``
-and ``TRITON_CUOBJDUMP_PATH`` override them.
+produces PTX and a cubin with Triton's bundled ptxas.  Registers and spills are
+read from the ``ptxas -v`` log of that very compilation (Triton's own ptxas
+command: its flags change between versions and change register allocation),
+and ``cuobjdump --dump-sass`` is run on the cubin to look for HGMMA/HMMA.  Both
+tools ship inside the triton wheel (``triton/backends/nvidia/bin``);
+``TRITON_PTXAS_PATH`` and ``TRITON_CUOBJDUMP_PATH`` override them.
 
 Interpreter mode: with ``TRITON_INTERPRET=1`` set when the kernel's module was
 imported, ``@triton.jit`` returns an interpreter wrapper that cannot be
@@ -247,6 +248,33 @@ def _attrs_for(jit_fn, divisible: Iterable[str]):
     return {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
 
 
+def _compile_logging_ptxas(src, options: dict):
+    """``triton.compile(src)`` for sm_90a and the ``ptxas -v`` log of the cubin it built.
+
+    The log comes from Triton's own ptxas command (``knobs.nvidia.dump_ptxas_log``, which
+    Triton prints; the compilation skips the cache so that ptxas runs). That command is what a
+    GPU launch uses: Triton 3.9, for one, adds ``--regAllocOptLevel=2``, which moves the
+    register count and the spills. The log is empty for a Triton without those knobs.
+    """
+    import contextlib
+    import io
+
+    import triton
+    try:
+        from triton import knobs
+    except ImportError:
+        knobs = None
+    if knobs is None or not hasattr(knobs.nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=_target(), options=options), ""
+    out = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope():
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(out):
+            compiled = triton.compile(src, target=_target(), options=options)
+    return compiled, out.getvalue()
+
+
 def _compile_in_process(job: CompileJob) -> Sm90Report:
     import triton
     from triton.compiler import ASTSource
@@ -264,21 +292,23 @@ def _compile_in_process(job: CompileJob) -> Sm90Report:
         src = ASTSource(fn=fn, signature=sig, constexprs=dict(job.constexprs),
                         attrs=_attrs_for(fn, job.divisible_by_16))
         opts = {"num_warps": job.num_warps, "num_stages": job.num_stages, **job.options}
-        compiled = triton.compile(src, target=_target(), options=opts)
+        compiled, rep.ptxas_log = _compile_logging_ptxas(src, opts)
         ptx = compiled.asm["ptx"]
         cubin = compiled.asm["cubin"]
         rep.ptx = ptx
         rep.shared_bytes = int(getattr(compiled.metadata, "shared", 0) or 0)
         with tempfile.TemporaryDirectory(prefix="mmk_sm90_") as td:
-            ptx_file = Path(td) / "k.ptx"
-            ptx_file.write_text(ptx)
+            if not re.search(r"Used \d+ registers", rep.ptxas_log):
+                # no log from Triton: run ptxas on its PTX here (-lineinfo -v, Triton's defaults)
+                ptx_file = Path(td) / "k.ptx"
+                ptx_file.write_text(ptx)
+                r = subprocess.run([ptxas_path(), "-lineinfo", "-v", "--gpu-name", "sm_90a",
+                                    str(ptx_file), "-o", str(Path(td) / "v.cubin")],
+                                   capture_output=True, text=True)
+                rep.ptxas_log = r.stdout + r.stderr
+                if r.returncode != 0:
+                    raise Sm90CompileError(f"ptxas failed:\n{rep.ptxas_log}")
             cubin_file = Path(td) / "k.cubin"
-            r = subprocess.run([ptxas_path(), "-lineinfo", "-v", "--gpu-name", "sm_90a",
-                                str(ptx_file), "-o", str(Path(td) / "v.cubin")],
-                               capture_output=True, text=True)
-            rep.ptxas_log = r.stdout + r.stderr
-            if r.returncode != 0:
-                raise Sm90CompileError(f"ptxas failed:\n{rep.ptxas_log}")
             cubin_file.write_bytes(cubin)
             r = subprocess.run([cuobjdump_path(), "--dump-sass", str(cubin_file)],
                                capture_output=True, text=True)
