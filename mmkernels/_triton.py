@@ -1,11 +1,27 @@
 """Launch-time facts shared by every family's Triton kernels (imported only where triton is)."""
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
+import re
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_at_least(major: int, minor: int = 0) -> bool:
+    """Whether the installed Triton is version ``major.minor`` or newer (pre-releases count).
+
+    Tile heuristics use it where a Triton release compiles a kernel differently enough to
+    change which tiles fit in registers. Reads ``triton.__version__``; needs no GPU.
+    """
+    import triton
+    m = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", "") or "")
+    if m is None:
+        return False
+    return (int(m.group(1)), int(m.group(2))) >= (major, minor)
 
 
 def interpreting() -> bool:

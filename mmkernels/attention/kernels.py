@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import aligned_strides, check_device, dot_upcast, input_precision, interpreting, stride_align
+from .._triton import (aligned_strides, check_device, dot_upcast, input_precision, interpreting, stride_align,
+                       triton_at_least)
 
 from .mask import MultimodalMask
 
@@ -507,14 +508,51 @@ def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(int(D)))
 
 
+# Triton >= 3.9 generates more register-hungry code for these kernels and has ptxas allocate
+# with --regAllocOptLevel=2: the tiles picked with Triton 3.6 spill there for the cases listed
+# below, so on Triton >= 3.9 those cases take the tile given here instead, the largest one that
+# compiles for sm_90a with no spills, shared memory within 227 KB and the same tensor-core
+# instructions (tests/test_sm90_attention.py compiles them).  BLOCK_M, num_warps and the
+# dk/dv split are kept where a smaller BLOCK_N or BLOCK_M suffices.  Every other case, and
+# every case on older Triton, keeps its tile.  (No tile with wgmma was found that compiles
+# without spills on Triton 3.9 for fp32-with-tf32 at D > 128 (forward with a mask, dq, dk/dv)
+# nor for the masked 16-bit dk/dv at D > 128: those keep their tile.)
+# Key: (kind, "16bit" | "tf32" | "fma", block_d(D), has_mask).
+_TRITON39_TILES = {
+    ("fwd", "16bit", 128, True): AttnConfig(128, 16, 8, 2),
+    ("fwd", "16bit", 256, True): AttnConfig(64, 16, 8, 2),
+    ("fwd", "tf32", 128, True): AttnConfig(64, 16, 4, 2),
+    ("bwd_dq", "16bit", 128, True): AttnConfig(64, 32, 8, 2),
+    # two warpgroups of 64 query rows: each holds what one held at 64 x 16 with 4 warps, and
+    # ptxas fits it (the 4- and 8-warp 64 x 16 tiles both spill)
+    ("bwd_dq", "16bit", 256, True): AttnConfig(128, 16, 8, 1),
+    ("bwd_dkdv", "16bit", 128, True): AttnConfig(16, 64, 8, 2),
+    ("bwd_dkdv", "16bit", 256, False): AttnConfig(16, 64, 8, 2, True),
+    # exact fp32: same tile with two stages, which ptxas fits without spills
+    ("bwd_dkdv", "fma", 128, False): AttnConfig(16, 32, 8, 2),
+}
+
+
 def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str,
                      has_mask: bool = True) -> AttnConfig:
     """The tile configuration of kernel ``kind`` for (dtype, D, precision, masked or not).
 
     Chosen from the sm_90a compile reports (tests/test_sm90_attention.py): no spills, shared
     memory within 227 KB, wgmma for 16-bit inputs and for fp32 with tf32.  (ptxas allocates
-    differently with and without the per-element mask code, hence ``has_mask``.)
+    differently with and without the per-element mask code, hence ``has_mask``.)  With
+    Triton >= 3.9 the cases of ``_TRITON39_TILES`` take the tile given there.
     """
+    cfg = _heuristic_config_triton36(kind, dtype, D, input_precision, has_mask)
+    if kind != "bwd_pre" and triton_at_least(3, 9):
+        fma = dtype == torch.float32 and input_precision == "ieee"
+        cls = "fma" if fma else ("tf32" if dtype == torch.float32 else "16bit")
+        cfg = _TRITON39_TILES.get((kind, cls, block_d(D), bool(has_mask)), cfg)
+    return cfg
+
+
+def _heuristic_config_triton36(kind: str, dtype: torch.dtype, D: int, input_precision: str,
+                               has_mask: bool) -> AttnConfig:
+    """The tiles chosen from Triton 3.6's compile reports (see :func:`heuristic_config`)."""
     bd = block_d(D)
     fma = dtype == torch.float32 and input_precision == "ieee"  # exact fp32: FMA dot, no tensor cores
     tf32 = dtype == torch.float32 and not fma

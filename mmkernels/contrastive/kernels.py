@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import check_device, dot_upcast, input_precision, interpreting
+from .._triton import check_device, dot_upcast, input_precision, interpreting, triton_at_least
 
 # ---------------------------------------------------------------------------
 # Budget constants of the backward pass: G is materialised in blocks of at
@@ -302,6 +302,25 @@ def _block_k(dtype: torch.dtype, D: int, input_precision: str) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(int(D), 1))))
 
 
+def _triton39_unaligned(dtype: torch.dtype, D: int, input_precision: str) -> bool:
+    """Whether (dtype, D, precision) takes the Triton >= 3.9 tiles below.
+
+    Triton >= 3.9 generates more register-hungry code for the statistics kernel and has ptxas
+    allocate with --regAllocOptLevel=2: when D is not a multiple of 16 (no divisible-by-16
+    specialisation of D and the row strides) and BLOCK_K is at its cap, the Triton 3.6 tiles
+    spill with column statistics. Those cases then take the largest tiles that compile for
+    sm_90a with no spills (tests/test_sm90_compile.py): BLOCK_K 32 instead of 64 for 16-bit
+    inputs; for fp32 with tf32 BLOCK_M 64 instead of 128 (or BLOCK_N 32 instead of 64) with
+    8 warps, and BLOCK_K 16 instead of 32 with 4 warps; 8 warps for the exact-fp32 BLOCK_K = 32
+    candidate. Every other case, and every case on older Triton, is unchanged.
+    """
+    if D % 16 == 0 or not triton_at_least(3, 9):
+        return False
+    if dtype == torch.float32 and input_precision == "ieee":
+        return True
+    return _block_k(dtype, D, input_precision) == (32 if dtype == torch.float32 else 64)
+
+
 def heuristic_config(dtype: torch.dtype, D: int, input_precision: str) -> TileConfig:
     """The tile configuration used when autotuning is off (the default).
 
@@ -316,6 +335,8 @@ def heuristic_config(dtype: torch.dtype, D: int, input_precision: str) -> TileCo
         # exact fp32 products: no tensor cores, FMA dot.  (8 warps: ptxas caps
         # these kernels at 128 registers and spills when D % 16 != 0.)
         return TileConfig(32, 64, bk, 4, 2)
+    if _triton39_unaligned(dtype, D, input_precision):  # see _triton39_unaligned
+        return TileConfig(64, 64, 32, 8, 3) if dtype == torch.float32 else TileConfig(128, 64, 32, 8, 3)
     return TileConfig(128, 64, bk, 8, 3)
 
 
@@ -324,7 +345,15 @@ def autotune_configs(dtype: torch.dtype, D: int, input_precision: str) -> list[T
     bk = _block_k(dtype, D, input_precision)
     if dtype == torch.float32 and input_precision == "ieee":
         # (64x32x16 and 32x32x32 spill a few bytes with Triton 3.9's ptxas)
+        if _triton39_unaligned(dtype, D, input_precision):
+            return [TileConfig(32, 64, bk, 4, 2), TileConfig(32, 64, 32, 8, 2)]
         return [TileConfig(32, 64, bk, 4, 2), TileConfig(32, 64, 32, 4, 2)]
+    if _triton39_unaligned(dtype, D, input_precision):  # see _triton39_unaligned
+        if dtype == torch.float32:
+            return [TileConfig(64, 64, 32, 8, 3), TileConfig(128, 32, 32, 8, 3),
+                    TileConfig(64, 64, 16, 4, 3), TileConfig(64, 64, 16, 4, 4)]
+        return [TileConfig(128, 64, 32, 8, 3), TileConfig(128, 64, 32, 8, 4),
+                TileConfig(64, 64, 32, 4, 3), TileConfig(64, 64, 32, 4, 4)]
     return [
         TileConfig(128, 64, bk, 8, 3),
         TileConfig(128, 64, bk, 8, 4),

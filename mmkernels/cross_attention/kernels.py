@@ -61,7 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import aligned_strides, check_device, dot_upcast, input_precision, interpreting, stride_align
+from .._triton import (aligned_strides, check_device, dot_upcast, input_precision, interpreting, stride_align,
+                       triton_at_least)
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -458,6 +459,13 @@ def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str
     shared memory within 227 KB, tensor cores for 16-bit inputs and for tf32.  The backward holds
     more than the forward (the transposed ``[BLOCK_N, BLOCK_M]`` tiles of S, dP, dS, the dk and dv
     tiles, and dq when one query block covers Lq), hence its smaller BLOCK_M.
+
+    Triton >= 3.9 generates more register-hungry code for these kernels and has ptxas allocate
+    with --regAllocOptLevel=2, so two tiles chosen with Triton 3.6 spill there; on Triton >= 3.9
+    (only) they are replaced by the largest tile that compiles for sm_90a with no spills:
+    the 16-bit forward with BLOCK_M = 128 and D > 64 takes one stage instead of two (same
+    tile), and the exact-fp32 backward with D > 64 and one query block (dq in registers) takes
+    8 warps instead of 4 (same tile, its state spread over twice the threads).
     """
     bd = block_d(D)
     bm = _block_m(Lq, max_block_m(kind, dtype, D, input_precision))
@@ -468,11 +476,12 @@ def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str
             return XAttnConfig(bm, 32 if bd <= 64 else 16, 4, 2)
         if tf32:
             return XAttnConfig(bm, 32, 4, 2)
-        return XAttnConfig(bm, 64, 8 if bm == 128 or (bd > 64 and bm == 64) else 4, 2)
+        stages = 1 if (bm == 128 and bd > 64 and triton_at_least(3, 9)) else 2
+        return XAttnConfig(bm, 64, 8 if bm == 128 or (bd > 64 and bm == 64) else 4, stages)
     if kind == "bwd":
         one_m = Lq <= bm
         if fma:
-            return XAttnConfig(bm, 16, 4, 1)
+            return XAttnConfig(bm, 16, 8 if (one_m and bd > 64 and triton_at_least(3, 9)) else 4, 1)
         if tf32:
             return XAttnConfig(bm, 64 if bd <= 64 else 16, 4, 1)
         if bd <= 64:
