@@ -1,4 +1,4 @@
-"""Triton kernels for multimodal masked attention (issue 3; contract in the project notes).
+"""Triton kernels for multimodal masked attention (contract: ``ops.py`` and docs/architecture.md).
 
 ``attention_fwd_triton(q, k, v, meta, scale) -> (out, lse)`` and
 ``attention_bwd_triton(q, k, v, out, lse, dout, meta, scale) -> (dq, dk, dv)``.

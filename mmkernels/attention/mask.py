@@ -1,4 +1,4 @@
-"""Attention masks described by O(S) per-token metadata (the contract of issue 3).
+"""Attention masks described by O(S) per-token metadata (the contract of the attention family).
 
 A :class:`MultimodalMask` never stores an ``S x S`` matrix. It holds, for the
 query side and the key side, one int32 ``[B, S]`` tensor each of

@@ -1,4 +1,4 @@
-"""Triton launchers of the modality experts (issue 4; contract: ``ops.py``).
+"""Triton launchers of the modality experts (contract: ``ops.py``).
 
 The four contract functions ``linear_fwd_triton``, ``linear_bwd_triton``, ``ffn_fwd_triton``,
 ``ffn_bwd_triton``; the routing kernels (``route_triton``, ``route_split_triton``) live in
