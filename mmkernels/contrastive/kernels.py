@@ -1,7 +1,7 @@
 """Triton kernels for the contrastive family (forward stats, backward gradients).
 
 The contract these launchers implement is written down in the family's op
-module and in the project notes; in short, with ``L = scale * q @ k^T``:
+module and in docs/architecture.md; in short, with ``L = scale * q @ k^T``:
 
 * ``contrastive_stats_triton`` returns per-row log-sum-exp / max / sum /
   positive logit and (optionally) per-column log-sum-exp / max / sum, in one

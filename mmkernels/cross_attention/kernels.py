@@ -1,4 +1,4 @@
-"""Triton kernels for few-query cross-attention (issue 5; contract in the project notes).
+"""Triton kernels for few-query cross-attention (contract: ``ops.py``).
 
 ``cross_attention_fwd_triton(q, k, v, key_padding_mask, seed, scale, dropout_p) -> (out, lse)``
 and ``cross_attention_bwd_triton(q, k, v, out, lse, dout, key_padding_mask, seed, scale,
