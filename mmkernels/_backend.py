@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 
 import torch
 
-from . import _ext
+from . import _ext, _settings
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TRITON_INTERPRET = _settings.triton_interpret()
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
@@ -31,7 +30,7 @@ def _checked(name: str) -> str:
     return name
 
 
-_forced = [_checked(os.environ.get("MMKERNELS_BACKEND", "auto") or "auto")]
+_forced = [_checked(_settings.backend())]
 
 
 @contextlib.contextmanager

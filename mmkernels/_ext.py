@@ -29,6 +29,8 @@ import time
 import warnings
 from pathlib import Path
 
+from . import _settings
+
 MODULE_NAME = "mmkernels._C"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 LIBRARY = "_C.so"          # what torch.utils.cpp_extension names the library of extension "_C"
@@ -38,16 +40,9 @@ _lock = threading.Lock()
 _state: dict = {"loaded": False, "module": None, "error": None}
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def cache_root() -> Path:
     """The folder holding one build directory per (torch, Python, flags, install)."""
-    if os.environ.get("MMKERNELS_CACHE_DIR"):
-        return Path(os.environ["MMKERNELS_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mmkernels"
+    return _settings.cache_root()
 
 
 def source_files() -> list[Path]:
@@ -199,7 +194,7 @@ def build(*, force: bool = False, debug: bool = False, quiet: bool = False) -> P
 
 
 def _load() -> None:
-    if _truthy("MMKERNELS_NO_EXT"):
+    if _settings.no_ext():
         _state["error"] = "MMKERNELS_NO_EXT=1 is set: the C++ CPU kernels are neither built nor loaded"
         return
     try:

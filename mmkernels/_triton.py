@@ -1,13 +1,17 @@
-"""Launch-time facts shared by every family's Triton kernels (imported only where triton is)."""
+"""Triton helpers shared by every family: launch-time facts and ``@triton.jit`` functions
+(imported only where triton is installed)."""
 from __future__ import annotations
 
 import functools
 import math
 import operator
-import os
 import re
 
 import torch
+import triton
+import triton.language as tl
+
+from . import _settings
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,7 +34,7 @@ def interpreting() -> bool:
         from triton import knobs
         return bool(knobs.runtime.interpret)
     except Exception:  # a triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        return _settings.triton_interpret()
 
 
 def _interpreted_scalar_index(self) -> int:
@@ -102,6 +106,30 @@ def _fix_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = _patch_lang_tensor
 
 
+# dtypes every Triton kernel takes, and their pointer types in a compile signature
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """The values of a kernel's ``INPUT_PRECISION`` constexpr a launcher can pass for ``dtype``
+    (both for fp32, which may run exact or tf32; one for 16-bit inputs, where it is ignored)."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device`` (cached per device: no synchronisation);
+    1 for a CPU device (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``.
 
@@ -149,6 +177,18 @@ def stride_align(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> int:
     while al > 1 and g % al:
         al //= 2
     return al
+
+
+@triton.jit
+def scaled_strides(stride_b, stride_h, stride_s, ALIGN: tl.constexpr):
+    """The batch/head/sequence strides of a tensor as int64, multiplied back by ``ALIGN``.
+
+    Launchers pass those strides divided by ``ALIGN`` (:func:`aligned_strides`): multiplying by
+    the constexpr lets Triton prove 16-byte aligned rows (vector loads) even when D % 16 != 0,
+    and int64 keeps offsets of tensors over 2**31 elements exact.
+    """
+    return (tl.cast(stride_b, tl.int64) * ALIGN, tl.cast(stride_h, tl.int64) * ALIGN,
+            tl.cast(stride_s, tl.int64) * ALIGN)
 
 
 def aligned_strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:

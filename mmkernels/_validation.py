@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from . import _backend
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -92,3 +94,16 @@ def softmax_scale(scale, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return float(scale)
+
+
+def backend_for(x: torch.Tensor, what: str = "inputs") -> str:
+    """The concrete backend for an op whose main input is ``x`` (see ``_backend.resolve``).
+
+    Raises ``TypeError`` for float64 on the triton backend (the cpu and reference backends
+    take it); ``what`` names the input in the message.
+    """
+    which = _backend.resolve(x.device)
+    if which == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"the triton backend takes float32, bfloat16 or float16 {what}, got float64 "
+                        "(the cpu and reference backends take float64)")
+    return which

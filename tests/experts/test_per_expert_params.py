@@ -17,8 +17,8 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext, _storage
 from mmkernels.testing.numerics import assert_close
-from expert_models import LlamaMLP
-from experts_cases import make_ids, randn, record_launches
+from tests.helpers.peer_models import LlamaMLP
+from tests.experts.cases import make_ids, randn, record_launches
 
 BACKENDS = ["reference", "cpu", "triton"]
 

@@ -21,8 +21,8 @@ from mmkernels import MultiwayFFN, _ext
 from mmkernels.experts import activations
 from mmkernels.experts.reference import modality_layer_norm_reference, modality_linear_reference
 from mmkernels.testing.numerics import assert_close
-from experts_cases import make_ids, randn
-from expert_models import MultiwayNetwork, TimmMlp, TorchscaleFFN
+from tests.experts.cases import make_ids, randn
+from tests.helpers.peer_models import MultiwayNetwork, TimmMlp, TorchscaleFFN
 
 BACKENDS = ["reference", "cpu", "triton"]
 

@@ -8,7 +8,7 @@ import mmkernels
 from mmkernels.contrastive import reference
 from mmkernels.testing.numerics import assert_close
 
-from contrastive_cases import BACKENDS, features, have_backend, run_loss
+from tests.contrastive.cases import BACKENDS, features, have_backend, run_loss
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D): every N in {1, 7, 97, 129} and every D in {1, 33, 88, 256} appears

@@ -30,7 +30,7 @@ triton = pytest.importorskip("triton")
 from mmkernels.experts import kernels as K  # noqa: E402
 from mmkernels.experts.routing import route_split as route_split_torch  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
-from experts_cases import record_launches  # noqa: E402
+from tests.experts.cases import record_launches  # noqa: E402
 
 try:  # the lead's reference (loop over experts with boolean masks)
     from mmkernels.experts.reference import modality_ffn_reference, modality_linear_reference  # noqa: E402

@@ -19,8 +19,8 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext
 from mmkernels.testing.numerics import assert_close
-from experts_cases import randn
-from expert_models import LlamaMLP, TimmMlp
+from tests.experts.cases import randn
+from tests.helpers.peer_models import LlamaMLP, TimmMlp
 
 BACKENDS = ["reference", "cpu", "triton"]
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]

@@ -1,6 +1,6 @@
 """patch_multiway: torchscale's MultiwayNetworks (BEiT-3, VLMo in torchscale) on mmkernels' routed modules.
 
-torchscale is not installed: the model is the stand-in multiway encoder of tests/expert_models.py
+torchscale is not installed: the model is the stand-in multiway encoder of tests/helpers/peer_models.py
 (multiway q/k/v/out projections and inner_attn_ln, multiway LayerNorms, subln FFN). A patched copy
 must compute what the original computes (output and every gradient, against the original in
 float64) on the C++ and the interpreted Triton backends, keep torchscale's state-dict keys and
@@ -19,8 +19,8 @@ import mmkernels
 from mmkernels.integrations import MultiwayAdapter, patch_multiway
 from mmkernels.integrations import torchscale as ts
 from mmkernels.testing.numerics import assert_close
-from experts_cases import randn
-from expert_models import MultiwayNetwork, TorchscaleEncoder, TorchscaleFFN
+from tests.experts.cases import randn
+from tests.helpers.peer_models import MultiwayNetwork, TorchscaleEncoder, TorchscaleFFN
 
 H, HEADS, FFN_DIM, S, B = 16, 2, 24, 9, 2
 PER_LAYER = 8  # q, k, v, out_proj, inner_attn_ln, self_attn_layer_norm, ffn, final_layer_norm

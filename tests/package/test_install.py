@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in the fresh environment, from a folder outside the checkout: one op of three families on
 # the C++ backend, forward and backward, against the reference backend.

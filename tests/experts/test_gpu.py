@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmkernels
-from experts_cases import ACTS, ffn_params, make_ids, names, randn, run
+from tests.experts.cases import ACTS, ffn_params, make_ids, names, randn, run
 from mmkernels.experts import kernels as K
 from mmkernels.testing.cuda_graph import capture, sync_free
 from mmkernels.testing.numerics import assert_close

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():  # normally already done by conftest.py
 
 triton = pytest.importorskip("triton")
 
-from experts_cases import make_ids, randn  # noqa: E402
+from tests.experts.cases import make_ids, randn  # noqa: E402
 from mmkernels.experts import norm_kernels as NK  # noqa: E402
 from mmkernels.experts.reference import modality_layer_norm_reference  # noqa: E402
 from mmkernels.experts.routing import route  # noqa: E402

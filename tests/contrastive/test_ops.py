@@ -9,8 +9,8 @@ from mmkernels import _ext
 from mmkernels.contrastive import reference
 from mmkernels.testing.numerics import assert_close
 
-from contrastive_cases import features, leaf
-from rss_probe import peak_extra
+from tests.contrastive.cases import features, leaf
+from tests.helpers.rss import peak_extra
 
 
 def test_cpp_extension_is_built():

@@ -10,7 +10,7 @@ from mmkernels import MultimodalMask
 from mmkernels.attention import multimodal_attention_reference
 from mmkernels.testing.numerics import assert_close
 
-from rss_probe import peak_extra
+from tests.helpers.rss import peak_extra
 
 BACKENDS = ["cpu", "triton"]
 

@@ -11,7 +11,7 @@ sets the allowance of mmkernels.testing.numerics.assert_close.
 import pytest
 import torch
 
-from experts_cases import make_ids, randn
+from tests.experts.cases import make_ids, randn
 from mmkernels.experts.reference import modality_layer_norm_reference
 from mmkernels.experts.routing import route_torch
 from mmkernels.testing import cpp

@@ -21,7 +21,7 @@ from mmkernels import _ext
 from mmkernels.experts import routing
 from mmkernels.experts.reference import modality_layer_norm_reference
 from mmkernels.testing.numerics import assert_close
-from experts_cases import leaf, make_ids, randn
+from tests.experts.cases import leaf, make_ids, randn
 
 BACKENDS = ["cpu", "triton"]
 NAMES = ("y", "dx", "dweight", "dbias")

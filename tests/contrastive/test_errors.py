@@ -6,7 +6,7 @@ import torch
 
 import mmkernels
 
-from contrastive_cases import features
+from tests.contrastive.cases import features
 
 IMG, TXT = features(8, 16, seed=1), features(8, 16, seed=2)
 

@@ -8,7 +8,7 @@ triton = pytest.importorskip("triton")
 
 from mmkernels.attention import MultimodalMask  # noqa: E402
 from mmkernels.attention.tile_kernel import tile_map_triton  # noqa: E402
-from test_attention_mask import RAGGED_BUILDERS, random_mask  # noqa: E402
+from tests.attention.test_mask import RAGGED_BUILDERS, random_mask  # noqa: E402
 
 
 def torch_tile_map(m: MultimodalMask, bm: int, bn: int) -> torch.Tensor:

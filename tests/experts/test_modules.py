@@ -20,7 +20,7 @@ from torch import nn
 import mmkernels
 from mmkernels import MultiwayFFN, MultiwayLinear, _ext
 from mmkernels.testing.numerics import assert_close
-from expert_models import LlamaMLP, MultiwayNetwork, TimmMlp, TorchscaleFFN
+from tests.helpers.peer_models import LlamaMLP, MultiwayNetwork, TimmMlp, TorchscaleFFN
 
 BACKENDS = ["reference", "cpu", "triton"]
 

@@ -15,7 +15,7 @@ from mmkernels.experts import routing
 from mmkernels.experts.reference import modality_linear_reference
 from mmkernels.testing.numerics import assert_close
 
-from experts_cases import ACTS, DTYPES, ffn_params, linear_params, make_ids, names, randn, run
+from tests.experts.cases import ACTS, DTYPES, ffn_params, linear_params, make_ids, names, randn, run
 
 BACKENDS = ["cpu", "triton"]
 

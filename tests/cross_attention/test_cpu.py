@@ -316,7 +316,7 @@ def test_aten_gemm_fallback():
     import sys
 
     code = (
-        "import torch, sys; sys.path.insert(0, %r); import test_cpp_cross_attention as t; "
+        "import torch, sys; sys.path.insert(0, %r); import test_cpu as t; "
         "q, k, v = t.rand_qkv(2, 2, 33, 300, 88, seed=1); t.run_case(q, k, v, t.padding_mask(2, 300, full_row=1), p=0.1); "
         "q, k, v = t.rand_qkv(1, 2, 70, 1100, 64, dtype=torch.float32, seed=2); t.run_case(q, k, v, None); "
         "print('ok')" % os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import mmkernels
-from experts_cases import make_ids, randn
+from tests.experts.cases import make_ids, randn
 from mmkernels.experts.reference import modality_layer_norm_reference
 from mmkernels.testing.cuda_graph import capture, sync_free
 from mmkernels.testing.numerics import assert_close

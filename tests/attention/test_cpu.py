@@ -269,7 +269,7 @@ def test_aten_gemm_fallback():
     import sys
 
     code = (
-        "import torch, sys; sys.path.insert(0, %r); import test_cpp_attention as t; "
+        "import torch, sys; sys.path.insert(0, %r); import test_cpu as t; "
         "from mmkernels.attention.mask import MultimodalMask as M; "
         "q, k, v = t.rand_qkv(2, 4, 2, 97, 97, 16, seed=1); t.run_case(q, k, v, M.causal(2, 97)); "
         "q, k, v = t.rand_qkv(1, 2, 1, 70, 130, 32, dtype=torch.float32, seed=2); t.run_case(q, k, v, None); "

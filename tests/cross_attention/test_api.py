@@ -376,7 +376,7 @@ def test_cpu_memory_has_no_scores_tensor():
     64 MiB. The cpu backend stays far below them (about 7 MiB measured here: gradients and
     per-thread tiles); the reference holds several score-sized tensors (about 540 MiB)."""
     _require("cpu")
-    from rss_probe import peak_extra
+    from tests.helpers.rss import peak_extra
     ours = peak_extra(_MEMORY_BODY, "cpu")["extra"]
     ref = peak_extra(_MEMORY_BODY, "reference")["extra"]
     scores = 2 * 4 * 256 * 8192 * 4
