@@ -1,9 +1,10 @@
-"""The BLIP-2 Q-Former on mmkernels' attention kernels, weight-compatible with HF ``Blip2QFormerModel``.
+"""The BLIP-2 / InstructBLIP Q-Former on mmkernels' attention kernels, weight-compatible with HF's.
 
 Structure (``L = num_hidden_layers`` layers; a layer ``l`` with ``l % cross_attention_frequency == 0``
 also cross-attends to the image features)::
 
     x = dropout(layernorm(query_embeds))                         # [B, S, H], S = Q query tokens + text
+    # InstructBLIP: x = dropout(layernorm(cat(query_embeds, word(input_ids) + position(position_ids))))
     for each layer:
         x = LN(x + dense(self_attention(x)))                     # all S tokens
         xq = x[:, :Q]
@@ -26,8 +27,10 @@ What runs where:
 
 Parameter names equal those of HF's ``Blip2QFormerModel`` (``layernorm``,
 ``encoder.layer.{i}.attention.attention.query``, ``...crossattention.output.LayerNorm``,
-``...intermediate_query.dense``, ...), so its state dict loads with ``strict=True`` in both
-directions. transformers is not imported here.
+``...intermediate_query.dense``, ...), or with ``text_embeddings=True`` those of
+``InstructBlipQFormerModel`` (``embeddings.word_embeddings``, ``embeddings.position_embeddings``,
+``embeddings.layernorm`` in place of ``layernorm``), so the state dicts load with ``strict=True``
+in both directions. transformers is not imported here.
 
 Differences from HF's eager Q-Former, shared by every mmkernels backend: a query whose keys are
 all padding gets a zero attention output (HF averages over the padding); attention dropout uses
@@ -66,6 +69,9 @@ _CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "hi
                   "num_hidden_layers", "cross_attention_frequency", "encoder_hidden_size",
                   "layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob",
                   "use_qformer_text_input")
+# With text_embeddings (InstructBLIP) the text FFN always exists, so use_qformer_text_input may be
+# absent (InstructBlipQFormerConfig has none); the embedding tables need these instead.
+_TEXT_EMBEDDING_FIELDS = ("vocab_size", "max_position_embeddings", "pad_token_id")
 
 
 def _activation(act):
@@ -94,11 +100,26 @@ def _probability(config, name: str) -> float:
     return float(v)
 
 
-def _check_config(config) -> None:
-    missing = [f for f in _CONFIG_FIELDS if not hasattr(config, f)]
+def _check_config(config, text_embeddings: bool) -> None:
+    if text_embeddings:
+        fields = [f for f in _CONFIG_FIELDS if f != "use_qformer_text_input"] + list(_TEXT_EMBEDDING_FIELDS)
+        kind = "InstructBlipQFormerConfig"
+    else:
+        fields, kind = list(_CONFIG_FIELDS), "Blip2QFormerConfig"
+    missing = [f for f in fields if not hasattr(config, f)]
     if missing:
-        raise TypeError(f"QFormer config lacks {missing}; pass a transformers Blip2QFormerConfig or an "
-                        f"object with the attributes {list(_CONFIG_FIELDS)}")
+        raise TypeError(f"QFormer config lacks {missing}; pass a transformers {kind} or an "
+                        f"object with the attributes {fields}")
+    if text_embeddings:
+        if not getattr(config, "use_qformer_text_input", True):
+            raise ValueError("text_embeddings=True needs the text FFN, but the config has "
+                             "use_qformer_text_input=False")
+        _positive_int(config, "vocab_size")
+        _positive_int(config, "max_position_embeddings")
+        pad = config.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
+                                or not 0 <= pad < config.vocab_size):
+            raise ValueError(f"config.pad_token_id must be None or an int in [0, vocab_size), got {pad!r}")
     for name in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
                  "cross_attention_frequency", "encoder_hidden_size"):
         _positive_int(config, name)
@@ -190,13 +211,13 @@ class _Intermediate(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, config, index: int):
+    def __init__(self, config, index: int, text_ffn: bool):
         super().__init__()
         self.attention = _AttentionBlock(config)
         self.has_cross_attention = index % config.cross_attention_frequency == 0
         if self.has_cross_attention:
             self.crossattention = _AttentionBlock(config, is_cross_attention=True)
-        self.has_text_ffn = bool(config.use_qformer_text_input)
+        self.has_text_ffn = text_ffn
         if self.has_text_ffn:
             self.intermediate = _Intermediate(config)
             self.output = _ResidualOutput(config, config.intermediate_size)
@@ -205,9 +226,32 @@ class _Layer(nn.Module):
 
 
 class _Encoder(nn.Module):
+    def __init__(self, config, text_ffn: bool):
+        super().__init__()
+        self.layer = nn.ModuleList(_Layer(config, i, text_ffn) for i in range(config.num_hidden_layers))
+
+
+class _Embeddings(nn.Module):
+    """InstructBLIP's input embeddings (HF's ``InstructBlipQFormerEmbeddings``): the instruction's
+    word + position embeddings after the query tokens, then LayerNorm and dropout over all of them."""
+
     def __init__(self, config):
         super().__init__()
-        self.layer = nn.ModuleList(_Layer(config, i) for i in range(config.num_hidden_layers))
+        width = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, query_embeds, input_ids, position_ids, dtype) -> torch.Tensor:
+        parts = [] if query_embeds is None else [query_embeds.to(dtype)]
+        if input_ids is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            text = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+            parts.append(text.to(dtype))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.layernorm(x))
 
 
 def _reshare_after_load(module, incompatible_keys) -> None:
@@ -215,29 +259,45 @@ def _reshare_after_load(module, incompatible_keys) -> None:
 
 
 class QFormer(nn.Module):
-    """The BLIP-2 Querying Transformer on mmkernels' kernels; loads HF ``Blip2QFormerModel`` weights.
+    """The BLIP-2 / InstructBLIP Querying Transformer on mmkernels' kernels; loads HF weights.
 
     Args:
-        config: a transformers ``Blip2QFormerConfig``, or any object with its attributes
-            ``hidden_size``, ``num_attention_heads``, ``intermediate_size``, ``hidden_act`` (one of
-            ``"gelu"``, ``"gelu_new"``, ``"gelu_pytorch_tanh"``, ``"relu"``, ``"silu"``/``"swish"``,
-            or a callable), ``num_hidden_layers``, ``cross_attention_frequency``,
+        config: a transformers ``Blip2QFormerConfig`` (``InstructBlipQFormerConfig`` with
+            ``text_embeddings=True``), or any object with its attributes ``hidden_size``,
+            ``num_attention_heads``, ``intermediate_size``, ``hidden_act`` (one of ``"gelu"``,
+            ``"gelu_new"``, ``"gelu_pytorch_tanh"``, ``"relu"``, ``"silu"``/``"swish"``, or a
+            callable), ``num_hidden_layers``, ``cross_attention_frequency``,
             ``encoder_hidden_size``, ``layer_norm_eps``, ``hidden_dropout_prob``,
-            ``attention_probs_dropout_prob``, ``use_qformer_text_input``.
+            ``attention_probs_dropout_prob``, ``use_qformer_text_input`` (optional with
+            ``text_embeddings``).
+        text_embeddings: build InstructBLIP's input embeddings, so that ``forward`` takes the
+            instruction as ``input_ids``: ``embeddings.word_embeddings`` (``[vocab_size,
+            hidden_size]``, ``padding_idx=pad_token_id``), ``embeddings.position_embeddings``
+            (``[max_position_embeddings, hidden_size]``) and ``embeddings.layernorm`` in place of
+            ``layernorm``; the config then needs ``vocab_size``, ``max_position_embeddings`` and
+            ``pad_token_id``, and every layer has the text FFN. Default ``False``: BLIP-2's layout.
+        device, dtype: where and in which dtype to create the parameters.
 
-    ``QFormer.from_hf(hf_qformer)`` builds one with an HF model's config, dtype, device and
-    weights. Like HF's, the module is meant to run in float32 (inputs are cast to its dtype);
+    ``QFormer.from_hf(hf_qformer)`` builds one with an HF model's config, layout, dtype, device
+    and weights. Like HF's, the module is meant to run in float32 (inputs are cast to its dtype);
     float64 works on the ``cpu`` and ``reference`` backends.
     """
 
-    def __init__(self, config, *, device=None, dtype=None):
+    def __init__(self, config, *, text_embeddings: bool = False, device=None, dtype=None):
         super().__init__()
-        _check_config(config)
+        if not isinstance(text_embeddings, bool):
+            raise TypeError(f"text_embeddings must be a bool, got {type(text_embeddings).__name__}")
+        _check_config(config, text_embeddings)
         self.config = config
         self.num_heads = config.num_attention_heads
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.encoder = _Encoder(config)
+        self.has_text_embeddings = text_embeddings
+        self.has_text_ffn = text_embeddings or bool(config.use_qformer_text_input)
+        if text_embeddings:
+            self.embeddings = _Embeddings(config)
+        else:
+            self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = _Encoder(config, self.has_text_ffn)
         self._init_weights(getattr(config, "initializer_range", 0.02))
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)          # _apply shares the K/V storage
@@ -252,6 +312,14 @@ class QFormer(nn.Module):
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0.0, std)
                 m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+
+    def _input_layernorm(self) -> nn.LayerNorm:
+        """The LayerNorm over the input tokens (it sets the dtype inputs are cast to)."""
+        return self.embeddings.layernorm if self.has_text_embeddings else self.layernorm
 
     # -- the shared K/V storage
     def _cross_kv_linears(self) -> list[tuple[nn.Linear, nn.Linear]]:
@@ -268,19 +336,25 @@ class QFormer(nn.Module):
         return out
 
     @classmethod
+    @classmethod
     def from_hf(cls, hf_qformer) -> "QFormer":
         """A ``QFormer`` with the config, weights, dtype, device and train/eval mode of an HF
-        ``Blip2QFormerModel`` (or of a model holding one as ``.qformer``)."""
+        ``Blip2QFormerModel``, ``InstructBlipQFormerModel`` or ``InstructBlipVideoQFormerModel``
+        (or of a model holding one as ``.qformer``). InstructBLIP's Q-Formers, which embed the
+        instruction themselves, give a model built with ``text_embeddings=True``."""
         if not isinstance(hf_qformer, nn.Module):
-            raise TypeError(f"from_hf takes a transformers Blip2QFormerModel, got {type(hf_qformer).__name__}")
+            raise TypeError(f"from_hf takes a transformers Blip2QFormerModel or InstructBlipQFormerModel, "
+                            f"got {type(hf_qformer).__name__}")
         if not hasattr(hf_qformer, "encoder") and isinstance(getattr(hf_qformer, "qformer", None), nn.Module):
             hf_qformer = hf_qformer.qformer
-        if not (hasattr(hf_qformer, "encoder") and hasattr(hf_qformer, "layernorm")
-                and hasattr(hf_qformer, "config")):
+        embeddings = getattr(hf_qformer, "embeddings", None)
+        text = isinstance(getattr(embeddings, "word_embeddings", None), nn.Embedding)
+        norm = getattr(embeddings if text else hf_qformer, "layernorm", None)
+        if not (hasattr(hf_qformer, "encoder") and hasattr(hf_qformer, "config") and isinstance(norm, nn.LayerNorm)):
             raise TypeError(f"from_hf takes a transformers Blip2QFormerModel (with .config, .layernorm and "
-                            f".encoder), got {type(hf_qformer).__name__}")
-        ref = hf_qformer.layernorm.weight
-        model = cls(hf_qformer.config, device=ref.device, dtype=ref.dtype)
+                            f".encoder) or InstructBlipQFormerModel (with .config, .embeddings and .encoder), "
+                            f"got {type(hf_qformer).__name__}")
+        model = cls(hf_qformer.config, text_embeddings=text, device=norm.weight.device, dtype=norm.weight.dtype)
         model.load_state_dict(hf_qformer.state_dict(), strict=True)
         return model.train(hf_qformer.training)
 
@@ -291,44 +365,68 @@ class QFormer(nn.Module):
         return fused_kv_projection(encoder_hidden_states, [(k.weight, v.weight) for k, v in pairs],
                                    [(k.bias, v.bias) for k, v in pairs], num_heads=self.num_heads)
 
-    def forward(self, query_embeds: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, *,
+    def forward(self, query_embeds: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None = None, *,
                 query_length: int | None = None, attention_mask: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None,
-                self_attention_mask: MultimodalMask | None = None) -> torch.Tensor:
+                self_attention_mask: MultimodalMask | None = None,
+                input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run the Q-Former.
 
         Args:
-            query_embeds: ``[B, S, hidden_size]``: the ``Q`` learned query tokens, optionally
-                followed by ``S - Q`` text embeddings (needs ``use_qformer_text_input``).
+            query_embeds: ``[B, Q', hidden_size]``, floating: the ``Q`` learned query tokens,
+                optionally followed by ``Q' - Q`` text embeddings (needs the text FFN). May be
+                ``None`` when ``input_ids`` is given (text only: ``Q = 0``).
             encoder_hidden_states: image features ``[B, Lk, encoder_hidden_size]``; needed when
                 ``query_length > 0`` (every cross-attention layer reads them).
-            query_length: ``Q``, the number of query tokens (default ``S``). Only they
-                cross-attend and use the query FFN; the rest use the text FFN.
-            attention_mask: ``[B, S]``, 1/True = attend: key padding of the self-attention.
+            query_length: ``Q``, the number of query tokens (default: all of ``query_embeds``).
+                Only they cross-attend and use the query FFN; the rest use the text FFN.
+            attention_mask: ``[B, S]`` (bool, or numbers with nonzero = attend): key padding of
+                the self-attention over all ``S`` tokens (queries, then text).
             encoder_attention_mask: ``[B, Lk]``, 1/True = attend: padding of the image features.
             self_attention_mask: a :class:`mmkernels.MultimodalMask` of shape ``(B, S, S)`` for the
                 self-attention, e.g. ``MultimodalMask.blip2(Q, text_lengths, S - Q, "itg")``
                 (express padding inside it; do not also pass ``attention_mask``). It runs
                 :func:`mmkernels.multimodal_attention`, which applies no attention dropout.
+            input_ids: ``[B, T]`` int64 (or int32) token ids of InstructBLIP's instruction (needs
+                ``text_embeddings=True``). They are embedded (word + position embeddings) and
+                follow the query tokens, so ``S = Q + T``; ``query_embeds`` then holds the query
+                tokens only (``query_length``, if given, must equal ``query_embeds.shape[1]``).
+                The queries and the instruction attend to each other in the self-attention;
+                only the queries cross-attend to the image.
+            position_ids: ``[B, T]`` or ``[1, T]`` integer positions of the instruction tokens
+                (default ``0 .. T-1``, as HF); only with ``input_ids``.
 
         Returns:
             ``last_hidden_state [B, S, hidden_size]`` in the module's dtype.
         """
-        dtype = self.layernorm.weight.dtype
-        check.tensor(query_embeds, "query_embeds", 3)
-        check.floating(query_embeds, "query_embeds")
-        check.nonempty(query_embeds, "query_embeds")
-        b, s, width = query_embeds.shape
-        if width != self.config.hidden_size:
-            raise ValueError(f"query_embeds must have width hidden_size = {self.config.hidden_size}, got {width}")
-        device = query_embeds.device
+        dtype = self._input_layernorm().weight.dtype
+        if query_length is not None and (isinstance(query_length, bool) or not isinstance(query_length, int)):
+            raise TypeError(f"query_length must be an int or None, got {type(query_length).__name__}")
+        if query_embeds is None:
+            if input_ids is None:
+                raise ValueError("query_embeds must be given (or input_ids, on a QFormer with text_embeddings)")
+            b, queries = check.tensor(input_ids, "input_ids", 2).shape[0], 0
+            device = input_ids.device
+        else:
+            check.tensor(query_embeds, "query_embeds", 3)
+            check.floating(query_embeds, "query_embeds")
+            check.nonempty(query_embeds, "query_embeds")
+            b, queries, width = query_embeds.shape
+            if width != self.config.hidden_size:
+                raise ValueError(f"query_embeds must have width hidden_size = {self.config.hidden_size}, "
+                                 f"got {width}")
+            device = query_embeds.device
+        s = queries + self._check_text_inputs(input_ids, position_ids, b, device)
+        if input_ids is not None:
+            if query_length is not None and query_length != queries:
+                raise ValueError(f"with input_ids, query_embeds holds the query tokens only: query_length must "
+                                 f"be None or query_embeds.shape[1] = {queries}, got {query_length}")
+            query_length = queries
         if query_length is None:
             query_length = s
-        if isinstance(query_length, bool) or not isinstance(query_length, int):
-            raise TypeError(f"query_length must be an int or None, got {type(query_length).__name__}")
         if not 0 <= query_length <= s:
             raise ValueError(f"query_length must lie in [0, S] = [0, {s}], got {query_length}")
-        if query_length < s and not self.config.use_qformer_text_input:
+        if query_length < s and not self.has_text_ffn:
             raise ValueError(f"query_embeds has {s - query_length} text tokens after the {query_length} queries, "
                              "but the config has use_qformer_text_input=False (no text FFN)")
         self_kpm = _padding_mask(attention_mask, (b, s), "attention_mask", device)
@@ -343,7 +441,7 @@ class QFormer(nn.Module):
                 raise ValueError(f"self_attention_mask must have shape (B, S, S) = {(b, s, s)}, got "
                                  f"{self_attention_mask.shape}")
             if self_attention_mask.device != device:
-                raise ValueError(f"self_attention_mask is on {self_attention_mask.device} but query_embeds is "
+                raise ValueError(f"self_attention_mask is on {self_attention_mask.device} but the inputs are "
                                  f"on {device}")
         cross = query_length > 0 and any(l.has_cross_attention for l in self.encoder.layer)
         kvs, cross_kpm = [], None
@@ -364,7 +462,10 @@ class QFormer(nn.Module):
             # one GEMM for the K/V of every cross-attention layer
             kvs = self.cross_kv(encoder_hidden_states.to(dtype))
 
-        x = self.dropout(self.layernorm(query_embeds.to(dtype)))
+        if self.has_text_embeddings:
+            x = self.embeddings(query_embeds, input_ids, position_ids, dtype)
+        else:
+            x = self.dropout(self.layernorm(query_embeds.to(dtype)))
         kv_iter = iter(kvs)
         for layer in self.encoder.layer:
             x = self._self_attention(layer.attention, x, self_kpm, self_attention_mask)
@@ -380,6 +481,39 @@ class QFormer(nn.Module):
                 xq = torch.cat([xq, layer.output(layer.intermediate(xt), xt)], dim=1)
             x = xq
         return x
+
+    def _check_text_inputs(self, input_ids, position_ids, batch: int, device) -> int:
+        """Check ``input_ids``/``position_ids``; returns the number of instruction tokens ``T``."""
+        if input_ids is None:
+            if position_ids is not None:
+                raise ValueError("position_ids is given without input_ids")
+            return 0
+        if not self.has_text_embeddings:
+            raise ValueError("input_ids needs a QFormer built with text_embeddings=True (InstructBLIP's "
+                             "Q-Former); a BLIP-2 Q-Former takes text as embeddings in query_embeds")
+        check.tensor(input_ids, "input_ids", 2)
+        check.nonempty(input_ids, "input_ids")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        bi, t = input_ids.shape
+        if bi != batch:
+            raise ValueError(f"query_embeds has batch size {batch} but input_ids has {bi}")
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but query_embeds is on {device}")
+        if position_ids is None:
+            if t > self.config.max_position_embeddings:
+                raise ValueError(f"input_ids has {t} tokens, more than max_position_embeddings = "
+                                 f"{self.config.max_position_embeddings}")
+            return t
+        check.tensor(position_ids, "position_ids", 2)
+        if position_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"position_ids must be int64 or int32, got {position_ids.dtype}")
+        if position_ids.shape[1] != t or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have shape [B, T] or [1, T] with B = {batch}, T = {t}, got "
+                             f"{tuple(position_ids.shape)}")
+        if position_ids.device != device:
+            raise ValueError(f"position_ids is on {position_ids.device} but input_ids is on {device}")
+        return t
 
     def _attention_dropout(self, block: _AttentionBlock) -> float:
         return block.attention.dropout_p if self.training else 0.0

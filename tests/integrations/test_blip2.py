@@ -17,52 +17,17 @@ from mmkernels.testing.numerics import assert_close  # noqa: E402
 from mmkernels.integrations import is_patched, key_padding_from_hf_mask, patch_blip2, unpatch_blip2  # noqa: E402
 from mmkernels.integrations import transformers as integ  # noqa: E402
 
-from transformers import Blip2QFormerConfig, Blip2QFormerModel  # noqa: E402
+from transformers import Blip2QFormerConfig  # noqa: E402
 
-
-B, Q, T, LK = 2, 32, 8, 10
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=5e-5, rtol=5e-5)}
-
-
-def make_hf(dtype=torch.float64, impl="eager", seed=0, **over):
-    kw = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=4,
-              cross_attention_frequency=2, encoder_hidden_size=96, use_qformer_text_input=True,
-              attn_implementation=impl)
-    kw.update(over)
-    torch.manual_seed(seed)
-    model = Blip2QFormerModel(Blip2QFormerConfig(**kw)).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layernorm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def make_inputs(dtype, s=Q + T, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, s, 128, generator=g, dtype=dtype), torch.randn(B, LK, 96, generator=g, dtype=dtype),
-            torch.randn(B, s, 128, generator=g, dtype=dtype))
+from tests.helpers.qformer import (  # noqa: E402
+    B, LK, Q, T, assert_same, hf_fn, instruction, make_blip2, make_inputs, make_instructblip,
+)
+from tests.helpers.qformer import run_grads as run_fn_grads  # noqa: E402
 
 
 def run_grads(model, x, e, up, **kw):
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    e = e.clone().requires_grad_()
-    out = model(x, encoder_hidden_states=e, **kw).last_hidden_state
-    (out * up).sum().backward()
-    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-    return out.detach(), x.grad, e.grad, grads
-
-
-def assert_same(a, b, dtype):
-    for t_a, t_b in zip(a[:3], b[:3]):
-        torch.testing.assert_close(t_a, t_b, **TOL[dtype])
-    assert a[3].keys() == b[3].keys()
-    for n in a[3]:
-        if a[3][n] is None or b[3][n] is None:
-            assert a[3][n] is None and b[3][n] is None, n
-        else:
-            torch.testing.assert_close(a[3][n], b[3][n], **TOL[dtype], msg=lambda m: f"{n}: {m}")
+    """Output and gradients of the HF Q-Former ``model`` called with ``x`` as its input."""
+    return run_fn_grads(hf_fn(model, **kw), model, x, e, up)
 
 
 def no_patch_left(model) -> bool:
@@ -97,7 +62,7 @@ def test_patched_matches_hf(case, impl):
     dtype = torch.float64
     spec = CASES[case]
     s = spec["s"]
-    hf = make_hf(dtype, impl)
+    hf = make_blip2(dtype, impl)
     x, e, up = make_inputs(dtype, s)
     kw = {}
     if s > Q:
@@ -125,7 +90,7 @@ def test_patched_matches_hf(case, impl):
 
 def test_patched_matches_hf_float32_sdpa():
     dtype = torch.float32
-    hf = make_hf(dtype, "sdpa")
+    hf = make_blip2(dtype, "sdpa")
     x, e, up = make_inputs(dtype)
     am = torch.ones(B, Q + T, dtype=torch.bool)
     am[0, -2:] = False
@@ -143,7 +108,7 @@ def test_patched_matches_hf_float32_sdpa():
 
 
 def test_fused_projection_once_and_stash_cleared(monkeypatch):
-    hf = make_hf(torch.float64)
+    hf = make_blip2(torch.float64)
     patch_blip2(hf)
     cross = [l.crossattention.attention for l in hf.encoder.layer if l.has_cross_attention]
     # patching shares the cross layers' K/V storage: the fused GEMM reads a view
@@ -184,7 +149,7 @@ def test_fused_projection_once_and_stash_cleared(monkeypatch):
 
 
 def test_patch_twice_and_unpatch_unpatched():
-    hf = make_hf(torch.float64, num_hidden_layers=2)
+    hf = make_blip2(torch.float64, num_hidden_layers=2)
     unpatch_blip2(hf)                                    # not patched: no-op
     assert no_patch_left(hf)
     first = patch_blip2(hf)
@@ -198,7 +163,7 @@ def test_patch_twice_and_unpatch_unpatched():
 
 
 def test_unpatch_restores_previous_instance_forward():
-    hf = make_hf(torch.float64, num_hidden_layers=2)
+    hf = make_blip2(torch.float64, num_hidden_layers=2)
     att = hf.encoder.layer[0].attention.attention
     calls = []
     own = att.forward
@@ -221,7 +186,7 @@ def test_unpatch_restores_previous_instance_forward():
 
 
 def test_gradient_checkpointing():
-    hf = make_hf(torch.float64, num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = make_blip2(torch.float64, num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if hasattr(hf, "activation_checkpointing_enable"):          # transformers >= 5.2x
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -236,7 +201,7 @@ def test_gradient_checkpointing():
 
 
 def test_training_dropout_is_seeded():
-    hf = make_hf(torch.float64, num_hidden_layers=2, attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.1)
+    hf = make_blip2(torch.float64, num_hidden_layers=2, attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.1)
     patch_blip2(hf)
     hf.train()
     x, e, _ = make_inputs(torch.float64)
@@ -340,7 +305,7 @@ def test_key_padding_from_hf_mask_forms():
 
 def test_triton_backend_small():
     dtype = torch.float32
-    hf = make_hf(dtype, "sdpa", num_hidden_layers=2)
+    hf = make_blip2(dtype, "sdpa", num_hidden_layers=2)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 12, 128, generator=g)
     e = torch.randn(1, 6, 96, generator=g)
@@ -357,44 +322,28 @@ def test_triton_backend_small():
 def test_patched_instructblip_qformer_matches_hf():
     """InstructBLIP's Q-Former (its own word embeddings; instruction tokens after the queries,
     padded) gives the same output and gradients before and after patch_blip2."""
-    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
-    cfg = InstructBlipQFormerConfig(vocab_size=50, hidden_size=128, num_attention_heads=2, intermediate_size=256,
-                                    num_hidden_layers=4, cross_attention_frequency=2, encoder_hidden_size=96,
-                                    max_position_embeddings=64, attn_implementation="eager")
-    torch.manual_seed(0)
-    hf = InstructBlipQFormerModel(cfg).double().eval()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 50, (B, T), generator=g)
-    am = torch.ones(B, Q + T, dtype=torch.long)
-    am[1, -3:] = 0  # the second instruction is 3 tokens shorter
-    queries = torch.randn(B, Q, 128, generator=g, dtype=torch.float64)
-    img = torch.randn(B, LK, 96, generator=g, dtype=torch.float64)
-    up = torch.randn(B, Q + T, 128, generator=g, dtype=torch.float64)
+    hf = make_instructblip(torch.float64)
+    ids, am = instruction()
+    x, e, up = make_inputs(torch.float64)
 
-    def run():
-        hf.zero_grad(set_to_none=True)
-        qq, ee = queries.clone().requires_grad_(), img.clone().requires_grad_()
-        out = hf(input_ids=ids, attention_mask=am, query_embeds=qq, encoder_hidden_states=ee).last_hidden_state
-        (out * up).sum().backward()
-        return [out.detach(), qq.grad, ee.grad] + [p.grad.clone() for p in hf.parameters() if p.grad is not None]
+    def fn(queries, image):
+        return hf(input_ids=ids, attention_mask=am, query_embeds=queries, encoder_hidden_states=image).last_hidden_state
 
-    want = run()
+    want = run_fn_grads(fn, hf, x[:, :Q], e, up)
     unpatch = patch_blip2(hf)
     assert is_patched(hf)
-    got = run()
+    got = run_fn_grads(fn, hf, x[:, :Q], e, up)
     unpatch()
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert_same(got, want, torch.float64)
 
 
 def test_patched_matches_hf_under_autocast():
     """Mixed-precision BLIP-2 training: an fp32 Q-Former under ``torch.autocast`` (bf16) reading
     bf16 features of a half-precision vision tower (HF casts them to the Q-Former's dtype; direct
-    callers of the fused projection with mixed dtypes are tested in tests/test_autocast.py). The
+    callers of the fused projection with mixed dtypes are tested in tests/package/test_autocast.py). The
     patched model returns the dtypes HF returns under the same autocast and stays within bf16
     error of the float64 model, with fp32 parameter gradients."""
-    hf = make_hf(torch.float32, "eager")
+    hf = make_blip2(torch.float32, "eager")
     x, e, up = make_inputs(torch.float32, Q)
     e = e.to(torch.bfloat16)
 

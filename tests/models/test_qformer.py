@@ -1,4 +1,5 @@
-"""mmkernels.QFormer against HF transformers' Blip2QFormerModel (tiny random weights, nothing downloaded).
+"""mmkernels.QFormer against HF transformers' Blip2QFormerModel and InstructBlipQFormerModel (tiny random
+weights, nothing downloaded).
 
 The main comparisons run on the default backend (auto: the C++ `cpu` kernels on CPU tensors);
 one small comparison runs the Triton kernels (through the interpreter without a GPU).
@@ -16,73 +17,10 @@ from mmkernels import MultimodalMask, QFormer  # noqa: E402
 from mmkernels import _storage  # noqa: E402
 from mmkernels.models import qformer as qformer_mod  # noqa: E402
 
-from transformers import Blip2QFormerConfig, Blip2QFormerModel  # noqa: E402
-
-
-B, Q, T, LK = 2, 32, 8, 10         # batch, query tokens, text tokens, image tokens
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=5e-5, rtol=5e-5)}
-
-
-def make_config(impl="eager", **over):
-    kw = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=4,
-              cross_attention_frequency=2, encoder_hidden_size=96, use_qformer_text_input=True,
-              attn_implementation=impl)
-    kw.update(over)
-    return Blip2QFormerConfig(**kw)
-
-
-def make_hf(dtype=torch.float64, impl="eager", seed=0, **over):
-    torch.manual_seed(seed)
-    model = Blip2QFormerModel(make_config(impl, **over)).to(dtype).eval()
-    with torch.no_grad():  # non-trivial LayerNorm parameters and biases
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layernorm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def make_inputs(dtype, s=Q + T, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, s, 128, generator=g, dtype=dtype)
-    e = torch.randn(B, LK, 96, generator=g, dtype=dtype)
-    up = torch.randn(B, s, 128, generator=g, dtype=dtype)
-    return x, e, up
-
-
-def additive(keep: torch.Tensor, dtype) -> torch.Tensor:
-    """HF eager's float mask: 0 where kept, finfo.min where masked."""
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
-
-
-def run_grads(fn, model, x, e, up, rows=None):
-    """Output and gradients of (output * up).sum() w.r.t. x, e and every parameter."""
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    e = e.clone().requires_grad_()
-    out = fn(x, e)
-    if rows is not None:
-        out = out * rows
-    (out * up).sum().backward()
-    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-    return out.detach(), x.grad, e.grad, grads
-
-
-def assert_same(a, b, dtype):
-    out_a, x_a, e_a, g_a = a
-    out_b, x_b, e_b, g_b = b
-    torch.testing.assert_close(out_a, out_b, **TOL[dtype])
-    torch.testing.assert_close(x_a, x_b, **TOL[dtype])
-    torch.testing.assert_close(e_a, e_b, **TOL[dtype])
-    assert g_a.keys() == g_b.keys()
-    for n in g_a:
-        if g_a[n] is None or g_b[n] is None:
-            assert g_a[n] is None and g_b[n] is None, n
-        else:
-            torch.testing.assert_close(g_a[n], g_b[n], **TOL[dtype], msg=lambda m: f"{n}: {m}")
-
-
-def hf_fn(hf, **kw):
-    return lambda x, e: hf(x, encoder_hidden_states=e, **kw).last_hidden_state
+from tests.helpers.qformer import (  # noqa: E402
+    B, LK, Q, T, TOL, VOCAB, additive, assert_same, blip2_config, hf_fn, instruction, instructblip_config, make_blip2,
+    make_inputs, make_instructblip, run_grads,
+)
 
 
 def ours_fn(m, **kw):
@@ -92,7 +30,7 @@ def ours_fn(m, **kw):
 # ----------------------------------------------------------------------------- weights
 
 def test_state_dict_round_trip_strict():
-    hf = make_hf(torch.float32)
+    hf = make_blip2(torch.float32)
     ours = QFormer(hf.config)
     assert set(ours.state_dict()) == set(hf.state_dict())
     ours.load_state_dict(hf.state_dict(), strict=True)
@@ -118,7 +56,7 @@ def _shared(model) -> bool:
 
 
 def test_kv_storage_shared_across_load_and_moves():
-    hf = make_hf(torch.float32)
+    hf = make_blip2(torch.float32)
     ours = QFormer(hf.config)
     assert _shared(ours)
     params_before = [id(p) for p in ours.parameters()]
@@ -134,12 +72,12 @@ def test_kv_storage_shared_across_load_and_moves():
     torch.testing.assert_close(ours.encoder.layer[2].crossattention.attention.value.weight,
                                hf.encoder.layer[2].crossattention.attention.value.weight, rtol=0, atol=0)
     # QFormer.from_hf: same dtype, shared storage
-    m64 = QFormer.from_hf(make_hf(torch.float64))
+    m64 = QFormer.from_hf(make_blip2(torch.float64))
     assert m64.layernorm.weight.dtype == torch.float64 and _shared(m64) and not m64.training
 
 
 def test_one_fused_projection_per_forward(monkeypatch):
-    hf = make_hf(torch.float64)
+    hf = make_blip2(torch.float64)
     ours = QFormer.from_hf(hf)
     calls = []
     real = qformer_mod.fused_kv_projection
@@ -174,7 +112,7 @@ CASES = {
 def test_matches_hf(case, dtype):
     spec = CASES[case]
     s = spec["s"]
-    hf = make_hf(dtype)
+    hf = make_blip2(dtype)
     ours = QFormer.from_hf(hf)
     x, e, up = make_inputs(dtype, s)
     hf_kw, our_kw = {}, {}
@@ -198,7 +136,7 @@ def test_matches_hf(case, dtype):
 
 
 def test_text_only_matches_hf():
-    hf = make_hf(torch.float64)
+    hf = make_blip2(torch.float64)
     ours = QFormer.from_hf(hf)
     x, e, up = make_inputs(torch.float64, s=T)
     ref = run_grads(lambda x, e: hf(x, query_length=0).last_hidden_state + 0 * e.sum(), hf, x, e, up)
@@ -208,7 +146,7 @@ def test_text_only_matches_hf():
 
 @pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh", "relu", "silu"])
 def test_activations_match_hf(act):
-    hf = make_hf(torch.float64, hidden_act=act, num_hidden_layers=2)
+    hf = make_blip2(torch.float64, hidden_act=act, num_hidden_layers=2)
     ours = QFormer.from_hf(hf)
     x, e, _ = make_inputs(torch.float64)
     with torch.no_grad():
@@ -218,7 +156,7 @@ def test_activations_match_hf(act):
 
 
 def test_low_precision_inputs_are_cast_like_hf():
-    hf = make_hf(torch.float32)
+    hf = make_blip2(torch.float32)
     ours = QFormer.from_hf(hf)
     x, e, _ = make_inputs(torch.float32)
     x16, e16 = x.bfloat16(), e.bfloat16()
@@ -229,13 +167,125 @@ def test_low_precision_inputs_are_cast_like_hf():
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
 
 
+# ----------------------------------------------------------------------------- InstructBLIP
+
+def test_instructblip_state_dict_round_trip_strict():
+    hf = make_instructblip(torch.float32)
+    ours = QFormer(hf.config, text_embeddings=True)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    assert "embeddings.word_embeddings.weight" in ours.state_dict() and "layernorm.weight" not in ours.state_dict()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(hf.state_dict()[k], v), k
+    loaded = QFormer.from_hf(hf)
+    assert loaded.has_text_embeddings and _shared(loaded) and not loaded.training
+    assert loaded.embeddings.word_embeddings.padding_idx == hf.embeddings.word_embeddings.padding_idx == 0
+    assert loaded.embeddings.layernorm.weight.dtype == torch.float32
+
+
+def _instructblip_call(model, hf: bool, **kw):
+    """``(x, e) -> last_hidden_state`` with ``x`` the query tokens and ``kw`` the instruction."""
+    if hf:
+        kw.setdefault("input_ids", None)       # HF's forward takes input_ids positionally
+        return lambda x, e: model(query_embeds=x, encoder_hidden_states=e, **kw).last_hidden_state
+    return lambda x, e: model(x, e, **kw)
+
+
+INSTRUCT_CASES = {
+    "queries": dict(),                                   # no instruction
+    "instruction": dict(ids=True),                       # a padded instruction after the queries
+    "instruction_encoder_padding": dict(ids=True, encoder_mask=True),
+    "instruction_positions": dict(ids=True, positions=True),
+}
+
+
+@pytest.mark.parametrize("case, dtype", [(c, torch.float32) for c in INSTRUCT_CASES]
+                         + [("instruction", torch.float64)])
+def test_instructblip_matches_hf(case, dtype):
+    """Output and gradients (queries, image features, every parameter: the word and position
+    embeddings included) of InstructBLIP's Q-Former loaded by from_hf against the HF module."""
+    spec = INSTRUCT_CASES[case]
+    hf = make_instructblip(dtype)
+    ours = QFormer.from_hf(hf)
+    x, e, up = make_inputs(dtype)
+    x = x[:, :Q]
+    kw = {}
+    if spec.get("ids"):
+        kw["input_ids"], kw["attention_mask"] = instruction()
+    else:
+        up = up[:, :Q]
+    if spec.get("positions"):
+        kw["position_ids"] = torch.arange(T).flip(0)[None] + 5
+    if spec.get("encoder_mask"):
+        em = torch.ones(B, LK, dtype=torch.long)
+        em[0, 6:] = 0
+        kw["encoder_attention_mask"] = em
+    ref = run_grads(_instructblip_call(hf, True, **kw), hf, x, e, up)
+    got = run_grads(_instructblip_call(ours, False, **kw), ours, x, e, up)
+    assert_same(got, ref, dtype)
+    assert got[0].shape == (B, up.shape[1], 128) and got[0].dtype == dtype
+    if spec.get("ids"):       # the pad id's embedding gets no gradient, as in HF
+        assert ours.embeddings.word_embeddings.weight.grad[0].abs().max() == 0
+
+
+def test_instructblip_text_only_matches_hf():
+    """Instruction tokens without queries (HF: query_embeds=None): the text FFN only."""
+    dtype = torch.float32
+    hf = make_instructblip(dtype, num_hidden_layers=2)
+    ours = QFormer.from_hf(hf)
+    ids, am = instruction()
+    x, e, up = make_inputs(dtype, s=T)
+    ref = run_grads(lambda x, e: hf(ids, attention_mask=am[:, Q:]).last_hidden_state * x, hf, x, e, up)
+    got = run_grads(lambda x, e: ours(None, input_ids=ids, attention_mask=am[:, Q:]) * x, ours, x, e, up)
+    assert_same(got, ref, dtype)
+
+
+def test_instructblip_bad_inputs():
+    hf = make_instructblip(torch.float64, num_hidden_layers=2)
+    holder = torch.nn.Module()
+    holder.qformer = hf
+    ours = QFormer.from_hf(holder)                 # a model holding the Q-Former as .qformer
+    assert ours.has_text_embeddings
+    x, e, _ = make_inputs(torch.float64, s=Q)
+    ids, am = instruction()
+    with pytest.raises(TypeError, match="int64"):
+        ours(x, e, input_ids=ids.double())
+    with pytest.raises(ValueError, match="query tokens only"):
+        ours(x, e, input_ids=ids, query_length=Q - 1)
+    with pytest.raises(ValueError, match="batch size"):
+        ours(x, e, input_ids=ids[:1])
+    with pytest.raises(ValueError, match="without input_ids"):
+        ours(x, e, position_ids=torch.arange(T)[None])
+    with pytest.raises(ValueError, match="position_ids"):
+        ours(x, e, input_ids=ids, position_ids=torch.arange(T + 1)[None])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours(x, e, input_ids=torch.ones(B, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(x, e, input_ids=ids, attention_mask=am[:, Q:])     # the mask covers queries and instruction
+    with pytest.raises(ValueError, match="query_embeds must be given"):
+        ours(None, e)
+    with pytest.raises(ValueError, match="text_embeddings=True"):
+        QFormer.from_hf(make_blip2(torch.float64, num_hidden_layers=2))(x, e, input_ids=ids)
+    with pytest.raises(ValueError, match="use_qformer_text_input"):
+        QFormer(blip2_config(use_qformer_text_input=False), text_embeddings=True)
+    with pytest.raises(TypeError, match="lacks.*vocab_size"):
+        QFormer(types.SimpleNamespace(**{f: getattr(hf.config, f) for f in qformer_mod._CONFIG_FIELDS[:-1]}),
+                text_embeddings=True)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        QFormer(instructblip_config(pad_token_id=VOCAB), text_embeddings=True)
+
+
 # ----------------------------------------------------------------------------- multimodal mask
 
 def test_itg_multimodal_mask_matches_dense_mask():
     """Self-attention under MultimodalMask.blip2(..., "itg") against HF run with the same mask as
     an explicit dense [B, 1, S, S] additive mask."""
     dtype = torch.float64
-    hf = make_hf(dtype)
+    hf = make_blip2(dtype)
     ours = QFormer.from_hf(hf)
     x, e, up = make_inputs(dtype)
     lengths = torch.tensor([T, T - 3])
@@ -252,7 +302,7 @@ def test_itg_multimodal_mask_matches_dense_mask():
 
 
 def test_multimodal_mask_without_dropout_warns_once():
-    hf = make_hf(torch.float64, attention_probs_dropout_prob=0.1, num_hidden_layers=2)
+    hf = make_blip2(torch.float64, attention_probs_dropout_prob=0.1, num_hidden_layers=2)
     ours = QFormer.from_hf(hf).train()
     x, e, _ = make_inputs(torch.float64)
     mask = MultimodalMask.blip2(Q, [T, T], T, "itc")
@@ -267,7 +317,7 @@ def test_multimodal_mask_without_dropout_warns_once():
 # ----------------------------------------------------------------------------- dropout
 
 def test_training_dropout_is_seeded():
-    hf = make_hf(torch.float64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2, num_hidden_layers=2)
+    hf = make_blip2(torch.float64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2, num_hidden_layers=2)
     ours = QFormer.from_hf(hf).train()
     x, e, _ = make_inputs(torch.float64)
     am = torch.ones(B, Q + T, dtype=torch.bool)
@@ -298,7 +348,7 @@ def test_training_dropout_is_seeded():
 def test_torch_compile_fullgraph_training_step():
     """The whole module compiles without graph breaks (the registered ops, the fused K/V projection,
     dropout), and the compiled step gives the eager step's output and gradients (eval mode)."""
-    hf = make_hf(torch.float32, num_hidden_layers=2)
+    hf = make_blip2(torch.float32, num_hidden_layers=2)
     ours = QFormer.from_hf(hf).eval()
     compiled = torch.compile(ours, fullgraph=True)
     x, e, up = make_inputs(torch.float32)
@@ -317,7 +367,7 @@ def test_torch_compile_fullgraph_training_step():
 
 def test_triton_backend_small():
     dtype = torch.float32
-    hf = make_hf(dtype, num_hidden_layers=2)
+    hf = make_blip2(dtype, num_hidden_layers=2)
     ours = QFormer.from_hf(hf)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 8 + 4, 128, generator=g)
@@ -342,7 +392,7 @@ def test_triton_backend_small():
     (dict(hidden_size=512, num_attention_heads=2), ValueError, "head dim"),
 ])
 def test_bad_config(over, exc, match):
-    hf_cfg = make_config()
+    hf_cfg = blip2_config()
     cfg = types.SimpleNamespace(**{f: getattr(hf_cfg, f) for f in qformer_mod._CONFIG_FIELDS})
     QFormer(cfg)                      # a plain object with the config's attributes works
     for k, v in over.items():
@@ -361,7 +411,7 @@ def test_config_missing_attribute():
 
 
 def test_bad_forward_inputs():
-    ours = QFormer(make_config(num_hidden_layers=2)).double()
+    ours = QFormer(blip2_config(num_hidden_layers=2)).double()
     x, e, _ = make_inputs(torch.float64)
     with pytest.raises(ValueError, match="hidden_size"):
         ours(x[..., :64], e)
@@ -386,7 +436,7 @@ def test_bad_forward_inputs():
         ours(x[:, :Q + 2], e, query_length=Q, self_attention_mask=mask)
     with pytest.raises(TypeError, match="MultimodalMask"):
         ours(x, e, query_length=Q, self_attention_mask=torch.ones(B, Q + T, Q + T, dtype=torch.bool))
-    no_text = QFormer(make_config(num_hidden_layers=2, use_qformer_text_input=False)).double()
+    no_text = QFormer(blip2_config(num_hidden_layers=2, use_qformer_text_input=False)).double()
     with pytest.raises(ValueError, match="use_qformer_text_input"):
         no_text(x, e, query_length=Q)
     with pytest.raises(TypeError, match="Blip2QFormerModel"):
