@@ -7,16 +7,12 @@ rows) because the interpreter is slow.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # normally already done by conftest.py
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
 
+from mmkernels import tuning  # noqa: E402
 from mmkernels.contrastive import kernels as K  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
 
@@ -302,21 +298,51 @@ def test_stats_with_the_columns_split_across_programs(col_splits, with_columns):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_pass_forward_matches_reference(monkeypatch, dtype):
-    """MMKERNELS_CONTRASTIVE_FORWARD=two_pass: column statistics from a rows-only launch on (k, q)."""
+def test_two_pass_forward_matches_reference(dtype):
+    """Option contrastive.forward = "two_pass": column statistics from a rows-only launch on (k, q)."""
     N, M, D = 97, 130, 40
     q, k, scale, targets, _ = make_inputs(N, M, D, dtype, seed=12)
-    monkeypatch.setenv("MMKERNELS_CONTRASTIVE_FORWARD", "two_pass")
-    stats = K.contrastive_stats_triton(q, k, scale, targets, True, config=K.TileConfig(16, 16, 16, 1, 1))
-    check_stats(stats, dense_stats(q, k, scale, targets, True), q, k, scale, True, name="two pass")
-    monkeypatch.setenv("MMKERNELS_CONTRASTIVE_FORWARD", "fastest")
-    with pytest.raises(ValueError, match="MMKERNELS_CONTRASTIVE_FORWARD"):
-        K.contrastive_stats_triton(q, k, scale, targets, True)
+    with tuning.scope():
+        tuning.set_option("contrastive.forward", "two_pass")
+        assert K.forward_mode() == "two_pass"
+        stats = K.contrastive_stats_triton(q, k, scale, targets, True, config=K.TileConfig(16, 16, 16, 1, 1))
+        check_stats(stats, dense_stats(q, k, scale, targets, True), q, k, scale, True, name="two pass")
+        with pytest.raises(ValueError, match="contrastive.forward"):
+            tuning.set_option("contrastive.forward", "fastest")
+    assert K.forward_mode() == "one_pass"
+
+
+def test_tuning_override_picks_the_tiles():
+    """A tuning override is used when no config is passed; an explicit config still wins."""
+    N, M, D = 29, 40, 24
+    q, k, scale, targets, _ = make_inputs(N, M, D, torch.float32, seed=13)
+    prec = K.input_precision(torch.float32)
+    small = K.TileConfig(16, 16, 16, 1, 1)
+    assert K.resolve_config(torch.float32, D, prec, None, "stats") == K.heuristic_config(torch.float32, D, prec)
+    with tuning.scope():
+        tuning.set_config("contrastive", "stats", small, dtype=torch.float32, dim=D)
+        tuning.set_config("contrastive", "grad", small._asdict(), dtype="float32")
+        assert K.resolve_config(torch.float32, D, prec, None, "stats") == small
+        assert K.resolve_config(torch.float32, D, prec, None, "grad") == small
+        assert K.resolve_config(torch.bfloat16, D, "tf32", None, "stats") == K.heuristic_config(
+            torch.bfloat16, D, "tf32")
+        explicit = K.TileConfig(32, 32, 16, 2, 1)
+        assert K.resolve_config(torch.float32, D, prec, explicit, "stats") == explicit
+        stats = K.contrastive_stats_triton(q, k, scale, targets, True)
+        check_stats(stats, dense_stats(q, k, scale, targets, True), q, k, scale, True, name="tuned")
+        # the autotuner never runs under the interpreter: the heuristic stands in for it
+        tuning.set_option("contrastive.autotune", True)
+        assert K.resolve_config(torch.bfloat16, D, "tf32", None, "stats") == K.heuristic_config(
+            torch.bfloat16, D, "tf32")
+    assert K.resolve_config(torch.float32, D, prec, None, "stats") == K.heuristic_config(torch.float32, D, prec)
+    assert {"contrastive/stats", "contrastive/grad"} <= set(tuning.kinds())
+    assert tuning.kinds()["contrastive/stats"]["keys"] == ("dtype", "dim", "input_precision")
+    assert tuning.options()["contrastive.autotune"]["default"] is False
 
 
 def test_cols_per_split_covers_every_column():
     for n, m, splits in [(4096, 4096, None), (97, 130, 3), (1, 1, 8), (5, 1000, 1000)]:
-        cps = K._cols_per_split(n, m, 16, 64, torch.device("cpu"), splits)
+        cps = K.cols_per_split(n, m, 16, 64, torch.device("cpu"), splits)
         assert cps % 64 == 0 and cps > 0
         n_splits = -(-m // cps)
         assert (n_splits - 1) * cps < m <= n_splits * cps
