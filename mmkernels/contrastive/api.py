@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import _autocast, _backend
+from .. import _autocast
 from .. import _validation as check
 from . import reference
 from .ops import contrastive_stats, stats_dtype
@@ -32,21 +32,21 @@ class ContrastiveStats(NamedTuple):
     t2i_accuracy: torch.Tensor
 
 
-def _scale_tensor(logit_scale, like: torch.Tensor) -> torch.Tensor:
-    """``logit_scale`` (float, or tensor of one element) as a 0-dim float32 tensor on ``like``'s device
-    (float64 for float64 features).
+def _scalar_arg(value, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A user's ``logit_scale`` / ``logit_bias`` (a float, or a floating tensor of shape ``[]``
+    or ``[1]``) as a 0-dim tensor on ``like``'s device, float32 (float64 for float64 features).
 
-    A tensor keeps its autograd graph, so a learnable scale receives its gradient.
+    A tensor keeps its autograd graph, so a learnable parameter receives its gradient.
     """
-    if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1:
-            raise ValueError(f"logit_scale must have one element, got shape {tuple(logit_scale.shape)}")
-        if not logit_scale.is_floating_point():
-            raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
-        return logit_scale.reshape(()).to(device=like.device, dtype=stats_dtype(like.dtype))
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-        raise TypeError(f"logit_scale must be a float or a 0-dim tensor, got {type(logit_scale).__name__}")
-    return torch.full((), float(logit_scale), dtype=stats_dtype(like.dtype), device=like.device)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a 0-dim tensor or have shape [1], got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        return value.reshape(()).to(device=like.device, dtype=stats_dtype(like.dtype))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    return torch.full((), float(value), dtype=stats_dtype(like.dtype), device=like.device)
 
 
 def _check_options(label_smoothing: float, reduction: str) -> None:
@@ -69,14 +69,6 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> N
         raise ValueError(f"{a_name} has feature size {a.shape[1]} but {b_name} has {b.shape[1]}")
 
 
-def _resolve(features: torch.Tensor) -> str:
-    which = _backend.resolve(features.device)
-    if which == "triton" and features.dtype == torch.float64:
-        raise TypeError("the triton backend takes float32, bfloat16 or float16 features, got float64 "
-                        "(the cpu and reference backends take float64)")
-    return which
-
-
 def _under_autocast(a: torch.Tensor, b: torch.Tensor):
     """Autocast's rule for ``CE(logit_scale * a @ b.T)``: the matmul's inputs in the autocast
     dtype, the loss in float32 (cross-entropy is an fp32 op under autocast). Returns the
@@ -95,14 +87,18 @@ def _cross_entropy(lse, pos, total, classes: int, label_smoothing: float):
     return lse - (1.0 - label_smoothing) * pos - (label_smoothing / classes) * total
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
-                     label_smoothing: float = 0.0, reduction: str = "mean", return_stats: bool = False):
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                     logit_bias=None, *, label_smoothing: float = 0.0, reduction: str = "mean",
+                     return_stats: bool = False):
     """Symmetric CLIP loss without the ``[N, N]`` logits: OpenCLIP ``ClipLoss`` on one process.
 
     Args:
         image_features: ``[N, D]`` float32/bfloat16/float16; row i pairs with row i of ``text_features``.
         text_features: ``[N, D]``, same dtype and device. Used as given (normalise beforehand).
         logit_scale: float or 0-dim tensor (a learnable one receives its gradient).
+        logit_bias: None, a float, or a tensor of shape ``[]`` or ``[1]`` added to every logit
+            (OpenCLIP's ``logit_bias``). It cancels inside each softmax, so the loss does not
+            depend on it and its gradient is exactly 0; a non-finite bias gives a NaN loss.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         reduction: ``"mean"`` (default), ``"sum"``, or ``"none"`` (``[N]``, the mean of
             pair i's image-to-text and text-to-image terms).
@@ -115,7 +111,8 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         lower-precision matmul, an fp32 cross-entropy).
 
     ``loss = (CE(L, arange(N)) + CE(L.T, arange(N))) / 2`` with ``L = logit_scale *
-    image_features @ text_features.T``; memory O(N * D) on the ``cpu``/``triton`` backends.
+    image_features @ text_features.T + logit_bias``; memory O(N * D) on the ``cpu``/``triton``
+    backends.
     """
     image_features, text_features, loss_dtype = _under_autocast(image_features, text_features)
     _check_pair(image_features, text_features, "image_features", "text_features")
@@ -124,11 +121,13 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
                          f"{text_features.shape[0]}; the symmetric loss needs one text per image "
                          "(use infonce_loss for rectangular problems)")
     _check_options(label_smoothing, reduction)
-    scale = _scale_tensor(logit_scale, image_features)
-    which = _resolve(image_features)
+    scale = _scalar_arg(logit_scale, image_features, "logit_scale")
+    bias = None if logit_bias is None else _scalar_arg(logit_bias, image_features, "logit_bias")
+    which = check.backend_for(image_features, "features")
     if which == "reference":
         out = reference.contrastive_loss_reference(
-            image_features, text_features, scale.to(image_features.dtype), label_smoothing=label_smoothing,
+            image_features, text_features, scale.to(image_features.dtype),
+            None if bias is None else bias.to(image_features.dtype), label_smoothing=label_smoothing,
             reduction=reduction, return_stats=return_stats)
         return (out[0].to(loss_dtype), out[1]) if return_stats else out.to(loss_dtype)
 
@@ -138,7 +137,13 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         image_features, text_features, scale, targets, True, which)
     per_pair = 0.5 * (_cross_entropy(row_lse, pos, row_sum, n, label_smoothing)
                       + _cross_entropy(col_lse, pos, col_sum, n, label_smoothing))
-    loss = reference.reduce(per_pair, reduction).to(loss_dtype)
+    loss = reference.reduce(per_pair, reduction)
+    if bias is not None:
+        # A bias shifts every logit of a row (and of a column) alike: it cancels in each
+        # cross-entropy, smoothed or not. bias * 0 gives it its exact gradient, 0, and makes
+        # the loss NaN where the logits would be (an infinite or NaN bias).
+        loss = loss + bias * 0
+    loss = loss.to(loss_dtype)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -181,8 +186,8 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
             raise ValueError(f"targets has {targets.shape[0]} entries but queries has {n} rows")
         check.same_device(("queries", queries), ("targets", targets))
         check.index_range(targets, "targets", m)
-    scale = _scale_tensor(logit_scale, queries)
-    which = _resolve(queries)
+    scale = _scalar_arg(logit_scale, queries, "logit_scale")
+    which = check.backend_for(queries, "features")
     if which == "reference":
         return reference.infonce_loss_reference(
             queries, keys, scale.to(queries.dtype), targets=targets,
@@ -196,8 +201,10 @@ class ContrastiveLoss(nn.Module):
     """Drop-in for OpenCLIP ``ClipLoss`` on one process.
 
     ``ContrastiveLoss()`` replaces ``open_clip.loss.ClipLoss()``; ``forward(image_features,
-    text_features, logit_scale, output_dict=False)`` returns the loss, or
-    ``{"contrastive_loss": loss}`` with ``output_dict=True``, as ``ClipLoss`` does.
+    text_features, logit_scale, logit_bias=None, output_dict=False)`` has ``ClipLoss.forward``'s
+    signature, so ``loss(**model_out, output_dict=True)`` works for models with a
+    ``logit_bias``; it returns the loss, or ``{"contrastive_loss": loss}`` with
+    ``output_dict=True``, as ``ClipLoss`` does.
     ``ClipLoss``'s constructor arguments are accepted so the construction line can stay;
     only one process is supported (``world_size=1``). ``label_smoothing`` and ``reduction``
     are those of :func:`contrastive_loss`.
@@ -214,8 +221,11 @@ class ContrastiveLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.reduction = reduction
 
-    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
-        loss = contrastive_loss(image_features, text_features, logit_scale,
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        """``image_features``, ``text_features`` ``[N, D]``; ``logit_scale`` and ``logit_bias``
+        as in :func:`contrastive_loss`."""
+        loss = contrastive_loss(image_features, text_features, logit_scale, logit_bias,
                                 label_smoothing=self.label_smoothing, reduction=self.reduction)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -33,16 +33,18 @@ def top1(logits: torch.Tensor, targets: torch.Tensor, dim: int) -> torch.Tensor:
     return (pos >= best).to(torch.float32).mean()
 
 
-def contrastive_loss_reference(image_features, text_features, logit_scale, *,
+def contrastive_loss_reference(image_features, text_features, logit_scale, logit_bias=None, *,
                                label_smoothing=0.0, reduction="mean", return_stats=False):
     """Symmetric CLIP loss: ``(CE(L, arange) + CE(L.T, arange)) / 2``.
 
-    ``image_features``, ``text_features``: ``[N, D]``; ``logit_scale``: float or
-    0-dim tensor; ``L = logit_scale * image_features @ text_features.T``.
+    ``image_features``, ``text_features``: ``[N, D]``; ``logit_scale``, ``logit_bias``: float or
+    0-dim tensor; ``L = logit_scale * image_features @ text_features.T (+ logit_bias)``.
     ``reduction="none"`` gives ``[N]``: the mean of pair i's row and column terms.
     With ``return_stats`` also returns ``(i2t_accuracy, t2i_accuracy)``.
     """
     logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
     labels = torch.arange(logits.shape[0], device=logits.device)
     row = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
     col = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing, reduction="none")

@@ -8,7 +8,7 @@ import mmkernels
 from mmkernels.contrastive import reference
 from mmkernels.testing.numerics import assert_close
 
-from tests.contrastive.cases import BACKENDS, features, have_backend, run_loss
+from tests.contrastive.cases import BACKENDS, features, have_backend, leaf, run_loss
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D): every N in {1, 7, 97, 129} and every D in {1, 33, 88, 256} appears
@@ -181,3 +181,124 @@ def test_module_matches_function():
     assert_close(out["contrastive_loss"], reference.contrastive_loss_reference(img.double(), txt.double(), 9.0))
     with pytest.raises(ValueError, match="one process"):
         mmkernels.ContrastiveLoss(world_size=2, rank=1)
+
+
+# ---------------------------------------------------------------------------
+# logit_bias: ContrastiveLoss.forward has open_clip ClipLoss.forward's signature
+# ---------------------------------------------------------------------------
+
+ALL_BACKENDS = ["reference", *BACKENDS]
+
+
+def _bias_case(shape=()):
+    img, txt = features(29, 24, seed=31), features(29, 24, seed=32)
+    return img, txt, torch.tensor(12.0), torch.full(shape, -3.5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_module_takes_logit_bias_positionally_and_by_keyword(backend):
+    if backend != "reference":
+        _require(backend)
+    img, txt, scale, bias = _bias_case()
+    mod = mmkernels.ContrastiveLoss()
+    ref = reference.contrastive_loss_reference(img.double(), txt.double(), 12.0, -3.5)
+    with mmkernels.backend(backend):
+        positional = mod(img, txt, scale, bias)
+        keyword = mod(img, txt, scale, logit_bias=bias)
+        as_dict = mod(img, txt, scale, bias, True)
+        no_bias = mod(img, txt, scale)
+    assert isinstance(positional, torch.Tensor) and positional.dim() == 0
+    assert_close(positional, ref, name="positional")
+    assert_close(keyword, ref, name="keyword")
+    assert set(as_dict) == {"contrastive_loss"}
+    assert_close(as_dict["contrastive_loss"], ref, name="output_dict")
+    # the bias cancels in each softmax
+    assert_close(no_bias, ref, name="no bias")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "[1]"])
+def test_module_called_with_model_output_dict(backend, shape):
+    """open_clip's training step: ``loss(**model_out, output_dict=True)``."""
+    if backend != "reference":
+        _require(backend)
+    img, txt, scale, bias = _bias_case(shape)
+    model_out = {"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": bias}
+    with mmkernels.backend(backend):
+        out = mmkernels.ContrastiveLoss()(**model_out, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    assert_close(out["contrastive_loss"],
+                 reference.contrastive_loss_reference(img.double(), txt.double(), 12.0, -3.5))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "[1]"])
+def test_logit_bias_gradients_match_reference(backend, dtype, shape):
+    """Every gradient, the bias's included, against autograd of the float64 reference."""
+    if backend != "reference":
+        _require(backend)
+    elif dtype != torch.float32:
+        pytest.skip("the reference backend in bf16 is eager PyTorch: its rounded logits give the "
+                    "bias a gradient of the size of bf16's rounding, not 0")
+    n = 33
+    img, txt = features(n, 16, dtype, seed=33), features(n, 16, dtype, seed=34)
+    scale, bias = torch.tensor(9.0), torch.full(shape, 2.25)
+    kw = dict(label_smoothing=0.1)
+
+    def run(backend, tensors, s, b):
+        xs = [leaf(t) for t in (*tensors, s, b)]
+        with mmkernels.backend(backend):
+            loss = mmkernels.ContrastiveLoss(**kw)(*xs)
+        (loss * n).backward()
+        return loss, [x.grad for x in xs]
+
+    out, (gi, gt, gs, gb) = run(backend, (img, txt), scale, bias)
+    ref, (ri, rt, rs, rb) = run("reference", (img.double(), txt.double()), scale.double(), bias.double())
+    assert gb is not None and gb.shape == bias.shape and gb.dtype == bias.dtype
+    tol = dict(dtype=torch.float32) if dtype == torch.float32 else dict(dtype=dtype, scale=2.0)
+    assert_close(out, ref, name="loss", **tol)
+    assert_close(gi, ri, name="d image_features", **tol)
+    assert_close(gt, rt, name="d text_features", **tol)
+    assert_close(gs, rs, name="d logit_scale", **tol)
+    assert_close(gb, rb, torch.float32, name="d logit_bias")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_finite_logit_bias_gives_nan(backend):
+    if backend != "reference":
+        _require(backend)
+    img, txt, scale, _ = _bias_case()
+    with mmkernels.backend(backend):
+        for b in (float("inf"), float("nan")):
+            assert torch.isnan(mmkernels.contrastive_loss(img, txt, scale, torch.tensor(b)))
+
+
+def test_logit_bias_must_be_one_element():
+    img, txt, scale, _ = _bias_case()
+    with pytest.raises(ValueError, match="logit_bias"):
+        mmkernels.ContrastiveLoss()(img, txt, scale, torch.zeros(2))
+    with pytest.raises(ValueError, match="logit_bias"):
+        mmkernels.ContrastiveLoss()(img, txt, scale, torch.zeros(1, 1))
+    with pytest.raises(TypeError, match="logit_bias"):
+        mmkernels.ContrastiveLoss()(img, txt, scale, "0.5")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_equals_open_clip_clip_loss(backend):
+    """Loss and every gradient equal open_clip's ``ClipLoss`` (skipped where it is not installed)."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    if backend != "reference":
+        _require(backend)
+    img, txt, scale, bias = _bias_case()
+    theirs_in = [leaf(t) for t in (img, txt, scale, bias)]
+    ours_in = [leaf(t) for t in (img, txt, scale, bias)]
+    theirs = open_clip_loss.ClipLoss()(*theirs_in, output_dict=True)
+    with mmkernels.backend(backend):
+        ours = mmkernels.ContrastiveLoss()(*ours_in, output_dict=True)
+    assert set(ours) == set(theirs)
+    theirs["contrastive_loss"].backward()
+    ours["contrastive_loss"].backward()
+    assert_close(ours["contrastive_loss"], theirs["contrastive_loss"].double(), name="loss")
+    for name, a, b in zip(("image", "text", "scale", "bias"), ours_in, theirs_in):
+        assert_close(a.grad, b.grad.double(), torch.float32, name=f"d {name}")
