@@ -110,6 +110,14 @@ def _fix_interpreter_scalar_index() -> None:
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
+# softmax kernels work in the log2 domain: log2(e) is folded into the score scale on the host
+LOG2E = 1.4426950408889634
+
+
+def block_d(D: int) -> int:
+    """A head dimension ``D`` padded to the kernels' ``BLOCK_D``: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(int(D)))
+
 
 def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
     """The values of a kernel's ``INPUT_PRECISION`` constexpr a launcher can pass for ``dtype``
@@ -189,6 +197,24 @@ def scaled_strides(stride_b, stride_h, stride_s, ALIGN: tl.constexpr):
     """
     return (tl.cast(stride_b, tl.int64) * ALIGN, tl.cast(stride_h, tl.int64) * ALIGN,
             tl.cast(stride_s, tl.int64) * ALIGN)
+
+
+@triton.jit
+def softmax_lse(m_i, l_i):
+    """End of an online softmax in the log2 domain: ``(l_safe, lse)`` of the running max ``m_i``
+    and sum ``l_i`` (fp32 ``[BLOCK_M]``); ``lse`` is natural-log, ``-inf`` for rows that saw no key
+    (``l_i = 0``), and ``l_safe`` is ``l_i`` with those rows set to 1 (divide by it)."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return l_safe, lse
+
+
+@triton.jit
+def lse_log2(lse):
+    """A saved natural-log ``lse`` in the log2 domain, with ``-inf`` (rows that saw no key) turned
+    into ``+inf`` so that ``exp2(s - lse2)`` is 0 there."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 def aligned_strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -106,18 +107,32 @@ def _match_value(key: str, value: Any) -> Any:
 
 def _as_config(spec: KindSpec, config: Any):
     fields = spec.config_type._fields
-    if isinstance(config, spec.config_type):
-        return config
     if isinstance(config, dict):
         unknown = set(config) - set(fields)
         if unknown:
             raise ValueError(f"{spec.family}/{spec.kind}: unknown config fields {sorted(unknown)}; "
                              f"fields: {fields}")
-        return spec.config_type(**config)
-    if isinstance(config, (tuple, list)):
-        return spec.config_type(*config)
-    raise TypeError(f"{spec.family}/{spec.kind}: a config is a {spec.config_type.__name__}, a dict "
-                    f"or a tuple of {fields}, got {type(config).__name__}")
+        config = spec.config_type(**config)
+    elif isinstance(config, (tuple, list)) and not isinstance(config, spec.config_type):
+        config = spec.config_type(*config)
+    elif not isinstance(config, spec.config_type):
+        raise TypeError(f"{spec.family}/{spec.kind}: a config is a {spec.config_type.__name__}, a dict "
+                        f"or a tuple of {fields}, got {type(config).__name__}")
+    _check_field_types(spec, config)
+    return config
+
+
+def _check_field_types(spec: KindSpec, config) -> None:
+    """Raise ``TypeError`` unless every field holds its annotated type (bool and int are told apart)."""
+    hints = typing.get_type_hints(spec.config_type)
+    for name in spec.config_type._fields:
+        want, value = hints.get(name), getattr(config, name)
+        if not isinstance(want, type):
+            continue
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok:
+            raise TypeError(f"{spec.family}/{spec.kind}: config field {name} must be "
+                            f"{want.__name__}, got {value!r}")
 
 
 def set_config(family: str, kind: str, config: Any, **match: Any) -> None:
@@ -189,6 +204,8 @@ def reset() -> None:
 @contextlib.contextmanager
 def scope() -> Iterator[None]:
     """Undo, on exit, every override and option set inside the block."""
+    if not _environment_loaded:  # else a first lookup inside would load it and the exit drop it
+        _load_environment_file()
     saved_configs = {k: list(v) for k, v in _configs.items()}
     saved_values = dict(_values)
     try:
