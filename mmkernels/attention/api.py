@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _autocast, _backend
+from .. import _autocast
+from .. import _validation as check
 from .mask import MultimodalMask
 from .ops import attention_fwd
 from .reference import check_inputs, multimodal_attention_reference
@@ -36,10 +37,7 @@ def multimodal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """
     q, k, v = _autocast.lower_precision(q, k, v)
     scale = check_inputs(q, k, v, mask, scale)
-    which = _backend.resolve(q.device)
-    if which == "triton" and q.dtype == torch.float64:
-        raise TypeError("the triton backend takes float32, bfloat16 or float16 inputs, got float64 "
-                        "(the cpu and reference backends take float64)")
+    which = check.backend_for(q)
     if which == "reference":
         return multimodal_attention_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
     meta = [] if mask is None else mask.metadata()

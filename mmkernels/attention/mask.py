@@ -112,6 +112,23 @@ def _run_ids(mod: torch.Tensor) -> torch.Tensor:
     return run
 
 
+def _both_sides(q, k, sq: int, sk: int, q_name: str, k_name: str, default):
+    """The query- and key-side ``[B, S]`` tensors of one metadata field from what was given: both
+    from ``default()`` when neither was, one side for both when ``Sq == Sk``, the queries as the last
+    ``Sq`` keys when only the keys were given."""
+    if k is None:
+        if q is None:
+            return default()
+        if sq != sk:
+            raise ValueError(f"{q_name} given with Sq={sq} != Sk={sk}: pass {k_name} too")
+        return q, q
+    if q is None:
+        if sk < sq:
+            raise ValueError(f"{k_name} given with Sq={sq} > Sk={sk}: pass {q_name} too")
+        q = k[:, sk - sq:]
+    return q, k
+
+
 def _arange_rows(batch: int, n: int, offset: int, device) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.int32, device=device) + offset).expand(batch, n).contiguous()
 
@@ -201,30 +218,10 @@ class MultimodalMask:
 
         # defaults (queries are the last Sq keys)
         off = sk - sq
-        if k_seg is None:
-            if q_seg is None:
-                q_seg = torch.zeros_like(q_mod)
-                k_seg = torch.zeros_like(k_mod)
-            elif sq == sk:
-                k_seg = q_seg
-            else:
-                raise ValueError(f"segment_ids given with Sq={sq} != Sk={sk}: pass key_segment_ids too")
-        elif q_seg is None:
-            if off < 0:
-                raise ValueError(f"key_segment_ids given with Sq={sq} > Sk={sk}: pass segment_ids too")
-            q_seg = k_seg[:, off:]
-        if k_pos is None:
-            if q_pos is None:
-                k_pos = _arange_rows(batch, sk, 0, device)
-                q_pos = _arange_rows(batch, sq, off, device)
-            elif sq == sk:
-                k_pos = q_pos
-            else:
-                raise ValueError(f"positions given with Sq={sq} != Sk={sk}: pass key_positions too")
-        elif q_pos is None:
-            if off < 0:
-                raise ValueError(f"key_positions given with Sq={sq} > Sk={sk}: pass positions too")
-            q_pos = k_pos[:, off:]
+        q_seg, k_seg = _both_sides(q_seg, k_seg, sq, sk, "segment_ids", "key_segment_ids",
+                                   lambda: (torch.zeros_like(q_mod), torch.zeros_like(k_mod)))
+        q_pos, k_pos = _both_sides(q_pos, k_pos, sq, sk, "positions", "key_positions",
+                                   lambda: (_arange_rows(batch, sq, off, device), _arange_rows(batch, sk, 0, device)))
 
         check.index_range(q_mod, "modality_ids", nm)
         if key_modality_ids is not None:

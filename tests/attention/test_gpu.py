@@ -79,7 +79,7 @@ def test_no_recompilation_when_batch_or_length_change():
     # head dim 72 is used by no other GPU test: the kernel caches are process-wide, so count only
     # the variants this test adds
     mask_fn = MultimodalMask.causal
-    kerns = (kernels._attn_fwd_kernel, kernels._attn_bwd_dq_kernel, kernels._attn_bwd_dkdv_kernel)
+    kerns = (kernels.attn_fwd_kernel, kernels.attn_bwd_dq_kernel, kernels.attn_bwd_dkdv_kernel)
     before = [_compiled_variants(k) for k in kerns]
     for b, s in ((1, 1024), (3, 1024), (2, 1536), (2, 2048), (5, 1040)):
         q, k, v = (t.requires_grad_() for t in _qkv(b, 4, 4, s, 72, torch.bfloat16))

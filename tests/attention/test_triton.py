@@ -278,7 +278,7 @@ def test_empty_tiles_are_never_read(dtype):
 def test_meta_is_the_mask_fields():
     """The launcher's tile map equals the mask's own at the kernel's tile size."""
     mask = MASKS["random_rules"](2, 45)
-    rebuilt = K._mask_from_meta(list(mask._fields()))
+    rebuilt = K.mask_from_meta(list(mask._fields()))
     assert torch.equal(rebuilt.tile_map(16, 16), mask.tile_map(16, 16))
     assert torch.equal(rebuilt.to_dense(), mask.to_dense())
 
@@ -304,3 +304,47 @@ def test_head_dim_256_heuristic():
     assert K.heuristic_config("bwd_dkdv", torch.bfloat16, 256, "tf32").split
     run_case(MASKS["prefix_lm"](1, 20), 1, 2, 1, 20, 20, 256, torch.bfloat16, config=None,
              grad_scale=2.0)
+
+
+# ---------------------------------------------------------------------------
+# tuning: overrides set through mmkernels.tuning reach the launchers
+# ---------------------------------------------------------------------------
+
+
+def test_tuning_override_is_used():
+    """explicit config > tuning override > heuristic: an override that breaks the launch
+    (BLOCK_M = 24, not a power of two) raises, a small valid one gives correct results."""
+    from mmkernels import tuning
+    D, dtype = 24, torch.float32
+    case = dict(dtype=dtype, head_dim=D, input_precision=K.input_precision(dtype))
+    q, k, v, do = make_qkv(1, 2, 1, 20, 20, D, dtype)
+    with tuning.scope():
+        tuning.set_config("attention", "fwd", K.AttnConfig(24, 16, 4, 1), **case)
+        assert K.pick("fwd", dtype, D, case["input_precision"], False) == K.AttnConfig(24, 16, 4, 1)
+        assert K.pick("fwd", dtype, D, case["input_precision"], False, SMALL) == SMALL
+        with pytest.raises(Exception):
+            K.attention_fwd_triton(q, k, v, [], D ** -0.5)
+        K.attention_fwd_triton(q, k, v, [], D ** -0.5, config=SMALL)  # the explicit config wins
+    assert K.pick("fwd", dtype, D, case["input_precision"], False) == K.heuristic_config("fwd", dtype, D, "ieee", False)
+    with tuning.scope():
+        for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+            tuning.set_config("attention", kind, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4,
+                                                  "num_stages": 1}, has_mask=True, **case)
+        tuning.set_config("attention", "bwd_pre", K.AttnConfig(16, 0, 4, 1), **case)
+        for kind in K.KERNEL_KINDS:
+            assert K.pick(kind, dtype, D, case["input_precision"], True).BLOCK_M == 16
+        run_case(MASKS["prefix_lm"](1, 37), 1, 2, 1, 37, 37, D, dtype, config=None)
+
+
+def test_tuning_file_round_trip(tmp_path):
+    from mmkernels import tuning
+    cfg = K.AttnConfig(32, 16, 4, 1, True)
+    with tuning.scope():
+        tuning.set_config("attention", "bwd_dkdv", cfg, dtype=torch.bfloat16, head_dim=256, has_mask=False)
+        tuning.save(str(tmp_path / "tuned.json"))
+        tuning.reset()
+        assert K.pick("bwd_dkdv", torch.bfloat16, 256, "tf32", False) != cfg
+        tuning.load(str(tmp_path / "tuned.json"))
+        assert K.pick("bwd_dkdv", torch.bfloat16, 256, "tf32", False) == cfg
+        assert K.pick("bwd_dkdv", torch.bfloat16, 256, "tf32", True) != cfg
+    assert tuning.kinds()["attention/fwd"]["keys"] == K.TUNING_KEYS
