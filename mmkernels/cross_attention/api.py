@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _autocast, _backend
+from .. import _autocast
+from .. import _validation as check
 from .ops import cross_attention_fwd
 from .reference import check_inputs, cross_attention_reference, make_seed
 
@@ -40,10 +41,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     q, k, v = _autocast.lower_precision(q, k, v)
     scale = check_inputs(q, k, v, key_padding_mask, scale, dropout_p)
     dropout_p = float(dropout_p)
-    which = _backend.resolve(q.device)
-    if which == "triton" and q.dtype == torch.float64:
-        raise TypeError("the triton backend takes float32, bfloat16 or float16 inputs, got float64 "
-                        "(the cpu and reference backends take float64)")
+    which = check.backend_for(q)
     seed = make_seed(q.device, generator) if dropout_p > 0 else None
     if which == "reference":
         return cross_attention_reference(q, k, v, key_padding_mask, scale=scale, dropout_p=dropout_p,

@@ -9,7 +9,7 @@ whose keys are all padding give ``out = 0``, ``lse = -inf`` and zero gradient.
 Its backward, ``mmkernels::cross_attention_bwd``, recomputes the probabilities from ``lse`` and
 the same dropout mask from ``seed``, and returns ``dq, dk, dv``. ``lse`` is for inspection only
 (not differentiable). ``backend`` is ``"cpu"`` (C++ in ``mmkernels/csrc/cross_attention.cpp``) or
-``"triton"`` (``kernels.py``).
+``"triton"`` (``kernels/``).
 """
 from __future__ import annotations
 

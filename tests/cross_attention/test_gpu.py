@@ -47,7 +47,7 @@ def _fwd_bwd(q, k, v, mask, dropout_p, seed, dtype, reference=False):
 
 
 # every shape in bf16 with and without dropout, fp16 at the BLIP-2 shape (kept short: the GPU
-# tests of every family share gpu_check's 150 s)
+# tests of every family share gpu_check's time budget)
 _REAL = [(shape, torch.bfloat16, p) for shape in [(32, 12, 32, 677, 64), (16, 8, 256, 257, 96),
                                                   (8, 12, 33, 300, 88), (4, 4, 300, 129, 128)]
          for p in (0.0, 0.1)] + [((32, 12, 32, 677, 64), torch.float16, 0.1)]

@@ -135,7 +135,7 @@ def run_case(B, H, Lq, Lk, D, dtype=torch.float32, mask="none", p=0.0, *, kv_lay
 # shapes, float32
 # ---------------------------------------------------------------------------
 
-# (Lq, Lk, D, mask): the issue's whole grid, Lq in {1, 32, 33} x Lk in {1, 257, 300} x D in {64, 88},
+# (Lq, Lk, D, mask): the whole grid, Lq in {1, 32, 33} x Lk in {1, 257, 300} x D in {64, 88},
 # without padding and with padding that leaves one batch row no key at all
 SHAPES = [(lq, lk, d, mask) for lq in (1, 32, 33) for lk in (1, 257, 300) for d in (64, 88)
           for mask in ("none", "pad_empty")]
@@ -297,3 +297,44 @@ def test_public_op_triton_backend():
     for name, t, r in (("out", out, ref[0]), ("dq", qq.grad, ref[2]), ("dk", kk.grad, ref[3]),
                        ("dv", vv.grad, ref[4])):
         assert_close(t, r, torch.float32, name=name)
+
+
+# ---------------------------------------------------------------------------
+# tuning: overrides set through mmkernels.tuning reach the launchers
+# ---------------------------------------------------------------------------
+
+
+def test_tuning_override_is_used():
+    """explicit config > tuning override > heuristic: an override that breaks the launch
+    (BLOCK_M = 24, not a power of two) raises, a small valid one gives correct results."""
+    from mmkernels import tuning
+    D, dtype, Lq = 64, torch.float32, 33
+    case = dict(dtype=dtype, head_dim=D, input_precision=K.input_precision(dtype))
+    q, k, v, _ = make_inputs(1, 2, Lq, 40, D, dtype, 0, "contiguous")
+    small = K.XAttnConfig(16, 16, 4, 1)
+    with tuning.scope():
+        tuning.set_config("cross_attention", "fwd", K.XAttnConfig(24, 16, 4, 1), queries=Lq, **case)
+        assert K.pick("fwd", dtype, D, case["input_precision"], Lq) == K.XAttnConfig(24, 16, 4, 1)
+        assert K.pick("fwd", dtype, D, case["input_precision"], Lq + 1) != K.XAttnConfig(24, 16, 4, 1)
+        with pytest.raises(Exception):
+            K.cross_attention_fwd_triton(q, k, v, None, None, D ** -0.5, 0.0)
+        K.cross_attention_fwd_triton(q, k, v, None, None, D ** -0.5, 0.0, config=small)
+    with tuning.scope():
+        for kind in K.KERNEL_KINDS:
+            tuning.set_config("cross_attention", kind, small._asdict(), **case)
+            assert K.pick(kind, dtype, D, case["input_precision"], Lq) == small
+        run_case(1, 2, Lq, 40, D, dtype, "pad", 0.5)  # three query blocks: the dq scratch path
+
+
+def test_tuning_file_round_trip(tmp_path):
+    from mmkernels import tuning
+    cfg = K.XAttnConfig(32, 32, 4, 2)
+    with tuning.scope():
+        tuning.set_config("cross_attention", "bwd", cfg, dtype="bfloat16", queries=32)
+        tuning.save(str(tmp_path / "tuned.json"))
+        tuning.reset()
+        assert K.pick("bwd", torch.bfloat16, 64, "tf32", 32) != cfg
+        tuning.load(str(tmp_path / "tuned.json"))
+        assert K.pick("bwd", torch.bfloat16, 64, "tf32", 32) == cfg
+        assert K.pick("bwd", torch.bfloat16, 64, "tf32", 64) != cfg
+    assert tuning.kinds()["cross_attention/fwd"]["keys"] == K.TUNING_KEYS
