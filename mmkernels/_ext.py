@@ -18,6 +18,7 @@ that failed, with the reason in ``LOAD_ERROR``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -28,6 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from . import _settings
 
@@ -224,6 +226,21 @@ def available() -> bool:
     """True when the compiled CPU kernels are loaded (building them first if needed)."""
     _ensure_loaded()
     return _state["module"] is not None
+
+
+@contextlib.contextmanager
+def cpu_blas(enabled: bool) -> Iterator[None]:
+    """Internal, for tests: inside the block the CPU kernels' GEMMs call BLAS (``True``) or always
+    take their ATen fallback (``False``, the path of a torch that exports no ``sgemm_``/``dgemm_``).
+    The previous setting is restored on exit. One switch for the whole process; needs ``C``."""
+    module = __getattr__("C")
+    if module is None:
+        raise RuntimeError(f"mmkernels: the C++ CPU kernels are not available ({_state['error']})")
+    previous = module.set_cpu_blas(bool(enabled))
+    try:
+        yield
+    finally:
+        module.set_cpu_blas(previous)
 
 
 def __getattr__(name: str):

@@ -48,16 +48,7 @@ constexpr int32_t RULE_FULL = 1;
 constexpr int32_t RULE_CAUSAL = 2;
 constexpr int32_t RULE_SPAN = 3;
 
-using namespace cpu_math;  // ceil_div, the softmax row loops (row_max, row_exp_sum, row_grad)
-
-// MMKERNELS_ATTENTION_NO_BLAS=1 forces gemm_rm's ATen fallback (for testing it).
-bool use_blas() {
-  static const bool on = !env_flag("MMKERNELS_ATTENTION_NO_BLAS");
-  return on;
-}
-// cpu_math::gemm_rm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) under that switch.
-template <typename T, typename... Args>
-inline void gemm_rm(Args... args) { cpu_math::gemm_rm<T>(use_blas(), args...); }
+using namespace cpu_math;  // ceil_div, gemm_rm, the softmax row loops (row_max, row_exp_sum, row_grad)
 
 // ----------------------------------------------------------------------------- the mask
 
@@ -350,6 +341,47 @@ inline void transpose_tile(const T* src, int64_t m, int64_t n, T* dst) {
     for (int64_t j = 0; j < n; ++j) dst[j * BM + i] = src[i * BN + j];
 }
 
+// The BM x BN tiles of one task: P, dS and their transposes.
+template <typename T>
+struct KeyBlockScratch {
+  std::vector<T> P = std::vector<T>(BM * BN, T(0)), dS = std::vector<T>(BM * BN, T(0));
+  std::vector<T> Pt = std::vector<T>(BM * BN, T(0)), dSt = std::vector<T>(BM * BN, T(0));
+};
+
+// Accumulates dk and dv of key block kb of (batch b, kv head hk) over every non-empty tile of the
+// group's query heads, and, when dQ is not null, the tiles' dq terms too (the caller then owns
+// dq of those query heads).
+template <typename T>
+void key_block_grads(const T* Q, const T* K, const T* V, const T* dO, const T* L, const T* Dr, T* dQ,
+                     T* dK, T* dV, const Dims& d, const Mask& mk, T scale, int64_t b, int64_t hk,
+                     int64_t kb, KeyBlockScratch<T>& w) {
+  const int64_t D = d.D;
+  const int64_t j0 = kb * BN, n = std::min(BN, d.Sk - j0);
+  const int64_t kvoff = (b * d.Hkv + hk) * d.Sk + j0;
+  const T* k = K + kvoff * D;
+  const T* v = V + kvoff * D;
+  T* dk = dK + kvoff * D;
+  T* dv = dV + kvoff * D;
+  for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
+    for (int64_t qb = 0; qb < mk.TQ; ++qb) {
+      const int8_t cls = mk.tile(b, qb, kb);
+      if (cls == TILE_EMPTY) continue;
+      const int64_t i0 = qb * BM, m = std::min(BM, d.Sq - i0);
+      const int64_t qoff = ((b * d.Hq + h) * d.Sq + i0);
+      const T* q = Q + qoff * D;
+      const T* dout = dO + qoff * D;
+      tile_grads<T>(mk, cls, b, i0, m, j0, n, D, scale, q, k, v, dout, L + qoff, Dr + qoff,
+                    w.P.data(), w.dS.data());
+      transpose_tile(w.P.data(), m, n, w.Pt.data());
+      transpose_tile(w.dS.data(), m, n, w.dSt.data());
+      gemm_rm<T>(false, false, n, D, m, T(1), w.Pt.data(), BM, dout, D, T(1), dv, D);
+      gemm_rm<T>(false, false, n, D, m, scale, w.dSt.data(), BM, q, D, T(1), dk, D);
+      if (dQ != nullptr)
+        gemm_rm<T>(false, false, m, D, n, scale, w.dS.data(), BN, k, D, T(1), dQ + qoff * D, D);
+    }
+  }
+}
+
 template <typename T>
 void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, const T* Dr, T* dQ,
                 T* dK, T* dV, const Dims& d, const Mask& mk, T scale) {
@@ -358,35 +390,10 @@ void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, con
     // Enough (batch, kv head) pairs to keep every thread busy: one pass, one task per pair, which
     // owns dk/dv of its kv head and dq of the group's query heads (5 GEMMs per tile, one exp).
     at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> P(BM * BN, T(0)), dS(BM * BN, T(0)), Pt(BM * BN, T(0)), dSt(BM * BN, T(0));
-      for (int64_t bh = lo; bh < hi; ++bh) {
-        const int64_t hk = bh % d.Hkv, b = bh / d.Hkv;
-        for (int64_t kb = 0; kb < TK; ++kb) {
-          const int64_t j0 = kb * BN, n = std::min(BN, d.Sk - j0);
-          const int64_t kvoff = (b * d.Hkv + hk) * d.Sk + j0;
-          const T* k = K + kvoff * D;
-          const T* v = V + kvoff * D;
-          T* dk = dK + kvoff * D;
-          T* dv = dV + kvoff * D;
-          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
-            for (int64_t qb = 0; qb < TQ; ++qb) {
-              const int8_t cls = mk.tile(b, qb, kb);
-              if (cls == TILE_EMPTY) continue;
-              const int64_t i0 = qb * BM, m = std::min(BM, d.Sq - i0);
-              const int64_t qoff = ((b * d.Hq + h) * d.Sq + i0);
-              const T* q = Q + qoff * D;
-              const T* dout = dO + qoff * D;
-              tile_grads<T>(mk, cls, b, i0, m, j0, n, D, scale, q, k, v, dout, L + qoff, Dr + qoff,
-                            P.data(), dS.data());
-              transpose_tile(P.data(), m, n, Pt.data());
-              transpose_tile(dS.data(), m, n, dSt.data());
-              gemm_rm<T>(false, false, n, D, m, T(1), Pt.data(), BM, dout, D, T(1), dv, D);
-              gemm_rm<T>(false, false, n, D, m, scale, dSt.data(), BM, q, D, T(1), dk, D);
-              gemm_rm<T>(false, false, m, D, n, scale, dS.data(), BN, k, D, T(1), dQ + qoff * D, D);
-            }
-          }
-        }
-      }
+      KeyBlockScratch<T> w;
+      for (int64_t bh = lo; bh < hi; ++bh)
+        for (int64_t kb = 0; kb < TK; ++kb)
+          key_block_grads<T>(Q, K, V, dO, L, Dr, dQ, dK, dV, d, mk, scale, bh / d.Hkv, bh % d.Hkv, kb, w);
     });
     return;
   }
@@ -413,31 +420,10 @@ void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, con
   });
   // dk, dv: one writer per (b, kv head, key block); sums over the group's query heads.
   at::parallel_for(0, d.B * d.Hkv * TK, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> P(BM * BN, T(0)), dS(BM * BN, T(0)), Pt(BM * BN, T(0)), dSt(BM * BN, T(0));
+    KeyBlockScratch<T> w;
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t kb = task % TK, bh = task / TK, hk = bh % d.Hkv, b = bh / d.Hkv;
-      const int64_t j0 = kb * BN, n = std::min(BN, d.Sk - j0);
-      const int64_t kvoff = (b * d.Hkv + hk) * d.Sk + j0;
-      const T* k = K + kvoff * D;
-      const T* v = V + kvoff * D;
-      T* dk = dK + kvoff * D;
-      T* dv = dV + kvoff * D;
-      for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
-        for (int64_t qb = 0; qb < TQ; ++qb) {
-          const int8_t cls = mk.tile(b, qb, kb);
-          if (cls == TILE_EMPTY) continue;
-          const int64_t i0 = qb * BM, m = std::min(BM, d.Sq - i0);
-          const int64_t qoff = ((b * d.Hq + h) * d.Sq + i0);
-          const T* q = Q + qoff * D;
-          const T* dout = dO + qoff * D;
-          tile_grads<T>(mk, cls, b, i0, m, j0, n, D, scale, q, k, v, dout, L + qoff, Dr + qoff,
-                        P.data(), dS.data());
-          transpose_tile(P.data(), m, n, Pt.data());
-          transpose_tile(dS.data(), m, n, dSt.data());
-          gemm_rm<T>(false, false, n, D, m, T(1), Pt.data(), BM, dout, D, T(1), dv, D);
-          gemm_rm<T>(false, false, n, D, m, scale, dSt.data(), BM, q, D, T(1), dk, D);
-        }
-      }
+      const int64_t kb = task % TK, bh = task / TK;
+      key_block_grads<T>(Q, K, V, dO, L, Dr, nullptr, dK, dV, d, mk, scale, bh / d.Hkv, bh % d.Hkv, kb, w);
     }
   });
 }

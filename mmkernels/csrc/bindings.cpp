@@ -3,8 +3,10 @@
 
 #include "attention.h"
 #include "contrastive.h"
+#include "cpu_math.h"
 #include "cross_attention.h"
 #include "experts.h"
+#include "experts_layer_norm.h"
 
 namespace py = pybind11;
 
@@ -89,4 +91,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("perm"), py::arg("offsets"), py::arg("weight"),
         py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("needs_dx"), py::arg("dw_experts"),
         py::call_guard<py::gil_scoped_release>());
+
+  m.def("set_cpu_blas", &mmkernels::cpu_math::set_blas_enabled,
+        "Let the CPU kernels' GEMMs call BLAS (True, the default) or force their ATen fallback\n"
+        "(False: the path of a torch that exports no sgemm_/dgemm_). Returns the previous setting.",
+        py::arg("enabled"));
 }

@@ -1,11 +1,11 @@
-// mmkernels: the math the CPU attention kernels share (attention.cpp, cross_attention.cpp).
+// mmkernels: the math the CPU kernels share (attention, cross-attention, contrastive, experts).
 //
 // * gemm_rm: row-major GEMM on the Fortran sgemm_/dgemm_ that torch's CPU library exports, with
 //   an ATen fallback.
-// * The softmax row loops (row_max, row_exp_sum, row_grad): float32 runs 8-lane GCC/Clang vectors
-//   with a branch-free exp (vexp_neg) and is compiled for several x86-64 levels, picked at load
-//   time; float64 runs plain loops. The vector type and helpers are here for the kernel files'
-//   own row loops too.
+// * The vector layer: GCC/Clang vectors of 8 (vf) and 16 (wf) float lanes, their helpers and
+//   one branch-free exp (vexp), for the kernel files' own hot loops; CPU_MATH_MULTIVERSION
+//   compiles such a loop for several x86-64 levels, picked at load time.
+// * The softmax row loops (row_max, row_exp_sum, row_grad): float32 on vf, float64 plain.
 //
 // Header-only. The multiversioned loops and gemm_rm are `static` (internal linkage): each kernel
 // file gets its own copy, compiled exactly as when the code lived in that file.
@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -59,12 +60,6 @@ namespace cpu_math {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// True when environment variable `name` is set to something other than "" or "0".
-inline bool env_flag(const char* name) {
-  const char* e = std::getenv(name);
-  return e && e[0] && e[0] != '0';
-}
-
 // ----------------------------------------------------------------------------- GEMM
 
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
@@ -82,12 +77,22 @@ template <typename T> inline bool blas_exported();
 template <> inline bool blas_exported<float>() { return sgemm_ != nullptr; }
 template <> inline bool blas_exported<double>() { return dgemm_ != nullptr; }
 
+// Whether gemm_rm may call BLAS: off, it takes its ATen fallback (the path of a torch that exports
+// no sgemm_/dgemm_), which tests switch on through mmkernels._C.set_cpu_blas. A static of an
+// inline function: one switch for every kernel file.
+inline std::atomic<bool>& blas_switch() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+// Turn BLAS in gemm_rm on or off; returns the previous setting.
+inline bool set_blas_enabled(bool enabled) { return blas_switch().exchange(enabled); }
+
 // Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C (beta 0 or 1); lda/ldb/ldc are
 // the leading dimensions of the stored row-major matrices (op(A) = A^T: A is stored [K, M]).
 // BLAS is column-major: C^T = op(B)^T op(A)^T, so the operands swap and the flags carry over.
-// use_blas = false (a kernel family's MMKERNELS_*_NO_BLAS switch) forces the ATen fallback.
+// With the BLAS switch off (set_blas_enabled) it always takes the ATen fallback.
 template <typename T>
-static void gemm_rm(bool use_blas, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha,
+static void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha,
                     const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -95,7 +100,8 @@ static void gemm_rm(bool use_blas, bool ta, bool tb, int64_t M, int64_t N, int64
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
     return;
   }
-  if (use_blas && blas_exported<T>() && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX &&
+  if (blas_switch().load(std::memory_order_relaxed) && blas_exported<T>() && lda <= INT32_MAX &&
+      ldb <= INT32_MAX && ldc <= INT32_MAX &&
       M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX) {
     const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
     const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
@@ -118,45 +124,155 @@ static void gemm_rm(bool use_blas, bool ta, bool tb, int64_t M, int64_t N, int64
 // ----------------------------------------------------------------------------- float32 vectors
 
 #if CPU_MATH_VEC
-constexpr int VL = 8;  // lanes
+// Two widths: vf (8 lanes), the softmax row loops' vector, and wf (16 lanes), the contrastive
+// loops' vector (one AVX-512 register where the multiversioned clone has them, two or four
+// narrower ones elsewhere). The helpers below take either; where the type cannot be deduced
+// it defaults to vf.
+constexpr int VL = 8;
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+constexpr int WL = 16;
+typedef float wf __attribute__((vector_size(WL * sizeof(float))));
+typedef int32_t wi __attribute__((vector_size(WL * sizeof(int32_t))));
+typedef uint32_t wu __attribute__((vector_size(WL * sizeof(uint32_t))));
 
-CPU_MATH_INLINE vf vload(const float* p) {
-  vf x;
-  __builtin_memcpy(&x, p, sizeof(vf));
+// The int32 / uint32 vectors and the lane count that go with a float vector type.
+template <class V> struct vec_traits;
+template <> struct vec_traits<vf> {
+  typedef vi I;
+  typedef vu U;
+  static constexpr int lanes = VL;
+};
+template <> struct vec_traits<wf> {
+  typedef wi I;
+  typedef wu U;
+  static constexpr int lanes = WL;
+};
+
+// The same bits as another type of the same size.
+template <class To, class From>
+CPU_MATH_INLINE To vbits(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "vbits: the sizes differ");
+  To y;
+  __builtin_memcpy(&y, &x, sizeof(To));
+  return y;
+}
+template <class V = vf>
+CPU_MATH_INLINE V vload(const float* p) {
+  V x;
+  __builtin_memcpy(&x, p, sizeof(V));
   return x;
 }
-CPU_MATH_INLINE void vstore(float* p, vf x) { __builtin_memcpy(p, &x, sizeof(vf)); }
-CPU_MATH_INLINE vf vsplat(float a) { return vf{} + a; }
+template <class V>
+CPU_MATH_INLINE void vstore(float* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
+template <class V = vf>
+CPU_MATH_INLINE V vsplat(float a) { return V{} + a; }
+// m ? a : b lane by lane (m: a comparison's all-ones / zero lanes).
+template <class Mask, class V>
+CPU_MATH_INLINE V vsel(const Mask& m, const V& a, const V& b) { return m ? a : b; }
+// Lanes below n (0 <= n <= lanes) as a mask.
+template <class V>
+CPU_MATH_INLINE typename vec_traits<V>::I vlanes_below(int64_t n) {
+  typedef typename vec_traits<V>::I I;
+  I idx;
+  for (int i = 0; i < vec_traits<V>::lanes; ++i) idx[i] = i;
+  return idx < (I{} + static_cast<int32_t>(n));
+}
+// Loads / stores of the first n (< lanes) lanes; the other lanes read as `fill`.
+template <class V>
+CPU_MATH_INLINE V vload_n(const float* p, int64_t n, float fill) {
+  float t[vec_traits<V>::lanes];
+  for (int i = 0; i < vec_traits<V>::lanes; ++i) t[i] = i < n ? p[i] : fill;
+  return vload<V>(t);
+}
+template <class V>
+CPU_MATH_INLINE void vstore_n(float* p, const V& v, int64_t n) {
+  float t[vec_traits<V>::lanes];
+  vstore(t, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = t[i];
+}
+// NaN-propagating max, lane by lane and across the lanes.
+template <class V>
+CPU_MATH_INLINE V vmax_nan(const V& a, const V& b) { return vsel((a > b) | (a != a), a, b); }
+template <class V>
+CPU_MATH_INLINE float vhmax_nan(const V& v) {
+  float m = v[0];
+  for (int i = 1; i < vec_traits<V>::lanes; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
+  return m;
+}
+// The sum of the lanes, in double.
+template <class V>
+CPU_MATH_INLINE double vhsum(const V& v) {
+  double s = 0.0;
+  for (int i = 0; i < vec_traits<V>::lanes; ++i) s += static_cast<double>(v[i]);
+  return s;
+}
 
-// exp(x) for x <= ~0 (the callers subtract a row max / lse): range reduction x = n ln2 + r with
-// |r| <= ln2/2, a degree-6 polynomial for exp(r), and 2^n built in the exponent bits. Inputs
-// below -87 (including -inf, the masked entries) give exactly 0. Relative error ~2 ulp.
-CPU_MATH_INLINE vf vexp_neg(vf x) {
-  const vf lo = vsplat(-87.0f);
-  const vi dead = x < lo;
-  x = (x < lo) ? lo : x;
-  // nn = round(x * log2e): truncation towards 0, then one step down where that overshot by > 1/2
-  const vf t = x * 1.44269504088896341f;
-  vf nn = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
-  nn = (nn - t > 0.5f) ? nn - 1.0f : nn;
-  vf r = x - nn * 0.693359375f;
-  r = r - nn * (-2.12194440e-4f);
-  vf p = vsplat(1.9875691500e-4f);
+// Exact products of wf lanes summed in double (for sums that cancel, such as sum(G * S)).
+typedef float wf_half __attribute__((vector_size(WL / 2 * sizeof(float))));
+typedef double wd_half __attribute__((vector_size(WL / 2 * sizeof(double))));
+struct DoubleAcc {
+  wd_half lo = {}, hi = {};
+};
+CPU_MATH_INLINE void add_products(DoubleAcc& acc, const wf& a, const wf& b) {
+  wf_half a0, a1, b0, b1;
+  __builtin_memcpy(&a0, &a, sizeof(a0));
+  __builtin_memcpy(&a1, reinterpret_cast<const char*>(&a) + sizeof(a0), sizeof(a1));
+  __builtin_memcpy(&b0, &b, sizeof(b0));
+  __builtin_memcpy(&b1, reinterpret_cast<const char*>(&b) + sizeof(b0), sizeof(b1));
+  acc.lo += __builtin_convertvector(a0, wd_half) * __builtin_convertvector(b0, wd_half);
+  acc.hi += __builtin_convertvector(a1, wd_half) * __builtin_convertvector(b1, wd_half);
+}
+CPU_MATH_INLINE double total(const DoubleAcc& acc) {
+  double s = 0.0;
+  for (int i = 0; i < WL / 2; ++i) s += acc.lo[i];
+  for (int i = 0; i < WL / 2; ++i) s += acc.hi[i];
+  return s;
+}
+
+// exp(x) without branches, for every x: range reduction x = n ln2 + r with |r| <= ln2/2, a
+// degree-6 polynomial for exp(r), and 2^n built in the exponent bits. Max relative error
+// ~1.4 ulp over the normal range; exp(-inf) = 0 (the masked entries), exp(+inf) = inf,
+// exp(x > 88.72) = inf, gradual underflow below FLT_MIN, NaN -> NaN.
+template <class V>
+CPU_MATH_INLINE V vexp(V x) {
+  typedef typename vec_traits<V>::I I;
+  typedef typename vec_traits<V>::U U;
+  // Clamp x to [-104, 88.8] on its bit pattern (integer compares: no NaN semantics): as uint32
+  // every float <= -104 (and -inf, -NaN) is above bits(-104); as int32 every float >= 88.8 (and
+  // +inf, +NaN) is above bits(88.8). NaN is restored at the end.
+  const U lo = U{} + 0xC2D00000u;  // -104.0f
+  const I hi = I{} + 0x42B1999A;   // 88.8f
+  U u = vbits<U>(x);
+  u = vsel(u > lo, lo, u);
+  I c = vbits<I>(u);
+  c = vsel(c > hi, hi, c);
+  const V xc = vbits<V>(c);
+  // n = round(x / ln 2) with the 1.5 * 2^23 trick: n sits in the low mantissa bits of t.
+  const V magic = vsplat<V>(12582912.0f);
+  const V t = xc * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  const I ni = vbits<I>(t) - 0x4B400000;  // in [-150, 128]
+  // r = x - n ln2 (Cody-Waite, two parts); exp(r) = 1 + r + r^2 P(r).
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = vsplat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi e = (__builtin_convertvector(nn, vi) + 127) << 23;
-  vf two_n;
-  __builtin_memcpy(&two_n, &e, sizeof(vf));
-  vf res = p * two_n;
-  return dead ? vsplat(0.0f) : res;
+  V y = p * (r * r) + r + 1.0f;
+  // y * 2^n as y * 2^n1 * 2^(n - n1): both factors are normal floats for n in [-150, 128], so
+  // overflow to inf and gradual underflow come out of the multiplications.
+  const I n1 = ni >> 1;
+  y = y * vbits<V>(vbits<U>(n1 + 127) << 23) * vbits<V>(vbits<U>(ni - n1 + 127) << 23);
+  return vsel(x != x, x, y);
 }
+
+// exp(x) for the softmax loops, whose x <= ~0 (a row max or lse subtracted).
+CPU_MATH_INLINE vf vexp_neg(vf x) { return vexp(x); }
 #endif
 
 // ----------------------------------------------------------------------------- softmax rows

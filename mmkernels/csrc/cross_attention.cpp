@@ -40,24 +40,15 @@
 namespace mmkernels {
 namespace {
 
-constexpr int64_t BM_MAX = 128;    // query rows per block (measured: 128 beats 32/64 by ~4% at
-                                   // Lq = 256, D = 96; 256 is no better)
+constexpr int64_t BM_MAX = 128;    // query rows per block (the fastest of 32 .. 256 on the CPU
+                                   // benchmarks: bench/results)
 inline int64_t block_m(int64_t lq) { return std::min<int64_t>(std::max<int64_t>(lq, 1), BM_MAX); }
 constexpr int64_t BN_WHOLE = 1024;  // Lk up to this: one key block (no online rescaling)
 constexpr int64_t BN_LONG = 256;    // key block for longer Lk
 
 inline int64_t block_n(int64_t lk) { return lk <= BN_WHOLE ? std::max<int64_t>(lk, 1) : BN_LONG; }
 
-using namespace cpu_math;  // ceil_div, the vector helpers and the softmax row loops
-
-// MMKERNELS_XATTN_NO_BLAS=1 forces gemm_rm's ATen fallback (for testing it).
-bool use_blas() {
-  static const bool on = !env_flag("MMKERNELS_XATTN_NO_BLAS");
-  return on;
-}
-// cpu_math::gemm_rm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) under that switch.
-template <typename T, typename... Args>
-inline void gemm_rm(Args... args) { cpu_math::gemm_rm<T>(use_blas(), args...); }
+using namespace cpu_math;  // ceil_div, gemm_rm, the vector helpers and the softmax row loops
 
 // ----------------------------------------------------------------------------- dropout hash
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from mmkernels import _ext
 from mmkernels.attention.mask import BLOCKED, CAUSAL, FULL, SPAN, MultimodalMask
 from mmkernels.attention.reference import multimodal_attention_reference as reference
 from mmkernels.testing import cpp
@@ -262,19 +263,12 @@ def test_backward_paths(threads):
 
 
 def test_aten_gemm_fallback():
-    """MMKERNELS_ATTENTION_NO_BLAS=1 replaces the BLAS calls by ATen matmuls (the path taken when the
-    loaded torch exports no sgemm_/dgemm_); it must give the same results."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, sys; sys.path.insert(0, %r); import test_cpu as t; "
-        "from mmkernels.attention.mask import MultimodalMask as M; "
-        "q, k, v = t.rand_qkv(2, 4, 2, 97, 97, 16, seed=1); t.run_case(q, k, v, M.causal(2, 97)); "
-        "q, k, v = t.rand_qkv(1, 2, 1, 70, 130, 32, dtype=torch.float32, seed=2); t.run_case(q, k, v, None); "
-        "print('ok')" % os.path.dirname(os.path.abspath(__file__))
-    )
-    env = dict(os.environ, MMKERNELS_ATTENTION_NO_BLAS="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    """With BLAS switched off (``_ext.cpu_blas(False)``) the GEMMs take their ATen fallback (the path
+    of a torch that exports no sgemm_/dgemm_); it must give the same results."""
+    with _ext.cpu_blas(False):
+        q, k, v = rand_qkv(2, 4, 2, 97, 97, 16, seed=1)
+        run_case(q, k, v, MultimodalMask.causal(2, 97))
+        q, k, v = rand_qkv(1, 2, 1, 70, 130, 32, dtype=torch.float32, seed=2)
+        run_case(q, k, v, None)
+        assert C.set_cpu_blas(False) is False  # the switch is off inside the block
+    assert C.set_cpu_blas(True) is True  # and restored on exit
