@@ -25,16 +25,17 @@ triton = pytest.importorskip("triton")
 from mmkernels.attention import kernels as K  # noqa: E402
 from mmkernels.attention import tile_kernel as TK  # noqa: E402
 from mmkernels._triton import triton_at_least  # noqa: E402
+from mmkernels._triton import PTR  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
+from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
 
 D_VALUES = (64, 88, 128, 256)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _label(kind, dtype, prec, D, has_mask, cfg, part):
     split = "-split" if cfg.split else ""
-    return (f"{kind}{'-part' + str(part) if kind == 'bwd_dkdv' else ''}-{_DT[dtype]}-{prec}-D{D}-"
+    return (f"{kind}{'-part' + str(part) if kind == 'bwd_dkdv' else ''}-{PTR[dtype][1:]}-{prec}-D{D}-"
             f"{'mask' if has_mask else 'nomask'}-{cfg.BLOCK_M}x{cfg.BLOCK_N}-w{cfg.num_warps}"
             f"-s{cfg.num_stages}{split}")
 
@@ -72,22 +73,9 @@ def _jobs():
 JOBS = _jobs()
 
 
-@pytest.fixture(scope="module")
-def reports():
-    return sm90.compile_reports(JOBS)
-
-
-def test_tools_present():
-    sm90.check_tools()
-
-
-def test_every_kernel_argument_is_specified():
-    sm90.assert_jobs_specify_every_argument(JOBS)
-
-
 # Head dim 256 launches that spill registers when Triton >= 3.9 compiles them (its code for
 # these kernels needs more registers than 3.6's, and its ptxas runs --regAllocOptLevel=2): no
-# tile that keeps wgmma was found spill-free (mmkernels/attention/kernels.py, _TRITON39_TILES).
+# tile that keeps wgmma was found spill-free (mmkernels/attention/kernels/configs.py, _TRITON39_TILES).
 # Under Triton >= 3.9 they must still compile, fit shared memory and use wgmma; the spill is an
 # expected failure, and strict: a launch of this list that stops spilling fails the test, so
 # the list only shrinks. Under Triton 3.6 they pass every check.
@@ -106,22 +94,20 @@ KNOWN_TRITON39_SPILLS = frozenset({
 })
 
 
-@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
-def test_sm90_compile(reports, job):
-    rep = reports[job.label]
-    print(rep.summary())
-    no_products = job.label.startswith(("bwd_pre", "tile_map"))
-    exact_fp32 = "-fp32-ieee-" in job.label
-    if job.label in KNOWN_TRITON39_SPILLS and triton_at_least(3, 9):
-        sm90.assert_compiled(rep)
-        sm90.assert_shared_within(rep, sm90.SMEM_LIMIT_BYTES)
-        sm90.assert_tensor_cores(rep, wgmma=True)
-        with pytest.raises(AssertionError):
-            sm90.assert_no_spills(rep)
-        pytest.xfail(f"spills under Triton {triton.__version__} (KNOWN_TRITON39_SPILLS)")
-    sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
-    if exact_fp32 and not no_products:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
-        assert not rep.tensor_cores, rep.summary()
+class TestSm90(Sm90Tier):
+    def check(self, rep, job):
+        no_products = job.label.startswith(("bwd_pre", "tile_map"))
+        exact_fp32 = "-fp32-ieee-" in job.label
+        if job.label in KNOWN_TRITON39_SPILLS and triton_at_least(3, 9):
+            sm90.assert_compiled(rep)
+            sm90.assert_shared_within(rep, sm90.SMEM_LIMIT_BYTES)
+            sm90.assert_tensor_cores(rep, wgmma=True)
+            with pytest.raises(AssertionError):
+                sm90.assert_no_spills(rep)
+            pytest.xfail(f"spills under Triton {triton.__version__} (KNOWN_TRITON39_SPILLS)")
+        sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
+        if exact_fp32 and not no_products:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+            assert not rep.tensor_cores, rep.summary()
 
 
 def test_every_heuristic_config_is_compiled():

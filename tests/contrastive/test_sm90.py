@@ -22,6 +22,7 @@ import triton.language as tl  # noqa: E402
 
 from mmkernels.contrastive import kernels as K  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
+from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
 
 # D values: D only reaches the compiled code through BLOCK_K and through
 # Triton's divisible-by-16 specialisation of D and the row strides.
@@ -54,27 +55,12 @@ def _jobs():
 JOBS = _jobs()
 
 
-@pytest.fixture(scope="module")
-def reports():
-    return sm90.compile_reports(JOBS)
-
-
-def test_tools_present():
-    sm90.check_tools()
-
-
-def test_every_kernel_argument_is_specified():
-    sm90.assert_jobs_specify_every_argument(JOBS)
-
-
-@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
-def test_sm90_compile(reports, job):
-    rep = reports[job.label]
-    exact_fp32 = "-fp32-ieee-" in job.label
-    sm90.assert_sm90_ok(rep, wgmma=not exact_fp32)
-    if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
-        assert not rep.tensor_cores, rep.summary()
-    print(rep.summary())
+class TestSm90(Sm90Tier):
+    def check(self, rep, job):
+        exact_fp32 = "-fp32-ieee-" in job.label
+        sm90.assert_sm90_ok(rep, wgmma=not exact_fp32)
+        if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+            assert not rep.tensor_cores, rep.summary()
 
 
 def test_default_configs_are_compiled():

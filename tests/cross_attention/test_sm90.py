@@ -21,37 +21,19 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mmkernels.cross_attention import kernels as K  # noqa: E402
+from mmkernels._triton import PTR  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
+from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
 
 JOBS = K.compile_specs()
 
 
-@pytest.fixture(scope="module")
-def reports():
-    return sm90.compile_reports(JOBS)
-
-
-def test_tools_present():
-    sm90.check_tools()
-
-
-def test_every_kernel_argument_is_specified():
-    sm90.assert_jobs_specify_every_argument(JOBS)
-
-
-def test_labels_unique():
-    labels = [j.label for j in JOBS]
-    assert len(labels) == len(set(labels))
-
-
-@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
-def test_sm90_compile(reports, job):
-    rep = reports[job.label]
-    print(rep.summary())
-    exact_fp32 = "-fp32-ieee-" in job.label
-    sm90.assert_sm90_ok(rep, tensor_cores=not exact_fp32)
-    if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
-        assert not rep.tensor_cores, rep.summary()
+class TestSm90(Sm90Tier):
+    def check(self, rep, job):
+        exact_fp32 = "-fp32-ieee-" in job.label
+        sm90.assert_sm90_ok(rep, tensor_cores=not exact_fp32)
+        if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+            assert not rep.tensor_cores, rep.summary()
 
 
 def test_every_heuristic_config_is_compiled():
@@ -60,7 +42,6 @@ def test_every_heuristic_config_is_compiled():
                  j.constexprs["BLOCK_D"], j.num_warps, j.num_stages, j.constexprs.get("ONE_M", True),
                  j.constexprs["INPUT_PRECISION"], j.signature["q_ptr"])
                 for j in JOBS}
-    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     for kind in K.KERNEL_KINDS:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for prec in K.input_precisions(dtype):
@@ -69,5 +50,5 @@ def test_every_heuristic_config_is_compiled():
                         cfg = K.heuristic_config(kind, dtype, D, prec, Lq)
                         one_m = kind == "fwd" or Lq <= cfg.BLOCK_M
                         key = (kind, cfg.BLOCK_M, cfg.BLOCK_N, K.block_d(D), cfg.num_warps,
-                               cfg.num_stages, one_m, prec, ptr[dtype])
+                               cfg.num_stages, one_m, prec, PTR[dtype])
                         assert key in compiled, (kind, dtype, prec, D, Lq, cfg)

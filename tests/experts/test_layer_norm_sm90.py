@@ -22,8 +22,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from mmkernels.experts import norm_kernels as NK  # noqa: E402
+from mmkernels.experts.layer_norm import kernels as NK  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
+from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 WIDTHS = (768, 1024, 4096, 97, 16384, 12289)  # every dtype, bias, backward variant
@@ -75,29 +76,8 @@ def _jobs():
 JOBS = _jobs()
 
 
-@pytest.fixture(scope="module")
-def reports():
-    return sm90.compile_reports(JOBS)
-
-
-def test_tools_present():
-    sm90.check_tools()
-
-
-def test_every_kernel_argument_is_specified():
-    sm90.assert_jobs_specify_every_argument(JOBS)
-
-
-def test_labels_unique():
-    labels = [j.label for j in JOBS]
-    assert len(labels) == len(set(labels))
-
-
-@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
-def test_sm90_compile(reports, job):
-    rep = reports[job.label]
-    print(rep.summary())
-    sm90.assert_sm90_ok(rep)  # compiles, no spills, shared memory <= 227 KB
+class TestSm90(Sm90Tier):
+    """Each job compiles, does not spill and uses at most 227 KB of shared memory (the default check)."""
 
 
 def test_every_norm_config_is_compiled():

@@ -26,12 +26,15 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from mmkernels.experts import kernels as K  # noqa: E402
+from mmkernels.experts import routing_kernels as R  # noqa: E402
+from mmkernels.experts.grouped_mm import configs as C  # noqa: E402
+from mmkernels.experts.grouped_mm import kernels as K  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
+from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-E_MAX = K.MAX_EXPERTS
+E_MAX = R.MAX_EXPERTS
 # (T, H, F) size classes: multiples of 16; multiples of 8 (ALIGN = 8: rows still 16-byte
 # aligned for bf16, the launchers pass widths and row strides divided by ALIGN); odd widths
 # (ALIGN = 1: scalar loads, the heuristic's unaligned tiles)
@@ -43,11 +46,11 @@ EXTRA_CLASSES = {"al8": ((torch.bfloat16, "tf32"),),
 
 
 def _activations(kind):
-    return K.ACTIVATIONS if kind in ("ffn_fwd_in", "ffn_bwd_dh") else (None,)
+    return C.ACTIVATIONS if kind in ("ffn_fwd_in", "ffn_bwd_dh") else (None,)
 
 
 def _biases(kind):
-    return (False, True) if kind in ("linear_fwd", "ffn_fwd_in", "ffn_fwd_out") + K.WGRAD_KINDS else (False,)
+    return (False, True) if kind in ("linear_fwd", "ffn_fwd_in", "ffn_fwd_out") + C.WGRAD_KINDS else (False,)
 
 
 def _label(kind, dtype, prec, act, bias, cfg, size_class):
@@ -63,40 +66,40 @@ def _job(kind, dtype, prec, act, bias, cfg, size_class, atomic=False, row32=True
     label = (_label(kind, dtype, prec, act, bias, cfg, size_class) + ("-atomic" if atomic else "")
              + ("" if row32 else "-row64"))
     return sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div, label=label,
-                           options=K.launch_options(kind, cfg))
+                           options=C.launch_options(kind, cfg))
 
 
 def _jobs():
     jobs = []
     for E in (2, E_MAX):
-        kernel, sig, constexprs, div = K.compile_specs("route", torch.float32, "ieee", E=E)
-        jobs.append(sm90.CompileJob(kernel, sig, constexprs, K.ROUTE_WARPS, 1, div,
+        kernel, sig, constexprs, div = R.compile_specs("route", E=E)
+        jobs.append(sm90.CompileJob(kernel, sig, constexprs, R.ROUTE_WARPS, 1, div,
                                     label=f"route-E{E}"))
-    kernel, sig, constexprs, div = K.compile_specs("route_split", torch.float32, "ieee")
+    kernel, sig, constexprs, div = R.compile_specs("route_split")
     jobs.append(sm90.CompileJob(kernel, sig, constexprs, 4, 1, div, label="route-split"))
-    for kind in K.KERNEL_KINDS[1:]:
+    for kind in C.KERNEL_KINDS:
         for act in _activations(kind):
             swiglu = act == "swiglu"
             # every aligned config (wide and narrow outputs), with and without bias
             for dtype in DTYPES:
-                for prec in K.input_precisions(dtype):
+                for prec in C.input_precisions(dtype):
                     for bias in _biases(kind):
-                        for cfg in K.candidate_configs(kind, dtype, prec, swiglu, aligned=True):
+                        for cfg in C.candidate_configs(kind, dtype, prec, swiglu, aligned=True):
                             jobs.append(_job(kind, dtype, prec, act, bias, cfg, "al16"))
-                            if kind in K.WGRAD_KINDS:  # the token-chunked variant (fp32 atomics)
+                            if kind in C.WGRAD_KINDS:  # the token-chunked variant (fp32 atomics)
                                 jobs.append(_job(kind, dtype, prec, act, bias, cfg, "al16", atomic=True))
             # the other size classes: the config the heuristic picks for them
             for size_class, pairs in EXTRA_CLASSES.items():
                 T, H, F = SIZES[size_class]
                 for dtype, prec in pairs:
-                    aligned = K.is_aligned(dtype, K.align_of(H, F))
-                    cfg = K.heuristic_config(kind, dtype, prec, swiglu, 4096, aligned)
+                    aligned = R.is_aligned(dtype, R.align_of(H, F))
+                    cfg = C.heuristic_config(kind, dtype, prec, swiglu, 4096, aligned)
                     jobs.append(_job(kind, dtype, prec, act, False, cfg, size_class))
-                    if kind in K.WGRAD_KINDS:  # masked dW rows/columns (EVEN off), bias, atomics
+                    if kind in C.WGRAD_KINDS:  # masked dW rows/columns (EVEN off), bias, atomics
                         jobs.append(_job(kind, dtype, prec, act, True, cfg, size_class, atomic=True))
-        if kind in K.WGRAD_KINDS:  # int64 row offsets (inputs past 2**31 elements), bf16 heuristic
+        if kind in C.WGRAD_KINDS:  # int64 row offsets (inputs past 2**31 elements), bf16 heuristic
             for atomic in (False, True):
-                cfg = K.heuristic_config(kind, torch.bfloat16, "tf32", False, 4096, True)
+                cfg = C.heuristic_config(kind, torch.bfloat16, "tf32", False, 4096, True)
                 jobs.append(_job(kind, torch.bfloat16, "tf32", None, True, cfg, "al16", atomic=atomic,
                                  row32=False))
     return jobs
@@ -105,40 +108,20 @@ def _jobs():
 JOBS = _jobs()
 
 
-@pytest.fixture(scope="module")
-def reports():
-    return sm90.compile_reports(JOBS)
-
-
-def test_tools_present():
-    sm90.check_tools()
-
-
-def test_every_kernel_argument_is_specified():
-    sm90.assert_jobs_specify_every_argument(JOBS)
-
-
-def test_labels_unique():
-    labels = [j.label for j in JOBS]
-    assert len(labels) == len(set(labels))
-
-
-@pytest.mark.parametrize("job", JOBS, ids=[j.label for j in JOBS])
-def test_sm90_compile(reports, job):
-    rep = reports[job.label]
-    print(rep.summary())
-    no_products = job.label.startswith("route")
-    exact_fp32 = "-fp32-ieee-" in job.label
-    sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
-    if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
-        assert not rep.tensor_cores, rep.summary()
-    if job.num_warps == 8:  # two 8-warp programs fit on an SM (one hides the other's latency)
-        need = K.RESIDENT_PROGRAMS * rep.registers * 32 * job.num_warps
-        assert need <= K.REGISTERS_PER_SM, rep.summary()
-    if _pipelined_expected(job):
-        # the loads of later steps overlap the math: the weight gradient's gathered reduction
-        # ran with every wait draining all copies until its heuristic took 5 stages
-        sm90.assert_pipelined(rep)
+class TestSm90(Sm90Tier):
+    def check(self, rep, job):
+        no_products = job.label.startswith("route")
+        exact_fp32 = "-fp32-ieee-" in job.label
+        sm90.assert_sm90_ok(rep, wgmma=not (exact_fp32 or no_products))
+        if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
+            assert not rep.tensor_cores, rep.summary()
+        if job.num_warps == 8:  # two 8-warp programs fit on an SM (one hides the other's latency)
+            need = C.RESIDENT_PROGRAMS * rep.registers * 32 * job.num_warps
+            assert need <= C.REGISTERS_PER_SM, rep.summary()
+        if _pipelined_expected(job):
+            # the loads of later steps overlap the math: the weight gradient's gathered reduction
+            # ran with every wait draining all copies until its heuristic took 5 stages
+            sm90.assert_pipelined(rep)
 
 
 def _pipelined_expected(job) -> bool:
@@ -154,22 +137,22 @@ def test_every_heuristic_config_is_compiled():
                  tuple(j.constexprs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T",
                                                  "EPI_SPLIT") if n in j.constexprs))
                 for j in JOBS}
-    for kind in K.KERNEL_KINDS[1:]:
+    for kind in C.KERNEL_KINDS:
         for dtype in DTYPES:
-            for prec in K.input_precisions(dtype):
+            for prec in C.input_precisions(dtype):
                 for act in _activations(kind):
                     swiglu = act == "swiglu"
                     for N in (1, 7, 16, 64, 65, 88, 200, 1024, 4096, 11008):
                         for aligned in (True, False):
-                            cfg = K.heuristic_config(kind, dtype, prec, swiglu, N, aligned)
-                            assert cfg in K.candidate_configs(kind, dtype, prec, swiglu)
+                            cfg = C.heuristic_config(kind, dtype, prec, swiglu, N, aligned)
+                            assert cfg in C.candidate_configs(kind, dtype, prec, swiglu)
                             tiles = tuple(cfg[:3]) + tuple(cfg[6:])  # + the epilogue split
                             assert (kind, cfg.num_warps, cfg.num_stages, tiles) in compiled, \
                                 (kind, dtype, prec, act, N, aligned, cfg)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
-@pytest.mark.parametrize("kind", K.WGRAD_KINDS)
+@pytest.mark.parametrize("kind", C.WGRAD_KINDS)
 @pytest.mark.parametrize("atomic", (False, True), ids=("store", "atomic"))
 def test_wgrad_bias_gradient_stays_out_of_the_issue_budget(reports, kind, dtype, atomic):
     """The bias gradient adds at most 1/5 to the weight gradient's main loop (16-bit inputs).
@@ -179,7 +162,7 @@ def test_wgrad_bias_gradient_stays_out_of_the_issue_budget(reports, kind, dtype,
     the four wgmma of a step leave the schedulers about 2 x 250 slots for everything else.
     As a 16-column MMA against ones it costs one more wgmma per warpgroup step.
     """
-    cfg = K.heuristic_config(kind, dtype, "tf32", False, 4096, True)
+    cfg = C.heuristic_config(kind, dtype, "tf32", False, 4096, True)
     sizes = {}
     for bias in (False, True):
         label = _label(kind, dtype, "tf32", None, bias, cfg, "al16") + ("-atomic" if atomic else "")
