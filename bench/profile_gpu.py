@@ -1,6 +1,6 @@
 """Where the GPU time of one mmkernels call goes: a kernel table per case (torch.profiler).
 
-    python -m bench.profile_gpu [--out FILE]      # on a CUDA machine; about 30 s
+    python -m bench.profile_gpu [--out FILE]      # on a CUDA machine
 
 For each case it warms up, then profiles a few forward+backward calls and prints the CUDA
 kernels sorted by total device time, the number of kernel launches per call, and the wall time

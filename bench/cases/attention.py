@@ -1,4 +1,4 @@
-"""Attention family: multimodal masked attention (issue 3) against SDPA and FlexAttention.
+"""Attention family: multimodal masked attention against SDPA and FlexAttention.
 
 Three ops, all with the shape keys ``mask, B, H, S, D`` (self-attention, ``Sq = Sk = S``,
 ``Hq = Hkv = H``, q/k/v ``[B, H, S, D]``):

@@ -1,5 +1,5 @@
 """Cross-attention family: few-query cross-attention, the fused K/V projection and a whole Q-Former step
-(issue 5), against SDPA's backends, eager PyTorch and HF transformers' BLIP-2 Q-Former.
+against SDPA's backends, eager PyTorch and HF transformers' BLIP-2 Q-Former.
 
 Three ops, all timed forward + backward (mode ``fwd+bwd``):
 
@@ -98,7 +98,7 @@ GPU_XATTN = {
         ("coca", 128, 256, 257, 8, 96),
     ],
 }
-# (Lk = 677 only with --size Lk=257,677: the family's CPU run stays near 90 s on 2 cores)
+# (Lk = 677 only with --size Lk=257,677: the family's CPU run stays short on 2 cores)
 CPU_XATTN = {
     "full": [
         ("blip2", 8, 32, 257, 12, 64),
@@ -621,5 +621,5 @@ def notes(device: str, profile: str) -> list:
                      "kv_projection B = 2); the qformer case keeps the real widths and depth at B = 4 (--quick: "
                      "B = 2; the CPU target: a Q-Former step no slower than HF's). The GPU sizes are GPU-only. "
                      "On a shared 2-core machine use --threads 1: two spinning OpenMP threads under load give "
-                     "10x swings.")
+                     "large swings.")
     return lines

@@ -1,4 +1,4 @@
-"""Experts family: per-modality FFN and linear layers (issue 4) against the ways models write them.
+"""Experts family: per-modality FFN and linear layers against the ways models write them.
 
 Two ops, both timed forward + backward (mode ``fwd+bwd``) with ``loss = sum(out * dout)`` for a
 fixed random ``dout``, gradients for ``x`` and every weight and bias:

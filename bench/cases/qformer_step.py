@@ -1,4 +1,4 @@
-"""The ``qformer`` op of the cross_attention family (issue 5): one training step of a whole BLIP-2
+"""The ``qformer`` op of the cross_attention family: one training step of a whole BLIP-2
 Q-Former, ``mmkernels.QFormer`` and the patched HF model against HF transformers' own
 ``Blip2QFormerModel``. Its cases are built by ``bench.cases.cross_attention.cases`` (the family's
 entry point), its agreement checked by ``bench.cases.cross_attention.agree``.
@@ -17,7 +17,7 @@ between repeats):
 
 * ``mmkernels``: ``mmkernels.QFormer`` (same config; K/V weights re-shared into one storage after
   binding, as after ``load_state_dict``).
-* ``mmkernels_compiled`` (GPU, full profile only: compiling the step takes a minute or more):
+* ``mmkernels_compiled`` (GPU, full profile only: compiling the 12-layer step is too slow for --quick):
   ``torch.compile(mmkernels.QFormer, fullgraph=True)``, the glue around the GEMMs fused by inductor.
 * ``mmkernels_patched``: HF ``Blip2QFormerModel`` (``attn_implementation="sdpa"``, transformers'
   default) after ``mmkernels.integrations.transformers.patch_blip2``.
@@ -50,7 +50,7 @@ from bench.harness import Case, Provider
 _BLIP2 = (32, 32, 257, 768, 12, 12, 3072, 2, 1408, 0.1)
 GPU_QFORMER = {"full": [(128,) + _BLIP2], "quick": [(128,) + _BLIP2]}
 # the CPU target case: "a Q-Former step no slower than HF's on CPU" at the real widths and depth
-# (B = 4; --quick B = 2 to keep the family's quick run near 90 s on 2 cores)
+# (B = 4; --quick B = 2 to keep the family's quick run short on 2 cores)
 CPU_QFORMER = {"full": [(4,) + _BLIP2], "quick": [(2,) + _BLIP2]}
 PYTEST_QFORMER = [(2, 4, 4, 7, 64, 4, 2, 128, 2, 48, 0.1)]
 
@@ -306,7 +306,7 @@ def est_qformer(factor: float, case: Case) -> int:
 
 def qformer_providers(compiled: bool = False) -> tuple:
     """The Q-Former providers; ``compiled`` adds ``mmkernels_compiled`` (full profile only: compiling
-    the 12-layer step takes a minute or more, which the quick suite cannot spend)."""
+    the 12-layer step costs more time than the quick suite can spend)."""
     return tuple(p for p in (
         Provider("mmkernels", functools.partial(qformer_step, impl="mmkernels"),
                  check=functools.partial(check_qformer, "mmkernels"), mem_estimate=functools.partial(est_qformer, 14),
