@@ -14,6 +14,7 @@ Add a family by writing its module and naming it in ``FAMILIES``.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Optional
 
 FAMILIES = {
@@ -50,3 +51,26 @@ def notes(families, device: str, profile: str) -> list:
         if fn is not None:
             lines.extend(fn(device, profile))
     return lines
+
+
+def pytest_plan() -> list:
+    """The (case, provider) pairs the pytest entry points run (``pytest bench/`` times them,
+    tests/bench/test_agreement.py checks them): every family's cases for ``BENCH_DEVICE``
+    (default ``cpu``) at ``BENCH_PROFILE`` (default ``pytest``: small CPU sizes); none when
+    ``BENCH_DEVICE`` names a GPU that is not there."""
+    import torch
+
+    from bench import harness
+
+    device = os.environ.get("BENCH_DEVICE", "cpu")
+    profile = os.environ.get("BENCH_PROFILE", "pytest")
+    if device != "cpu" and not torch.cuda.is_available():
+        return []
+    return harness.plan(collect(list(FAMILIES), device, profile))
+
+
+def pair_id(pair) -> str:
+    """The pytest id of a (case, provider) pair: ``case-provider`` (pytest-benchmark compares runs
+    by these names, so they stay stable)."""
+    case, provider = pair
+    return f"{case.id}-{provider.name}"
