@@ -2,7 +2,7 @@
 //
 // Tokens are routed by a stable sort computed by the caller: slot s of the sorted order holds
 // token perm[s], and expert e owns slots offsets[e] .. offsets[e+1]-1 (see
-// mmkernels/experts/ops.py). No permuted copy of the activations is ever made: for each
+// mmkernels/experts/grouped_mm/ops.py). No permuted copy of the activations is ever made: for each
 // expert, its slot range is processed in chunks of at most MAX_CHUNK_ROWS (2048) rows. A chunk's input
 // rows are gathered (through perm, any strides, converted to the compute type) into a reused
 // contiguous scratch block, multiplied through BLAS (at::mm_out / addmm into float32 for

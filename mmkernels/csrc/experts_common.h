@@ -1,6 +1,6 @@
 // mmkernels: what the experts CPU kernels share (csrc/experts.cpp: the grouped GEMMs;
-// csrc/experts_norm.cpp: the per-modality LayerNorm): the routing read from perm / offsets, the
-// input checks and the compute type. The routing's contract: mmkernels/experts/ops.py.
+// csrc/experts_layer_norm.cpp: the per-modality LayerNorm): the routing read from perm / offsets,
+// the input checks and the compute type. The routing's contract: mmkernels/experts/routing.py.
 #pragma once
 
 #include <algorithm>

@@ -14,6 +14,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "swiglu")
 
 
 def check_activation(name) -> str:
+    """``name`` if it is one of ``ACTIVATIONS`` (a ValueError otherwise)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
     return name

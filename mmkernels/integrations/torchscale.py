@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..experts import MultiwayFFN, MultiwayLayerNorm, MultiwayLinear
-from ..experts.layer_norm import is_layer_norm
+from .expert_layouts import is_layer_norm
 
 #: torchscale's names of the two experts, in expert order (A = expert 0, B = expert 1)
 EXPERTS = ("A", "B")
@@ -115,10 +115,13 @@ class MultiwayAdapter(nn.Module):
             ``model.apply(set_split_position(p))``.
 
     ``forward(x [..., H_in]) -> [..., H_out]`` (``H_out = H_in`` for LayerNorms and FFNs).
-    ``x [B, S, H]`` with ``dim = 1`` takes the int split fast path (no ids tensor, no sort);
-    other shapes and dims route by an int64 ids tensor of shape ``x.shape[:-1]`` built on
-    ``x``'s device without a host synchronisation. A split along the last (feature)
-    dimension is refused.
+    ``x [B, S, H]`` with ``dim = 1`` takes the int split fast path (no ids tensor, no sort),
+    as does every shape when all tokens go to one expert (``split_position`` -1 or 0); other
+    shapes and dims route by an int64 ids tensor of shape ``x.shape[:-1]`` built on ``x``'s
+    device without a host synchronisation. A split along the last (feature) dimension is
+    refused. With per-expert parameters, an expert that receives no token gets no gradient
+    (``.grad`` stays ``None``, as in torchscale, where ``A(x)`` or ``B(x)`` alone runs), so
+    AdamW neither decays nor moves it.
 
     ``state_dict()`` / ``load_state_dict()`` use torchscale's keys (``A.weight``, ``B.fc1.bias``,
     ...), whatever the fused module's layout (stacked or ``per_expert_parameters``).
@@ -179,6 +182,11 @@ class MultiwayAdapter(nn.Module):
         if d == nd - 1:
             raise ValueError(f"MultiwayAdapter: dim={self.dim} is the feature (last) dimension of x of shape "
                              f"{tuple(x.shape)}; experts are chosen along a token dimension, not the last one")
+        if p in (0, n):
+            # every token on one expert: a split position of the tokens as one sequence, so the
+            # other expert gets no gradient (as torchscale's A(x) or B(x) alone)
+            y = self.fused(x.reshape(1, -1, x.shape[-1]), 0 if p == 0 else x[..., 0].numel())
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         shape = [1] * (nd - 1)
         shape[d] = n
         ids = (torch.arange(n, device=x.device) >= p).to(torch.int64).view(shape).expand(x.shape[:-1])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels.experts import api, routing
+from mmkernels.experts import routing
+from mmkernels.experts.grouped_mm import api
 
 B, S, H, F_, HO, E = 2, 5, 8, 12, 6, 3
 

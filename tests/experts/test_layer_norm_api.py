@@ -32,7 +32,7 @@ def _require(backend):
         pytest.fail("the C++ layer-norm kernels are not built (mmkernels._C.experts_layer_norm_*)")
     if backend == "triton":
         try:
-            from mmkernels.experts import norm_kernels  # noqa: F401
+            from mmkernels.experts.layer_norm import kernels  # noqa: F401
         except Exception as exc:  # pragma: no cover - triton missing or kernels broken
             pytest.fail(f"the Triton layer-norm kernels do not import: {exc}")
 

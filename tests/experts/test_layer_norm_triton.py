@@ -1,4 +1,4 @@
-"""The per-modality LayerNorm's Triton kernels (``mmkernels/experts/norm_kernels.py``) against
+"""The per-modality LayerNorm's Triton kernels (``mmkernels/experts/layer_norm/kernels.py``) against
 the float64 loop-over-experts reference.
 
 ``layer_norm_fwd_triton`` (y, mean, rstd) and ``layer_norm_bwd_triton`` (dx, dw, db; reference
@@ -28,7 +28,7 @@ if not torch.cuda.is_available():  # normally already done by conftest.py
 triton = pytest.importorskip("triton")
 
 from tests.experts.cases import make_ids, randn  # noqa: E402
-from mmkernels.experts import norm_kernels as NK  # noqa: E402
+from mmkernels.experts.layer_norm import kernels as NK  # noqa: E402
 from mmkernels.experts.reference import modality_layer_norm_reference  # noqa: E402
 from mmkernels.experts.routing import route  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402

@@ -32,7 +32,7 @@ def _require(backend):
         pytest.fail("the C++ experts kernels are not built")
     if backend == "triton":
         try:
-            from mmkernels.experts import kernels, norm_kernels  # noqa: F401
+            from mmkernels.experts import kernels  # noqa: F401
         except Exception as exc:  # pragma: no cover
             pytest.fail(f"the Triton experts kernels do not import: {exc}")
 

@@ -27,7 +27,10 @@ if not torch.cuda.is_available():  # normally already done by conftest.py
 
 triton = pytest.importorskip("triton")
 
-from mmkernels.experts import kernels as K  # noqa: E402
+from mmkernels import tuning  # noqa: E402
+from mmkernels.experts import routing_kernels as R  # noqa: E402
+from mmkernels.experts.grouped_mm import configs as C  # noqa: E402
+from mmkernels.experts.grouped_mm import kernels as K  # noqa: E402
 from mmkernels.experts.routing import route_split as route_split_torch  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
 from tests.experts.cases import record_launches  # noqa: E402
@@ -66,8 +69,8 @@ pytestmark = [
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-SMALL = {**{k: K.MMConfig(16, 32, 16, 4, 1) for k in K.MM_KINDS},
-         **{k: K.WGradConfig(32, 16, 16, 4, 1) for k in K.WGRAD_KINDS}}
+SMALL = {**{k: C.MMConfig(16, 32, 16, 4, 1) for k in C.MM_KINDS},
+         **{k: C.WGradConfig(32, 16, 16, 4, 1) for k in C.WGRAD_KINDS}}
 H_IN, H_OUT, F_W = 20, 36, 44  # not multiples of 16: masked columns
 
 
@@ -99,7 +102,7 @@ def rand(*shape, scale=1.0, seed=0):
 
 
 def routing(ids, E):
-    perm, offsets = K.route_triton(ids.to(DEVICE), E)
+    perm, offsets = R.route_triton(ids.to(DEVICE), E)
     return perm, offsets
 
 
@@ -213,7 +216,7 @@ ROUTE_CASES = [(E, T, p) for E in (1, 2, 3, 5, 8)
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
 def test_route_matches_stable_argsort(E, T, pattern, id_dtype):
     ids = make_ids(T, E, pattern, seed=T + E).to(id_dtype)
-    perm, offsets = K.route_triton(ids.to(DEVICE), E)
+    perm, offsets = R.route_triton(ids.to(DEVICE), E)
     assert perm.dtype == torch.int32 and offsets.dtype == torch.int32
     assert perm.shape == (T,) and offsets.shape == (E + 1,)
     expect = torch.argsort(ids.long(), stable=True)
@@ -225,14 +228,14 @@ def test_route_matches_stable_argsort(E, T, pattern, id_dtype):
 
 
 def test_route_empty():
-    perm, offsets = K.route_triton(torch.zeros(0, dtype=torch.int64, device=DEVICE), 3)
+    perm, offsets = R.route_triton(torch.zeros(0, dtype=torch.int64, device=DEVICE), 3)
     assert perm.shape == (0,) and perm.dtype == torch.int32
     assert offsets.tolist() == [0, 0, 0, 0]
 
 
 def test_route_rejects_too_many_experts():
     with pytest.raises(ValueError):
-        K.route_triton(torch.zeros(4, dtype=torch.int64, device=DEVICE), K.MAX_EXPERTS + 1)
+        R.route_triton(torch.zeros(4, dtype=torch.int64, device=DEVICE), R.MAX_EXPERTS + 1)
 
 
 SPLIT_CASES = [(2, 7, 3), (3, 5, 0), (3, 5, 5), (1, 1, 0), (1, 1, 1), (0, 5, 2), (5, 300, 41),
@@ -243,7 +246,7 @@ SPLIT_CASES = [(2, 7, 3), (3, 5, 0), (3, 5, 5), (1, 1, 0), (1, 1, 1), (0, 5, 2),
 def test_route_split_kernel_matches_the_stable_sort(B, S, P):
     """The one-launch position split gives the permutation and offsets the stable sort of the
     equivalent ids gives (and the torch-op form, routing.route_split)."""
-    perm, offsets = K.route_split_triton(B, S, P, DEVICE)
+    perm, offsets = R.route_split_triton(B, S, P, DEVICE)
     assert perm.dtype == torch.int32 and offsets.dtype == torch.int32
     assert perm.shape == (B * S,) and offsets.shape == (3,)
     ids = torch.ones(B, S, dtype=torch.int64)
@@ -257,7 +260,7 @@ def test_route_split_kernel_matches_the_stable_sort(B, S, P):
 def test_route_split_kernel_rejects_bad_positions():
     for p in (-1, 6):
         with pytest.raises(ValueError, match="split position"):
-            K.route_split_triton(2, 5, p, DEVICE)
+            R.route_split_triton(2, 5, p, DEVICE)
 
 
 # ---------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def test_zero_token_expert_gets_zero_grads():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("activation", K.ACTIVATIONS)
+@pytest.mark.parametrize("activation", C.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
 def test_ffn_activations(activation, dtype):
     ids, *rest = ffn_case(97, 3, dtype, activation, True, "empty", seed=13)
@@ -388,7 +391,7 @@ def test_ffn_heuristic_config(activation, dtype, f):
     32 + 32; swiglu's backward with its epilogue in two slices)."""
     for kind, n in (("ffn_fwd_in", f), ("ffn_bwd_dh", f)):
         if dtype != torch.float32:
-            cfg = K._pick(kind, dtype, "tf32", activation == "swiglu", n, 8, None)
+            cfg = C.pick_config(kind, dtype, "tf32", activation == "swiglu", n, 8)
             narrow_split = 2 if (kind, activation) == ("ffn_bwd_dh", "swiglu") else 1
             assert cfg.BLOCK_N == (128 if f > 64 else 64)
             assert cfg.epilogue_split == (4 if f > 64 else narrow_split)
@@ -398,25 +401,26 @@ def test_ffn_heuristic_config(activation, dtype, f):
 
 @pytest.mark.parametrize("chunk", [1, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_token_chunked_weight_gradients(monkeypatch, chunk, dtype):
-    """MMKERNELS_EXPERTS_WGRAD_CHUNK: each expert's tokens split across programs (chunks rounded
-    up to BLOCK_T = 16), partial tiles summed with fp32 atomics; an empty expert stays zero."""
-    monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", str(chunk))
-    ids, x, w, b, dy = linear_case(97, 3, dtype, True, "empty", seed=21)
-    check_linear(ids, x, w, b, dy, 3)
-    ids, *rest = ffn_case(97, 3, dtype, "swiglu", True, "rand", seed=22)
-    check_ffn(ids, *rest, 3, "swiglu", check_hidden=False)
+def test_token_chunked_weight_gradients(chunk, dtype):
+    """The ``experts.wgrad_chunk`` option: each expert's tokens split across programs (chunks
+    rounded up to BLOCK_T = 16), partial tiles summed with fp32 atomics; an empty expert stays
+    zero."""
+    with tuning.scope():
+        tuning.set_option(C.WGRAD_CHUNK_OPTION, chunk)
+        ids, x, w, b, dy = linear_case(97, 3, dtype, True, "empty", seed=21)
+        check_linear(ids, x, w, b, dy, 3)
+        ids, *rest = ffn_case(97, 3, dtype, "swiglu", True, "rand", seed=22)
+        check_ffn(ids, *rest, 3, "swiglu", check_hidden=False)
 
 
 @pytest.mark.parametrize("chunk", ["0", "32"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[_DT[d] for d in DTYPES])
 @pytest.mark.parametrize("h_in, h_out", [(32, 64), (32, 40)], ids=["even", "masked"])
-def test_wgrad_unmasked_steps_and_partial_last_step(monkeypatch, chunk, dtype, h_in, h_out):
+def test_wgrad_unmasked_steps_and_partial_last_step(chunk, dtype, h_in, h_out):
     """The weight-gradient loop runs its full BLOCK_T steps without a slot mask and a partial
     last step with one; with tiles dividing the dW shape (32 x 16 tiles of a 64 x 32 dW) it
     drops the row/column masks too (EVEN). 97 ragged tokens give every expert a partial step;
     chunks of 32 give full-step-only programs as well."""
-    monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", chunk)
     cfg = SMALL["wgrad_linear"]
     assert (h_out % cfg.BLOCK_N == 0 and h_in % cfg.BLOCK_K == 0) == (h_out == 64)
     E, T = 3, 97
@@ -426,7 +430,9 @@ def test_wgrad_unmasked_steps_and_partial_last_step(monkeypatch, chunk, dtype, h
     w = cast(rand(E, h_out, h_in, scale=h_in ** -0.5, seed=33))
     b = cast(rand(E, h_out, seed=34))
     dy = cast(rand(T, h_out, seed=35))
-    check_linear(ids, x, w, b, dy, E)
+    with tuning.scope():
+        tuning.set_option(C.WGRAD_CHUNK_OPTION, chunk)
+        check_linear(ids, x, w, b, dy, E)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -440,14 +446,14 @@ def test_ffn_even_tiles(dtype, activation, h, f):
 
 
 @pytest.mark.parametrize("split", [2, 4])
-@pytest.mark.parametrize("activation", K.ACTIVATIONS)
+@pytest.mark.parametrize("activation", C.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ffn_split_epilogue(dtype, activation, split):
     """The grouped GEMMs' epilogue over 2 or 4 column slices of the tile in turn
     (``MMConfig.epilogue_split``): bias, h, activation and act' land on the right columns. 16 x 64
     tiles over H = 40 (two slices of four past the last column) and F = 72 (a tile of 8 valid
     columns, then masked slices), 97 ragged tokens over 3 experts."""
-    cfg = {**SMALL, **{k: K.MMConfig(16, 64, 16, 4, 1, 0, split) for k in K.MM_KINDS}}
+    cfg = {**SMALL, **{k: C.MMConfig(16, 64, 16, 4, 1, 0, split) for k in C.MM_KINDS}}
     ids, *rest = ffn_case(97, 3, dtype, activation, True, "rand", seed=51, f=72, h_in=40, h_out=40)
     check_ffn(ids, *rest, 3, activation, config=cfg)
     ids, x, w, b, dy = linear_case(97, 3, dtype, True, "empty", seed=58)
@@ -462,70 +468,73 @@ def test_wgrad_int64_row_offsets(monkeypatch):
     assert not K.offsets_fit_int32(torch.empty(5, 7), big)
     assert not K.offsets_fit_int32(torch.empty_strided((2 ** 20, 2 ** 11 + 1), (2 ** 11 + 1, 1), device="meta"))
     monkeypatch.setattr(K, "offsets_fit_int32", lambda *ts: False)
-    for chunk in ("0", "32"):
-        monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", chunk)
-        ids, x, w, b, dy = linear_case(97, 3, torch.bfloat16, True, "rand", seed=61)
-        check_linear(ids, x, w, b, dy, 3)
+    for chunk in (0, 32):
+        with tuning.scope():
+            tuning.set_option(C.WGRAD_CHUNK_OPTION, chunk)
+            ids, x, w, b, dy = linear_case(97, 3, torch.bfloat16, True, "rand", seed=61)
+            check_linear(ids, x, w, b, dy, 3)
 
 
-def test_wgrad_chunk_setting_is_checked(monkeypatch):
-    for bad in ("-1", "many"):
-        monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", bad)
-        with pytest.raises(ValueError, match="MMKERNELS_EXPERTS_WGRAD_CHUNK"):
-            K.wgrad_chunk_setting()
-    monkeypatch.delenv("MMKERNELS_EXPERTS_WGRAD_CHUNK")
-    assert K.wgrad_chunk_setting() is None  # auto
-    for raw, want in (("AUTO", None), ("0", 0), (" 2048 ", 2048)):
-        monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", raw)
-        assert K.wgrad_chunk_setting() == want
+def test_wgrad_chunk_option_is_checked():
+    """``experts.wgrad_chunk``: "auto" (the default) or a token count >= 0."""
+    with tuning.scope():
+        for bad in (-1, "many", True):
+            with pytest.raises(ValueError, match=C.WGRAD_CHUNK_OPTION):
+                tuning.set_option(C.WGRAD_CHUNK_OPTION, bad)
+        assert C.wgrad_chunk_setting() is None  # auto
+        for raw, want in (("AUTO", None), (0, 0), ("2048", 2048)):
+            tuning.set_option(C.WGRAD_CHUNK_OPTION, raw)
+            assert C.wgrad_chunk_setting() == want
+    assert C.wgrad_chunk_setting() is None  # the scope undid it
 
 
-def test_config_overrides_are_parsed_and_checked(monkeypatch):
-    """MMKERNELS_EXPERTS_CONFIGS: kind=5 values per launch kind (grouped GEMMs: up to 7),
-    anything else a clear error."""
-    monkeypatch.delenv(K.CONFIGS_ENV, raising=False)
-    assert K.config_overrides() == {}
-    monkeypatch.setenv(K.CONFIGS_ENV, " ffn_fwd_in=128,128,64,8,3 ; wgrad_ffn_in=64,128,64,4,5; ")
-    assert K.config_overrides() == {"ffn_fwd_in": K.MMConfig(128, 128, 64, 8, 3),
-                                    "wgrad_ffn_in": K.WGradConfig(64, 128, 64, 4, 5)}
-    monkeypatch.setenv(K.CONFIGS_ENV, "ffn_bwd_dh=128,128,64,8,3,128")  # with a register cap
-    assert K.config_overrides() == {"ffn_bwd_dh": K.MMConfig(128, 128, 64, 8, 3, 128)}
-    # an epilogue split, with a register cap or none (0)
-    monkeypatch.setenv(K.CONFIGS_ENV, "ffn_bwd_dh=128,128,64,8,3,0,4;ffn_fwd_in=128,256,64,8,3,168,2")
-    assert K.config_overrides() == {"ffn_bwd_dh": K.MMConfig(128, 128, 64, 8, 3, 0, 4),
-                                    "ffn_fwd_in": K.MMConfig(128, 256, 64, 8, 3, 168, 2)}
-    for bad in ("ffn_fwd=128,128,64,8,3", "ffn_fwd_in:128,128,64,8,3", "ffn_fwd_in=128,128,64,8",
-                "ffn_fwd_in=128,96,64,8,3", "ffn_fwd_in=128,128,64,8,0", "route=1,1,1,1,1",
-                "ffn_fwd_in=a,b,c,d,e", "ffn_fwd_in=128,128,64,8,3,16", "ffn_fwd_in=128,128,64,8,3,300",
-                "wgrad_ffn_in=128,128,64,8,5,128", "ffn_fwd_in=128,128,64,8,3,128,3",
-                "ffn_fwd_in=128,32,64,8,3,0,4", "ffn_fwd_in=128,128,64,8,3,0,4,1"):
-        monkeypatch.setenv(K.CONFIGS_ENV, bad)
-        with pytest.raises(ValueError, match=K.CONFIGS_ENV):
-            K.config_overrides()
+def test_launch_kinds_are_registered_with_tuning():
+    """Every grouped-GEMM launch kind takes a typed override through mmkernels.tuning, matched
+    on the launch's case keys; a config of the wrong shape is refused."""
+    kinds = tuning.kinds()
+    for kind in C.MM_KINDS:
+        assert kinds[f"experts/{kind}"] == {"fields": C.MMConfig._fields, "keys": C.MM_KEYS}
+    for kind in C.WGRAD_KINDS:
+        assert kinds[f"experts/{kind}"] == {"fields": C.WGradConfig._fields, "keys": C.WGRAD_KEYS}
+    with tuning.scope():
+        with pytest.raises(ValueError, match="unknown config fields"):
+            tuning.set_config("experts", "ffn_fwd_in", {"BLOCK_M": 16, "BLOCK_T": 16})
+        with pytest.raises(ValueError, match="matches on"):
+            tuning.set_config("experts", "ffn_fwd_in", C.MMConfig(16, 32, 16, 4, 1), head_dim=64)
+        tuning.set_config("experts", "ffn_fwd_in", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16,
+                                                    "num_warps": 4, "num_stages": 1}, dtype="bfloat16")
+        assert tuning.lookup("experts", "ffn_fwd_in", dtype=torch.bfloat16) == C.MMConfig(16, 32, 16, 4, 1)
+        assert tuning.lookup("experts", "ffn_fwd_in", dtype=torch.float16) is None
 
 
-def test_config_overrides_replace_the_heuristic(monkeypatch):
-    """An override reaches the launches of its kind (and only those) and computes the same
-    results; an explicit ``config=`` still wins."""
-    heur = K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, None)
-    monkeypatch.setenv(K.CONFIGS_ENV, "ffn_fwd_in=16,32,16,4,1;wgrad_ffn_in=32,16,16,4,1")
-    assert K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, None) == K.MMConfig(16, 32, 16, 4, 1)
-    assert K._pick("ffn_fwd_out", torch.bfloat16, "tf32", False, 4096, 16, None) != K.MMConfig(16, 32, 16, 4, 1)
-    assert K._pick("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, heur) == heur
-    ids, *rest = ffn_case(97, 2, torch.float32, "gelu", True, "rand", seed=51)
-    check_ffn(ids, *rest, 2, "gelu", config=None)
+def test_config_overrides_replace_the_heuristic():
+    """A tuning override reaches the launches of its kind and case (and only those) and computes
+    the same results; an explicit ``config=`` still wins."""
+    heur = C.pick_config("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16)
+    with tuning.scope():
+        tuning.set_config("experts", "ffn_fwd_in", C.MMConfig(16, 32, 16, 4, 1))
+        tuning.set_config("experts", "wgrad_ffn_in", C.WGradConfig(32, 16, 16, 4, 1), dtype=torch.float32)
+        small = C.MMConfig(16, 32, 16, 4, 1)
+        assert C.pick_config("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16) == small
+        assert C.pick_config("ffn_fwd_out", torch.bfloat16, "tf32", False, 4096, 16) != small
+        assert C.pick_config("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16, heur) == heur
+        assert C.pick_config("wgrad_ffn_in", torch.float32, "ieee", False, 64, 16) == C.WGradConfig(32, 16, 16, 4, 1)
+        assert C.pick_config("wgrad_ffn_in", torch.bfloat16, "tf32", False, 64, 16) != C.WGradConfig(32, 16, 16, 4, 1)
+        ids, *rest = ffn_case(97, 2, torch.float32, "gelu", True, "rand", seed=51)
+        check_ffn(ids, *rest, 2, "gelu", config=None)
+    assert C.pick_config("ffn_fwd_in", torch.bfloat16, "tf32", False, 4096, 16) == heur
 
 
 def test_launch_options_register_caps():
     """A grouped-GEMM config's register cap reaches the launch; the weight gradient's 8-warp
     tiles are capped for two programs per SM, its 4-warp ones need no cap."""
-    assert K.launch_options("ffn_fwd_in", K.MMConfig(128, 128, 64, 8, 3)) == {}
-    assert K.launch_options("ffn_fwd_in", K.MMConfig(128, 128, 64, 8, 3, 168)) == {"maxnreg": 168}
-    assert K.launch_options("wgrad_ffn_in", K.WGradConfig(128, 128, 64, 8, 5)) == {"maxnreg": 128}
-    assert K.launch_options("wgrad_ffn_in", K.WGradConfig(64, 64, 32, 4, 5)) == {}
-    assert K.launch_options("route", None) == {}
+    assert C.launch_options("ffn_fwd_in", C.MMConfig(128, 128, 64, 8, 3)) == {}
+    assert C.launch_options("ffn_fwd_in", C.MMConfig(128, 128, 64, 8, 3, 168)) == {"maxnreg": 168}
+    assert C.launch_options("wgrad_ffn_in", C.WGradConfig(128, 128, 64, 8, 5)) == {"maxnreg": 128}
+    assert C.launch_options("wgrad_ffn_in", C.WGradConfig(64, 64, 32, 4, 5)) == {}
+    assert C.launch_options("route", None) == {}
     ids, *rest = ffn_case(97, 2, torch.float32, "gelu", True, "rand", seed=52)  # interpreted: no-op
-    check_ffn(ids, *rest, 2, "gelu", config={**SMALL, "ffn_fwd_in": K.MMConfig(16, 32, 16, 4, 1, 64)})
+    check_ffn(ids, *rest, 2, "gelu", config={**SMALL, "ffn_fwd_in": C.MMConfig(16, 32, 16, 4, 1, 64)})
 
 
 def test_auto_wgrad_chunk_policy():
@@ -533,26 +542,26 @@ def test_auto_wgrad_chunk_policy():
     sms = 132  # H100 / H200
     vlmo_tiles = (3072 // 128) * (768 // 128)  # dW_in of the VLMo FFN at 128 x 128 tiles: 144 per expert
     T = 64 * 237
-    chunk = K.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, sms, deterministic=False)
+    chunk = C.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, sms, deterministic=False)
     # about WGRAD_PROGRAMS_PER_SM programs per SM, whole reduction steps
-    assert chunk % 64 == 0 and K.WGRAD_MIN_CHUNK <= chunk < T
+    assert chunk % 64 == 0 and C.WGRAD_MIN_CHUNK <= chunk < T
     programs = vlmo_tiles * T / chunk
-    assert 0.9 * K.WGRAD_PROGRAMS_PER_SM * sms <= programs <= K.WGRAD_PROGRAMS_PER_SM * sms
+    assert 0.9 * C.WGRAD_PROGRAMS_PER_SM * sms <= programs <= C.WGRAD_PROGRAMS_PER_SM * sms
     # CogVLM's MLP (dW_in [2, 22016, 4096]): 11008 tiles already balance themselves
-    assert K.auto_wgrad_chunk(4 * 1526, 2, 172 * 32, 64, sms, deterministic=False) == 0
+    assert C.auto_wgrad_chunk(4 * 1526, 2, 172 * 32, 64, sms, deterministic=False) == 0
     # deterministic algorithms, an unknown SM count (interpreter), too few tokens: no atomics
-    assert K.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, sms, deterministic=True) == 0
-    assert K.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, 0, deterministic=False) == 0
-    assert K.auto_wgrad_chunk(1000, 2, vlmo_tiles, 64, sms, deterministic=False) == 0  # chunks < 512
-    assert K.auto_wgrad_chunk(0, 2, vlmo_tiles, 64, sms, deterministic=False) == 0
+    assert C.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, sms, deterministic=True) == 0
+    assert C.auto_wgrad_chunk(T, 2, vlmo_tiles, 64, 0, deterministic=False) == 0
+    assert C.auto_wgrad_chunk(1000, 2, vlmo_tiles, 64, sms, deterministic=False) == 0  # chunks < 512
+    assert C.auto_wgrad_chunk(0, 2, vlmo_tiles, 64, sms, deterministic=False) == 0
 
 
-def test_auto_wgrad_chunk_on_this_device(monkeypatch):
+def test_auto_wgrad_chunk_on_this_device():
     """auto on a non-CUDA device (the interpreter) never chunks; a number is used as given."""
-    monkeypatch.delenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", raising=False)
-    assert K.wgrad_chunk(1 << 20, 2, 4, 64, torch.device("cpu")) == 0
-    monkeypatch.setenv("MMKERNELS_EXPERTS_WGRAD_CHUNK", "96")
-    assert K.wgrad_chunk(1 << 20, 2, 4, 64, torch.device("cpu")) == 96
+    assert C.wgrad_chunk(1 << 20, 2, 4, 64, torch.device("cpu")) == 0
+    with tuning.scope():
+        tuning.set_option(C.WGRAD_CHUNK_OPTION, 96)
+        assert C.wgrad_chunk(1 << 20, 2, 4, 64, torch.device("cpu")) == 96
 
 
 def test_ffn_non_contiguous():
@@ -602,13 +611,13 @@ def test_wrong_routing_is_detected():
 
 
 def test_heuristic_configs_are_known():
-    for kind in K.KERNEL_KINDS[1:]:
+    for kind in C.KERNEL_KINDS:
         for dtype in DTYPES:
-            for prec in K.input_precisions(dtype):
+            for prec in C.input_precisions(dtype):
                 for sw in (False, True):
                     for n in (8, 64, 100, 4096):
-                        cfg = K.heuristic_config(kind, dtype, prec, sw, n)
-                        assert cfg in K.candidate_configs(kind, dtype, prec, sw)
+                        cfg = C.heuristic_config(kind, dtype, prec, sw, n)
+                        assert cfg in C.candidate_configs(kind, dtype, prec, sw)
 
 
 # ----------------------------------------------------------------------------- weight-gradient masks

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _storage
-from .routing import MAX_EXPERTS
+from ... import _storage
+from ..routing import MAX_EXPERTS
 
 
 def check_num_experts(num_experts: int) -> int:

@@ -1,51 +1,12 @@
-"""Triton kernels of the per-modality ("multiway") LayerNorm (contract: ``norm_ops.py``).
+"""Triton kernels of the per-modality LayerNorm (contract: ``ops.py``).
 
-``y[t] = (x[t] - mean[t]) * rstd[t] * weight[e] + bias[e]`` for token ``t`` of expert ``e``
-(VLMo ``norm2_text`` / ``norm2_imag``, BEiT-3 multiway LayerNorm), statistics in fp32 over the
-whole row, which a program holds in registers (``BLOCK_H`` = next power of two >= H, H up to
-``MAX_NORM_H``).
-
-Programs and chunks. Both kernels cut every expert's slot range ``offsets[e] ..
-offsets[e+1]-1`` into chunks of ``R`` slots and number the chunks of all experts one after
-the other, as the grouped GEMM numbers its row tiles: there are at most ``cdiv(T, R) + E - 1``
-of them, and program ``j`` finds its expert and slots by scanning the ``E + 1`` offsets on the
-device (``_chunk``; programs past the last chunk return). One program therefore sees a single
-expert: its weight and bias rows are loaded once, as vectors. Rows are read and written
-through ``perm`` (token order); nothing is read on the host, so every launch is CUDA-graph
-safe.
-
-Forward (``_ln_fwd_kernel``): chunks of ``fwd_rows`` slots, one ``[fwd_rows, BLOCK_H]`` tile
-each; writes ``y`` (token order, x's dtype) and the fp32 ``mean`` and ``rstd [T]``.
-
-Backward (``_ln_bwd_kernel``, grid ``(chunks, bwd_split)``): chunks of ``R`` slots
-(``bwd_rows_per_program``: about ``BWD_PROGRAMS`` chunks in all, at least ``BWD_MIN_ROWS``
-slots each), walked in ``[bwd_rows, BLOCK_P]`` tiles (``BLOCK_P = BLOCK_H`` up to 4096; wider
-rows are cut into ``bwd_split`` column parts, one program each, see ``norm_config``). With
-``xhat = (x - mean) * rstd`` and ``g = dy * w_e``: ``dx = rstd * (g - mean_j(g) - xhat *
-mean_j(g * xhat))``; ``dy * xhat`` and ``dy`` are summed over the chunk's rows in fp32
-registers and stored as one row of an fp32 partial buffer ``[chunks, 1 or 2, H]`` (dw, then
-db). ``_ln_dw_reduce_kernel`` (grid ``(E, cdiv(H,
-RED_COLS))``) sums each expert's partial rows in chunk order (deterministic, no atomics) into
-``dw [E, H]`` / ``db [E, H]`` in the parameters' dtypes, and writes zeros for experts whose
-``dw_experts`` flag is off (a bitmask argument; no host-to-device copy) and for experts with
-no tokens. When no gradient of dx is wanted, the programs of unflagged experts return at
-once; when only ``dx`` is wanted the partial sums are compiled out.
-
-Why this layout: the partial buffer holds ``(cdiv(T, R) + E - 1) * H`` fp32 per gradient,
-about ``BWD_PROGRAMS`` rows whatever ``E`` (an ``[E, cdiv(T, R), H]`` buffer summed with
-``.sum(1)`` would be ``E`` times larger, mostly rows of programs with no tokens, all written
-and read). ``BWD_PROGRAMS = 512`` is about two waves of two programs per SM on the H100's 132
-SMs, so the grid fills the GPU at the token counts of VLMo/BEiT-3 training (T ~ 16k:
-32 rows a program); ``BWD_MIN_ROWS = 16`` keeps a program's partial row (written and read
-once: 8H bytes) small beside the rows it walks (16 x 6H bytes in bf16 for x, dy and dx) at
-small T.
-
-Widths and row strides reach the kernels divided by ``ALIGN`` (the largest power of two <= 16
-dividing them all; multiplied back inside) so Triton sees 16-byte aligned rows at widths such
-as 88 (the experts' convention, see ``kernels``); the last dimension of every tensor has
-stride 1 (x and dy get ``.contiguous()`` otherwise). Row offsets are int64. Under
-``TRITON_INTERPRET=1`` bf16 results are rounded to nearest even by hand (``ROUND``), as the
-interpreter's fp32 -> bf16 cast truncates.
+``y[t] = (x[t] - mean[t]) * rstd[t] * weight[e] + bias[e]`` for token ``t`` of expert ``e``,
+statistics in fp32 over the whole row, which a program holds in registers (``H`` up to
+``MAX_NORM_H``). Both kernels cut each expert's slots into chunks numbered one after the other
+(as the grouped GEMM numbers its row tiles), so a program sees one expert; rows are read and
+written through ``perm``; nothing is read on the host (CUDA-graph safe). The backward stores
+per-chunk fp32 partial sums of ``dy * xhat`` and ``dy``, which ``_ln_dw_reduce_kernel`` sums
+per expert in chunk order (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -55,14 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import interpreting
-from .configs import align_of, is_aligned
-from .kernels import _check, _empty
-from .mm_kernel import _round_bf16
+from ..._triton import PTR, interpreting
+from ..grouped_mm.mm_kernel import round_bf16
+from ..routing_kernels import align_of, check_launch, empty_of, is_aligned
 
 MAX_NORM_H = 16384  # widest row a program holds in registers
-BWD_PROGRAMS = 512  # backward chunks aimed at (about two waves of 2 x 132 programs on an H100)
-BWD_MIN_ROWS = 16  # fewest slots a backward chunk walks
+# backward chunks aimed at: about two waves of two programs per SM on an sm_90 GPU, so the grid
+# fills it at the token counts of VLMo/BEiT-3 training, with a partial buffer of about that many
+# rows whatever E
+BWD_PROGRAMS = 512
+# fewest slots a backward chunk walks: its partial row (written and read once) stays small beside
+# the rows it reads
+BWD_MIN_ROWS = 16
 RED_ROWS, RED_COLS, RED_WARPS = 32, 128, 4  # partial-sum reduction tile
 
 
@@ -82,19 +47,18 @@ class NormConfig(NamedTuple):
 
 
 def norm_config(H: int, aligned: bool = True) -> NormConfig:
-    """Tiles and warps for rows of width ``H`` (1 .. MAX_NORM_H), as measured in the sm_90a
-    compile (tests/test_sm90_experts_norm.py) at aligned and odd widths. ``aligned``: the rows
-    are 16-byte aligned (vector loads; ``configs.is_aligned``), which only the backward of
-    rows wider than 4096 looks at.
+    """Tiles and warps for rows of width ``H`` (1 .. MAX_NORM_H), chosen from the sm_90a
+    compile (tests/experts/test_layer_norm_sm90.py) at aligned and odd widths. ``aligned``: the
+    rows are 16-byte aligned (vector loads; ``routing_kernels.is_aligned``), which only the
+    backward of rows wider than 4096 looks at.
 
-    Forward: tiles of about 4096 elements, about 16 a thread (32 at BLOCK_H = 16384: at most
-    128 registers, at odd widths). Backward, which also keeps the fp32 dw and db sums of its
-    columns across the rows it walks: tiles of about 2048 elements and 8 a thread (16 a
-    thread took 202 registers at H = 4095 and spilled at 8191). Rows wider than 4096 are cut
-    into ``bwd_split`` column parts, one program each, which read the whole row for dx's two
-    row sums (the parts of a row are read together, the repeats from L2) and keep only their
-    part's sums, with 16 warps: parts of 4096 (at most 116 registers), of 2048 for rows without
-    16-byte alignment (parts of 4096 spilled at H = 12289: scalar loads need an address each).
+    Forward: tiles of about 4096 elements, about 16 a thread (32 at BLOCK_H = 16384). Backward,
+    which also keeps the fp32 dw and db sums of its columns across the rows it walks: tiles of
+    about 2048 elements and 8 a thread (16 a thread spills at wide odd widths). Rows wider than
+    4096 are cut into ``bwd_split`` column parts, one program each, which read the whole row
+    for dx's two row sums (the parts of a row are read together, the repeats from L2) and keep
+    only their part's sums, with 16 warps: parts of 4096, of 2048 for rows without 16-byte
+    alignment (scalar loads need an address each, and parts of 4096 spill).
     """
     H = int(H)
     if not 1 <= H <= MAX_NORM_H:
@@ -104,8 +68,8 @@ def norm_config(H: int, aligned: bool = True) -> NormConfig:
     fwd_warps = max(4, min(16, fwd_rows * block_h // 512))
     block_p = block_h if block_h <= 4096 else (4096 if aligned else 2048)
     bwd_rows = max(1, min(16, 2048 // block_p))
-    # 8 elements a thread; 16 warps for column parts (parts of 2048 at 8 warps took up to 250
-    # registers at odd widths, the unrolled row-sum walk keeping several parts' loads in flight)
+    # 8 elements a thread; 16 warps for column parts (at 8 warps, odd widths need too many
+    # registers: the unrolled row-sum walk keeps several parts' loads in flight)
     bwd_warps = 16 if block_p < block_h else max(4, min(16, bwd_rows * block_p // 256))
     return NormConfig(block_h, fwd_rows, fwd_warps, block_h // block_p, bwd_rows, bwd_warps)
 
@@ -150,7 +114,7 @@ def _store(ptrs, v, mask, ROUND: tl.constexpr):
     """Store fp32 ``v`` in the pointers' dtype (rounded to nearest even for bf16 when ``ROUND``)."""
     if ROUND:
         if ptrs.dtype.element_ty == tl.bfloat16:
-            v = _round_bf16(v)
+            v = round_bf16(v)
     tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
@@ -328,7 +292,7 @@ def layer_norm_fwd_triton(x, perm, offsets, weight, bias, eps):
     ``x [T, H]`` float32/bfloat16/float16, any row stride; ``weight``/``bias`` ``[E, H]``
     (bias may be None) in any float dtype and strides.
     """
-    E = _check(x, offsets)
+    E = check_launch(x, offsets)
     T, H = x.shape
     cfg = norm_config(H)
     dev = x.device
@@ -359,7 +323,7 @@ def layer_norm_bwd_triton(dy, x, perm, offsets, weight, bias, mean, rstd, needs_
     slices for the others and for experts with no tokens); ``dw`` and ``db`` are empty when
     none is, ``db`` also without a bias. ``mean``/``rstd``: the forward's float32 ``[T]``.
     """
-    E = _check(x, offsets)
+    E = check_launch(x, offsets)
     T, H = x.shape
     norm_config(H)  # the width check, before any allocation
     flags = [bool(f) for f in dw_experts]
@@ -368,9 +332,9 @@ def layer_norm_bwd_triton(dy, x, perm, offsets, weight, bias, mean, rstd, needs_
     has_dw = any(flags)
     has_db = has_dw and bias is not None
     dev = x.device
-    dx = torch.empty((T, H), dtype=x.dtype, device=dev) if needs_dx else _empty(x)
-    dw = torch.empty((E, H), dtype=weight.dtype, device=dev) if has_dw else _empty(weight)
-    db = torch.empty((E, H), dtype=bias.dtype, device=dev) if has_db else _empty(weight)
+    dx = torch.empty((T, H), dtype=x.dtype, device=dev) if needs_dx else empty_of(x)
+    dw = torch.empty((E, H), dtype=weight.dtype, device=dev) if has_dw else empty_of(weight)
+    db = torch.empty((E, H), dtype=bias.dtype, device=dev) if has_db else empty_of(weight)
     if T == 0 or not (needs_dx or has_dw):
         dw.zero_()
         db.zero_()
@@ -404,7 +368,6 @@ def layer_norm_bwd_triton(dy, x, perm, offsets, weight, bias, mean, rstd, needs_
 # Compile tier support: the exact specialisation a launch would produce
 # ---------------------------------------------------------------------------
 
-_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 NORM_KINDS = ("ln_fwd", "ln_bwd", "ln_dw_reduce")
 
 
@@ -416,9 +379,9 @@ def norm_compile_specs(kind: str, dtype: torch.dtype, H: int, has_bias: bool = T
     ``param_dtype`` (default ``dtype``), every expert's gradient wanted, as Triton would
     specialise it (see ``mmkernels.testing.sm90.launch_signature``); tiles and warps from
     ``norm_config``, exactly as the launchers pick them."""
-    from ..testing.sm90 import launch_signature
-    ptr = _PTR[dtype]
-    pptr = _PTR[param_dtype or dtype]
+    from ...testing.sm90 import launch_signature
+    ptr = PTR[dtype]
+    pptr = PTR[param_dtype or dtype]
     cfg = norm_config(H, is_aligned(dtype, align_of(H)))
     mask = (1 << E) - 1
     if kind == "ln_fwd":

@@ -1,21 +1,25 @@
-"""Launch configurations of the experts Triton kernels: the launch kinds and their flags, tile
-configs (``heuristic_config``, the ``MMKERNELS_EXPERTS_CONFIGS`` overrides), register caps
-(``launch_options``) and the weight gradient's token chunks (``MMKERNELS_EXPERTS_WGRAD_CHUNK``).
+"""Launch configurations of the grouped-GEMM kernels: the launch kinds and their flags, the
+heuristic tile table (``heuristic_config``), register caps (``launch_options``) and the weight
+gradient's token chunks. Overrides go through :mod:`mmkernels.tuning` (family ``"experts"``,
+the kinds of ``MM_KINDS`` and ``WGRAD_KINDS``, the option ``"experts.wgrad_chunk"``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
+
+from ... import tuning
+from ..._triton import DTYPES, input_precisions, sm_count
+from ..activations import ACTIVATIONS
+from ..routing_kernels import is_aligned
 
 # activation codes (constexpr ACT of the grouped GEMM)
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4, 5
 ACT_CODES = {"none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU,
              "relu": ACT_RELU, "swiglu": ACT_SWIGLU}
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "swiglu")
+assert set(ACT_CODES) == {"none", *ACTIVATIONS}
 
 
 class MMConfig(NamedTuple):
@@ -38,7 +42,6 @@ class WGradConfig(NamedTuple):
 
 # the launches the four contract functions make (one compile-tier entry each)
 KERNEL_KINDS = (
-    "route",
     "linear_fwd",      # x (gather) @ W^T + b -> y (scatter)
     "linear_bwd_dx",   # dy (gather) @ W -> dx (scatter)
     "ffn_fwd_in",      # x (gather) @ W_in^T + b_in -> h, a = act(h) (sorted)
@@ -52,7 +55,7 @@ KERNEL_KINDS = (
 MM_KINDS = ("linear_fwd", "linear_bwd_dx", "ffn_fwd_in", "ffn_fwd_out", "ffn_bwd_dh", "ffn_bwd_dx")
 WGRAD_KINDS = ("wgrad_linear", "wgrad_ffn_out", "wgrad_ffn_in")
 # kind -> (GATHER, SCATTER, STORE_H, ACT_BWD, weight used as W^T (forward) or W (backward))
-_MM_FLAGS = {
+MM_FLAGS = {
     "linear_fwd": (True, True, False, False, True),
     "linear_bwd_dx": (True, True, False, False, False),
     "ffn_fwd_in": (True, False, True, False, True),
@@ -61,14 +64,12 @@ _MM_FLAGS = {
     "ffn_bwd_dx": (False, True, False, False, False),
 }
 # kind -> (GATHER_A, GATHER_X)
-_WGRAD_FLAGS = {
+WGRAD_FLAGS = {
     "wgrad_linear": (True, True),
     "wgrad_ffn_out": (True, False),
     "wgrad_ffn_in": (False, True),
 }
 
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see _grouped_mm_kernel)
 
 
@@ -81,10 +82,10 @@ def launch_options(kind: str, config) -> dict:
     compile tier alike).
 
     A grouped-GEMM config may carry a register cap (``MMConfig.maxnreg``: two 8-warp programs
-    per SM at 128, e.g. 128 x 128 tiles with an activation epilogue that would take 184-255).
-    The weight gradient's 8-warp tiles are sized for two programs per SM; with bias and fp32
-    atomics ptxas chose 130 registers (sm_90a, bf16 128 x 128 x 64), which leaves one. A cap of
-    ``REGISTERS_PER_SM / (2 x threads)`` = 128 keeps two, with no spills (the compile tier checks).
+    per SM at 128). The weight gradient's 8-warp tiles are sized for two programs per SM, which
+    bias and fp32 atomics can push just past 128 registers; a cap of
+    ``REGISTERS_PER_SM / (RESIDENT_PROGRAMS x threads)`` keeps two, with no spills (the compile
+    tier checks).
     """
     if getattr(config, "maxnreg", 0):
         return {"maxnreg": config.maxnreg}
@@ -93,24 +94,6 @@ def launch_options(kind: str, config) -> dict:
         if cap < 255:
             return {"maxnreg": cap}
     return {}
-
-
-def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
-    """Values of INPUT_PRECISION the launchers can pass for this dtype."""
-    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
-
-
-def align_of(*values: int) -> int:
-    """The largest power of two <= 16 dividing every value (0 counts as divisible)."""
-    al = 16
-    while al > 1 and any(int(v) % al for v in values):
-        al //= 2
-    return al
-
-
-def is_aligned(dtype: torch.dtype, align: int) -> bool:
-    """Rows of ``align``-divisible widths are 16-byte aligned (vector loads, async copies)."""
-    return align * dtype.itemsize >= 16
 
 
 def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu: bool = False,
@@ -124,7 +107,7 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
     (columns of dW for the weight gradient); narrow outputs (<= 64) take 64-wide tiles.
     ``aligned``: widths and row strides give 16-byte aligned rows (``is_aligned``); when not
     (odd widths such as 97), loads are scalar and need many more registers, so the tiles shrink.
-    Chosen from the sm_90a compile reports (tests/test_sm90_experts.py): no spills, shared
+    Chosen from the sm_90a compile reports (tests/experts/test_sm90.py): no spills, shared
     memory within 227 KB, wgmma for 16-bit inputs and for fp32 with tf32.
     """
     fma = dtype == torch.float32 and input_precision == "ieee"
@@ -134,8 +117,8 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
         # The reduction runs over tokens gathered through perm: each step's row addresses come
         # from a load made in the loop, and Triton's software pipeliner spends stages on that
         # index load. Below 5 stages every cp.async.wait_group drains all copies (no load
-        # overlaps the math: the H200's 82 TFLOP/s); at 5 the loads of the next two steps stay
-        # in flight (the compile tier asserts it: sm90.assert_pipelined).
+        # overlaps the math); at 5 the loads of the next two steps stay in flight (the compile
+        # tier asserts it: sm90.assert_pipelined).
         if fma:
             return WGradConfig(32, 64, 16, 4, 2)
         if tf32:
@@ -153,18 +136,17 @@ def heuristic_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu
         return MMConfig(64, 64, 32, 4, 3)
     if narrow:
         if kind == "ffn_bwd_dh" and swiglu:
-            # two h tiles and two outputs: over the whole 128 x 64 tile the epilogue took 107
-            # (Triton 3.6) to 176 (Triton 3.9, which runs the sigmoid in the load's layout and
-            # converts two fp32 tiles to the accumulator's) registers; in two 128 x 32 slices
-            # 74-78 on both, so two programs per SM whichever Triton compiles it
+            # two h tiles and two outputs: over the whole 128 x 64 tile the epilogue's registers
+            # depend on the Triton release (newer ones run the sigmoid in the load's layout and
+            # convert two fp32 tiles); in two 128 x 32 slices it keeps two programs per SM
+            # whichever Triton compiles it
             return MMConfig(128, 64, 64, 8, 3, 0, 2)
         return MMConfig(128, 64, 64, 8, 3)
     if kind in ("ffn_fwd_in", "ffn_bwd_dh"):
-        # an activation epilogue over a whole 128 x 128 tile took 184 (gelu forward) to 255
-        # registers (act' backward), one program per SM; over four 128 x 32 slices in turn,
-        # 107-124 for every activation, no spills: two per SM, and wgmma n = 128 (the B tile
-        # reused twice as often as at the 128 x 64 tiles these launches took before). The
-        # swiglu forward's 128-wide B tile pairs 64 gate with 64 up columns: 118 registers.
+        # an activation epilogue over a whole 128 x 128 tile needs more registers than two
+        # programs per SM allow; over four 128 x 32 slices in turn it fits two per SM without
+        # spills, with wgmma n = 128 (the B tile reused twice as often as at 128 x 64 tiles).
+        # The swiglu forward's 128-wide B tile pairs 64 gate with 64 up columns.
         return MMConfig(128, 128, 64, 8, 3, 0, 4)
     return MMConfig(128, 128, 64, 8, 3)
 
@@ -173,7 +155,7 @@ def candidate_configs(kind: str, dtype: torch.dtype | None = None,
                       input_precision: str | None = None, swiglu: bool | None = None,
                       aligned: bool | None = None) -> list:
     """Every configuration the launchers can pick for ``kind`` (deduplicated)."""
-    dtypes = _DTYPES if dtype is None else (dtype,)
+    dtypes = DTYPES if dtype is None else (dtype,)
     out: list = []
     for dt in dtypes:
         for prec in (input_precisions(dt) if input_precision is None else (input_precision,)):
@@ -186,59 +168,30 @@ def candidate_configs(kind: str, dtype: torch.dtype | None = None,
     return out
 
 
-CONFIGS_ENV = "MMKERNELS_EXPERTS_CONFIGS"
+# tuning keys: an override set with mmkernels.tuning.set_config("experts", kind, config, **match)
+# may match on these case values of a launch
+MM_KEYS = ("dtype", "input_precision", "swiglu", "aligned", "N")
+WGRAD_KEYS = ("dtype", "input_precision", "aligned", "N")
+for _kind in MM_KINDS:
+    tuning.register_kind("experts", _kind, MMConfig, keys=MM_KEYS)
+for _kind in WGRAD_KINDS:
+    tuning.register_kind("experts", _kind, WGradConfig, keys=WGRAD_KEYS)
 
 
-def config_overrides() -> dict:
-    """``MMKERNELS_EXPERTS_CONFIGS``: tile configs replacing the heuristic's, per launch kind.
-
-    ``"kind=v,v,v,v,v;kind=..."``: a grouped-GEMM kind (``MM_KINDS``) takes
-    ``BLOCK_M,BLOCK_N,BLOCK_K,warps,stages[,maxnreg[,epilogue_split]]`` (``maxnreg`` 0: no
-    cap; ``epilogue_split`` 1, 2 or 4), a weight-gradient kind (``WGRAD_KINDS``)
-    ``BLOCK_N,BLOCK_K,BLOCK_T,warps,stages``. It applies to every dtype and width of that kind
-    (the sm_90a compile tier checks only the heuristic's configs): meant for the output of
-    ``python -m bench.tune_gpu --env-out``, on the GPU it was measured on. Unset or empty: ``{}``.
-    """
-    return dict(_parse_config_overrides(os.environ.get(CONFIGS_ENV, "").strip()))
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_config_overrides(raw: str) -> tuple:
-    """``config_overrides``'s parse of one setting, cached: every launch asks (seven per FFN
-    forward and backward), the setting rarely changes. ``((kind, config), ...)``."""
-    out: dict = {}
-    for item in filter(None, (p.strip() for p in raw.split(";"))):
-        kind, sep, values = item.partition("=")
-        kind = kind.strip()
-        if not sep or kind not in MM_KINDS + WGRAD_KINDS:
-            raise ValueError(f"{CONFIGS_ENV}: {item!r} is not kind=values with a kind of "
-                             f"{MM_KINDS + WGRAD_KINDS}")
-        try:
-            nums = [int(v) for v in values.split(",")]
-        except ValueError:
-            raise ValueError(f"{CONFIGS_ENV}: {item!r}: the values must be integers") from None
-        # grouped GEMMs: an optional register cap, then an optional epilogue split
-        n_max = 5 if kind in WGRAD_KINDS else 7
-        if (not 5 <= len(nums) <= n_max or any(v <= 0 or v & (v - 1) for v in nums[:4])
-                or nums[4] <= 0 or any(v and not 24 <= v <= 255 for v in nums[5:6])
-                or any(v not in (1, 2, 4) or nums[1] // v < 16 for v in nums[6:])):
-            raise ValueError(f"{CONFIGS_ENV}: {item!r}: need 5 values (grouped GEMMs: 5 to 7), "
-                             f"three block sizes and the warps powers of two, stages >= 1, a "
-                             f"register cap 0 (none) or in [24, 255], an epilogue split of 1, 2 "
-                             f"or 4 leaving slices of >= 16 columns")
-        out[kind] = (WGradConfig if kind in WGRAD_KINDS else MMConfig)(*nums)
-    return tuple(out.items())
-
-
-def _pick(kind, dtype, prec, swiglu, N, align, config):
-    """The launch's config: ``config`` (one, or a dict by kind), else ``MMKERNELS_EXPERTS_CONFIGS``,
-    else ``heuristic_config``."""
+def pick_config(kind: str, dtype: torch.dtype, input_precision: str, swiglu: bool, N: int,
+                align: int, config=None):
+    """The config of one launch of ``kind``: ``config`` (one config, or a dict kind -> config)
+    when given, else the override :func:`mmkernels.tuning.lookup` finds for this case, else
+    :func:`heuristic_config`. ``align``: the launch's ALIGN (see ``routing_kernels.align_of``)."""
     if isinstance(config, dict):
         config = config.get(kind)
+    if config is not None:
+        return config
+    aligned = is_aligned(dtype, align)
+    config = tuning.lookup("experts", kind, dtype=dtype, input_precision=input_precision,
+                           swiglu=bool(swiglu), aligned=aligned, N=int(N))
     if config is None:
-        config = config_overrides().get(kind)
-    if config is None:
-        return heuristic_config(kind, dtype, prec, swiglu, N, is_aligned(dtype, align))
+        return heuristic_config(kind, dtype, input_precision, swiglu, N, aligned)
     return config
 
 
@@ -248,32 +201,45 @@ def mm_output_columns(cfg: MMConfig, act: int, act_bwd: bool) -> int:
     return cfg.BLOCK_N // 2 if act == ACT_SWIGLU and not act_bwd else cfg.BLOCK_N
 
 
-WGRAD_CHUNK_ENV = "MMKERNELS_EXPERTS_WGRAD_CHUNK"
 # the automatic token chunking aims at this many weight-gradient programs per SM, and never
 # makes a chunk shorter than WGRAD_MIN_CHUNK tokens (each chunk adds one fp32 tile of atomics)
 WGRAD_PROGRAMS_PER_SM = 4
 WGRAD_MIN_CHUNK = 512
+WGRAD_CHUNK_OPTION = "experts.wgrad_chunk"
+
+
+def check_wgrad_chunk(value):
+    """The value of the ``experts.wgrad_chunk`` option: ``"auto"`` or a token count >= 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ValueError(f"{WGRAD_CHUNK_OPTION} must be 'auto' or a token count, got {value!r}")
+    try:
+        chunk = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{WGRAD_CHUNK_OPTION} must be 'auto' or a token count, got {value!r}") from None
+    if chunk < 0:
+        raise ValueError(f"{WGRAD_CHUNK_OPTION} must be >= 0, got {chunk}")
+    return chunk
+
+
+tuning.register_option(
+    WGRAD_CHUNK_OPTION, "auto", check_wgrad_chunk,
+    "tokens per weight-gradient program of the experts' grouped GEMM: 'auto' (auto_wgrad_chunk), "
+    "0 (one program per expert and tile, no atomics) or a token count (fp32 atomics)")
 
 
 def wgrad_chunk_setting() -> int | None:
-    """``MMKERNELS_EXPERTS_WGRAD_CHUNK``: ``None`` for ``auto`` (the default, see
+    """The ``experts.wgrad_chunk`` option: ``None`` for ``"auto"`` (the default, see
     :func:`auto_wgrad_chunk`), ``0`` for one program per expert and tile (no atomics), or a
     positive token count per weight-gradient program."""
-    raw = os.environ.get(WGRAD_CHUNK_ENV, "auto").strip()
-    if raw.lower() == "auto":
-        return None
-    try:
-        chunk = int(raw)
-    except ValueError:
-        raise ValueError(f"{WGRAD_CHUNK_ENV} must be 'auto' or a token count, got {raw!r}") from None
-    if chunk < 0:
-        raise ValueError(f"{WGRAD_CHUNK_ENV} must be >= 0, got {chunk}")
-    return chunk
+    value = tuning.option(WGRAD_CHUNK_OPTION)
+    return None if value == "auto" else value
 
 
 def auto_wgrad_chunk(T: int, E: int, expert_tiles: int, block_t: int, sm_count: int,
                      deterministic: bool) -> int:
-    """Tokens per weight-gradient program when ``MMKERNELS_EXPERTS_WGRAD_CHUNK`` is ``auto``.
+    """Tokens per weight-gradient program when the ``experts.wgrad_chunk`` option is ``auto``.
 
     ``T``: tokens; ``E``: experts; ``expert_tiles``: dW tiles of one expert
     (``cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K)``); ``block_t``: tokens per reduction step;
@@ -281,9 +247,9 @@ def auto_wgrad_chunk(T: int, E: int, expert_tiles: int, block_t: int, sm_count: 
 
     Without chunks, each program owns one dW tile and walks all of its expert's tokens. When
     the ``E * expert_tiles`` programs are fewer than ``WGRAD_PROGRAMS_PER_SM`` per SM, the
-    experts' token counts decide the time: VLMo's image expert holds 5x the text expert's
-    tokens, so its programs run 5x longer while the SMs that ran text tiles idle (dW_in of the
-    VLMo FFN: 288 tiles on 132 SMs, 82 TFLOP/s on the H200). Then the tokens are cut into
+    experts' token counts decide the time: VLMo's image expert holds several times the text
+    expert's tokens, so its programs run that much longer while the SMs that ran text tiles
+    idle. Then the tokens are cut into
     chunks giving about that many programs per SM (``T * expert_tiles / chunk`` of them),
     summed with fp32 atomics. Returns 0 (no chunks) when the grid has the waves to balance
     itself, when chunks would be shorter than ``WGRAD_MIN_CHUNK`` or cover every token, when
@@ -302,22 +268,12 @@ def auto_wgrad_chunk(T: int, E: int, expert_tiles: int, block_t: int, sm_count: 
     return chunk
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (0 for any other device, e.g. the interpreter's CPU)."""
-    if device.type != "cuda":
-        return 0
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def wgrad_chunk(T: int, E: int, expert_tiles: int, block_t: int, device: torch.device) -> int:
     """Tokens per weight-gradient program for this launch (0: one program per expert and tile)."""
     setting = wgrad_chunk_setting()
     if setting is None:
-        return auto_wgrad_chunk(T, E, expert_tiles, block_t, sm_count(device),
+        # the SM count is unknown to the interpreter (CPU tensors): 0, no chunks
+        sms = sm_count(device) if device.type == "cuda" else 0
+        return auto_wgrad_chunk(T, E, expert_tiles, block_t, sms,
                                 torch.are_deterministic_algorithms_enabled())
     return setting

@@ -1,6 +1,6 @@
 """Registered ops of the per-modality LayerNorm (namespace ``mmkernels``).
 
-Tokens ``x [T, H]`` are routed to ``E`` experts by a :class:`~.routing.Routing` (``perm [T]``
+Tokens ``x [T, H]`` are routed to ``E`` experts by a :class:`~mmkernels.experts.routing.Routing` (``perm [T]``
 int32: slot -> token; ``offsets [E + 1]`` int32), as for the experts' GEMMs; each token is
 normalised over its ``H`` features and scaled and shifted by its expert's ``weight [E, H]`` and
 ``bias [E, H]`` (VLMo's ``norm2_text`` / ``norm2_imag`` / ``norm2_vl``, BEiT-3's multiway
@@ -14,12 +14,12 @@ dw_experts, backend)`` returns ``(dx | empty(0), dw | empty(0), db | empty(0))``
 ``needs_dx``; ``dw [E, H]`` (in weight's dtype) and ``db [E, H]`` (in bias's dtype, when a bias
 is given) when any flag of ``dw_experts`` is set, with zero slices for the experts whose flag is
 off (they get no work) and for experts with no tokens. The masks follow the rule of the GEMM
-ops (``mmkernels/experts/ops.py``).
+ops (``mmkernels/experts/grouped_mm/ops.py``).
 
 ``weight`` and ``bias`` have x's dtype, or float32 beside bfloat16/float16 ``x`` (fp32
 LayerNorm parameters beside low-precision activations, which ``F.layer_norm`` also takes).
-``backend`` is ``"cpu"`` (C++, ``mmkernels/csrc/experts_norm.cpp``) or ``"triton"``
-(``mmkernels/experts/norm_kernels.py``).
+``backend`` is ``"cpu"`` (C++, ``mmkernels/csrc/experts_layer_norm.cpp``) or ``"triton"``
+(``kernels.py``).
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ from typing import Optional
 
 import torch
 
-from .. import _ext
-from .ops import _unknown, _wanted
+from ... import _ext
+from ..routing import unknown_backend, wanted_experts
 
 
 def _norm_kernels():
-    from . import norm_kernels  # imported lazily: triton is optional
-    return norm_kernels
+    from . import kernels  # imported lazily: triton is optional
+    return kernels
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -49,7 +49,7 @@ def modality_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         return tuple(_ext.C.experts_layer_norm_fwd(x, perm, offsets, weight, bias, eps))
     if backend == "triton":
         return tuple(_norm_kernels().layer_norm_fwd_triton(x, perm, offsets, weight, bias, eps))
-    raise _unknown("modality_layer_norm_fwd", backend)
+    raise unknown_backend("modality_layer_norm_fwd", backend)
 
 
 @modality_layer_norm_fwd.register_fake
@@ -68,7 +68,7 @@ def modality_layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         return tuple(_ext.C.experts_layer_norm_bwd(*args))
     if backend == "triton":
         return tuple(_norm_kernels().layer_norm_bwd_triton(*args))
-    raise _unknown("modality_layer_norm_bwd", backend)
+    raise unknown_backend("modality_layer_norm_bwd", backend)
 
 
 @modality_layer_norm_bwd.register_fake
@@ -92,7 +92,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, perm, offsets, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = _wanted(ctx.dw_experts, needs[1], bias is not None and needs[2])
+    mask = wanted_experts(ctx.dw_experts, needs[1], bias is not None and needs[2])
     if dy is None or not (needs[0] or any(mask)):
         return (None,) * 8
     dx, dw, db = modality_layer_norm_bwd(dy.contiguous(), x, weight, bias, perm, offsets, mean, rstd,

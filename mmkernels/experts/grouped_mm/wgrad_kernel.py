@@ -1,6 +1,6 @@
 """Triton grouped weight gradient of the modality experts (launched by ``kernels``).
 
-Grouped weight gradient (``_grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles_k,)``
+Grouped weight gradient (``grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles_k,)``
     ``dW_e[n, k] = sum_{s in e} A[s, n] X[s, k]`` with ``A`` and ``X`` each read through
     ``perm`` or directly; each program loops over its expert's slots in ``BLOCK_T`` chunks
     (bounds loaded from ``offsets``).  The programs with ``k``-tile 0 also write the bias
@@ -13,7 +13,7 @@ Grouped weight gradient (``_grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles
 import triton
 import triton.language as tl
 
-from .mm_kernel import _round_bf16
+from .mm_kernel import round_bf16
 
 
 @triton.jit
@@ -24,9 +24,8 @@ def _wgrad_load(a_ptr, x_ptr, perm_ptr, t0, hi, ns64, n_ok, ks64, k_ok,
     """One reduction step's tiles: ``(A^T [BLOCK_N, BLOCK_T], X [BLOCK_T, BLOCK_K])`` for the
     slots ``t0 ..`` (rows read through ``perm`` where gathered). Masks only what may fall
     outside: slots ``>= hi`` when ``MASK_T`` (the last, partial step), dW rows/columns unless
-    ``EVEN`` (the tile divides N and K). Row offsets in int32 when ``ROW32`` (sm_90a, bf16
-    128 x 128 x 64: 108 loop instructions against 143 with int64 offsets, which take five
-    instructions a gathered row)."""
+    ``EVEN`` (the tile divides N and K). Row offsets in int32 when ``ROW32`` (int64 offsets
+    take several more instructions per gathered row)."""
     slots = t0 + tl.arange(0, BLOCK_T)
     t_ok = slots < hi
     if GATHER_A or GATHER_X:
@@ -94,15 +93,13 @@ def _wgrad_accumulate(a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok,
     db [BLOCK_N])`` in fp32, ``db`` zeros unless ``WITH_DB``.
 
     The loop runs over the full ``BLOCK_T`` steps with no slot mask (and no row/column masks
-    when ``EVEN``); a partial last step follows it, masked. Masks are issue overhead: sm_90a,
-    bf16 128 x 128 x 64, int64 row offsets, the loop is 143 SASS instructions unmasked against
-    218 masked (108 unmasked with ``ROW32``).
+    when ``EVEN``); a partial last step follows it, masked (masks are issue overhead in every
+    step).
 
     ``db`` for 16-bit inputs is a second, 16-column MMA of the same A tile against ones (exact
     products, fp32 sums; column 0 is kept). A row sum of the tile in the loop costs a cross-warp
-    reduction through shared memory every step instead (a 390-instruction loop against 218
-    without db and 231 with the MMA, masked). fp32 keeps the row sum: under tf32 the MMA would
-    round A to 10 mantissa bits.
+    reduction through shared memory every step instead. fp32 keeps the row sum: under tf32 the
+    MMA would round A to 10 mantissa bits.
     """
     DB_BY_DOT: tl.constexpr = a_ptr.dtype.element_ty != tl.float32
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -144,15 +141,15 @@ def _wgrad_store(dw_ptr, db_ptr, e64, ns64, n_ok, ks64, k_ok, stride_we, stride_
             tl.atomic_add(db_ptrs, dbacc, mask=db_ok)
     else:
         if DOT_UPCAST:
-            acc = _round_bf16(acc)
-            dbacc = _round_bf16(dbacc)
+            acc = round_bf16(acc)
+            dbacc = round_bf16(dbacc)
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
         if WITH_DB:
             tl.store(db_ptrs, dbacc.to(db_ptr.dtype.element_ty), mask=db_ok)
 
 
 @triton.jit
-def _grouped_wgrad_kernel(
+def grouped_wgrad_kernel(
     a_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, offsets_ptr,
     N, K, chunk,
     stride_am, stride_an,
@@ -176,7 +173,7 @@ def _grouped_wgrad_kernel(
     """dW[e, n, k] = sum_{s of e} A[ra(s), n] X[rx(s), k]; db[e, n] = sum_s A[ra(s), n] (k-tile 0).
 
     ``N``, ``K``, ``stride_am``, ``stride_xm``, ``stride_we``, ``stride_wn`` and ``stride_dbe``
-    arrive divided by ``ALIGN`` (see ``_grouped_mm_kernel``). With ``ATOMIC``, program
+    arrive divided by ``ALIGN`` (see ``grouped_mm_kernel``). With ``ATOMIC``, program
     ``(pid, c)`` sums chunk ``c`` of its expert's slots (``cdiv(n_e, chunk)`` equal chunks of at
     most ``chunk``) into fp32 ``dw``/``db`` buffers (zeroed by the caller); without it there is
     one chunk per expert (``chunk >= T``) and the tile is stored.
@@ -221,9 +218,9 @@ def _grouped_wgrad_kernel(
     ks64 = ks.to(tl.int64)
 
     # every program computes db when there is a bias; the k-tile 0 ones store it. (A loop of
-    # its own for those programs, two loops under a branch, took 162 registers against 112 with
-    # the fp32 atomics in the sm_90a compile: one program per SM instead of two. The 16-column
-    # db MMA costs the others 1/8 more tensor-core work instead.)
+    # its own for those programs, two loops under a branch, needs enough registers to leave one
+    # program per SM instead of two; the 16-column db MMA costs the others 1/8 more
+    # tensor-core work instead.)
     acc, dbacc = _wgrad_accumulate(
         a_ptr, x_ptr, perm_ptr, lo, hi, ns64, n_ok, ks64, k_ok, stride_am, stride_an, stride_xm,
         stride_xk, GATHER_A, GATHER_X, HAS_BIAS, INPUT_PRECISION, DOT_UPCAST, EVEN, ROW32,

@@ -1,27 +1,25 @@
-"""``nn.Module`` front ends of the experts family: ``MultiwayLinear`` and ``MultiwayFFN``.
+"""``nn.Module`` front ends of the experts family: ``MultiwayLinear``, ``MultiwayLayerNorm`` and
+``MultiwayFFN``, routing every token by ``modality_ids`` (or an int split position).
 
-Both hold the weights of ``E`` modality experts stacked on a leading dimension and route every
-token by ``modality_ids`` (or an int split position) through :func:`modality_linear` /
-:func:`modality_ffn`. ``from_experts`` builds one from the per-expert modules of an existing
-model (VLMo/BEiT-3 multiway FFNs, CogVLM's language/vision expert MLPs, timm ``Mlp``) by copying
-their weights exactly, so the fused module computes what the original ones did.
+``from_experts`` builds one from the per-expert modules of an existing model (VLMo/BEiT-3
+multiway layers, CogVLM's expert MLPs, timm ``Mlp``) by copying their weights exactly; the
+layouts it recognises are in :mod:`mmkernels.integrations.expert_layouts`.
 """
 from __future__ import annotations
 
-import functools
 import math
+import numbers
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import activations
-from .api import modality_ffn, modality_linear
-from .layer_norm import MultiwayLayerNorm, is_layer_norm
-from .subln import modality_ffn_subln
+from .. import activations
+from ..grouped_mm.api import modality_ffn, modality_linear
+from ..layer_norm.api import check_eps, modality_layer_norm
 from .parameters import (ExpertModule, check_experts_list, check_num_experts, copy_experts_, expert_data,
                          expert_parameter, same_placement, set_requires_grad)
+from .subln import modality_ffn_subln
 
 
 def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -42,7 +40,7 @@ class MultiwayLinear(ExpertModule):
         bias: learn ``bias [E, out_features]``.
         per_expert_parameters: hold each expert's weight and bias as a parameter of its own
             (``weight[e]``, ``bias[e]`` in ``nn.ParameterList`` s sharing one storage), so that
-            one expert can be frozen; see ``mmkernels/experts/parameters.py``.
+            one expert can be frozen; see ``mmkernels/experts/nn/parameters.py``.
 
     Parameters ``weight [E, out_features, in_features]`` and ``bias [E, out_features]`` (or
     their per-expert lists), each expert initialised as ``nn.Linear`` would be.
@@ -111,108 +109,96 @@ class MultiwayLinear(ExpertModule):
                 + (", per_expert_parameters=True" if self.per_expert_parameters else ""))
 
 
-# ----------------------------------------------------------------------------- activations of foreign modules
+class MultiwayLayerNorm(ExpertModule):
+    """``nn.LayerNorm`` with one scale and shift per modality expert.
 
-_HF_ACTIVATION_CLASSES = {
-    "GELUActivation": "gelu", "GELU": "gelu",
-    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-    "SiLUActivation": "silu", "SiLU": "silu", "Swish": "silu",
-    "ReLU": "relu",
-}
-_ACTIVATION_STRINGS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                       "gelu_new": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}
+    Args:
+        normalized_shape: ``H``, the features normalised (an int, or a one-element sequence).
+        num_experts: ``E``, 1..8.
+        eps: added to the variance.
+        bias: learn ``bias [E, H]`` (``nn.LayerNorm(bias=False)`` when off).
+        per_expert_parameters: hold each expert's scale and shift as parameters of their own
+            (``nn.ParameterList`` s sharing one storage), so one expert can be frozen; see
+            ``mmkernels/experts/nn/parameters.py``.
 
+    Parameters ``weight [E, H]`` (ones) and ``bias [E, H]`` (zeros), or their per-expert lists.
 
-def _activation_name(fn) -> str | None:
-    """The activation name of a function/module as found on foreign MLPs, or None if unknown."""
-    if isinstance(fn, str):
-        return _ACTIVATION_STRINGS.get(fn)
-    if isinstance(fn, functools.partial):
-        if fn.func in (F.gelu, torch.nn.functional.gelu) and not fn.args:
-            approx = fn.keywords.get("approximate", "none")
-            return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
-        return None
-    if fn in (F.gelu,):
-        return "gelu"
-    if fn in (F.relu, torch.relu):
-        return "relu"
-    if fn in (F.silu,):
-        return "silu"
-    if isinstance(fn, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(fn.approximate)
-    if isinstance(fn, nn.ReLU):
-        return "relu"
-    if isinstance(fn, nn.SiLU):
-        return "silu"
-    if isinstance(fn, nn.Module):  # HF transformers' ACT2FN classes, by name (no import needed)
-        return _HF_ACTIVATION_CLASSES.get(type(fn).__name__)
-    return None
+    ``forward(x [..., H], modality_ids) -> [..., H]``; see :func:`modality_layer_norm`.
+    """
 
+    EXPERT_PARAMETERS = ("weight", "bias")
 
-def _find_activation(module: nn.Module) -> tuple[bool, str | None]:
-    """``(found, name)``: whether ``module`` has an activation attribute, and what it is (None: unknown)."""
-    for attr in ("activation_fn", "act_fn", "act", "activation"):
-        if hasattr(module, attr):
-            return True, _activation_name(getattr(module, attr))
-    return False, None
+    def __init__(self, normalized_shape, num_experts: int = 2, eps: float = 1e-5, bias: bool = True,
+                 device=None, dtype=None, per_expert_parameters: bool = False):
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+        if len(shape) != 1 or isinstance(shape[0], bool) or not isinstance(shape[0], numbers.Integral) \
+                or shape[0] < 1:
+            raise ValueError(f"normalized_shape must be one positive int (the last dimension), got {normalized_shape!r}")
+        self.normalized_shape = (int(shape[0]),)
+        self.num_experts = check_num_experts(num_experts)
+        self.eps = check_eps(eps)
+        self.per_expert_parameters = bool(per_expert_parameters)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = expert_parameter(num_experts, self.normalized_shape, self.per_expert_parameters, **kw)
+        self.bias = expert_parameter(num_experts, self.normalized_shape, self.per_expert_parameters, **kw) \
+            if bias else None
+        self.reset_parameters()
 
+    def reset_parameters(self) -> None:
+        for e in range(self.num_experts):
+            nn.init.ones_(expert_data(self.weight, e))
+            if self.bias is not None:
+                nn.init.zeros_(expert_data(self.bias, e))
 
-def _is_identity(m) -> bool:
-    return m is None or isinstance(m, nn.Identity)
+    def forward(self, x: torch.Tensor, modality_ids) -> torch.Tensor:
+        return modality_layer_norm(x, modality_ids, self.weight, self.bias, self.eps)
 
+    @classmethod
+    def from_experts(cls, norms: Sequence[nn.Module], per_expert_parameters: bool = False) -> "MultiwayLayerNorm":
+        """One ``MultiwayLayerNorm`` holding exact copies of ``norms`` (expert ``e`` = ``norms[e]``):
+        ``nn.LayerNorm`` s (or apex ``FusedLayerNorm`` s, which torchscale uses when installed),
+        e.g. VLMo's ``[norm2_text, norm2_imag, norm2_vl]`` or the ``A`` and ``B`` of a torchscale
+        ``MultiwayNetwork`` around a LayerNorm.
 
-def _linear(module: nn.Module, attr: str, index: int) -> nn.Linear:
-    lin = getattr(module, attr)
-    if not isinstance(lin, nn.Linear):
-        raise TypeError(f"from_experts: expert {index}.{attr} is a {type(lin).__name__}, not an nn.Linear")
-    return lin
+        They must agree in ``normalized_shape`` (one dimension), ``eps``, bias presence, dtype
+        and device, and have a learnable scale (``elementwise_affine=True``). ``requires_grad`` is
+        copied as by :meth:`MultiwayLinear.from_experts`.
+        """
+        from ...integrations.expert_layouts import is_layer_norm
+        norms = check_experts_list(norms, "LayerNorms")
+        for i, ln in enumerate(norms):
+            if not is_layer_norm(ln):
+                raise TypeError(f"from_experts: expert {i} is a {type(ln).__name__}, not an nn.LayerNorm")
+            if getattr(ln, "weight", None) is None:
+                raise ValueError(f"from_experts: expert {i} has no learnable scale (elementwise_affine=False); "
+                                 "a LayerNorm without one is the same for every modality: use nn.LayerNorm")
+            if len(tuple(ln.normalized_shape)) != 1:
+                raise ValueError(f"from_experts: expert {i} normalises over {tuple(ln.normalized_shape)}; only "
+                                 "the last dimension (a one-element normalized_shape) is supported")
+        first = norms[0]
+        for i, ln in enumerate(norms[1:], 1):
+            if tuple(ln.normalized_shape) != tuple(first.normalized_shape):
+                raise ValueError(f"from_experts: expert {i} normalises {tuple(ln.normalized_shape)} features but "
+                                 f"expert 0 {tuple(first.normalized_shape)}")
+            if ln.eps != first.eps:
+                raise ValueError(f"from_experts: expert {i} has eps={ln.eps} but expert 0 eps={first.eps}; one "
+                                 "MultiwayLayerNorm has one eps")
+            if (ln.bias is None) != (first.bias is None):
+                raise ValueError("from_experts: some experts have a bias and others do not")
+        same_placement([ln.weight for ln in norms], "from_experts")
+        parts = {"weight": list(enumerate(ln.weight for ln in norms))}
+        if first.bias is not None:
+            parts["bias"] = list(enumerate(ln.bias for ln in norms))
+        w = first.weight
+        module = cls(tuple(first.normalized_shape), len(norms), eps=first.eps, bias=first.bias is not None,
+                     device=w.device, dtype=w.dtype, per_expert_parameters=per_expert_parameters)
+        copy_experts_(module, parts)
+        return module
 
-
-def _unpack_expert(module: nn.Module, index: int, activation: str | None):
-    """``(layout, activation, first-layer Linears, second-layer Linear, LayerNorm between them or None)``
-    of one expert MLP."""
-    if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-        layout, firsts, second = "gate_up_down", ["gate_proj", "up_proj"], "down_proj"
-    elif all(hasattr(module, a) for a in ("fc1_g", "fc1_x", "fc2")):
-        layout, firsts, second = "timm_swiglu", ["fc1_g", "fc1_x"], "fc2"
-    elif hasattr(module, "fc1") and hasattr(module, "fc2"):
-        layout, firsts, second = "fc1_fc2", ["fc1"], "fc2"
-    else:
-        raise ValueError(
-            f"from_experts: expert {index} ({type(module).__name__}) has an unknown layout; expected an MLP "
-            "with fc1/fc2 (VLMo/BEiT-3 torchscale FeedForwardNetwork, timm Mlp) or gate_proj/up_proj/down_proj "
-            "(CogVLM/LLaMA MLP); build a MultiwayFFN and copy the weights by hand otherwise")
-    if hasattr(module, "chunk_dim"):  # timm GluMlp: fc1 output chunked, gate in the *second* half
-        raise ValueError(f"from_experts: expert {index} is a timm {type(module).__name__} (gated fc1 with the "
-                         "gate in its second half), which MultiwayFFN does not take")
-    norm = None
-    for attr in ("ffn_layernorm", "norm"):  # torchscale subln=True (BEiT-3's default); timm Mlp(norm_layer=)
-        m = getattr(module, attr, None)
-        if _is_identity(m):
-            continue
-        if not is_layer_norm(m):
-            raise ValueError(f"from_experts: expert {index} has a {type(m).__name__} ({attr}) between its two "
-                             "layers; only a LayerNorm (torchscale subln) is supported there")
-        if norm is not None:
-            raise ValueError(f"from_experts: expert {index} has two normalisation layers between its two layers")
-        norm = m
-    found, inferred = _find_activation(module)
-    if layout in ("gate_up_down", "timm_swiglu"):
-        if activation is not None and activation != "swiglu":
-            raise ValueError(f"from_experts: expert {index} is a gated MLP ({'/'.join(firsts)}); its activation "
-                             f"can only be 'swiglu', got activation={activation!r}")
-        if activation is None and inferred != "silu":
-            raise ValueError(f"from_experts: expert {index} is a gated MLP whose activation "
-                             f"({'unknown' if not found else inferred or 'unrecognised'}) is not SiLU; only "
-                             "silu(gate) * up (swiglu) is supported (pass activation='swiglu' to force it)")
-        act = "swiglu"
-    else:
-        act = activation if activation is not None else inferred
-        if act is None:
-            raise ValueError(f"from_experts: cannot tell the activation of expert {index} "
-                             f"({type(module).__name__}); pass activation= one of {activations.ACTIVATIONS}")
-    lins = [_linear(module, a, index) for a in firsts]
-    return layout, act, lins, _linear(module, second, index), norm
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, num_experts={self.num_experts}, eps={self.eps}, "
+                f"bias={self.bias is not None}" + (", per_expert_parameters=True" if self.per_expert_parameters else ""))
 
 
 class MultiwayFFN(ExpertModule):
@@ -229,11 +215,11 @@ class MultiwayFFN(ExpertModule):
         out_features: output width (default ``hidden_size``).
         per_expert_parameters: hold each expert's weights and biases as parameters of their own
             (``w_in[e]`` ... in ``nn.ParameterList`` s sharing one storage each), so that one
-            expert can be frozen; see ``mmkernels/experts/parameters.py``.
+            expert can be frozen; see ``mmkernels/experts/nn/parameters.py``.
         subln: a per-modality LayerNorm over the ``F`` activations before the second layer
             (``ffn_layernorm``, a :class:`MultiwayLayerNorm`; torchscale's ``subln=True``, which
             BEiT-3 uses), with epsilon ``subln_eps``. The FFN then runs as three routed ops
-            (:func:`mmkernels.experts.subln.modality_ffn_subln`) instead of the fused kernel.
+            (:func:`mmkernels.experts.nn.subln.modality_ffn_subln`) instead of the fused kernel.
 
     Parameters ``w_in [E, Fi, H]`` (``Fi = 2F`` for swiglu: gate rows, then up rows), ``b_in [E, Fi]``,
     ``w_out [E, out_features, F]``, ``b_out [E, out_features]`` (or their per-expert lists); each
@@ -305,10 +291,11 @@ class MultiwayFFN(ExpertModule):
         frozen language expert stays frozen while the visual expert trains; an expert's gate and
         up projections must agree); otherwise a layer must be frozen in every expert or in none.
         """
+        from ...integrations.expert_layouts import unpack_mlp
         experts = check_experts_list(experts, "expert MLPs")
         if activation is not None:
             activations.check_activation(activation)
-        unpacked = [_unpack_expert(m, i, activation) for i, m in enumerate(experts)]
+        unpacked = [unpack_mlp(m, i, activation) for i, m in enumerate(experts)]
         norms = [u[4] for u in unpacked]
         if any(n is None for n in norms) and any(n is not None for n in norms):
             raise ValueError("from_experts: some experts have a LayerNorm between their two layers and others do not")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import activations
-from .api import modality_linear
-from .layer_norm import modality_layer_norm
+from .. import activations
+from ..grouped_mm.api import modality_linear
+from ..layer_norm.api import modality_layer_norm
 
 
 def _stacked_shape(t, name: str) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """Triton grouped GEMM of the modality experts, with its fused epilogues (launched by ``kernels``).
 
-Grouped GEMM (``_grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, OUT_N),)``
+Grouped GEMM (``grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, OUT_N),)``
     (``OUT_N`` = ``BLOCK_N``, half of it for the swiglu forward: ``mm_output_columns``)
     For each expert ``e`` and each slot ``s`` of its range ``offsets[e] .. offsets[e+1]-1``:
     ``out_row = epilogue(in_row @ B_e)``.  The row tiles of all experts are numbered one
@@ -29,7 +29,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_bf16(x):
+def round_bf16(x):
     """fp32 -> the fp32 value of its round-to-nearest-even bfloat16 (exact bit arithmetic).
 
     Interpreter only (constexpr DOT_UPCAST): its fp32 -> bfloat16 cast truncates, so results
@@ -85,7 +85,7 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _grouped_mm_kernel(
+def grouped_mm_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, h_ptr, perm_ptr, offsets_ptr,
     N, K,
     stride_am, stride_ak,
@@ -126,8 +126,8 @@ def _grouped_mm_kernel(
     """
     # grouped launch order: GROUP_M row tiles walk every column tile before the next group, so
     # the programs resident together share their A rows (read once from HBM, then from L2) and
-    # the weight columns of GROUP_M tiles; plain row-major order re-reads a wide A (93 MB for
-    # the VLMo FFN's a [T, 3072]) once per wave of column tiles
+    # the weight columns of GROUP_M tiles; plain row-major order re-reads a wide A once per
+    # wave of column tiles
     pid = tl.program_id(0)
     DUAL: tl.constexpr = (ACT == 5) and (not ACT_BWD)
     # output columns per program: the swiglu forward's B tile pairs OUT_N gate columns with the
@@ -203,8 +203,8 @@ def _grouped_mm_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        # EVEN (the tiles divide N and K): only the row mask, loop-invariant (masks are issue
-        # slots: sm_90a bf16 128 x 64 x 64, 105 SASS instructions a step masked, 96 not)
+        # EVEN (the tiles divide N and K): only the row mask, loop-invariant (masks cost issue
+        # slots in every step)
         if EVEN:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs)
@@ -220,9 +220,8 @@ def _grouped_mm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     # the epilogue in EPI_SPLIT column slices of the accumulator, one after the other: its
-    # temporaries (activation, h loads, 64-bit row addresses) then live for a slice at a time
-    # (sm_90a bf16 128 x 128 gelu: 184 registers in one piece, 116 in four; the backward's
-    # act' 255 -> 120), so 128 x 128 tiles with an activation keep two programs per SM
+    # temporaries (activation, h loads, 64-bit row addresses) then live for a slice at a time,
+    # so 128 x 128 tiles with an activation keep two programs per SM
     if DUAL:
         acc, acc_up = _split_columns(acc, BLOCK_M, BLOCK_N)  # gate, up: [BLOCK_M, OUT_N]
     else:
@@ -304,12 +303,12 @@ def _mm_epilogue(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_pt
     if STORE_H:
         hv = acc
         if DOT_UPCAST:
-            hv = _round_bf16(hv)
+            hv = round_bf16(hv)
         tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=msk)
         if DUAL:
             hu = acc_up
             if DOT_UPCAST:
-                hu = _round_bf16(hu)
+                hu = round_bf16(hu)
             tl.store(h_ptrs + up_h, hu.to(h_ptr.dtype.element_ty), mask=msk)
     out_ptrs = out_ptr + dst[:, None] * stride_om + cols64[None, :] * stride_on
     if ACT_BWD:
@@ -320,15 +319,15 @@ def _mm_epilogue(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_pt
             dgate = acc * u * (sg * (1.0 + g * (1.0 - sg)))
             dup = acc * (g * sg)
             if DOT_UPCAST:
-                dgate = _round_bf16(dgate)
-                dup = _round_bf16(dup)
+                dgate = round_bf16(dgate)
+                dup = round_bf16(dup)
             tl.store(out_ptrs, dgate.to(out_ptr.dtype.element_ty), mask=msk)
             tl.store(out_ptrs + N * stride_on, dup.to(out_ptr.dtype.element_ty), mask=msk)
         else:
             hv = tl.load(h_ptrs, mask=msk, other=0.0).to(tl.float32)
             dh = acc * _act_grad(hv, ACT)
             if DOT_UPCAST:
-                dh = _round_bf16(dh)
+                dh = round_bf16(dh)
             tl.store(out_ptrs, dh.to(out_ptr.dtype.element_ty), mask=msk)
     else:
         if DUAL:
@@ -336,5 +335,5 @@ def _mm_epilogue(acc, acc_up, col0, row_ok, slot64, dst, bias_row, out_ptr, h_pt
         else:
             res = _act_fwd(acc, ACT)
         if DOT_UPCAST:
-            res = _round_bf16(res)
+            res = round_bf16(res)
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=msk)

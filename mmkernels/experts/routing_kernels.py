@@ -1,17 +1,11 @@
-"""Triton routing kernels for modality experts: the sort of tokens by expert, on the device.
+"""Triton side of the experts routing: the routing kernels, and the launch conventions every
+experts kernel shares (input checks, the ALIGN of widths and row strides).
 
-``route_triton(ids, E) -> (perm, offsets)``: a stable counting sort (``_route_kernel``, one
-program). First pass over blocks of tokens: one-hot ``[BLOCK, E_PAD]`` of the ids, summed into
-per-expert counts; their exclusive cumsum gives ``offsets``. Second pass: ``tl.cumsum`` of the
-one-hot along the tokens gives each token's rank inside its expert within the block; plus the
-expert's running count it is the token's slot, and ``perm[slot] = token``. No host sync, no
-atomics (so it is deterministic and stable).
-
-``route_split_triton(B, S, p, device) -> (perm, offsets)``: the position split (positions
-``< p`` of each sample on expert 0, the rest on expert 1) as arithmetic, in one launch
-(``_route_split_kernel``): the same result as ``routing.route_split``'s torch ops, which take
-about ten small launches.
-
+``route_triton(ids, E) -> (perm, offsets)``: a stable counting sort in one program. A first
+pass sums a one-hot ``[BLOCK, E_PAD]`` of the ids into per-expert counts, whose exclusive
+cumsum is ``offsets``; a second pass ranks each token inside its expert with ``tl.cumsum`` of
+the one-hot and writes ``perm[slot] = token``. No host sync, no atomics (deterministic).
+``route_split_triton(B, S, p, device)``: the position split as arithmetic, one launch.
 Both give ``perm [T]`` int32 (slot -> token) and ``offsets [E + 1]`` int32 (see ``routing``).
 """
 from __future__ import annotations
@@ -20,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import check_device
+from .._triton import DTYPES, check_device
 from .routing import MAX_EXPERTS
 
 ROUTE_BLOCK = 1024  # tokens per step of the routing sort (one program, 8 warps)
@@ -78,6 +72,40 @@ def _route_split_kernel(perm_ptr, offsets_ptr, B, S, P, BLOCK: tl.constexpr):
                  mask=which < 3)
 
 
+def align_of(*values: int) -> int:
+    """The largest power of two <= 16 dividing every value (0 counts as divisible).
+
+    Launchers pass widths and row strides divided by it and the kernels multiply back by the
+    ``ALIGN`` constexpr, so Triton sees 16-byte aligned rows at widths such as 88 or 200.
+    """
+    al = 16
+    while al > 1 and any(int(v) % al for v in values):
+        al //= 2
+    return al
+
+
+def is_aligned(dtype: torch.dtype, align: int) -> bool:
+    """Rows of ``align``-divisible widths are 16-byte aligned (vector loads, async copies)."""
+    return align * dtype.itemsize >= 16
+
+
+def check_launch(x: torch.Tensor, offsets: torch.Tensor) -> int:
+    """The checks every experts launcher makes on its tokens ``x [T, H]`` (a device Triton can
+    run on; float32/bfloat16/float16) and routing ``offsets [E + 1]``; returns ``E``."""
+    check_device(x)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the triton experts kernels take float32/bfloat16/float16, got {x.dtype}")
+    E = offsets.numel() - 1
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"the triton experts kernels take 1..{MAX_EXPERTS} experts, got {E}")
+    return E
+
+
+def empty_of(ref: torch.Tensor) -> torch.Tensor:
+    """``empty(0)`` with ``ref``'s dtype and device: a gradient that is not wanted."""
+    return torch.empty(0, dtype=ref.dtype, device=ref.device)
+
+
 def route_triton(ids: torch.Tensor, E: int):
     """Stable counting sort of ``ids [T]`` (int32/int64 in [0, E)).
 
@@ -115,3 +143,23 @@ def route_split_triton(batch: int, seq: int, split_position: int, device):
     _route_split_kernel[grid](perm, offsets, batch, seq, split_position, BLOCK=SPLIT_BLOCK,
                               num_warps=4, num_stages=1)
     return perm, offsets
+
+
+ROUTE_KINDS = ("route", "route_split")
+
+
+def compile_specs(kind: str, E: int = 2, T: int = 4096):
+    """``(kernel, signature, constexprs, divisible_by_16)`` of a routing launch for
+    mmkernels.testing.sm90: ``"route"`` (int64 ids of ``T`` tokens, ``E`` experts) or
+    ``"route_split"`` (VLMo-like: 64 samples of 237 tokens split at 40). Both run with
+    ``ROUTE_WARPS`` / 4 warps and one stage."""
+    from ..testing.sm90 import launch_signature
+    if kind == "route":
+        sig = {"ids_ptr": "*i64", "perm_ptr": "*i32", "offsets_ptr": "*i32"}
+        constexprs = {"E": E, "E_PAD": max(2, triton.next_power_of_2(E)), "BLOCK": ROUTE_BLOCK}
+        return (_route_kernel, *launch_signature(sig, {"T": T}, constexprs))
+    if kind == "route_split":
+        sig = {"perm_ptr": "*i32", "offsets_ptr": "*i32"}
+        return (_route_split_kernel,
+                *launch_signature(sig, {"B": 64, "S": 237, "P": 40}, {"BLOCK": SPLIT_BLOCK}))
+    raise ValueError(f"unknown routing kernel kind {kind!r}; known: {ROUTE_KINDS}")

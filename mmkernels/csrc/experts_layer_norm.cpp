@@ -1,8 +1,8 @@
 // mmkernels: per-modality ("multiway") LayerNorm on the CPU (VLMo norm2_text / norm2_imag /
 // norm2_vl, BEiT-3 multiway LayerNorms). The definition of correct is
-// mmkernels.experts.reference.modality_layer_norm_reference.
+// mmkernels.experts.layer_norm.reference.modality_layer_norm_reference.
 //
-// Routing as the other experts kernels (experts.h): slot s of the sorted order holds token
+// Routing as the grouped GEMM's (experts.h): slot s of the sorted order holds token
 // perm[s], expert e owns slots offsets[e] .. offsets[e+1]-1. A LayerNorm is row-local, so no rows
 // are gathered: every pass reads x / dy rows in place (any strides), through perm.
 //
@@ -16,7 +16,7 @@
 //   slices and no work.
 // float32 / bfloat16 / float16 compute in float32, float64 in float64.
 
-#include "experts.h"
+#include "experts_layer_norm.h"
 #include "experts_common.h"
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 """Registered ops of the experts family (namespace ``mmkernels``).
 
-Tokens ``x [T, H_in]`` are routed to ``E`` per-modality weights by a :class:`~.routing.Routing`
+Tokens ``x [T, H_in]`` are routed to ``E`` per-modality weights by a :class:`~mmkernels.experts.routing.Routing`
 (``perm [T]`` int32: slot -> token; ``offsets [E + 1]`` int32: the slots of expert ``e`` are
 ``offsets[e] .. offsets[e+1] - 1``). The kernels gather rows through ``perm`` and scatter the
 results back, so outputs are in token order and no permuted copy of ``x`` is made.
@@ -28,7 +28,7 @@ w_out, b_out, perm, offsets, h, a, activation, needs_dx, dw_in_experts, dw_out_e
 backend)``, reuses; ``h`` and ``a`` carry no gradient. It returns ``(dx, dw_in, db_in, dw_out,
 db_out)``, each ``empty(0)`` when not wanted.
 
-``backend`` is ``"cpu"`` (C++ in ``mmkernels/csrc/experts.cpp``) or ``"triton"``. Outputs and gradients
+``backend`` is ``"cpu"`` (C++ in ``mmkernels/csrc/experts.cpp``) or ``"triton"`` (``kernels.py``). Outputs and gradients
 have the inputs' dtype; experts that own no token get zero weight and bias gradients.
 """
 from __future__ import annotations
@@ -37,16 +37,13 @@ from typing import Optional
 
 import torch
 
-from .. import _ext
+from ... import _ext
+from ..routing import unknown_backend, wanted_experts
 
 
 def _kernels():
     from . import kernels  # imported lazily: triton is optional
     return kernels
-
-
-def _unknown(op: str, backend: str):
-    return ValueError(f"{op}: unknown backend {backend!r} (expected 'cpu' or 'triton')")
 
 
 # ----------------------------------------------------------------------------- linear
@@ -59,7 +56,7 @@ def modality_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         return _ext.C.experts_linear_fwd(x, perm, offsets, weight, bias)
     if backend == "triton":
         return _kernels().linear_fwd_triton(x, perm, offsets, weight, bias)
-    raise _unknown("modality_linear_fwd", backend)
+    raise unknown_backend("modality_linear_fwd", backend)
 
 
 @modality_linear_fwd.register_fake
@@ -76,7 +73,7 @@ def modality_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         return tuple(_ext.C.experts_linear_bwd(*args))
     if backend == "triton":
         return tuple(_kernels().linear_bwd_triton(*args))
-    raise _unknown("modality_linear_bwd", backend)
+    raise unknown_backend("modality_linear_bwd", backend)
 
 
 @modality_linear_bwd.register_fake
@@ -89,15 +86,6 @@ def _(dy, x, weight, bias, perm, offsets, needs_dx, dw_experts, backend):
     return dx, dw, db
 
 
-def _wanted(mask, *needs: bool) -> list[bool]:
-    """The mask a backward hands on: the forward's per-expert flags where autograd wants the
-    layer's weight or bias gradient (``needs``), no flag otherwise; every flag if the forward's
-    mask left every expert out although a gradient is wanted (a direct call of the op)."""
-    if not any(needs):
-        return [False] * len(mask)
-    return list(mask) if any(mask) else [True] * len(mask)
-
-
 def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, perm, offsets, dw_experts, backend = inputs
     ctx.save_for_backward(x, weight, bias, perm, offsets)
@@ -107,7 +95,7 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, dy):
     x, weight, bias, perm, offsets = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = _wanted(ctx.dw_experts, needs[1], bias is not None and needs[2])
+    mask = wanted_experts(ctx.dw_experts, needs[1], bias is not None and needs[2])
     if not (needs[0] or any(mask)):
         return (None,) * 7
     dx, dw, db = modality_linear_bwd(dy.contiguous(), x, weight, bias, perm, offsets, needs[0], mask,
@@ -133,7 +121,7 @@ def modality_ffn_fwd(x: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.T
         return tuple(_ext.C.experts_ffn_fwd(*args))
     if backend == "triton":
         return tuple(_kernels().ffn_fwd_triton(*args))
-    raise _unknown("modality_ffn_fwd", backend)
+    raise unknown_backend("modality_ffn_fwd", backend)
 
 
 @modality_ffn_fwd.register_fake
@@ -154,7 +142,7 @@ def modality_ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, b_in
         return tuple(_ext.C.experts_ffn_bwd(*args))
     if backend == "triton":
         return tuple(_kernels().ffn_bwd_triton(*args))
-    raise _unknown("modality_ffn_bwd", backend)
+    raise unknown_backend("modality_ffn_bwd", backend)
 
 
 @modality_ffn_bwd.register_fake
@@ -177,15 +165,15 @@ def _ffn_setup_context(ctx, inputs, output):
     ctx.masks = dw_in_experts, dw_out_experts
     ctx.mark_non_differentiable(h, a)
     # h and a never get a gradient: without this autograd would fill a zero [T, Fi] and [T, F]
-    # tensor for them on every backward (two memsets of 93 MB each at the VLMo FFN's size)
+    # tensor for them on every backward (two large memsets)
     ctx.set_materialize_grads(False)
 
 
 def _ffn_backward(ctx, dy, _dh, _da):
     x, w_in, b_in, w_out, b_out, perm, offsets, h, a = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask_in = _wanted(ctx.masks[0], needs[1], b_in is not None and needs[2])
-    mask_out = _wanted(ctx.masks[1], needs[3], b_out is not None and needs[4])
+    mask_in = wanted_experts(ctx.masks[0], needs[1], b_in is not None and needs[2])
+    mask_out = wanted_experts(ctx.masks[1], needs[3], b_out is not None and needs[4])
     if dy is None or not (needs[0] or any(mask_in) or any(mask_out)):
         return (None,) * 11
     dx, dw_in, db_in, dw_out, db_out = modality_ffn_bwd(
