@@ -11,7 +11,8 @@ import torch
 
 import mmkernels
 from tests.experts.cases import ACTS, ffn_params, make_ids, names, randn, run
-from mmkernels.experts import kernels as K
+from mmkernels import tuning
+from mmkernels.experts.grouped_mm import configs as C
 from mmkernels.testing.cuda_graph import capture, sync_free
 from mmkernels.testing.numerics import assert_close
 
@@ -24,24 +25,25 @@ def _leaves(ts, dtype):
 
 @pytest.mark.parametrize("chunk", ["auto", "256"])
 @pytest.mark.parametrize("activation", ACTS)
-def test_wide_tiles_match_the_reference(monkeypatch, activation, chunk):
+def test_wide_tiles_match_the_reference(activation, chunk):
     """The compiled 16-bit tiles the GPU runs at real widths: 128 x 128 with the epilogue in
     four column slices for the activation launches (swiglu's forward pairing gate and up
     columns), 128 x 128 elsewhere, the 5-stage weight gradient, one program per dW tile (auto:
     these sizes need no chunks) or in chunks of 256 tokens summed with fp32 atomics. bf16,
     3 experts with ragged token counts, every gradient, against the float64 reference (the CPU
     tests interpret these tiles; this runs the sm_90 code)."""
-    monkeypatch.setenv(K.WGRAD_CHUNK_ENV, chunk)
     b, s, h, f = 3, 331, 256, 384
     dtype = torch.bfloat16
     for kind, n in (("ffn_fwd_in", f), ("ffn_bwd_dh", f)):
-        cfg = K.heuristic_config(kind, dtype, "tf32", activation == "swiglu", n, True)
+        cfg = C.heuristic_config(kind, dtype, "tf32", activation == "swiglu", n, True)
         assert (cfg.BLOCK_N, cfg.epilogue_split) == (128, 4), cfg
     x = randn(b, s, h, seed=61).cuda()
     ids = make_ids((b, s), 3, seed=62).cuda()
     params = [None if p is None else p.cuda() for p in ffn_params(3, h, f, h, activation, bias=True)]
     dy = randn(b, s, h, seed=63).cuda()
-    got = run("ffn", "triton", x, ids, params, dy, activation, dtype)
+    with tuning.scope():
+        tuning.set_option(C.WGRAD_CHUNK_OPTION, chunk)
+        got = run("ffn", "triton", x, ids, params, dy, activation, dtype)
     ref = run("ffn", "reference", x, ids, params, dy, activation, torch.float64)
     eager = run("ffn", "reference", x, ids, params, dy, activation, dtype)
     for name, g, r, e in zip(names("ffn"), got, ref, eager):
@@ -184,3 +186,15 @@ def test_per_expert_parameters_with_a_frozen_expert_are_sync_free():
     # the weight gradient may sum token chunks with atomics: equal up to summation order
     assert_close(m.w_in[1].grad, stacked.w_in.grad[1].double(), torch.bfloat16, name="w_in[1]")
     assert_close(m.w_out[1].grad, stacked.w_out.grad[1].double(), torch.bfloat16, name="w_out[1]")
+
+
+def test_expert_without_tokens_gets_no_gradient_without_host_sync():
+    """Per-expert parameters and a split position that leaves expert 1 without tokens: no host
+    synchronisation (the decision reads the Python int), and expert 1 gets no gradient."""
+    torch.manual_seed(71)
+    module = mmkernels.MultiwayFFN(256, 384, per_expert_parameters=True, subln=True).cuda().bfloat16()
+    x = randn(4, 300, 256, seed=72).to("cuda", torch.bfloat16).requires_grad_()
+    dy = randn(4, 300, 256, seed=73).to("cuda", torch.bfloat16)
+    _sync_free_step(module, x, 300, dy)
+    for name, p in module.named_parameters():
+        assert (p.grad is None) == name.endswith(".1"), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 
 import pytest
 import torch
@@ -249,3 +250,64 @@ def test_state_dicts_load_across_layouts(kind):
         assert torch.equal(getattr(fresh_stacked, n), getattr(stacked, n))
     with pytest.raises(RuntimeError, match="Missing key"):
         fresh_per.load_state_dict({k: v for k, v in stacked.state_dict().items() if not k.startswith("w")})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", ["all_on_0", "all_on_1"])
+def test_expert_without_tokens_gets_no_gradient(backend, split):
+    """A split position that sends every token to one expert (torchscale's split_position -1
+    and 0) leaves the other expert's per-expert parameters without a gradient (``None``, as in
+    a model that never calls it) and without weight-gradient work; the touched expert's
+    gradients equal those of the stacked layout. Linear, FFN (sub-LN included) and LayerNorm."""
+    _require(backend)
+    b, s, h = 2, 7, 16
+    p, untouched = (s, 1) if split == "all_on_0" else (0, 0)
+    torch.manual_seed(3)
+    modules = [MultiwayLinear(h, 12, per_expert_parameters=True),
+               MultiwayFFN(h, 24, activation="swiglu", per_expert_parameters=True),
+               MultiwayFFN(h, 24, per_expert_parameters=True, subln=True),
+               mmkernels.MultiwayLayerNorm(h, per_expert_parameters=True)]
+    x = randn(b, s, h, seed=4).float()
+    for module in modules:
+        twin = _stacked_twin(module) if not isinstance(module, mmkernels.MultiwayLayerNorm) else None
+        with mmkernels.backend(backend):
+            launches = record_launches_of(module, x, p)
+            if twin is not None:
+                twin(x, p).square().sum().backward()
+        for name, param in module.named_parameters():
+            expert = int(name.rsplit(".", 1)[1])
+            if expert == untouched:
+                assert param.grad is None, (type(module).__name__, name)
+            else:
+                assert param.grad is not None and param.grad.abs().sum() > 0, (type(module).__name__, name)
+                if twin is not None:
+                    stacked = operator.attrgetter(name.rsplit(".", 1)[0])(twin)
+                    ref = stacked[expert].grad if isinstance(stacked, nn.ParameterList) else stacked.grad[expert]
+                    assert torch.equal(param.grad, ref), name
+        if backend == "triton" and not isinstance(module, mmkernels.MultiwayLayerNorm):
+            assert launches and all(e == 1 for what, _, *rest in launches if what == "wgrad" for e in rest)
+
+
+def record_launches_of(module, x, p):
+    """Forward and backward of ``module(x, p)``; the grouped-GEMM launches seen (triton only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        seen = record_launches(mp)
+        module(x, p).square().sum().backward()
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_without_tokens_in_an_ids_tensor_gets_a_zero_gradient(backend):
+    """With an ids tensor the token counts exist only on the device; deciding would cost a host
+    synchronisation, so every expert stays in the graph and one that receives no token gets a
+    zero gradient (as an ``[E, ...]`` parameter does)."""
+    _require(backend)
+    torch.manual_seed(5)
+    module = MultiwayLinear(16, 12, per_expert_parameters=True)
+    x = randn(2, 7, 16, seed=6).float()
+    ids = torch.zeros(2, 7, dtype=torch.int64)
+    with mmkernels.backend(backend):
+        module(x, ids).square().sum().backward()
+    assert module.weight[0].grad.abs().sum() > 0
+    assert module.weight[1].grad is not None and not module.weight[1].grad.any()
+    assert module.bias[1].grad is not None and not module.bias[1].grad.any()

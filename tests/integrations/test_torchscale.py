@@ -115,6 +115,41 @@ def test_patched_encoder_matches_torchscale(backend, split):
                 assert not g.any(), k
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("split", [0, -1])
+def test_expert_without_tokens_gets_no_gradient_and_no_adamw_update(backend, split):
+    """BEiT-3's image-only (split_position -1) and text-only (0) batches: torchscale runs only A
+    or only B, so the other expert's parameters get no gradient (``None``) and AdamW neither
+    decays nor moves them. The patched model (per-expert parameters) must do the same, every
+    parameter's ``.grad`` None exactly where torchscale's is, over three AdamW steps."""
+    model = make_encoder()
+    fast = patched(model)
+    for m in (model, fast):
+        set_split_position(m, split)
+    x, dy = inputs()
+    untouched = ".B." if split == -1 else ".A."
+    fused_untouched = "." + ("1" if split == -1 else "0")
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, fast)]
+    for step in range(3):
+        for m, opt in zip((model, fast), opts):
+            opt.zero_grad(set_to_none=True)
+            with mmkernels.backend(backend if m is fast else "reference"):
+                m(x.clone().requires_grad_(), padding_mask()).backward(dy)
+        none_ref = sorted(n for n, p in model.named_parameters() if p.grad is None)
+        none_fast = [n for n, p in fast.named_parameters() if p.grad is None]
+        assert none_ref and all(untouched in n for n in none_ref)
+        assert len(none_fast) == len(none_ref)
+        assert all(".fused." in n and n.endswith(fused_untouched) for n in none_fast), none_fast
+        for opt in opts:
+            opt.step()
+    after = fast.state_dict()
+    assert list(after) == list(before)
+    for k in before:  # unchanged exactly where torchscale's own model leaves its weights
+        assert (untouched in k) == torch.equal(after[k], before[k]), k
+        assert (untouched in k) == torch.equal(model.state_dict()[k], before[k]), k
+
+
 def test_count_idempotence_and_mode():
     model = make_encoder(layers=2)  # eval mode
     n = patch_multiway(model)
