@@ -98,30 +98,38 @@ def read_json(path: str) -> tuple:
 # --------------------------------------------------------------------------
 
 
-def _x(v: Optional[float], nd: int = 2) -> str:
+def _scaled(v: Optional[float], one_decimal_from: float, small: str, suffix: str = "") -> str:
+    """``v`` with no decimals from 100, one from ``one_decimal_from``, format ``small`` below; "-" for None."""
     if v is None:
         return "-"
-    if v >= 100:
-        return f"{v:.0f}x"
-    if v >= 10:
-        return f"{v:.1f}x"
-    return f"{v:.{nd}f}x"
+    fmt = ".0f" if v >= 100 else ".1f" if v >= one_decimal_from else small
+    return f"{v:{fmt}}{suffix}"
+
+
+def _x(v: Optional[float], nd: int = 2) -> str:
+    return _scaled(v, 10, f".{nd}f", "x")
 
 
 def _num(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 1:
-        return f"{v:.1f}"
-    return f"{v:.3g}"
+    return _scaled(v, 1, ".3g")
 
 
 def _ms(v: Optional[float]) -> str:
     if v is None:
         return "-"
     return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+
+
+def _cell(r: Optional[dict], fmt) -> str:
+    """A peer's table cell: "-" when not run, its status when not ok, else ``fmt(r)``."""
+    if r is None:
+        return "-"
+    return fmt(r) if _ok(r) else r["status"]
+
+
+def _ratio_cell(r: dict, base: Optional[dict]) -> str:
+    s, m = ratios(r, base)
+    return f"{_x(s)} / {_x(m)}" if s is not None else f"{_ms(r['time_ms'])} ms"
 
 
 def _status(r: dict) -> str:
@@ -182,14 +190,7 @@ def _overhead_tables(ops: dict, cases: dict) -> list:
             sol = recs.get(sol_name)
             row = [str(any_r["shape"][k]) for k in keys] + [DTYPE_SHORT.get(any_r["dtype"], any_r["dtype"])]
             row.append(_ms(sol["time_ms"]) if sol is not None and _ok(sol) else (sol["status"] if sol else "not run"))
-            for p in provs:
-                r = recs.get(p)
-                if r is None:
-                    row.append("-")
-                elif not _ok(r):
-                    row.append(r["status"])
-                else:
-                    row.append(_x(overhead(r, sol)))
+            row += [_cell(recs.get(p), lambda r: _x(overhead(r, sol))) for p in provs]
             L.append("| " + " | ".join(row) + " |")
         L.append("")
     return L
@@ -302,15 +303,7 @@ def markdown(env: dict, results: list, notes: list) -> str:
                 else:
                     why = base["status"] if base is not None else "not run"
                     row += [why, "-", "-"]
-                for p in peers:
-                    r = provs.get(p)
-                    if r is None:
-                        row.append("-")
-                    elif not _ok(r):
-                        row.append(r["status"])
-                    else:
-                        s, m = ratios(r, base)
-                        row.append(f"{_x(s)} / {_x(m)}" if s is not None else f"{_ms(r['time_ms'])} ms")
+                row += [_cell(provs.get(p), lambda r: _ratio_cell(r, base)) for p in peers]
                 L.append("| " + " | ".join(row) + " |")
             L.append("")
         L.extend(_overhead_tables(ops, cases))

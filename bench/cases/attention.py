@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import mm
+from bench.cases.common import elem_size, missing
 from bench.harness import Case, Provider
 
 FAMILY = "attention"
@@ -415,13 +416,7 @@ def mask_dense(ctx):
 
 
 def check_mmkernels(case: Case) -> Optional[str]:
-    try:
-        import mmkernels
-    except Exception as exc:
-        return f"mmkernels not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if not hasattr(mmkernels, "multimodal_attention"):
-        return "mmkernels.multimodal_attention not available"
-    return None
+    return missing("mmkernels", "multimodal_attention")
 
 
 def check_flash(case: Case) -> Optional[str]:
@@ -438,10 +433,6 @@ def check_flex(case: Case) -> Optional[str]:
     if case.mode == "fwd+bwd" and not case.device.startswith("cuda"):
         return "flex_attention backward is not implemented on CPU (NotImplementedError)"
     return None
-
-
-def _elem(case: Case) -> int:
-    return torch.empty((), dtype=case.torch_dtype).element_size()
 
 
 def est_tiled(case: Case) -> int:
@@ -468,7 +459,7 @@ def est_sdpa_dense(case: Case) -> int:
     math path's [B, H, S, S] scores (x2 with backward)."""
     _k, B, H, S, _D = _dims(case)
     if case.device.startswith("cuda"):
-        return 4 * B * S * S * _elem(case) + est_tiled(case)
+        return 4 * B * S * S * elem_size(case) + est_tiled(case)
     n = 3 if case.mode == "fwd" else 6
     return n * B * H * S * S * 4 + est_tiled(case)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import mm
+from bench.cases.common import elem_size, missing
 from bench.harness import Case, Provider
 
 FAMILY = "contrastive"
@@ -146,21 +147,11 @@ def infonce_mmkernels(queries, keys, logit_scale):
 
 
 def check_mmkernels(attr: str, case: Case) -> Optional[str]:
-    try:
-        import mmkernels
-    except Exception as exc:
-        return f"mmkernels not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if not hasattr(mmkernels, attr):
-        return f"mmkernels.{attr} does not exist yet"
-    return None
+    return missing("mmkernels", attr)
 
 
 def check_open_clip(case: Case) -> Optional[str]:
-    try:
-        import open_clip  # noqa: F401
-    except Exception as exc:
-        return f"open_clip not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return None
+    return missing("open_clip")
 
 
 def check_inf_cl(case: Case) -> Optional[str]:
@@ -168,15 +159,7 @@ def check_inf_cl(case: Case) -> Optional[str]:
         return "inf_cl runs Triton kernels on CUDA only"
     if case.shape["D"] % 256:
         return "inf_cl needs D divisible by its head_dim (256)"
-    try:
-        import inf_cl  # noqa: F401
-    except Exception as exc:
-        return f"inf_cl not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return None
-
-
-def _elem(case: Case) -> int:
-    return torch.empty((), dtype=case.torch_dtype).element_size()
+    return missing("inf_cl")
 
 
 def est_dense(directions: int, case: Case) -> int:
@@ -185,7 +168,7 @@ def est_dense(directions: int, case: Case) -> int:
     3 N x M matrices per direction live at once), plus scaled feature copies."""
     N, D = case.shape["N"], case.shape["D"]
     M = case.shape.get("M", N)
-    e = _elem(case)
+    e = elem_size(case)
     return 3 * directions * N * M * e + 2 * (N + M) * D * e
 
 

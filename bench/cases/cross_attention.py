@@ -72,8 +72,9 @@ from torch import nn
 from bench.cases import mm
 from bench.cases.qformer_step import (CPU_QFORMER, GPU_QFORMER, PARAM_PREFIX, PYTEST_QFORMER, QFormerContext,
                                       qformer_case)
-from bench.cases.xattn_common import (FAMILY, OP_KV, OP_QFORMER, OP_XATTN, _elem, _first_line, _loss, _randn,
-                                      mmkernels_xattn_support, split_kv, xattn_mmkernels)
+from bench.cases.common import elem_size, first_line, missing, randn
+from bench.cases.xattn_common import (FAMILY, OP_KV, OP_QFORMER, OP_XATTN, _loss, mmkernels_xattn_support, split_kv,
+                                      xattn_mmkernels)
 from bench.harness import Case, Provider
 
 BWD_FLOP_FACTOR = 2.5  # attention forward + backward = 2.5 x forward (as the attention family counts)
@@ -134,9 +135,9 @@ def make_xattn_inputs(case: Case) -> dict:
     dev, dt = case.device, case.torch_dtype
     g = torch.Generator(device=dev).manual_seed(case.seed)
     return {
-        "q": _randn((B, H, Lq, D), g, dev).to(dt).requires_grad_(),
-        "kv": _randn((B, Lk, 2 * H * D), g, dev).to(dt).requires_grad_(),
-        "dout": _randn((B, H, Lq, D), g, dev).to(dt),
+        "q": randn((B, H, Lq, D), g, dev).to(dt).requires_grad_(),
+        "kv": randn((B, Lk, 2 * H * D), g, dev).to(dt).requires_grad_(),
+        "dout": randn((B, H, Lq, D), g, dev).to(dt),
     }
 
 
@@ -203,7 +204,7 @@ def _sdpa_try(backend: str, device: str, dtype: torch.dtype, Lq: int, Lk: int, H
         except Exception as exc:
             why = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
             why = [w for w in why if "kernel" in w.lower() or "support" in w.lower() or "require" in w.lower()]
-            text = _first_line(exc)
+            text = first_line(exc)
             if why:
                 text += " (" + "; ".join(dict.fromkeys(why))[:240] + ")"
             return text
@@ -231,7 +232,7 @@ def check_sdpa(backend: str, case: Case) -> Optional[str]:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
     except Exception as exc:
-        return f"torch.nn.attention.sdpa_kernel not importable ({_first_line(exc)})"
+        return f"torch.nn.attention.sdpa_kernel not importable ({first_line(exc)})"
     if not hasattr(SDPBackend, backend):
         return f"torch {torch.__version__} has no SDPBackend.{backend}"
     s = case.shape
@@ -247,11 +248,7 @@ def check_mmkernels_xattn(case: Case) -> Optional[str]:
 
 
 def check_reference_xattn(case: Case) -> Optional[str]:
-    try:
-        from mmkernels.cross_attention import cross_attention_reference  # noqa: F401
-    except Exception as exc:
-        return f"mmkernels.cross_attention.cross_attention_reference not importable ({_first_line(exc)})"
-    return None
+    return missing("mmkernels.cross_attention", "cross_attention_reference")
 
 
 def _xdims(case: Case) -> tuple:
@@ -324,13 +321,13 @@ def make_kv_inputs(case: Case) -> dict:
     B, Lk, C, L, H, D = s["B"], s["Lk"], s["C"], s["L"], s["H"], s["D"]
     dev, dt = case.device, case.torch_dtype
     g = torch.Generator(device=dev).manual_seed(case.seed)
-    inputs = {"image_embeds": _randn((B, Lk, C), g, dev).to(dt).requires_grad_()}
+    inputs = {"image_embeds": randn((B, Lk, C), g, dev).to(dt).requires_grad_()}
     ws, bs = _kv_names(L)
     for name in ws:  # separately allocated, as nn.Linear modules hold them
-        inputs[name] = nn.Parameter(_randn((H * D, C), g, dev, C**-0.5).to(dt))
+        inputs[name] = nn.Parameter(randn((H * D, C), g, dev, C**-0.5).to(dt))
     for name in bs:
-        inputs[name] = nn.Parameter(_randn((H * D,), g, dev, 0.1).to(dt))
-    inputs["dout"] = _randn((L, 2, B, H, Lk, D), g, dev).to(dt)
+        inputs[name] = nn.Parameter(randn((H * D,), g, dev, 0.1).to(dt))
+    inputs["dout"] = randn((L, 2, B, H, Lk, D), g, dev).to(dt)
     return inputs
 
 
@@ -421,14 +418,7 @@ def kv_reference(image_embeds, dout, **params):
 
 
 def check_mmkernels_kv(case: Case) -> Optional[str]:
-    try:
-        import mmkernels
-        from mmkernels.cross_attention import share_kv_storage  # noqa: F401
-    except Exception as exc:
-        return f"mmkernels.cross_attention not importable ({_first_line(exc)})"
-    if not hasattr(mmkernels, "fused_kv_projection"):
-        return "mmkernels.fused_kv_projection does not exist yet"
-    return None
+    return missing("mmkernels.cross_attention", "share_kv_storage") or missing("mmkernels", "fused_kv_projection")
 
 
 def check_oracle_only(case: Case) -> Optional[str]:
@@ -439,7 +429,7 @@ def est_kv(factor: float, case: Case) -> int:
     """The ``[B, Lk, L*2*H*D]`` output (and its gradient buffer), ``factor`` of them, plus the
     concatenated weight (and its gradient) for the fused providers."""
     s = case.shape
-    e = _elem(case)
+    e = elem_size(case)
     y = s["B"] * s["Lk"] * s["L"] * 2 * s["H"] * s["D"] * e
     w = s["L"] * 2 * s["H"] * s["D"] * s["C"] * e
     return int(factor * y + 2 * w)

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import mm
+from bench.cases.common import elem_size, first_line, missing, randn, trainable
 from mmkernels.experts import activations  # plain torch.nn.functional activations
 from bench.harness import Case, Provider
 
@@ -203,10 +204,6 @@ class ExpertsContext:
 # --------------------------------------------------------------------------
 
 
-def _randn(shape, g, device, scale=1.0):
-    return torch.randn(*shape, generator=g, device=device).mul_(scale)
-
-
 def make_ffn_inputs(case: Case) -> dict:
     s = case.shape
     B, H, Fd, act, E = s["B"], s["H"], s["F"], s["act"], s["E"]
@@ -216,14 +213,14 @@ def make_ffn_inputs(case: Case) -> dict:
     g = torch.Generator(device=dev).manual_seed(case.seed)
     # x like a LayerNorm output; weights scaled so that every activation is O(1); biases never zero
     t = {
-        "x": _randn((B, S, H), g, dev),
-        "w_in": _randn((E, Fi, H), g, dev, H**-0.5),
-        "b_in": _randn((E, Fi), g, dev, 0.1) if s["bias"] else None,
-        "w_out": _randn((E, H, Fd), g, dev, Fd**-0.5),
-        "b_out": _randn((E, H), g, dev, 0.1) if s["bias"] else None,
+        "x": randn((B, S, H), g, dev),
+        "w_in": randn((E, Fi, H), g, dev, H**-0.5),
+        "b_in": randn((E, Fi), g, dev, 0.1) if s["bias"] else None,
+        "w_out": randn((E, H, Fd), g, dev, Fd**-0.5),
+        "b_out": randn((E, H), g, dev, 0.1) if s["bias"] else None,
     }
-    inputs = {k: (v.to(dt).requires_grad_() if v is not None else None) for k, v in t.items()}
-    inputs["dout"] = _randn((B, S, H), g, dev).to(dt)
+    inputs = trainable(t, dt)
+    inputs["dout"] = randn((B, S, H), g, dev).to(dt)
     inputs["ctx"] = ExpertsContext(s["layout"], layout_ids(s["layout"], B, dev), act)
     return inputs
 
@@ -235,12 +232,12 @@ def make_linear_inputs(case: Case) -> dict:
     dev, dt = case.device, case.torch_dtype
     g = torch.Generator(device=dev).manual_seed(case.seed)
     t = {
-        "x": _randn((B, S, Hin), g, dev),
-        "weight": _randn((E, Hout, Hin), g, dev, Hin**-0.5),
-        "bias": _randn((E, Hout), g, dev, 0.1) if s["bias"] else None,
+        "x": randn((B, S, Hin), g, dev),
+        "weight": randn((E, Hout, Hin), g, dev, Hin**-0.5),
+        "bias": randn((E, Hout), g, dev, 0.1) if s["bias"] else None,
     }
-    inputs = {k: (v.to(dt).requires_grad_() if v is not None else None) for k, v in t.items()}
-    inputs["dout"] = _randn((B, S, Hout), g, dev).to(dt)
+    inputs = trainable(t, dt)
+    inputs["dout"] = randn((B, S, Hout), g, dev).to(dt)
     inputs["ctx"] = ExpertsContext(s["layout"], layout_ids(s["layout"], B, dev))
     return inputs
 
@@ -418,19 +415,8 @@ def linear_dense(x, weight, bias, ctx, dout=None):
 # --------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def check_mmkernels(attr: str, case: Case) -> Optional[str]:
-    try:
-        import mmkernels
-    except Exception as exc:
-        return f"mmkernels not importable ({_first_line(exc)})"
-    if not hasattr(mmkernels, attr):
-        return f"mmkernels.{attr} does not exist yet"
-    return None
+    return missing("mmkernels", attr)
 
 
 def check_mmkernels_ids(attr: str, case: Case) -> Optional[str]:
@@ -440,13 +426,7 @@ def check_mmkernels_ids(attr: str, case: Case) -> Optional[str]:
 
 
 def check_reference(attr: str, case: Case) -> Optional[str]:
-    try:
-        from mmkernels.experts import reference
-    except Exception as exc:
-        return f"mmkernels.experts.reference not importable ({_first_line(exc)})"
-    if not hasattr(reference, attr):
-        return f"mmkernels.experts.reference.{attr} does not exist yet"
-    return None
+    return missing("mmkernels.experts.reference", attr)
 
 
 def check_torchscale(case: Case) -> Optional[str]:
@@ -474,7 +454,7 @@ def grouped_mm_support(device: str, dtype: str) -> Optional[str]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     except Exception as exc:
-        return f"torch._grouped_mm does not run on {device} in {dtype} ({_first_line(exc)[:160]})"
+        return f"torch._grouped_mm does not run on {device} in {dtype} ({first_line(exc)[:160]})"
     return None
 
 
@@ -489,10 +469,6 @@ def check_grouped_mm(case: Case) -> Optional[str]:
     return None
 
 
-def _elem(case: Case) -> int:
-    return torch.empty((), dtype=case.torch_dtype).element_size()
-
-
 def _tokens(case: Case) -> int:
     return case.shape["B"] * seq_len(case.shape["layout"])
 
@@ -504,7 +480,7 @@ def est_ffn(factor: float, case: Case) -> int:
     s = case.shape
     T, H, Fd = _tokens(case), s["H"], s["F"]
     Fi = 2 * Fd if s["act"] == "swiglu" else Fd
-    e = _elem(case)
+    e = elem_size(case)
     weights = s["E"] * (Fi * H + H * Fd) * e
     return int(factor * T * Fi * e + 6 * T * H * e + weights)
 
@@ -512,7 +488,7 @@ def est_ffn(factor: float, case: Case) -> int:
 def est_linear(case: Case) -> int:
     s = case.shape
     T = _tokens(case)
-    e = _elem(case)
+    e = elem_size(case)
     return int(4 * T * (s["Hin"] + s["Hout"]) * e + s["E"] * s["Hin"] * s["Hout"] * e)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import experts as X
+from bench.cases.common import elem_size, randn, trainable
 from bench.harness import Case, Provider
 
 OP = "modality_layer_norm"
@@ -44,14 +45,14 @@ def make_inputs(case: Case) -> dict:
     dev, dt = case.device, case.torch_dtype
     g = torch.Generator(device=dev).manual_seed(case.seed)
     # a residual stream: per-token offsets and spreads, so the statistics matter
-    x = X._randn((B, S, H), g, dev).mul_(1 + X._randn((B, S, 1), g, dev).abs()).add_(X._randn((B, S, 1), g, dev))
+    x = randn((B, S, H), g, dev).mul_(1 + randn((B, S, 1), g, dev).abs()).add_(randn((B, S, 1), g, dev))
     t = {
         "x": x,
-        "weight": X._randn((E, H), g, dev, 0.2).add_(1.0),
-        "bias": X._randn((E, H), g, dev, 0.1) if s["bias"] else None,
+        "weight": randn((E, H), g, dev, 0.2).add_(1.0),
+        "bias": randn((E, H), g, dev, 0.1) if s["bias"] else None,
     }
-    inputs = {k: (v.to(dt).requires_grad_() if v is not None else None) for k, v in t.items()}
-    inputs["dout"] = X._randn((B, S, H), g, dev).to(dt)
+    inputs = trainable(t, dt)
+    inputs["dout"] = randn((B, S, H), g, dev).to(dt)
     inputs["ctx"] = X.ExpertsContext(s["layout"], X.layout_ids(s["layout"], B, dev))
     return inputs
 
@@ -98,7 +99,7 @@ def norm_reference(x, weight, bias, ctx, dout=None):
 
 def est(factor: float, case: Case) -> int:
     """``factor`` token-sized tensors ([T, H]: x, out, dout, their gradients, gathered copies)."""
-    return int(factor * X._tokens(case) * case.shape["H"] * X._elem(case))
+    return int(factor * X._tokens(case) * case.shape["H"] * elem_size(case))
 
 
 def providers() -> tuple:

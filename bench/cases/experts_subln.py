@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import experts as X
+from bench.cases.common import randn
 from bench.harness import Case, Provider
 
 OP = "modality_ffn_subln"
@@ -38,8 +39,8 @@ def make_inputs(case: Case) -> dict:
     E, Fd = s["E"], s["F"]
     dev, dt = case.device, case.torch_dtype
     g = torch.Generator(device=dev).manual_seed(case.seed + 1)
-    inputs["norm_weight"] = X._randn((E, Fd), g, dev, 0.2).add_(1.0).to(dt).requires_grad_()
-    inputs["norm_bias"] = X._randn((E, Fd), g, dev, 0.1).to(dt).requires_grad_()
+    inputs["norm_weight"] = randn((E, Fd), g, dev, 0.2).add_(1.0).to(dt).requires_grad_()
+    inputs["norm_bias"] = randn((E, Fd), g, dev, 0.1).to(dt).requires_grad_()
     return inputs
 
 

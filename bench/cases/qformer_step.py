@@ -43,7 +43,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bench.cases.xattn_common import FAMILY, OP_QFORMER, _elem, _first_line, _loss, _randn, mmkernels_xattn_support
+from bench.cases.common import elem_size, first_line, randn
+from bench.cases.xattn_common import FAMILY, OP_QFORMER, _loss, mmkernels_xattn_support
 from bench.harness import Case, Provider
 
 # qformer: (B, Q, T, Lk, hidden, heads, layers, inter, freq, C, drop)
@@ -202,10 +203,10 @@ def make_qformer_inputs(case: Case) -> dict:
         mask[:, Q:] = text.to(torch.int64)
     params = make_qformer_params(case)
     inputs = {
-        "query_embeds": _randn((B, S, s["hidden"]), g, dev).to(dt).requires_grad_(),
-        "image_embeds": _randn((B, Lk, s["C"]), g, dev).to(dt),  # frozen ViT: no gradient
+        "query_embeds": randn((B, S, s["hidden"]), g, dev).to(dt).requires_grad_(),
+        "image_embeds": randn((B, Lk, s["C"]), g, dev).to(dt),  # frozen ViT: no gradient
         "attention_mask": mask.to(dev),
-        "dout": _randn((B, S, s["hidden"]), g, dev).to(dt),
+        "dout": randn((B, S, s["hidden"]), g, dev).to(dt),
         "ctx": QFormerContext(qformer_config_kwargs(s), params, Q),
     }
     inputs.update({PARAM_PREFIX + n: p for n, p in params.items()})
@@ -226,7 +227,7 @@ def _check_transformers() -> Optional[str]:
     try:
         from transformers import Blip2QFormerConfig, Blip2QFormerModel  # noqa: F401
     except Exception as exc:
-        return f"transformers (Blip2QFormerModel) not importable ({_first_line(exc)})"
+        return f"transformers (Blip2QFormerModel) not importable ({first_line(exc)})"
     return None
 
 
@@ -248,7 +249,7 @@ def hf_sdpa_support() -> Optional[str]:
         if got != "sdpa":
             return f"transformers built the Q-Former with attn_implementation={got!r} when asked for 'sdpa'"
     except Exception as exc:
-        return f"attn_implementation='sdpa' rejected ({_first_line(exc)[:200]})"
+        return f"attn_implementation='sdpa' rejected ({first_line(exc)[:200]})"
     return None
 
 
@@ -264,12 +265,12 @@ def check_qformer(impl: str, case: Case) -> Optional[str]:
         try:
             from mmkernels.models import QFormer  # noqa: F401
         except Exception as exc:
-            return f"mmkernels.models.QFormer not importable ({_first_line(exc)[:200]})"
+            return f"mmkernels.models.QFormer not importable ({first_line(exc)[:200]})"
     if impl == "mmkernels_patched":
         try:
             from mmkernels.integrations.transformers import patch_blip2  # noqa: F401
         except Exception as exc:
-            return f"mmkernels.integrations.transformers.patch_blip2 not importable ({_first_line(exc)[:200]})"
+            return f"mmkernels.integrations.transformers.patch_blip2 not importable ({first_line(exc)[:200]})"
     if impl.startswith("mmkernels"):
         return mmkernels_xattn_support(case.device, case.dtype)
     return None
@@ -298,7 +299,7 @@ def est_qformer(factor: float, case: Case) -> int:
     x3 with dropout and gradients), the cross K/V of every cross layer (x2 with gradients)."""
     B, Q, T, Lk, Hd, nh, L, I, freq, C = _qdims(case.shape)
     S = Q + T
-    e = _elem(case)
+    e = elem_size(case)
     n_cross = len(range(0, L, freq))
     per_layer = B * S * (factor * Hd + 3 * I) + 3 * B * nh * (S * S + Q * Lk)
     return int((L * per_layer + n_cross * 2 * B * Lk * 2 * Hd) * e)

@@ -14,29 +14,16 @@ from typing import Optional
 
 import torch
 
-from bench.harness import Case
+from bench.cases.common import first_line
 
 FAMILY = "cross_attention"
 OP_XATTN, OP_KV, OP_QFORMER = "cross_attention", "kv_projection", "qformer"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _elem(case: Case) -> int:
-    return torch.empty((), dtype=case.torch_dtype).element_size()
 
 
 def _loss(out: torch.Tensor, dout: Optional[torch.Tensor]):
     if dout is None:
         return out
     return (out * dout).sum(dtype=torch.promote_types(out.dtype, torch.float32))
-
-
-def _randn(shape, g, device, scale=1.0):
-    return torch.randn(*shape, generator=g, device=device).mul_(scale)
 
 
 def split_kv(q: torch.Tensor, kv: torch.Tensor) -> tuple:
@@ -63,7 +50,7 @@ def mmkernels_xattn_support(device: str, dtype: str) -> Optional[str]:
     try:
         import mmkernels
     except Exception as exc:
-        return f"mmkernels not importable ({_first_line(exc)})"
+        return f"mmkernels not importable ({first_line(exc)})"
     if not hasattr(mmkernels, "cross_attention"):
         return "mmkernels.cross_attention does not exist yet"
     from bench.harness import DTYPES
@@ -83,6 +70,6 @@ def mmkernels_xattn_support(device: str, dtype: str) -> Optional[str]:
         except Exception:
             which = "?"
         return (f"mmkernels.cross_attention does not run on {device} in {dtype} "
-                f"(backend {which}: {_first_line(exc)[:200]})")
+                f"(backend {which}: {first_line(exc)[:200]})")
     return None
 

@@ -57,7 +57,7 @@ def test_attention_skips_without_the_op_and_flex_backward_on_cpu(monkeypatch):
     case = A.attention_case("causal", 1, 2, 32, 16, "float32", "cpu", "fwd", "pytest")
     monkeypatch.delattr(mmkernels, "multimodal_attention", raising=False)
     rec = harness.measure(case, case.provider("mmkernels"), harness.RunOptions())
-    assert (rec["status"], rec["reason"]) == ("skipped", "mmkernels.multimodal_attention not available")
+    assert (rec["status"], rec["reason"]) == ("skipped", "mmkernels.multimodal_attention does not exist yet")
     bwd = A.attention_case("causal", 1, 2, 32, 16, "float32", "cpu", "fwd+bwd", "pytest")
     assert "NotImplementedError" in harness.preflight(bwd, bwd.provider("flex"), harness.RunOptions())
     blip = A.attention_case("blip2_itg:4+12", 2, 2, 16, 16, "float32", "cpu", "fwd", "pytest")

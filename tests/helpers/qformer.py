@@ -109,3 +109,21 @@ def assert_same(a, b, dtype):
             assert a[3][n] is None and b[3][n] is None, n
         else:
             torch.testing.assert_close(a[3][n], b[3][n], **TOL[dtype], msg=lambda m: f"{n}: {m}")
+
+
+def assert_seeded_dropout(forward, x):
+    """``forward(x)`` in training mode depends on the RNG seed only: the same seed gives the same
+    output and gradient of ``x``, another seed another output; everything finite."""
+    def run(seed):
+        torch.manual_seed(seed)
+        xx = x.clone().requires_grad_()
+        out = forward(xx)
+        out.square().sum().backward()
+        return out.detach(), xx.grad
+
+    a, ga = run(0)
+    b, gb = run(0)
+    c, _ = run(1)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert not torch.allclose(a, c)
+    assert torch.isfinite(a).all() and torch.isfinite(ga).all()
