@@ -120,6 +120,17 @@ def _ms(v: Optional[float]) -> str:
     return f"{v:.3f}" if v < 100 else f"{v:.1f}"
 
 
+def _head(cols: list) -> list:
+    """A Markdown table's header and separator lines."""
+    return ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+
+
+def _shape_cells(recs: dict, keys: list) -> list:
+    """A case's shape values and dtype, the first cells of its rows (``recs``: provider -> record)."""
+    r = next(iter(recs.values()))
+    return [str(r["shape"][k]) for k in keys] + [DTYPE_SHORT.get(r["dtype"], r["dtype"])]
+
+
 def _cell(r: Optional[dict], fmt) -> str:
     """A peer's table cell: "-" when not run, its status when not ok, else ``fmt(r)``."""
     if r is None:
@@ -182,13 +193,11 @@ def _overhead_tables(ops: dict, cases: dict) -> list:
         L.append(f"**{op}: routing overhead** (time / {sol_name} time; {sol_name} = one dense layer over all "
                  f"tokens with one expert's weights, 1.00x = the speed of light)")
         L.append("")
-        L.append("| " + " | ".join(keys) + f" | dtype | {sol_name} ms | " + " | ".join(provs) + " |")
-        L.append("|" + " --- |" * (len(keys) + 2 + len(provs)))
+        L += _head([*keys, "dtype", f"{sol_name} ms", *provs])
         for cid in cids:
             recs = cases[cid]
-            any_r = next(iter(recs.values()))
             sol = recs.get(sol_name)
-            row = [str(any_r["shape"][k]) for k in keys] + [DTYPE_SHORT.get(any_r["dtype"], any_r["dtype"])]
+            row = _shape_cells(recs, keys)
             row.append(_ms(sol["time_ms"]) if sol is not None and _ok(sol) else (sol["status"] if sol else "not run"))
             row += [_cell(recs.get(p), lambda r: _x(overhead(r, sol))) for p in provs]
             L.append("| " + " | ".join(row) + " |")
@@ -290,13 +299,11 @@ def markdown(env: dict, results: list, notes: list) -> str:
             keys = list(cases[cids[0]][next(iter(cases[cids[0]]))]["shape"].keys())
             L.append(f"**{op}** ({mode})")
             L.append("")
-            L.append("| " + " | ".join(keys) + " | dtype | mmkernels ms | mmkernels extra | % mm | " + " | ".join(f"vs {p}" for p in peers) + " |")
-            L.append("|" + " --- |" * (len(keys) + 4 + len(peers)))
+            L += _head([*keys, "dtype", "mmkernels ms", "mmkernels extra", "% mm", *(f"vs {p}" for p in peers)])
             for cid in cids:
                 provs = cases[cid]
-                any_r = next(iter(provs.values()))
                 base = provs.get(BASELINE)
-                row = [str(any_r["shape"][k]) for k in keys] + [DTYPE_SHORT.get(any_r["dtype"], any_r["dtype"])]
+                row = _shape_cells(provs, keys)
                 if base is not None and _ok(base):
                     pm = pct_of_mm(base, results)
                     row += [_ms(base["time_ms"]), fmt_bytes(base.get("mem_extra_bytes")), f"{pm:.0f}%" if pm is not None else "-"]
