@@ -1,36 +1,6 @@
-"""Drop-in use of mmkernels' cross-attention kernels inside HF transformers' BLIP-2 Q-Former.
-
-``unpatch = patch_blip2(model)`` (or ``unpatch_blip2(model)``) works on a ``Blip2QFormerModel``
-or on any model holding one as ``.qformer`` (``Blip2Model``, ``Blip2ForConditionalGeneration``,
-``Blip2ForImageTextRetrieval``, InstructBLIP's models, whose Q-Former has the same structure).
-It changes no class and no weight; it sets instance-level ``forward`` overrides:
-
-* every Q-Former attention module (``*QFormerMultiHeadAttention``, self- and cross-attention)
-  computes q/k/v with its own linears as ``[B, H, S, D]`` views and calls
-  :func:`mmkernels.cross_attention` (attention dropout inside the kernel in training);
-* the Q-Former encoder computes the keys and values of ALL its cross-attention layers with one
-  :func:`mmkernels.fused_kv_projection` GEMM before the layers run, hands each cross-attention
-  module its ``(k, v)`` for the duration of the call, and clears them afterwards (also on
-  exceptions). The cross layers' key/value weights are moved into one storage
-  (:func:`mmkernels.share_kv_storage`) so that GEMM reads them without a copy.
-  After moving the model (``.to()``, ``.half()``) call ``patch_blip2`` again to re-share them
-  (a second patch changes nothing else); without that the projection concatenates the weights
-  on each call, which is correct but copies them.
-
-Masks. HF hands the attention modules a 4D mask made by ``create_bidirectional_mask``: ``None``,
-a bool mask (sdpa) or a float additive one (eager: 0 = attend, ``finfo.min`` = padded), of
-shape ``[B, 1, 1, S]`` or ``[B, 1, Q, S]``. The Q-Former's masks are padding-only (every query
-row of a sample sees the same keys), so the patch reads the first query row as a ``[B, S]``
-key-padding mask: bool True = attend; floating values > -1 attend and the rest (``finfo.min``,
--10000, -inf) are padding. A mask that differs between query rows (a custom 4D causal mask) is
-not supported: use :class:`mmkernels.QFormer` with a :class:`mmkernels.MultimodalMask` for that.
-A 2D ``[B, S]`` mask (1 = attend) is accepted too.
-
-Differences from HF's attention, by design: a query whose keys are all padding gets a zero
-output (HF averages over the padding); attention dropout draws mmkernels' counter-based mask;
-the attention weights are not returned (``output_attentions`` yields ``None`` entries).
-With gradient checkpointing on (in training), the encoder does not fuse the K/V projection:
-each cross-attention layer projects its own K/V inside its checkpointed region.
+"""Drop-in use of mmkernels' cross-attention kernels inside HF transformers' BLIP-2 / InstructBLIP
+Q-Former: :func:`patch_blip2` (its docstring says what it changes, which masks it reads and how
+it differs from HF's attention), :func:`unpatch_blip2`, :func:`is_patched`.
 """
 from __future__ import annotations
 
@@ -216,6 +186,37 @@ def patch_blip2(model):
 
     Raises:
         TypeError: ``model`` is not (and does not hold) a transformers Q-Former.
+
+    Models: ``Blip2Model``, ``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval`` and
+    InstructBLIP's models hold the Q-Former as ``.qformer`` (InstructBLIP's has the same structure).
+    The patch changes no class and no weight; it sets instance-level ``forward`` overrides:
+
+    * every Q-Former attention module (``*QFormerMultiHeadAttention``, self- and cross-attention)
+      computes q/k/v with its own linears as ``[B, H, S, D]`` views and calls
+      :func:`mmkernels.cross_attention` (attention dropout inside the kernel in training);
+    * the Q-Former encoder computes the keys and values of ALL its cross-attention layers with one
+      :func:`mmkernels.fused_kv_projection` GEMM before the layers run, hands each cross-attention
+      module its ``(k, v)`` for the duration of the call, and clears them afterwards (also on
+      exceptions). The cross layers' key/value weights are moved into one storage
+      (:func:`mmkernels.share_kv_storage`) so that GEMM reads them without a copy.
+      After moving the model (``.to()``, ``.half()``) call ``patch_blip2`` again to re-share them
+      (a second patch changes nothing else); without that the projection concatenates the weights
+      on each call, which is correct but copies them.
+
+    Masks. HF hands the attention modules a 4D mask made by ``create_bidirectional_mask``: ``None``,
+    a bool mask (sdpa) or a float additive one (eager: 0 = attend, ``finfo.min`` = padded), of
+    shape ``[B, 1, 1, S]`` or ``[B, 1, Q, S]``. The Q-Former's masks are padding-only (every query
+    row of a sample sees the same keys), so the patch reads the first query row as a ``[B, S]``
+    key-padding mask: bool True = attend; floating values > -1 attend and the rest (``finfo.min``,
+    -10000, -inf) are padding. A mask that differs between query rows (a custom 4D causal mask) is
+    not supported: use :class:`mmkernels.QFormer` with a :class:`mmkernels.MultimodalMask` for that.
+    A 2D ``[B, S]`` mask (1 = attend) is accepted too.
+
+    Differences from HF's attention, by design: a query whose keys are all padding gets a zero
+    output (HF averages over the padding); attention dropout draws mmkernels' counter-based mask;
+    the attention weights are not returned (``output_attentions`` yields ``None`` entries).
+    With gradient checkpointing on (in training), the encoder does not fuse the K/V projection:
+    each cross-attention layer projects its own K/V inside its checkpointed region.
     """
     qformer = _find_qformer(model)
     encoder = qformer.encoder

@@ -1,41 +1,6 @@
-"""The BLIP-2 / InstructBLIP Q-Former on mmkernels' attention kernels, weight-compatible with HF's.
-
-Structure (``L = num_hidden_layers`` layers; a layer ``l`` with ``l % cross_attention_frequency == 0``
-also cross-attends to the image features)::
-
-    x = dropout(layernorm(query_embeds))                         # [B, S, H], S = Q query tokens + text
-    # InstructBLIP: x = dropout(layernorm(cat(query_embeds, word(input_ids) + position(position_ids))))
-    for each layer:
-        x = LN(x + dense(self_attention(x)))                     # all S tokens
-        xq = x[:, :Q]
-        if cross layer: xq = LN(xq + dense(cross_attention(xq, image)))
-        xq = LN(xq + ffn_query(xq));  xt = LN(x[:, Q:] + ffn_text(x[:, Q:]))
-        x = cat(xq, xt)
-
-What runs where:
-
-* the keys and values of every cross-attention layer come from ONE GEMM per forward
-  (:func:`mmkernels.fused_kv_projection`); the layers' key/value weights live back to back in one
-  storage (:func:`mmkernels.share_kv_storage`, redone after ``.to()``/``.half()``
-  and after ``load_state_dict``), so that GEMM reads them without a copy;
-* cross-attention: :func:`mmkernels.cross_attention` (key padding from ``encoder_attention_mask``,
-  attention dropout inside the kernel in training);
-* self-attention with a padding mask only: :func:`mmkernels.cross_attention` as well (it is
-  self-attention with ``Lq = Lk = S``; dropout supported);
-* self-attention under a :class:`mmkernels.MultimodalMask` (BLIP-2's ITC/ITM/ITG masks):
-  :func:`mmkernels.multimodal_attention`, which has no attention dropout.
-
-Parameter names equal those of HF's ``Blip2QFormerModel`` (``layernorm``,
-``encoder.layer.{i}.attention.attention.query``, ``...crossattention.output.LayerNorm``,
-``...intermediate_query.dense``, ...), or with ``text_embeddings=True`` those of
-``InstructBlipQFormerModel`` (``embeddings.word_embeddings``, ``embeddings.position_embeddings``,
-``embeddings.layernorm`` in place of ``layernorm``), so the state dicts load with ``strict=True``
-in both directions. transformers is not imported here.
-
-Differences from HF's eager Q-Former, shared by every mmkernels backend: a query whose keys are
-all padding gets a zero attention output (HF averages over the padding); attention dropout uses
-mmkernels' counter-based mask, so it draws different (equally distributed) masks than
-``nn.Dropout``.
+"""The BLIP-2 / InstructBLIP Q-Former on mmkernels' attention kernels, weight-compatible with HF's
+``Blip2QFormerModel`` and ``InstructBlipQFormerModel``: :class:`QFormer` (its docstring says what
+runs where). transformers is not imported here.
 """
 from __future__ import annotations
 
@@ -281,6 +246,43 @@ class QFormer(nn.Module):
     ``QFormer.from_hf(hf_qformer)`` builds one with an HF model's config, layout, dtype, device
     and weights. Like HF's, the module is meant to run in float32 (inputs are cast to its dtype);
     float64 works on the ``cpu`` and ``reference`` backends.
+
+    Structure (``L = num_hidden_layers`` layers; a layer ``l`` with ``l % cross_attention_frequency == 0``
+    also cross-attends to the image features)::
+
+        x = dropout(layernorm(query_embeds))                         # [B, S, H], S = Q query tokens + text
+        # InstructBLIP: x = dropout(layernorm(cat(query_embeds, word(input_ids) + position(position_ids))))
+        for each layer:
+            x = LN(x + dense(self_attention(x)))                     # all S tokens
+            xq = x[:, :Q]
+            if cross layer: xq = LN(xq + dense(cross_attention(xq, image)))
+            xq = LN(xq + ffn_query(xq));  xt = LN(x[:, Q:] + ffn_text(x[:, Q:]))
+            x = cat(xq, xt)
+
+    What runs where:
+
+    * the keys and values of every cross-attention layer come from ONE GEMM per forward
+      (:func:`mmkernels.fused_kv_projection`); the layers' key/value weights live back to back in one
+      storage (:func:`mmkernels.share_kv_storage`, redone after ``.to()``/``.half()``
+      and after ``load_state_dict``), so that GEMM reads them without a copy;
+    * cross-attention: :func:`mmkernels.cross_attention` (key padding from ``encoder_attention_mask``,
+      attention dropout inside the kernel in training);
+    * self-attention with a padding mask only: :func:`mmkernels.cross_attention` as well (it is
+      self-attention with ``Lq = Lk = S``; dropout supported);
+    * self-attention under a :class:`mmkernels.MultimodalMask` (BLIP-2's ITC/ITM/ITG masks):
+      :func:`mmkernels.multimodal_attention`, which has no attention dropout.
+
+    Parameter names equal those of HF's ``Blip2QFormerModel`` (``layernorm``,
+    ``encoder.layer.{i}.attention.attention.query``, ``...crossattention.output.LayerNorm``,
+    ``...intermediate_query.dense``, ...), or with ``text_embeddings=True`` those of
+    ``InstructBlipQFormerModel`` (``embeddings.word_embeddings``, ``embeddings.position_embeddings``,
+    ``embeddings.layernorm`` in place of ``layernorm``), so the state dicts load with ``strict=True``
+    in both directions.
+
+    Differences from HF's eager Q-Former, shared by every mmkernels backend: a query whose keys are
+    all padding gets a zero attention output (HF averages over the padding); attention dropout uses
+    mmkernels' counter-based mask, so it draws different (equally distributed) masks than
+    ``nn.Dropout``.
     """
 
     def __init__(self, config, *, text_embeddings: bool = False, device=None, dtype=None):
