@@ -42,8 +42,8 @@ using namespace experts_common;
 
 // Rows per chunk: at most MAX_CHUNK_ROWS, and a scratch buffer of at most CHUNK_ELEMS elements
 // (but never fewer than MIN_CHUNK_ROWS rows, so very wide layers still get efficient GEMMs).
-// MKL on 2 cores: [R, 512] x [512, 2048] in row chunks costs +30% at R = 1024 and +12% at
-// R = 2048 against one GEMM over 4096 rows (R = 256: +160%), hence chunks of up to 2048 rows.
+// Short row chunks cost BLAS much of its GEMM efficiency against one GEMM over all rows, and the
+// loss shrinks as chunks grow, hence chunks of up to 2048 rows.
 constexpr int64_t MAX_CHUNK_ROWS = 2048;
 constexpr int64_t MIN_CHUNK_ROWS = 128;
 constexpr int64_t CHUNK_ELEMS = int64_t(1) << 22;

@@ -29,7 +29,7 @@ def _leaves(dtype, *ts):
 
 
 # bf16 at every width class the models use (and an odd one); fp16 and fp32 once: each case
-# compiles three kernels, and the GPU session's test step has a time limit
+# compiles three kernels, and the GPU test run has a time limit
 WIDTH_DTYPES = [(768, torch.bfloat16), (1024, torch.bfloat16), (4096, torch.bfloat16), (97, torch.bfloat16),
                 (1024, torch.float16), (1024, torch.float32)]
 
