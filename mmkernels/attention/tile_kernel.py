@@ -1,18 +1,6 @@
-"""The tile map of a :class:`MultimodalMask` in one Triton launch.
-
-:meth:`MultimodalMask.tile_map` classifies every ``block_m x block_n`` tile as empty, full or
-partial from per-tile summaries of the O(S) metadata. Written with torch ops it takes about a
-hundred small launches, which on a GPU cost about a millisecond of host time per map: more than
-the whole attention kernel at BLIP-2 sizes. This kernel computes the same map, with the same
-summaries and the same conservative rules (tests check it equals the torch version), in one
-launch.
-
-Program ``(tm, chunk, b)`` summarises query tile ``tm`` of sample ``b`` (min/max of segment,
-valid segment, position and run ids; the set of modalities present as a bit mask) and then
-``TN_CHUNK`` key tiles at once (a ``[TN_CHUNK, BLOCK_N]`` block of key metadata reduced along
-its rows). Which rules occur among a tile pair's modality pairs comes from bit masks: for each
-rule ``r``, the key modalities that some present query modality reaches with ``r``.
-Rows past the end of the sequence are neutral (they change no minimum, maximum or presence).
+"""The tile map of a :class:`MultimodalMask` in one Triton launch: :func:`tile_map_triton` gives
+the int8 ``[B, ceil(Sq/block_m), ceil(Sk/block_n)]`` map of :meth:`MultimodalMask.tile_map`, from
+the same summaries with the same conservative rules.
 """
 from __future__ import annotations
 
@@ -61,6 +49,13 @@ def _tile_map_kernel(
     R_BLOCKED: tl.constexpr, R_FULL: tl.constexpr, R_CAUSAL: tl.constexpr, R_SPAN: tl.constexpr,
     T_EMPTY: tl.constexpr, T_FULL: tl.constexpr, T_PARTIAL: tl.constexpr,
 ):
+    """Program ``(tm, chunk, b)`` summarises query tile ``tm`` of sample ``b`` (min/max of segment,
+    valid segment, position and run ids; the set of modalities present as a bit mask) and then
+    ``TN`` key tiles at once (a ``[TN, BLOCK_N]`` block of key metadata reduced along its rows).
+    Which rules occur among a tile pair's modality pairs comes from bit masks: for each rule
+    ``r``, the key modalities that some present query modality reaches with ``r``. Rows past the
+    end of the sequence are neutral (they change no minimum, maximum or presence).
+    """
     tm = tl.program_id(0)
     chunk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -124,7 +119,8 @@ def tile_map_triton(meta: list[torch.Tensor], block_m: int, block_n: int) -> tor
 
     ``meta`` is :meth:`MultimodalMask.metadata` (``[B, S]`` int32 fields, contiguous rows, and
     the int8 ``[NM, NM]`` rules), on a CUDA device (or CPU tensors under ``TRITON_INTERPRET=1``).
-    ``block_m``/``block_n`` must be powers of two. No host synchronisation.
+    ``block_m``/``block_n`` must be powers of two. No host synchronisation. The torch version of
+    the map takes many small launches, whose host time can exceed the attention kernel's.
     """
     q_mod, k_mod, q_seg, k_seg, q_pos, k_pos, q_run, k_run, rules = meta
     check_device(q_mod)

@@ -1,12 +1,8 @@
 """Triton side of the experts routing: the routing kernels, and the launch conventions every
 experts kernel shares (input checks, the ALIGN of widths and row strides).
 
-``route_triton(ids, E) -> (perm, offsets)``: a stable counting sort in one program. A first
-pass sums a one-hot ``[BLOCK, E_PAD]`` of the ids into per-expert counts, whose exclusive
-cumsum is ``offsets``; a second pass ranks each token inside its expert with ``tl.cumsum`` of
-the one-hot and writes ``perm[slot] = token``. No host sync, no atomics (deterministic).
-``route_split_triton(B, S, p, device)``: the position split as arithmetic, one launch.
-Both give ``perm [T]`` int32 (slot -> token) and ``offsets [E + 1]`` int32 (see ``routing``).
+``route_triton(ids, E)`` and ``route_split_triton(B, S, p, device)`` both give ``perm [T]`` int32
+(slot -> token) and ``offsets [E + 1]`` int32 (see ``routing``).
 """
 from __future__ import annotations
 
@@ -25,7 +21,12 @@ SPLIT_BLOCK = 1024  # slots per program of the position split
 @triton.jit
 def _route_kernel(ids_ptr, perm_ptr, offsets_ptr, T,
                   E: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Stable counting sort of ``ids [T]`` into ``perm [T]`` and ``offsets [E + 1]`` (one program)."""
+    """Stable counting sort of ``ids [T]`` into ``perm [T]`` and ``offsets [E + 1]`` (one program).
+
+    A first pass sums a one-hot ``[BLOCK, E_PAD]`` of the ids into per-expert counts, whose
+    exclusive cumsum is ``offsets``; a second pass ranks each token inside its expert with
+    ``tl.cumsum`` of the one-hot and writes ``perm[slot] = token``. No atomics (deterministic).
+    """
     experts = tl.arange(0, E_PAD)
     offs = tl.arange(0, BLOCK)
     counts = tl.zeros([E_PAD], tl.int32)
@@ -131,7 +132,8 @@ def route_triton(ids: torch.Tensor, E: int):
 
 
 def route_split_triton(batch: int, seq: int, split_position: int, device):
-    """``(perm int32 [batch * seq], offsets int32 [3])`` of the position split, one launch."""
+    """``(perm int32 [batch * seq], offsets int32 [3])`` of the position split, computed as
+    arithmetic in one launch."""
     device = torch.device(device)
     T = batch * seq
     if not 0 <= split_position <= seq:

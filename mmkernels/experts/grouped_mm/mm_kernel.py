@@ -1,27 +1,5 @@
-"""Triton grouped GEMM of the modality experts, with its fused epilogues (launched by ``kernels``).
-
-Grouped GEMM (``grouped_mm_kernel``), grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, OUT_N),)``
-    (``OUT_N`` = ``BLOCK_N``, half of it for the swiglu forward: ``mm_output_columns``)
-    For each expert ``e`` and each slot ``s`` of its range ``offsets[e] .. offsets[e+1]-1``:
-    ``out_row = epilogue(in_row @ B_e)``.  The row tiles of all experts are numbered one
-    after the other (an expert with ``n`` slots has ``cdiv(n, BLOCK_M)`` of them; their total
-    is at most ``cdiv(T, BLOCK_M) + E - 1``); program ``m`` finds its expert by scanning
-    ``offsets`` (``E <= 8``, a constexpr) and returns when it has no tile.  The flat program
-    id maps to (row tile, column tile) in groups of ``GROUP_M`` row tiles, column tiles
-    fastest inside a group (L2 reuse of the A rows).  The input row is
-    read through ``perm`` (``GATHER``: row ``perm[s]`` of a token-order tensor) or directly
-    (slot ``s`` of a sorted-order tensor); the output row likewise (``SCATTER``).  ``B_e`` is
-    read from a weight ``[E, *, *]`` with explicit strides, so one kernel computes
-    ``x @ W_e^T`` (forward) and ``dy @ W_e`` (backward ``dx``).  Epilogues (constexpr
-    ``ACT``/``STORE_H``/``ACT_BWD``): bias add; gelu (erf) / gelu_tanh / silu / relu, storing
-    the pre-activation ``h`` as well when asked; swiglu with one B tile of ``BLOCK_N / 2`` gate
-    columns ``n`` and the matching up columns ``N + n`` (one MMA; the accumulator's halves are
-    gate and up; output ``silu(gate) * up``, ``h`` gets both halves); and the activation's
-    backward: ``dh = da * act'(h)`` reading ``h``, for swiglu both halves of ``dh [T, 2F]`` from
-    a ``da [T, F]`` tile.  The epilogue may run on 2 or 4
-    column slices of the tile in turn (``EPI_SPLIT``, ``MMConfig.epilogue_split``): fewer
-    registers live at once, so the activation launches take 128 x 128 tiles at two programs
-    per SM.
+"""Triton grouped GEMM of the modality experts with its fused epilogues (bias, activation,
+swiglu, activation backward): ``grouped_mm_kernel``, launched by ``kernels``.
 """
 
 import triton
@@ -112,6 +90,27 @@ def grouped_mm_kernel(
     EPI_SPLIT: tl.constexpr,
 ):
     """out[dst(s), n] = epilogue(sum_k A[src(s), k] * B_e[k, n]) for the slots s of each expert e.
+
+    Grid ``((cdiv(T, BLOCK_M) + E) * cdiv(N, OUT_N),)`` (``OUT_N`` = ``BLOCK_N``, half of it for
+    the swiglu forward: ``mm_output_columns``). The slots of expert ``e`` are
+    ``offsets[e] .. offsets[e+1]-1``. The row tiles of all experts are numbered one after the
+    other (an expert with ``n`` slots has ``cdiv(n, BLOCK_M)`` of them; their total is at most
+    ``cdiv(T, BLOCK_M) + E - 1``); program ``m`` finds its expert by scanning ``offsets``
+    (``E <= 8``, a constexpr) and returns when it has no tile. The flat program id maps to
+    (row tile, column tile) in groups of ``GROUP_M`` row tiles, column tiles fastest inside a
+    group (L2 reuse of the A rows). The input row is read through ``perm`` (``GATHER``: row
+    ``perm[s]`` of a token-order tensor) or directly (slot ``s`` of a sorted-order tensor); the
+    output row likewise (``SCATTER``). ``B_e`` is read from a weight ``[E, *, *]`` with explicit
+    strides, so one kernel computes ``x @ W_e^T`` (forward) and ``dy @ W_e`` (backward ``dx``).
+
+    Epilogues (constexpr ``ACT``/``STORE_H``/``ACT_BWD``): bias add; gelu (erf) / gelu_tanh /
+    silu / relu, storing the pre-activation ``h`` as well when asked; swiglu with one B tile of
+    ``BLOCK_N / 2`` gate columns ``n`` and the matching up columns ``N + n`` (one MMA; the
+    accumulator's halves are gate and up; output ``silu(gate) * up``, ``h`` gets both halves);
+    and the activation's backward: ``dh = da * act'(h)`` reading ``h``, for swiglu both halves
+    of ``dh [T, 2F]`` from a ``da [T, F]`` tile. The epilogue may run on 2 or 4 column slices of
+    the tile in turn (``EPI_SPLIT``, ``MMConfig.epilogue_split``): fewer registers live at once,
+    so the activation launches take 128 x 128 tiles at two programs per SM.
 
     ``B_e[k, n] = b_ptr[e * stride_be + k * stride_bk + n * stride_bn]``.  SWIGLU (ACT 5):
     forward reads the gate at ``B_e[:, n]`` and the up projection at ``B_e[:, N + n]`` (bias,

@@ -1,13 +1,5 @@
-"""Triton grouped weight gradient of the modality experts (launched by ``kernels``).
-
-Grouped weight gradient (``grouped_wgrad_kernel``), grid ``(E * tiles_n * tiles_k,)``
-    ``dW_e[n, k] = sum_{s in e} A[s, n] X[s, k]`` with ``A`` and ``X`` each read through
-    ``perm`` or directly; each program loops over its expert's slots in ``BLOCK_T`` chunks
-    (bounds loaded from ``offsets``).  The programs with ``k``-tile 0 also write the bias
-    gradient ``db_e[n] = sum_s A[s, n]`` (16-bit inputs: a 16-column MMA of the A tile against
-    ones; fp32: a row sum).  Experts with no tokens get zeros.  When those ``E * tiles_n *
-    tiles_k`` programs cannot fill the GPU, a second grid axis cuts each expert's tokens into
-    equal chunks summed with fp32 atomics (``auto_wgrad_chunk``).
+"""Triton grouped weight gradient of the modality experts, with the bias gradient:
+``grouped_wgrad_kernel``, launched by ``kernels``.
 """
 
 import triton
@@ -171,6 +163,14 @@ def grouped_wgrad_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """dW[e, n, k] = sum_{s of e} A[ra(s), n] X[rx(s), k]; db[e, n] = sum_s A[ra(s), n] (k-tile 0).
+
+    Grid ``(E * tiles_n * tiles_k, cdiv(T, chunk))`` (one chunk without ``ATOMIC``).
+    ``A`` and ``X`` are each read through ``perm`` or directly (``GATHER_A``, ``GATHER_X``); each
+    program loops over its expert's slots in ``BLOCK_T`` steps (bounds loaded from ``offsets``).
+    The programs with ``k``-tile 0 also write the bias gradient (16-bit inputs: a 16-column MMA
+    of the A tile against ones; fp32: a row sum). Experts with no tokens get zeros. When the
+    ``E * tiles_n * tiles_k`` programs cannot fill the GPU, the second grid axis cuts each
+    expert's tokens into equal chunks summed with fp32 atomics (``auto_wgrad_chunk``).
 
     ``N``, ``K``, ``stride_am``, ``stride_xm``, ``stride_we``, ``stride_wn`` and ``stride_dbe``
     arrive divided by ``ALIGN`` (see ``grouped_mm_kernel``). With ``ATOMIC``, program

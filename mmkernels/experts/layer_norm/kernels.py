@@ -1,12 +1,9 @@
 """Triton kernels of the per-modality LayerNorm (contract: ``ops.py``).
 
 ``y[t] = (x[t] - mean[t]) * rstd[t] * weight[e] + bias[e]`` for token ``t`` of expert ``e``,
-statistics in fp32 over the whole row, which a program holds in registers (``H`` up to
-``MAX_NORM_H``). Both kernels cut each expert's slots into chunks numbered one after the other
-(as the grouped GEMM numbers its row tiles), so a program sees one expert; rows are read and
-written through ``perm``; nothing is read on the host (CUDA-graph safe). The backward stores
-per-chunk fp32 partial sums of ``dy * xhat`` and ``dy``, which ``_ln_dw_reduce_kernel`` sums
-per expert in chunk order (deterministic, no atomics).
+statistics in fp32 over the whole row (``H`` up to ``MAX_NORM_H``); rows are read and written
+through ``perm``, nothing is read on the host (CUDA-graph safe), and ``dw``/``db`` are summed in a
+fixed order (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -124,6 +121,9 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, perm_ptr, off
                    E: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
                    ALIGN: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
     """Program ``j``: chunk ``j`` (``ROWS`` slots of one expert) -> y, mean, rstd of its tokens.
+
+    Each expert's slots are cut into chunks numbered one after the other (as the grouped GEMM
+    numbers its row tiles), so a program sees one expert; it holds whole rows in registers.
     ``H`` and the row strides arrive divided by ``ALIGN``."""
     e, lo, hi = _chunk(offsets_ptr, tl.program_id(0), ROWS, E)
     if lo >= hi:
@@ -175,7 +175,8 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, p
     row sums of dx walk all the row's parts first (the SPLIT programs of a chunk read the same
     rows, from L2 after the first). ``dw_mask`` bit ``e``: expert ``e``'s weight gradient is
     wanted (without ``NEEDS_DX`` the others return at once; the reduction writes their zeros).
-    ``H`` and the row strides arrive divided by ``ALIGN``."""
+    ``H`` and the row strides arrive divided by ``ALIGN``. ``_ln_dw_reduce_kernel`` then sums
+    the partial rows per expert in chunk order."""
     j = tl.program_id(0)
     e, lo, hi = _chunk(offsets_ptr, j, R, E)
     if lo >= hi:
