@@ -1,13 +1,5 @@
-"""The compiled CPU kernels (``mmkernels._C``), built at first use against the running torch.
-
-The wheel ships the C++ sources (``mmkernels/csrc``), not a binary: a binary built with
-PyTorch's C++ API works only with the torch it was compiled against, and pip's isolated
-build cannot see the user's torch. So the first CPU-backend call compiles the sources with
-``torch.utils.cpp_extension`` (ninja and a C++ compiler), printing its progress, into a cache
-directory keyed by everything the binary depends on (torch version and build, Python ABI,
-compiler flags, the install's source folder). A different torch gets its own directory and
-its own build; later processes load the cached library directly, without compiler or ninja.
-``python -m mmkernels.build`` builds ahead of time.
+"""The compiled CPU kernels (``mmkernels._C``), built at first use against the running torch
+(:func:`build`; ``python -m mmkernels.build`` builds ahead of time).
 
 Cache root: ``$MMKERNELS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmkernels``, else
 ``~/.cache/mmkernels``. ``MMKERNELS_NO_EXT=1`` never builds nor loads the kernels (CPU tensors
@@ -152,6 +144,14 @@ def build(*, force: bool = False, debug: bool = False, quiet: bool = False) -> P
 
     Returns the path of the library. Raises ``RuntimeError`` with the compiler's output when
     the build fails. ``force`` rebuilds from scratch; ``debug`` builds with symbols, unoptimised.
+
+    The wheel ships the C++ sources (``mmkernels/csrc``), not a binary: a binary built with
+    PyTorch's C++ API works only with the torch it was compiled against, and pip's isolated
+    build cannot see the user's torch. So the sources are compiled with
+    ``torch.utils.cpp_extension`` (ninja and a C++ compiler), printing progress, into a cache
+    directory keyed by everything the binary depends on (:func:`build_key`). A different torch
+    gets its own directory and its own build; later processes load the cached library
+    directly, without compiler or ninja.
     """
     import torch
     from torch.utils import cpp_extension

@@ -12,10 +12,8 @@ and without an override it uses its family's heuristic table in code::
     with tuning.scope():               # everything set inside is undone on exit
         ...
 
-``kinds()`` and ``options()`` list what can be set, with each kind's config fields and the case
-keys an override may match on. An override matches a launch when each of its keys equals the
-launch's value; the one with most keys wins, the newest among equals. The environment variable
-``MMKERNELS_TUNING_FILE`` names a file loaded before the first launch.
+``kinds()`` and ``options()`` list what can be set; ``MMKERNELS_TUNING_FILE`` names a file
+loaded before the first launch.
 """
 from __future__ import annotations
 
@@ -69,6 +67,9 @@ def register_option(name: str, default: Any, check: Callable[[Any], Any], doc: s
     _OPTIONS[name] = OptionSpec(name, default, check, doc)
 
 
+FAMILIES = ("contrastive", "attention", "cross_attention", "experts")
+
+
 def _load_family(family: str) -> None:
     """Import a family's kernels so its kinds and options are registered (needs triton)."""
     import importlib
@@ -80,7 +81,7 @@ def _load_family(family: str) -> None:
 
 def _spec(family: str, kind: str) -> KindSpec:
     if (family, kind) not in _KINDS:
-        if family in ("attention", "contrastive", "cross_attention", "experts"):
+        if family in FAMILIES:
             _load_family(family)
     spec = _KINDS.get((family, kind))
     if spec is None:
@@ -92,7 +93,7 @@ def _spec(family: str, kind: str) -> KindSpec:
 def _option_spec(name: str) -> OptionSpec:
     if name not in _OPTIONS:
         family = name.split(".", 1)[0]
-        if family in ("attention", "contrastive", "cross_attention", "experts"):
+        if family in FAMILIES:
             _load_family(family)
     if name not in _OPTIONS:
         raise ValueError(f"unknown tuning option {name!r}; known: {', '.join(sorted(_OPTIONS))}")
@@ -153,7 +154,10 @@ def set_config(family: str, kind: str, config: Any, **match: Any) -> None:
 
 
 def lookup(family: str, kind: str, **case: Any):
-    """The override for this launch (``None``: use the heuristic). Called by the launchers."""
+    """The override for this launch (``None``: use the heuristic). Called by the launchers.
+
+    An override matches a launch when each of its keys equals the launch's value; the one with
+    most keys wins, the newest among equals."""
     if not _environment_loaded:
         _load_environment_file()
     entries = _configs.get((family, kind))
@@ -183,14 +187,22 @@ def option(name: str) -> Any:
     return _values.get(name, spec.default)
 
 
+def _load_all() -> None:
+    """Register every family's kinds and options (imports the kernels; needs triton)."""
+    for family in FAMILIES:
+        _load_family(family)
+
+
 def kinds() -> dict[str, dict]:
-    """Every registered launch kind: ``"family/kind" -> {"fields": ..., "keys": ...}``."""
+    """Every launch kind: ``"family/kind" -> {"fields": ..., "keys": ...}`` (needs triton)."""
+    _load_all()
     return {f"{s.family}/{s.kind}": {"fields": s.config_type._fields, "keys": s.keys}
             for s in _KINDS.values()}
 
 
 def options() -> dict[str, dict]:
-    """Every registered option: ``name -> {"default": ..., "value": ..., "doc": ...}``."""
+    """Every option: ``name -> {"default": ..., "value": ..., "doc": ...}`` (needs triton)."""
+    _load_all()
     return {n: {"default": s.default, "value": _values.get(n, s.default), "doc": s.doc}
             for n, s in _OPTIONS.items()}
 

@@ -1,23 +1,6 @@
-"""One GEMM for the keys and values of every cross-attention layer.
-
-A BLIP-2 Q-Former projects the same image features to K and V in six layers: twelve GEMMs of
-``[B * Lk, C] x [C, H * D]``. :func:`fused_kv_projection` runs them as one
-``[B * Lk, C] x [C, L * 2 * H * D]`` GEMM and returns every layer's ``k``/``v`` as
-``[B, H, Lk, D]`` strided views of that one output, the layout :func:`mmkernels.cross_attention`
-reads without copies. The backward runs per layer (``dX_l = [dK dV] [W_k; W_v]`` and
-``[dW_k; dW_v] = [dK dV]^T X``, one GEMM each, summed over layers by autograd), so no layer's
-gradient waits in memory for the others.
-
-The concatenated weight ``[L * 2 * H * D, C]`` (rows: layer 0 K, layer 0 V, layer 1 K, ...):
-
-* when the layers' weights already live back to back in one storage (what
-  :func:`share_kv_storage` arranges, and what ``mmkernels.QFormer`` and ``patch_blip2`` do), it is
-  a view of that storage: nothing is concatenated, ever, and optimiser steps update it in place;
-* otherwise the weights are concatenated on each call (a copy of ``L * 2 * H * D * C``
-  elements, small next to the GEMM). A cache keyed on version counters would be wrong for code
-  that updates weights through ``.data``, which bumps no counter, so there is none.
-
-Gradients reach the image features and every layer's weight and bias.
+"""One GEMM for the keys and values of every cross-attention layer: :func:`fused_kv_projection`
+(``[B, Lk, C]`` features -> one ``(k, v)`` pair of ``[B, H, Lk, D]`` views per layer) and
+:func:`share_kv_storage`, which puts the layers' K/V weights in one storage for it.
 """
 from __future__ import annotations
 
@@ -102,6 +85,21 @@ def fused_kv_projection(image_embeds: torch.Tensor, weights, biases=None, *, num
     first, as for the ``nn.Linear`` projections this replaces: forward and backward GEMMs run in
     that dtype and fp32 parameters get fp32 gradients. The cast weights are separate tensors,
     so they are concatenated on each call even when the parameters share one storage.
+
+    A BLIP-2 Q-Former projects the same image features to K and V in six layers: twelve GEMMs
+    of ``[B * Lk, C] x [C, H * D]``, run here as one ``[B * Lk, C] x [C, L * 2 * H * D]`` GEMM.
+    The backward runs per layer (see ``_LayerKV``), summed over layers by autograd; gradients
+    reach the image features and every layer's weight and bias.
+
+    The concatenated weight ``[L * 2 * H * D, C]`` (rows: layer 0 K, layer 0 V, layer 1 K, ...):
+
+    * when the layers' weights already live back to back in one storage (what
+      :func:`share_kv_storage` arranges, and what ``mmkernels.QFormer`` and ``patch_blip2`` do),
+      it is a view of that storage: nothing is concatenated, and optimiser steps update it in
+      place;
+    * otherwise the weights are concatenated on each call (a copy of ``L * 2 * H * D * C``
+      elements, small next to the GEMM). A cache keyed on version counters would be wrong for
+      code that updates weights through ``.data``, which bumps no counter, so there is none.
     """
     check.tensor(image_embeds, "image_embeds", 3)
     check.floating(image_embeds, "image_embeds")

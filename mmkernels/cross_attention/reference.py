@@ -6,19 +6,10 @@ Q-Former attention computes, with two differences that every backend shares:
 * a query row whose keys are all padding gets ``out = 0``, ``lse = -inf`` and zero gradient
   (never NaN, never HF's uniform average over padding);
 * attention dropout uses the project's counter-based mask (:func:`dropout_keep_mask`), a pure
-  function of ``(seed, b, h, i, j)``, so forward and backward (and every backend) drop the same
-  probabilities and a run is reproducible from the generator that drew the seed.
-
-The dropout hash (all arithmetic on unsigned 32-bit words, wrapping)::
-
-    mix(x)  = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
-    row     = (b * H + h) * Lq + i
-    a       = mix(row * 0x9E3779B9 + s0)
-    u       = mix(a + j * 0x85EBCA6B + s1)
-    keep    = u >= threshold,  threshold = min(floor(p * 2**32), 2**32 - 1)
-
-with ``seed = (s0, s1)`` an int64 tensor ``[2]`` of values in ``[0, 2**31)``. Kept probabilities
-are scaled by ``1 / (1 - p)``; ``lse`` is that of the scores before dropout.
+  function of ``(seed, b, h, i, j)`` (:func:`dropout_hash`), so forward and backward (and every
+  backend) drop the same probabilities and a run is reproducible from the generator that drew
+  the seed. Kept probabilities are scaled by ``1 / (1 - p)``; ``lse`` is that of the scores
+  before dropout.
 """
 from __future__ import annotations
 
@@ -48,7 +39,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def dropout_hash(seed: torch.Tensor, batch: int, heads: int, lq: int, lk: int) -> torch.Tensor:
-    """The uint32 hash ``u`` of every ``(b, h, i, j)`` as int64 ``[B, H, Lq, Lk]`` (see module doc)."""
+    """The uint32 hash ``u`` of every ``(b, h, i, j)`` as int64 ``[B, H, Lq, Lk]``.
+
+    All arithmetic on unsigned 32-bit words, wrapping::
+
+        mix(x)  = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+        row     = (b * H + h) * Lq + i
+        a       = mix(row * 0x9E3779B9 + s0)
+        u       = mix(a + j * 0x85EBCA6B + s1)
+        keep    = u >= threshold,  threshold = min(floor(p * 2**32), 2**32 - 1)
+
+    with ``seed = (s0, s1)`` an int64 tensor ``[2]`` of values in ``[0, 2**31)``.
+    """
     dev = seed.device
     s0, s1 = seed[0].to(torch.int64), seed[1].to(torch.int64)
     row = torch.arange(batch * heads * lq, device=dev, dtype=torch.int64).view(batch, heads, lq, 1)

@@ -1,51 +1,6 @@
-"""Drop-in use of mmkernels' routed expert modules inside torchscale models (BEiT-3, VLMo in torchscale).
-
-``n = patch_multiway(model)`` replaces, in place, every torchscale ``MultiwayNetwork`` (found by
-duck typing: a module with ``A``, ``B``, ``split_position`` and ``dim`` attributes; torchscale is
-never imported) whose two experts are
-
-* both ``nn.Linear`` (attention ``q_proj``/``k_proj``/``v_proj``/``out_proj``) ->
-  :class:`mmkernels.MultiwayLinear`,
-* both LayerNorms (``nn.LayerNorm`` or apex ``FusedLayerNorm``: ``self_attn_layer_norm``,
-  ``final_layer_norm``, ``inner_attn_ln``, the encoder's ``layer_norm``) ->
-  :class:`mmkernels.MultiwayLayerNorm`,
-* both ``FeedForwardNetwork`` s (``fc1``/``fc2`` ``nn.Linear`` s, ``activation_fn``, optional
-  ``ffn_layernorm``: torchscale's default ``subln=True``) -> :class:`mmkernels.MultiwayFFN`,
-
-by a :class:`MultiwayAdapter` holding the fused module, with exact copies of A's (expert 0) and
-B's (expert 1) weights and their ``requires_grad``. Each such layer then runs as one routed kernel
-over all tokens (no ``torch.split``, no ``torch.cat``, no host synchronisation).
-
-Not patched (left as they are): a ``MultiwayNetwork`` around anything else (torchscale's
-``MutliwayEmbedding`` of positional embeddings, a custom module), experts of different kinds, an
-FFN expert that holds state other than ``fc1``/``fc2``/``ffn_layernorm``, and the model itself
-if it is a ``MultiwayNetwork`` (an error: wrap it, or use :meth:`MultiwayAdapter.from_multiway`).
-An FFN pair that looks right but that ``MultiwayFFN.from_experts`` refuses (an unknown
-activation; A frozen and B trained with ``per_expert_parameters=False``) raises, and then
-nothing in the model is changed.
-
-Differences from torchscale, by design:
-
-* The dropout inside an FFN (``activation_dropout_module``, ``dropout_module``) is dropped, as
-  ``MultiwayFFN.from_experts`` documents: the patched FFN computes what the original does in
-  eval mode (or with dropout 0, BEiT-3's pretraining and fine-tuning default). A warning is
-  issued when an FFN with non-zero dropout is patched. Dropout outside the multiway modules
-  (attention dropout, the layers' ``dropout_module``, drop path) is untouched.
-* The patch is one-way: there is no unpatch. Code that reads ``.A``/``.B`` of a patched module
-  (or ``q_proj.weight``) no longer finds them; parameters are named ``fused.w_in``,
-  ``fused.weight``, ... in ``named_parameters()`` (``fused.w_in.0`` ... with the default
-  per-expert parameters: name-based optimiser groups see those names; shape-based ones work).
-* Checkpoints keep torchscale's keys: ``state_dict()`` of a patched model has exactly the keys
-  of the unpatched one (``...q_proj.A.weight``, ``...ffn.B.fc1.bias``,
-  ``...ffn.A.ffn_layernorm.weight``), in the same order and with equal values (views of the
-  fused stacks, no copy; safetensors' ``save_file`` refuses tensors sharing storage, so clone
-  them or use ``torch.save``), and ``load_state_dict`` takes a torchscale checkpoint with
-  ``strict=True``. State-dict hooks on each adapter convert between the keys (:data:`KEY_MAPS`).
-
-Routing: torchscale sets ``split_position`` before each forward with
-``model.apply(set_split_position(p))``, which sets it on every module having that attribute;
-the adapters have it, so that keeps working. Positions ``< p`` along ``dim`` go to A, the rest
-to B; ``p = -1`` sends every position to A, ``p = 0`` every position to B.
+"""Drop-in use of mmkernels' routed expert modules inside torchscale models (BEiT-3, VLMo in
+torchscale): :func:`patch_multiway` (its docstring says what it replaces, what it leaves and how
+the result differs from torchscale) and :class:`MultiwayAdapter`. torchscale is never imported.
 """
 from __future__ import annotations
 
@@ -255,6 +210,52 @@ def patch_multiway(model: nn.Module, per_expert_parameters: bool = True) -> int:
     A ``MultiwayNetwork`` reachable under several names (shared) is replaced once, everywhere.
     All replacements are built before any is installed, so an error leaves ``model`` unchanged.
     The model keeps its device, dtypes and train/eval mode; the state dict keeps its keys.
+
+    A ``MultiwayNetwork`` is found by duck typing (a module with ``A``, ``B``, ``split_position``
+    and ``dim`` attributes) and replaced when its two experts are
+
+    * both ``nn.Linear`` (attention ``q_proj``/``k_proj``/``v_proj``/``out_proj``) ->
+      :class:`mmkernels.MultiwayLinear`,
+    * both LayerNorms (``nn.LayerNorm`` or apex ``FusedLayerNorm``: ``self_attn_layer_norm``,
+      ``final_layer_norm``, ``inner_attn_ln``, the encoder's ``layer_norm``) ->
+      :class:`mmkernels.MultiwayLayerNorm`,
+    * both ``FeedForwardNetwork`` s (``fc1``/``fc2`` ``nn.Linear`` s, ``activation_fn``, optional
+      ``ffn_layernorm``: torchscale's default ``subln=True``) -> :class:`mmkernels.MultiwayFFN`,
+
+    by a :class:`MultiwayAdapter` holding the fused module, with exact copies of A's (expert 0) and
+    B's (expert 1) weights and their ``requires_grad``. Each such layer then runs as one routed kernel
+    over all tokens (no ``torch.split``, no ``torch.cat``, no host synchronisation).
+
+    Not patched (left as they are): a ``MultiwayNetwork`` around anything else (torchscale's
+    ``MutliwayEmbedding`` of positional embeddings, a custom module), experts of different kinds, an
+    FFN expert that holds state other than ``fc1``/``fc2``/``ffn_layernorm``, and the model itself
+    if it is a ``MultiwayNetwork`` (an error: wrap it, or use :meth:`MultiwayAdapter.from_multiway`).
+    An FFN pair that looks right but that ``MultiwayFFN.from_experts`` refuses (an unknown
+    activation; A frozen and B trained with ``per_expert_parameters=False``) raises, and then
+    nothing in the model is changed.
+
+    Differences from torchscale, by design:
+
+    * The dropout inside an FFN (``activation_dropout_module``, ``dropout_module``) is dropped, as
+      ``MultiwayFFN.from_experts`` documents: the patched FFN computes what the original does in
+      eval mode (or with dropout 0, BEiT-3's pretraining and fine-tuning default). A warning is
+      issued when an FFN with non-zero dropout is patched. Dropout outside the multiway modules
+      (attention dropout, the layers' ``dropout_module``, drop path) is untouched.
+    * The patch is one-way: there is no unpatch. Code that reads ``.A``/``.B`` of a patched module
+      (or ``q_proj.weight``) no longer finds them; parameters are named ``fused.w_in``,
+      ``fused.weight``, ... in ``named_parameters()`` (``fused.w_in.0`` ... with the default
+      per-expert parameters: name-based optimiser groups see those names; shape-based ones work).
+    * Checkpoints keep torchscale's keys: ``state_dict()`` of a patched model has exactly the keys
+      of the unpatched one (``...q_proj.A.weight``, ``...ffn.B.fc1.bias``,
+      ``...ffn.A.ffn_layernorm.weight``), in the same order and with equal values (views of the
+      fused stacks, no copy; safetensors' ``save_file`` refuses tensors sharing storage, so clone
+      them or use ``torch.save``), and ``load_state_dict`` takes a torchscale checkpoint with
+      ``strict=True``. State-dict hooks on each adapter convert between the keys (:data:`KEY_MAPS`).
+
+    Routing: torchscale sets ``split_position`` before each forward with
+    ``model.apply(set_split_position(p))``, which sets it on every module having that attribute;
+    the adapters have it, so that keeps working. Positions ``< p`` along ``dim`` go to A, the rest
+    to B; ``p = -1`` sends every position to A, ``p = 0`` every position to B.
     """
     if _kind(model) is not None:
         raise ValueError("patch_multiway patches the MultiwayNetworks inside a model, and this model is one: "

@@ -9,25 +9,8 @@ Usage::
     sm90.assert_sm90_ok(rep, tensor_cores=True)   # no spills, smem <= 227 KB, wgmma/HGMMA
     print(rep.summary())
 
-``compile_sm90_many`` compiles a list of :class:`CompileJob` (optionally in
-parallel worker processes) and returns one :class:`Sm90Report` per job;
-a job that fails to compile gives a report whose ``error`` is set.
-
-How it works: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 128))``
-produces PTX and a cubin with Triton's bundled ptxas.  Registers and spills are
-read from the ``ptxas -v`` log of that very compilation (Triton's own ptxas
-command: its flags change between versions and change register allocation),
-and ``cuobjdump --dump-sass`` is run on the cubin to look for HGMMA/HMMA.  Both
-tools ship inside the triton wheel (``triton/backends/nvidia/bin``);
-``TRITON_PTXAS_PATH`` and ``TRITON_CUOBJDUMP_PATH`` override them.
-
-Interpreter mode: with ``TRITON_INTERPRET=1`` set when the kernel's module was
-imported, ``@triton.jit`` returns an interpreter wrapper that cannot be
-compiled (nor can the jitted helpers it calls).  In that case (or when asked
-with ``in_subprocess=True`` / ``workers > 1``) the jobs run in a fresh Python
-process without ``TRITON_INTERPRET``, which re-imports the kernel by module and
-qualified name (so kernels must be module-level objects), and the reports come
-back as JSON (:mod:`mmkernels.testing._sm90_worker`).
+``compile_sm90_many`` compiles a list of :class:`CompileJob` and returns one
+:class:`Sm90Report` per job (its docstring says how, and how interpreter mode is handled).
 """
 
 from __future__ import annotations
@@ -372,6 +355,22 @@ def compile_sm90_many(jobs: Sequence[CompileJob], *, workers: int = 1,
 
     ``in_subprocess=None`` chooses a subprocess when TRITON_INTERPRET is active
     or ``workers > 1``.  Raises Sm90ToolMissing if ptxas/cuobjdump are absent.
+
+    How it works: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 128))``
+    produces PTX and a cubin with Triton's bundled ptxas.  Registers and spills are
+    read from the ``ptxas -v`` log of that very compilation (Triton's own ptxas
+    command: its flags change between versions and change register allocation),
+    and ``cuobjdump --dump-sass`` is run on the cubin to look for HGMMA/HMMA.  Both
+    tools ship inside the triton wheel (``triton/backends/nvidia/bin``);
+    ``TRITON_PTXAS_PATH`` and ``TRITON_CUOBJDUMP_PATH`` override them.
+
+    Interpreter mode: with ``TRITON_INTERPRET=1`` set when the kernel's module was
+    imported, ``@triton.jit`` returns an interpreter wrapper that cannot be
+    compiled (nor can the jitted helpers it calls).  In that case (or when asked
+    with ``in_subprocess=True`` / ``workers > 1``) the jobs run in a fresh Python
+    process without ``TRITON_INTERPRET``, which re-imports the kernel by module and
+    qualified name (so kernels must be module-level objects), and the reports come
+    back as JSON (:mod:`mmkernels.testing._sm90_worker`).
     """
     jobs = list(jobs)
     if not jobs:

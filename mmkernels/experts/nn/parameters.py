@@ -1,14 +1,6 @@
-"""How ``MultiwayLinear`` / ``MultiwayFFN`` hold their experts' weights.
-
-Two layouts, chosen with ``per_expert_parameters``:
-
-* stacked (default): one ``nn.Parameter`` ``[E, ...]`` per weight or bias, what the ops take.
-* per expert: an ``nn.ParameterList`` of ``E`` parameters ``[...]``, views of one ``[E, ...]``
-  storage. The ops read them as that stack without a copy (``mmkernels._storage``), and each
-  expert is a parameter of its own, so one expert can be frozen (``requires_grad=False``, no
-  optimiser state, no weight decay) while the others train: CogVLM's pretraining freezes the
-  language expert and trains the visual one. State-dict keys gain the expert index
-  (``w_in.0``, ``w_in.1``); a state dict of either layout loads into either.
+"""How ``MultiwayLinear`` / ``MultiwayFFN`` hold their experts' weights: stacked ``[E, ...]``
+parameters (default) or, with ``per_expert_parameters``, ``E`` parameters ``[...]`` that are
+views of one ``[E, ...]`` storage (:func:`expert_parameter`, :class:`ExpertModule`).
 """
 from __future__ import annotations
 
@@ -48,7 +40,14 @@ def same_placement(tensors: list[torch.Tensor], what: str) -> None:
 
 def expert_parameter(num_experts: int, shape: tuple[int, ...], per_expert: bool, **kw):
     """An uninitialised ``[E, *shape]`` parameter, or (``per_expert``) a ``ParameterList`` of ``E``
-    ``[*shape]`` parameters that are views of one ``[E, *shape]`` storage. ``kw``: device, dtype."""
+    ``[*shape]`` parameters that are views of one ``[E, *shape]`` storage. ``kw``: device, dtype.
+
+    The ops read the per-expert parameters as that stack without a copy (``mmkernels._storage``),
+    and each expert is a parameter of its own, so one expert can be frozen
+    (``requires_grad=False``, no optimiser state, no weight decay) while the others train:
+    CogVLM's pretraining freezes the language expert and trains the visual one. State-dict keys
+    gain the expert index (``w_in.0``, ``w_in.1``); a state dict of either layout loads into
+    either."""
     data = torch.empty(num_experts, *shape, **kw)
     if not per_expert:
         return nn.Parameter(data)

@@ -1,12 +1,5 @@
-"""The expert FFN with a LayerNorm between its two layers (torchscale's ``subln``, BEiT-3's default).
-
-torchscale builds every ``FeedForwardNetwork`` with ``subln=True`` unless told otherwise, and
-BEiT-3 keeps that default: each expert computes ``fc2(LN_e(act(fc1(x))))`` with a LayerNorm of
-its own over the ``F`` intermediate features. The fused FFN kernel cannot normalise between its
-GEMMs (a row's statistics span every column tile of the first GEMM), so this is three routed
-ops: the first layer (:func:`modality_linear`), the activation, the per-modality LayerNorm
-(:func:`modality_layer_norm`) and the second layer, each reading and writing tokens in place:
-no split, no concatenation, no host synchronisation.
+"""The expert FFN with a LayerNorm between its two layers (torchscale's ``subln``, BEiT-3's default):
+:func:`modality_ffn_subln`, ``fc2(LN_e(act(fc1(x))))`` per expert.
 """
 from __future__ import annotations
 
@@ -44,6 +37,12 @@ def modality_ffn_subln(x: torch.Tensor, modality_ids, w_in, b_in, norm_weight, n
         gradients flow to x and every weight, bias and LayerNorm parameter. Autograd keeps the
         first layer's output, the activation and the normalised activation (``3 T F``
         elements, ``T (Fi + 2F)`` for swiglu), as the unfused model does.
+
+    The fused FFN kernel cannot normalise between its GEMMs (a row's statistics span every
+    column tile of the first GEMM), so this is routed ops in turn: the first layer
+    (:func:`modality_linear`), the activation, the per-modality LayerNorm
+    (:func:`modality_layer_norm`) and the second layer, each reading and writing tokens in
+    place: no split, no concatenation, no host synchronisation.
     """
     activations.check_activation(activation)
     # shapes only: the three ops check (and read) the tensors themselves, stacking per-expert
