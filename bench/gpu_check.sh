@@ -16,7 +16,7 @@
 #      GPU_CHECK_FAMILIES, only the tests of those families: -k "experts or ...") -> $OUT/tests.log
 #      then checks that every bench provider (mmkernels, open_clip, inf_cl) computes
 #      the reference's loss and gradients at small sizes on the GPU
-#      (pytest bench/ -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 100)  -> appended to tests.log
+#      (pytest tests/bench/test_agreement.py -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 100)  -> appended to tests.log
 #   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 210; every family, or only
 #      those in GPU_CHECK_FAMILIES, comma-separated, e.g. "cross_attention,experts") -> $OUT/bench.log
 #      and moves its results.json, results.md and plot.png to the top of $OUT
@@ -123,8 +123,8 @@ fi
 
 # 3b. the bench's providers compute the same function as the reference (small sizes)
 AGREE_K="agrees${FAM_K:+ and ($FAM_K)}"
-echo "== [$(elapsed) s] pytest bench/test_bench.py -k \"$AGREE_K\" on $DEVICE (limit ${AGREE_T} s)"
-BENCH_DEVICE=$DEVICE timeout -k 10 "$AGREE_T" "$PY" -m pytest bench/test_bench.py -k "$AGREE_K" -q -p no:cacheprovider \
+echo "== [$(elapsed) s] pytest tests/bench/test_agreement.py -k \"$AGREE_K\" on $DEVICE (limit ${AGREE_T} s)"
+BENCH_DEVICE=$DEVICE timeout -k 10 "$AGREE_T" "$PY" -m pytest tests/bench/test_agreement.py -k "$AGREE_K" -q -p no:cacheprovider \
   2>&1 | tee -a "$OUT/tests.log"
 AGREE_RC=${PIPESTATUS[0]}
 [ "$AGREE_RC" -eq 5 ] && AGREE_RC=0
@@ -160,25 +160,25 @@ if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
   echo "== tune_gpu (stderr)" >>"$OUT/bench.log"
   TUNE_ARGS=()
   [ -n "${GPU_CHECK_TUNE_ONLY:-}" ] && TUNE_ARGS=(--only "$GPU_CHECK_TUNE_ONLY")
-  TUNED_ENV=$(mktemp)
-  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" --env-out "$TUNED_ENV" \
+  TUNED_FILE=$(mktemp --suffix=.json)
+  timeout -k 5 "$TUNE_T" "$PY" -m bench.tune_gpu --out "$OUT/tune.md" --save "$TUNED_FILE" \
     ${TUNE_ARGS[@]+"${TUNE_ARGS[@]}"} >/dev/null 2>>"$OUT/bench.log" \
     || echo "tune_gpu: failed or timed out (its stderr is at the end of bench.log)"
   # 7. the experts bench again with the fastest tiles and chunks the sweep found (their
-  #    settings, MMKERNELS_EXPERTS_*, from tune_gpu --env-out), appended to tune.md: the tuned
+  #    mmkernels.tuning file from tune_gpu --save), appended to tune.md: the tuned
   #    speed measured in the same call, before any heuristic is changed
-  if [ -s "$TUNED_ENV" ]; then
+  if [ -s "$TUNED_FILE" ]; then
     echo "== [$(elapsed) s] python -m bench --quick --family experts with the tuned settings (limit ${TUNED_T} s)"
     TUNED_OUT=$(mktemp -d)
-    ( set -a; . "$TUNED_ENV"; set +a
+    ( export MMKERNELS_TUNING_FILE="$TUNED_FILE"
       timeout -k 10 "$TUNED_T" "$PY" -m bench --quick --device "$DEVICE" --family experts --out "$TUNED_OUT" \
         --time-budget $((TUNED_T > 60 ? TUNED_T - 30 : TUNED_T / 2)) >>"$OUT/bench.log" 2>&1 ) \
       || echo "tuned experts bench: failed or timed out (see bench.log)"
-    { echo; echo "# bench experts with the tuned settings"; echo; echo '```'; cat "$TUNED_ENV"; echo '```'; echo
+    { echo; echo "# bench experts with the tuned settings"; echo; echo '```json'; cat "$TUNED_FILE"; echo '```'; echo
       cat "$TUNED_OUT/results.md" 2>/dev/null || echo "(no results.md: see bench.log)"; } >>"$OUT/tune.md"
     rm -rf "$TUNED_OUT"
   fi
-  rm -f "$TUNED_ENV"
+  rm -f "$TUNED_FILE"
 fi
 
 RC=0

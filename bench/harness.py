@@ -37,7 +37,6 @@ JSON, Markdown and PNG outputs.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import json
@@ -719,6 +718,12 @@ def environment(device: str) -> dict:
         env["mmkernels"] = getattr(mmkernels, "__version__", "importable")
     except Exception as exc:
         env["mmkernels"] = f"not importable: {_short_error(exc, 160)}"
+    try:
+        from mmkernels import tuning
+
+        env["tuning"] = tuning.to_dict()  # launch overrides in force (MMKERNELS_TUNING_FILE)
+    except Exception as exc:
+        env["tuning"] = f"unavailable: {_short_error(exc, 160)}"
     env["env_vars"] = {
         k: v
         for k, v in os.environ.items()
@@ -749,21 +754,3 @@ if __name__ == "__main__":
         sys.exit(_canonical_worker_main())
     print("bench.harness is a library; run `python -m bench`", file=sys.stderr)
     sys.exit(2)
-
-
-@contextlib.contextmanager
-def scoped_env(name: str, value: str | None):
-    """Environment variable ``name`` set to ``value`` inside the block (None: left as it is),
-    restored after: how the GPU scripts time the kernels' opt-in variants."""
-    if value is None:
-        yield
-        return
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.harness import scoped_env
+from mmkernels import tuning
 
 
 def _contrastive(n: int, d: int, forward: str = "one_pass"):
@@ -30,7 +30,7 @@ def _contrastive(n: int, d: int, forward: str = "one_pass"):
 
     def step():
         mmkernels.contrastive_loss(a, b, s).backward()
-    return _with_env("MMKERNELS_CONTRASTIVE_FORWARD", forward, step)
+    return _with_option("contrastive.forward", forward, step)
 
 
 def _attention(layout: str, b: int, h: int, s: int, d: int):
@@ -48,11 +48,13 @@ def _attention(layout: str, b: int, h: int, s: int, d: int):
     return step
 
 
-def _with_env(name: str, value: str | None, step):
-    """``step`` run with environment variable ``name`` set to ``value`` (None: left as it is)."""
+def _with_option(name: str, value: str | None, step):
+    """``step`` run with the :mod:`mmkernels.tuning` option ``name`` set to ``value`` (None: as it is)."""
 
     def wrapped():
-        with scoped_env(name, value):
+        with tuning.scope():
+            if value is not None:
+                tuning.set_option(name, value)
             step()
     return wrapped
 
@@ -95,7 +97,7 @@ def _experts(wgrad_chunk: str | None = None):
             p.grad = None
         y = mmkernels.modality_ffn(x, 40, w_in, b_in, w_out, b_out)
         (y * dout).sum(dtype=torch.float32).backward()
-    return _with_env("MMKERNELS_EXPERTS_WGRAD_CHUNK", wgrad_chunk, step)
+    return _with_option("experts.wgrad_chunk", wgrad_chunk, step)
 
 
 def _cross_attention(b: int, lk: int):

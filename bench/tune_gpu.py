@@ -1,28 +1,28 @@
-"""Tile-configuration sweeps for the kernels whose heuristics were never measured on a GPU.
+"""Tile-configuration sweeps of the Triton kernels on a GPU.
 
-    python -m bench.tune_gpu [--only attention|contrastive|cross_attention|experts] [--out FILE]   # CUDA; 2 minutes
+    python -m bench.tune_gpu [--only attention|contrastive|cross_attention|experts] [--out FILE] [--save FILE]
     TRITON_INTERPRET=1 python -m bench.tune_gpu --smoke                     # tiny sizes, CPU
 
-For each kernel it times every candidate configuration (median of CUDA-event timings after a
-warm-up that includes compilation) at the case the issue's targets name, and prints one
-Markdown table per kernel with the heuristic's current choice marked, so the heuristics in
-``mmkernels/*/kernels.py`` can be set from measurements. A configuration that fails to compile
-or run is reported, not fatal. ``--smoke`` runs the same code on tiny shapes (the Triton
-interpreter on a CPU) to check the script itself.
+Each kernel's candidate configurations are timed (median of CUDA events after a warm-up that
+includes compilation) at a real model size, in one Markdown table per kernel with the
+heuristic's choice marked. ``--save`` writes the fastest experts settings as a
+:mod:`mmkernels.tuning` file. A configuration that fails is reported, not fatal. ``--smoke``
+runs the same code on tiny shapes through the interpreter, to check the script.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Callable, Iterator
 
 import torch
 
-from bench.harness import scoped_env
+from mmkernels import tuning
+from mmkernels._triton import input_precision
 
 
 def _time_ms(fn: Callable[[], object], device: str, reps: int) -> float:
@@ -128,7 +128,7 @@ def tune_contrastive(device: str, smoke: bool, reps: int) -> list[str]:
     scale = torch.tensor(1 / 0.07, device=device)
     targets = torch.arange(n, device=device)
     prec = K.input_precision(dtype)
-    heur = K._resolve_config(dtype, d, prec, None)
+    heur = K.resolve_config(dtype, d, prec, None)
     cands = list(K.autotune_configs(dtype, d, prec))
     if heur is not None and heur not in cands:
         cands.insert(0, heur)
@@ -137,7 +137,8 @@ def tune_contrastive(device: str, smoke: bool, reps: int) -> list[str]:
     lines = [f"# contrastive forward statistics, N=M={n} D={d} bf16 (2 N^2 D FLOPs per pass)", ""]
     for mode, passes in (("one_pass", 1), ("two_pass", 2)):
         rows = []
-        with scoped_env("MMKERNELS_CONTRASTIVE_FORWARD", mode):
+        with tuning.scope():
+            tuning.set_option("contrastive.forward", mode)
             for c in cands:
                 try:
                     ms = _time_ms(lambda: K.contrastive_stats_triton(q, k, scale, targets, True, config=c),
@@ -240,7 +241,7 @@ MM_CANDIDATES = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4)
 
 
 def _mm_name(cfg) -> str:
-    """``cfg`` as the tuple the tables and ``MMKERNELS_EXPERTS_CONFIGS`` use: the five tile fields,
+    """``cfg`` as the tuple the tables and the tuning file use: the five tile fields,
     then the register cap and the epilogue split only as far as they differ from the defaults."""
     fields = tuple(cfg)
     while len(fields) > 5 and fields[-1] == type(cfg)._field_defaults[type(cfg)._fields[len(fields) - 1]]:
@@ -249,16 +250,17 @@ def _mm_name(cfg) -> str:
 
 
 def _vlmo_inputs(device: str, smoke: bool):
-    from mmkernels.experts import kernels as K
+    from mmkernels.experts.routing_kernels import route_triton
     b, t_text, t_img, h, f = (2, 8, 24, 64, 128) if smoke else (64, 40, 197, 768, 3072)
     from bench.cases.experts import layout_ids
     ids = layout_ids(f"vlmo:{t_text}+{t_img}", b, device)
-    perm, offsets = K.route_triton(ids.reshape(-1), 2)
+    perm, offsets = route_triton(ids.reshape(-1), 2)
     return (b, t_text, t_img, h, f), ids.numel(), perm, offsets
 
 
 def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
-    from mmkernels.experts import kernels as K
+    from mmkernels.experts.grouped_mm import configs as C
+    from mmkernels.experts.grouped_mm import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
@@ -268,12 +270,13 @@ def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     db = torch.empty(2, f, device=device, dtype=dtype)
     flop = 2 * t * f * h
     lines = [f"# experts weight gradient, VLMo FFN dW_in: T={t} ({b} x {t_text}+{t_img}), N={f}, K={h}, bf16", ""]
-    heur = K.heuristic_config("wgrad_ffn_in", dtype, K.input_precision(dtype), False, f, True)
+    heur = C.heuristic_config("wgrad_ffn_in", dtype, input_precision(dtype), False, f, True)
     rows = []
-    with scoped_env(K.WGRAD_CHUNK_ENV, "0"):
+    with tuning.scope():
+        tuning.set_option(C.WGRAD_CHUNK_OPTION, 0)
         for c in (WGRAD_CANDIDATES[:2] if smoke else WGRAD_CANDIDATES):
-            cfg = K.WGradConfig(*c)
-            fn = lambda: K._wgrad_launch("wgrad_ffn_in", dh, x, dw, db, perm, offsets, config=cfg)  # noqa: E731
+            cfg = C.WGradConfig(*c)
+            fn = lambda: K.launch_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets, config=cfg)  # noqa: E731
             try:
                 ms = _time_ms(fn, device, reps)
                 rows.append((str(c), ms, flop / ms / 1e9, cfg == heur))
@@ -283,8 +286,9 @@ def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
     best["wgrad_ffn_in"] = _fastest(rows)
     rows = []
     for chunk in (WGRAD_CHUNKS[:2] if smoke else WGRAD_CHUNKS):
-        with scoped_env(K.WGRAD_CHUNK_ENV, chunk):
-            fn = lambda: K._wgrad_launch("wgrad_ffn_in", dh, x, dw, db, perm, offsets)  # noqa: E731
+        with tuning.scope():
+            tuning.set_option(C.WGRAD_CHUNK_OPTION, chunk)
+            fn = lambda: K.launch_wgrad("wgrad_ffn_in", dh, x, dw, db, perm, offsets)  # noqa: E731
             try:
                 ms = _time_ms(fn, device, reps)
                 rows.append((f"chunk={chunk}", ms, flop / ms / 1e9, chunk == "auto"))
@@ -307,7 +311,8 @@ def _cublas_line(fn, device: str, reps: int, flop: float, what: str) -> list[str
 
 
 def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[str]]:
-    from mmkernels.experts import kernels as K
+    from mmkernels.experts.grouped_mm import configs as C
+    from mmkernels.experts.grouped_mm import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(1)
@@ -325,21 +330,21 @@ def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[s
     dx = torch.empty(t, h, device=device, dtype=dtype)
     yield [f"# experts grouped GEMM, VLMo FFN forward and backward: T={t}, H={h}, F={f}, bf16 (gelu)", ""]
     launches = {
-        "ffn_fwd_in": lambda cfg: K._grouped_mm("ffn_fwd_in", x, w_in, K._wt(w_in), b_in, a, hid, perm, offsets,
-                                                f, h, K.ACT_GELU, config=cfg),
-        "ffn_fwd_out": lambda cfg: K._grouped_mm("ffn_fwd_out", a, w_out, K._wt(w_out), b_out, y, None, perm,
-                                                 offsets, h, f, K.ACT_NONE, config=cfg),
-        "ffn_bwd_dh": lambda cfg: K._grouped_mm("ffn_bwd_dh", dy, w_out, K._w(w_out), None, dh, hid, perm,
-                                                offsets, f, h, K.ACT_GELU, config=cfg),
-        "ffn_bwd_dx": lambda cfg: K._grouped_mm("ffn_bwd_dx", dh, w_in, K._w(w_in), None, dx, None, perm,
-                                                offsets, h, f, K.ACT_NONE, config=cfg),
+        "ffn_fwd_in": lambda cfg: K.launch_grouped_mm("ffn_fwd_in", x, w_in, K.weight_t_strides(w_in), b_in, a, hid, perm, offsets,
+                                                f, h, C.ACT_GELU, config=cfg),
+        "ffn_fwd_out": lambda cfg: K.launch_grouped_mm("ffn_fwd_out", a, w_out, K.weight_t_strides(w_out), b_out, y, None, perm,
+                                                 offsets, h, f, C.ACT_NONE, config=cfg),
+        "ffn_bwd_dh": lambda cfg: K.launch_grouped_mm("ffn_bwd_dh", dy, w_out, K.weight_strides(w_out), None, dh, hid, perm,
+                                                offsets, f, h, C.ACT_GELU, config=cfg),
+        "ffn_bwd_dx": lambda cfg: K.launch_grouped_mm("ffn_bwd_dx", dh, w_in, K.weight_strides(w_in), None, dx, None, perm,
+                                                offsets, h, f, C.ACT_NONE, config=cfg),
     }
     # the same product for one expert's weights over all tokens, as cuBLAS runs it
     dense = {"ffn_fwd_in": lambda: torch.mm(x, w_in[0].t()), "ffn_fwd_out": lambda: torch.mm(a, w_out[0].t()),
              "ffn_bwd_dh": lambda: torch.mm(dy, w_out[0]), "ffn_bwd_dx": lambda: torch.mm(dh, w_in[0])}
     for kind, launch in launches.items():
         n = f if kind in ("ffn_fwd_in", "ffn_bwd_dh") else h
-        heur = K.heuristic_config(kind, dtype, K.input_precision(dtype), False, n, True)
+        heur = C.heuristic_config(kind, dtype, input_precision(dtype), False, n, True)
         lines, best[kind] = _mm_table(kind, launch, heur, flop, dense[kind], device, smoke, reps)
         yield lines
 
@@ -347,8 +352,8 @@ def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[s
 def _mm_table(kind: str, launch, heur, flop: float, dense, device: str, smoke: bool, reps: int):
     """``launch(cfg)`` timed at the heuristic's ``heur`` and every ``MM_CANDIDATES`` config, then
     ``dense()`` (cuBLAS, the same FLOPs): ``(the table's lines, the fastest config's name)``."""
-    from mmkernels.experts import kernels as K
-    cands = [heur] + [K.MMConfig(*c) for c in MM_CANDIDATES if K.MMConfig(*c) != heur]
+    from mmkernels.experts.grouped_mm.configs import MMConfig
+    cands = [heur] + [MMConfig(*c) for c in MM_CANDIDATES if MMConfig(*c) != heur]
     rows = []
     for cfg in (cands[:2] if smoke else cands):
         name = _mm_name(cfg)
@@ -367,12 +372,14 @@ def _tune_swiglu(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     bf16), the GEMMs of most of its FLOPs: ``ffn_fwd_in`` (a B tile of gate and up columns) and
     ``ffn_bwd_dh`` (swiglu's backward epilogue). For reading only: the settings above come from
     the VLMo tables and apply to every activation."""
-    from mmkernels.experts import kernels as K
+    from mmkernels.experts.grouped_mm import configs as C
+    from mmkernels.experts.grouped_mm import kernels as K
+    from mmkernels.experts.routing_kernels import route_triton
     b, t_img, t_text, h, f = (1, 24, 8, 64, 96) if smoke else (4, 1226, 300, 4096, 11008)
     from bench.cases.experts import layout_ids
     ids = layout_ids(f"cogvlm:{t_img}+{t_text}", b, device)  # [BOS] + image (expert 1) + text
     t = ids.numel()
-    perm, offsets = K.route_triton(ids.reshape(-1), 2)
+    perm, offsets = route_triton(ids.reshape(-1), 2)
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(t, h, device=device, generator=g).to(dtype)
@@ -384,15 +391,15 @@ def _tune_swiglu(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     dh = torch.empty(t, 2 * f, device=device, dtype=dtype)
     yield [f"# experts grouped GEMM, CogVLM MLP swiglu launches: T={t}, H={h}, F={f}, bf16 (reading only)", ""]
     launches = {
-        "ffn_fwd_in": (lambda cfg: K._grouped_mm("ffn_fwd_in", x, w_in, K._wt(w_in), None, a, hid, perm, offsets,
-                                                 f, h, K.ACT_SWIGLU, config=cfg),
+        "ffn_fwd_in": (lambda cfg: K.launch_grouped_mm("ffn_fwd_in", x, w_in, K.weight_t_strides(w_in), None, a, hid, perm, offsets,
+                                                 f, h, C.ACT_SWIGLU, config=cfg),
                        4 * t * h * f, lambda: torch.mm(x, w_in[0].t())),
-        "ffn_bwd_dh": (lambda cfg: K._grouped_mm("ffn_bwd_dh", dy, w_out, K._w(w_out), None, dh, hid, perm,
-                                                 offsets, f, h, K.ACT_SWIGLU, config=cfg),
+        "ffn_bwd_dh": (lambda cfg: K.launch_grouped_mm("ffn_bwd_dh", dy, w_out, K.weight_strides(w_out), None, dh, hid, perm,
+                                                 offsets, f, h, C.ACT_SWIGLU, config=cfg),
                        2 * t * h * f, lambda: torch.mm(dy, w_out[0])),
     }
     for kind, (launch, flop, dense) in launches.items():
-        heur = K.heuristic_config(kind, dtype, K.input_precision(dtype), True, f, True)
+        heur = C.heuristic_config(kind, dtype, input_precision(dtype), True, f, True)
         lines, _ = _mm_table(f"{kind} swiglu", launch, heur, flop, dense, device, smoke, reps)
         yield lines
 
@@ -400,12 +407,12 @@ def _tune_swiglu(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
 def tune_experts(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     """The VLMo FFN (64 x (40 text + 197 image) tokens, H 768, F 3072, bf16): the weight gradient
     of its first layer (dW_in [2, 3072, 768]) over tiles at the plain grid, then over token
-    chunks (fp32 atomics, ``MMKERNELS_EXPERTS_WGRAD_CHUNK``) at the heuristic tiles; then the
+    chunks (fp32 atomics, the option ``experts.wgrad_chunk``) at the heuristic tiles; then the
     four grouped GEMMs of its forward and backward over tiles. Each table ends with cuBLAS on
     the same FLOPs (one dense ``torch.mm``), the rate the routed kernels aim at; then the
     fastest of each table as the settings that select them; last, the CogVLM MLP's two swiglu
     launches over the same tiles (read only). Yields one section at a time (``main`` rewrites
-    ``--out`` and ``--env-out`` after each: a timeout keeps the finished tables)."""
+    ``--out`` and ``--save`` after each: a timeout keeps the finished tables)."""
     best: dict = {}
     yield _tune_wgrad(device, smoke, reps, best)
     yield from _tune_mm(device, smoke, reps, best)
@@ -419,18 +426,25 @@ def _fastest(rows) -> str | None:
     return min(timed, key=lambda r: r[1])[0] if timed else None
 
 
+TUNED: dict = {}  # the tuning file of the fastest settings found (``--save`` writes it)
+
+
 def _settings_lines(best: dict) -> list[str]:
-    """The fastest configs as the environment settings that select them (``--env-out``)."""
-    from mmkernels.experts import kernels as K
-    tiles = ";".join(f"{kind}={name.strip('()').replace(' ', '')}" for kind, name in best.items()
-                     if kind != "chunk" and name)
-    env = []
-    if tiles:
-        env.append(f"{K.CONFIGS_ENV}={tiles}")
-    if best.get("chunk"):
-        env.append(f"{K.WGRAD_CHUNK_ENV}={best['chunk'].split('=', 1)[1]}")
-    return (["## the fastest of each table, as settings (`--env-out` writes these lines)", "", "```"]
-            + env + ["```", ""])
+    """The fastest configs as a :mod:`mmkernels.tuning` file (kept in ``TUNED`` for ``--save``):
+    each tile for every launch of its kind, the chunk as the option ``experts.wgrad_chunk``."""
+    import ast
+    from mmkernels.experts.grouped_mm.configs import WGRAD_CHUNK_OPTION
+    with tuning.scope():
+        tuning.reset()
+        for kind, name in best.items():
+            if kind != "chunk" and name:
+                tuning.set_config("experts", kind, ast.literal_eval(name))
+        if best.get("chunk"):
+            tuning.set_option(WGRAD_CHUNK_OPTION, best["chunk"].split("=", 1)[1])
+        TUNED.clear()
+        TUNED.update(tuning.to_dict())
+    return (["## the fastest of each table, as a tuning file (`--save FILE` writes it)", "", "```json",
+             json.dumps(TUNED, indent=1), "```", ""])
 
 
 SWEEPS = {"contrastive": tune_contrastive, "attention": tune_attention,
@@ -454,8 +468,8 @@ def main(argv=None) -> int:
                                   "timed-out run keeps what it measured)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one or two configs (checks the script)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--env-out", help="write the fastest settings found (VAR=value lines, e.g. "
-                                      "MMKERNELS_EXPERTS_CONFIGS) to this file, to run the bench with them")
+    ap.add_argument("--save", help="write the fastest settings found to this mmkernels.tuning file "
+                                   "(run the bench with them: MMKERNELS_TUNING_FILE=FILE python -m bench ...)")
     args = ap.parse_args(argv)
     families = _families(args.only)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -476,9 +490,10 @@ def main(argv=None) -> int:
             if args.out:
                 with open(args.out, "w") as f:
                     f.write("\n".join(lines) + "\n")
-            if args.env_out:
-                with open(args.env_out, "w") as f:
-                    f.writelines(line + "\n" for line in lines if re.match(r"^MMKERNELS_[A-Z_]+=\S", line))
+            if args.save and TUNED:
+                with open(args.save, "w") as f:
+                    json.dump(TUNED, f, indent=1)
+                    f.write("\n")
     return 0
 
 

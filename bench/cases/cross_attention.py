@@ -53,7 +53,7 @@ dtype: fp32 on CPU, bf16 on GPU (the ``qformer`` providers hold bf16 weights too
 :mod:`bench.cases.qformer_step`).
 
 Agreement: ``cross_attention`` and ``kv_projection`` take only tensors and have a ``reference``
-provider, so ``bench/test_bench.py::test_provider_agrees_with_reference`` checks every provider
+provider, so ``tests/bench/test_agreement.py::test_provider_agrees`` checks every provider
 against it in float64. :func:`agree` checks one provider of any case of this family (the
 ``qformer`` providers against ``hf_eager`` in float64, in eval mode: dropout masks differ by design)
 with per-tensor tolerances relative to the oracle's largest value.

@@ -127,12 +127,13 @@ def test_cuda_code_path_with_a_fake_device(monkeypatch):
 
 def test_tune_gpu_smoke(tmp_path, capsys):
     """bench.tune_gpu --smoke runs every sweep once on tiny shapes (interpreter on a CPU), so the
-    script works the first time it runs on a GPU."""
+    script works the first time it runs on a GPU; ``--save`` writes a tuning file that loads."""
     from bench import tune_gpu
+    from mmkernels import tuning
     if torch.cuda.is_available():
         pytest.skip("smoke mode is for machines without a GPU (on a GPU, run the real sweep)")
-    out, env_out = tmp_path / "tune.md", tmp_path / "tuned.env"
-    assert tune_gpu.main(["--smoke", "--out", str(out), "--env-out", str(env_out)]) == 0
+    out, saved = tmp_path / "tune.md", tmp_path / "tuned.json"
+    assert tune_gpu.main(["--smoke", "--out", str(out), "--save", str(saved)]) == 0
     text = out.read_text()
     for title in ("one_pass", "two_pass", "forward kernel", "varying bwd_dkdv", "varying bwd_dq",
                   "cross_attention BLIP-2", "cross_attention CoCa pooler", "pairs per program",
@@ -141,16 +142,15 @@ def test_tune_gpu_smoke(tmp_path, capsys):
                   "ffn_bwd_dh swiglu tiles"):
         assert title in text, title
     assert "error:" not in text, text
-    # the fastest configs as settings the experts launchers accept
-    settings = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
-    assert set(settings) == {"MMKERNELS_EXPERTS_CONFIGS", "MMKERNELS_EXPERTS_WGRAD_CHUNK"}, settings
-    from bench.harness import scoped_env
-    from mmkernels.experts import kernels as K
-    with scoped_env(K.CONFIGS_ENV, settings["MMKERNELS_EXPERTS_CONFIGS"]):
-        tuned = K.config_overrides()
-    assert set(tuned) == {"wgrad_ffn_in", "ffn_fwd_in", "ffn_fwd_out", "ffn_bwd_dh", "ffn_bwd_dx"}, tuned
-    with scoped_env(K.WGRAD_CHUNK_ENV, settings["MMKERNELS_EXPERTS_WGRAD_CHUNK"]):
-        K.wgrad_chunk_setting()
+    # the fastest configs as a tuning file the experts launchers read
+    with tuning.scope():
+        tuning.reset()
+        tuning.load(str(saved))
+        kinds = {e["kind"] for e in tuning.to_dict()["configs"]}
+        assert kinds == {"wgrad_ffn_in", "ffn_fwd_in", "ffn_fwd_out", "ffn_bwd_dh", "ffn_bwd_dx"}, kinds
+        for kind in kinds:
+            assert tuning.lookup("experts", kind, dtype=torch.bfloat16) is not None, kind
+        assert "experts.wgrad_chunk" in tuning.to_dict()["options"]
 
 
 def test_profile_gpu_case_selection():

@@ -1,8 +1,8 @@
 """mmkernels.cross_attention: the reference's definition, the dropout hash, the public API on every
 backend, the registered ops (opcheck, torch.compile) and bad inputs.
 
-The backends' primitive grids (Lq x Lk x D x padding x dtype) are in test_cpp_cross_attention.py
-and test_triton_cross_attention.py; here every backend is driven through the public API.
+The backends' primitive grids (Lq x Lk x D x padding x dtype) are in test_cpu.py
+and test_triton.py; here every backend is driven through the public API.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inputs shared by the experts tests (tests/test_experts*.py)."""
+"""Inputs shared by the experts tests (tests/experts/)."""
 from __future__ import annotations
 
 import torch

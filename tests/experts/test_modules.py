@@ -483,7 +483,7 @@ def test_from_experts_errors():
         bad.fc2 = nn.Linear(12, 8)
         MultiwayFFN.from_experts([bad, copy.deepcopy(bad)])
     norm = TimmMlp(8, 16)
-    norm.norm = nn.GroupNorm(1, 16)  # a LayerNorm there is taken (subln: tests/test_experts_subln.py)
+    norm.norm = nn.GroupNorm(1, 16)  # a LayerNorm there is taken (subln: tests/experts/test_subln.py)
     with pytest.raises(ValueError, match="only a LayerNorm"):
         MultiwayFFN.from_experts([norm] * 2)
     glu = TimmMlp(8, 32)

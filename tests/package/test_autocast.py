@@ -5,7 +5,7 @@ runs in its lower-precision dtype, so under autocast these cast their floating i
 first (``mmkernels._autocast``): mixed bf16/fp32 inputs, which mixed-precision training
 produces, work, and fp32 inputs run the 16-bit kernels. Each check compares against the same op
 called with the inputs already cast, outside autocast: the cast must be the only difference.
-The experts ops have their own file (tests/test_experts_autocast.py).
+The experts ops have their own file (tests/experts/test_autocast.py).
 """
 from __future__ import annotations
 

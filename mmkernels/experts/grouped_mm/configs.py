@@ -70,7 +70,7 @@ WGRAD_FLAGS = {
     "wgrad_ffn_in": (False, True),
 }
 
-MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see _grouped_mm_kernel)
+MM_GROUP_M = 8  # row tiles per launch-order group of the grouped GEMM (see grouped_mm_kernel)
 
 
 REGISTERS_PER_SM = 65536  # 32-bit registers of one SM (every NVIDIA GPU since Kepler)

@@ -132,12 +132,12 @@ def launch_wgrad(kind, a, x, dw, db, perm, offsets, *, config=None):
             db.copy_(db_k)
 
 
-def _wt(w: torch.Tensor):
+def weight_t_strides(w: torch.Tensor):
     """B = W_e^T of ``w [E, N, K]``: (stride_e, stride_k, stride_n)."""
     return (w.stride(0), w.stride(2), w.stride(1))
 
 
-def _w(w: torch.Tensor):
+def weight_strides(w: torch.Tensor):
     """B = W_e of ``w [E, K, N]``: (stride_e, stride_k, stride_n)."""
     return (w.stride(0), w.stride(1), w.stride(2))
 
@@ -160,7 +160,7 @@ def linear_fwd_triton(x, perm, offsets, weight, bias=None, *, config=None):
     y = torch.empty((T, Hout), dtype=x.dtype, device=x.device)
     if T == 0:
         return y
-    launch_grouped_mm("linear_fwd", x, weight, _wt(weight), bias, y, None, perm, offsets, Hout, Hin,
+    launch_grouped_mm("linear_fwd", x, weight, weight_t_strides(weight), bias, y, None, perm, offsets, Hout, Hin,
                 ACT_NONE, config=config)
     return y
 
@@ -179,7 +179,7 @@ def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, dw_experts, 
     if needs_dx:
         dx = torch.empty((T, Hin), dtype=x.dtype, device=dev)
         if T > 0:
-            launch_grouped_mm("linear_bwd_dx", dy, weight, _w(weight), None, dx, None, perm, offsets,
+            launch_grouped_mm("linear_bwd_dx", dy, weight, weight_strides(weight), None, dx, None, perm, offsets,
                         Hin, Hout, ACT_NONE, config=config)
     if any(dw_experts):
         dw = torch.empty((E, Hout, Hin), dtype=weight.dtype, device=dev)
@@ -204,9 +204,9 @@ def ffn_fwd_triton(x, perm, offsets, w_in, b_in, w_out, b_out, activation, *, co
     a = torch.empty((T, F), dtype=x.dtype, device=dev)
     if T == 0:
         return y, h, a
-    launch_grouped_mm("ffn_fwd_in", x, w_in, _wt(w_in), b_in, a, h, perm, offsets, F, Hin, act,
+    launch_grouped_mm("ffn_fwd_in", x, w_in, weight_t_strides(w_in), b_in, a, h, perm, offsets, F, Hin, act,
                 config=config)
-    launch_grouped_mm("ffn_fwd_out", a, w_out, _wt(w_out), b_out, y, None, perm, offsets, Hout, F,
+    launch_grouped_mm("ffn_fwd_out", a, w_out, weight_t_strides(w_out), b_out, y, None, perm, offsets, Hout, F,
                 ACT_NONE, config=config)
     return y, h, a
 
@@ -231,10 +231,10 @@ def ffn_bwd_triton(dy, x, perm, offsets, w_in, b_in, w_out, b_out, h, a, activat
     if (needs_dx or any(mask_in)) and T > 0:
         # dh = (dy @ W_out_e) * act'(h), in sorted order
         dh = torch.empty((T, Fi), dtype=x.dtype, device=dev)
-        launch_grouped_mm("ffn_bwd_dh", dy, w_out, _w(w_out), None, dh, h, perm, offsets, F, Hout, act,
+        launch_grouped_mm("ffn_bwd_dh", dy, w_out, weight_strides(w_out), None, dh, h, perm, offsets, F, Hout, act,
                     config=config)
         if needs_dx:
-            launch_grouped_mm("ffn_bwd_dx", dh, w_in, _w(w_in), None, dx, None, perm, offsets, Hin, Fi,
+            launch_grouped_mm("ffn_bwd_dx", dh, w_in, weight_strides(w_in), None, dx, None, perm, offsets, Hin, Fi,
                         ACT_NONE, config=config)
     if any(mask_out):
         dw_out = torch.empty((E, Hout, F), dtype=w_out.dtype, device=dev)
