@@ -1,14 +1,10 @@
-"""Test-session setup shared by every test module.
+"""Test setup shared by every test module.
 
-Without a CUDA device the Triton kernels run through Triton's interpreter:
-``TRITON_INTERPRET`` must be set before triton or mmkernels is imported.
-Tests marked ``gpu`` are skipped without CUDA.
-
-The quick tier (``pytest -m quick``) is chosen here, not by hand: the first case of every
-test function, and for functions parametrised by ``backend`` the first case of each backend,
-so every op runs on every CPU backend (reference, C++, interpreted Triton) forward and
-backward, with its error checks, in a few minutes. Tests marked ``slow`` or ``gpu`` are never
-quick; ``QUICK_EXCLUDED`` names the tiers left to the whole suite.
+Without a CUDA device the Triton kernels run through Triton's interpreter (``TRITON_INTERPRET``,
+set here before triton or mmkernels is imported) and tests marked ``gpu`` are skipped. The quick
+tier (``pytest -m quick``) is chosen here: the first case of every test function, and of each
+backend for functions parametrised by ``backend``; ``slow``, ``gpu`` and ``QUICK_EXCLUDED`` are
+never quick.
 """
 import os
 

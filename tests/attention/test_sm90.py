@@ -1,17 +1,9 @@
 """sm_90 compile tier for the attention Triton kernels (no GPU needed).
 
-Every kernel (forward, backward preprocess, dk/dv -- both halves when the launcher
-splits it -- and dq) at every configuration the launchers can pick, for
-bf16/fp16/fp32 (fp32 with exact "ieee" products and with tf32), D in {64, 88, 128,
-256} (D is a constexpr of the kernels; 88 also exercises the ALIGN = 8 stride
-path), with and without a mask, is compiled for the H100 (sm_90a) with Triton's own
-compiler.  Each must compile, use at most 227 KB of shared memory, not spill
-registers, and -- except fp32 with exact products, which runs on FMA units, and the
-backward preprocess, which has no product -- use Hopper tensor cores (wgmma in the
-PTX, HGMMA in the SASS).
-
-Compilation runs in worker processes without TRITON_INTERPRET (see
-mmkernels.testing.sm90), one per CPU core.
+Every kernel at every configuration the launchers can pick (bf16/fp16/fp32 with exact or tf32
+products, D in {64, 88, 128, 256}, with and without a mask) is compiled for sm_90a. Each must
+compile, use at most 227 KB of shared memory, not spill, and use wgmma/HGMMA, except exact fp32
+(FMA units) and the backward preprocess (no product).
 """
 from __future__ import annotations
 
@@ -75,7 +67,7 @@ JOBS = _jobs()
 
 # Head dim 256 launches that spill registers when Triton >= 3.9 compiles them (its code for
 # these kernels needs more registers than 3.6's, and its ptxas runs --regAllocOptLevel=2): no
-# tile that keeps wgmma was found spill-free (mmkernels/attention/kernels/configs.py, _TRITON39_TILES).
+# spill-free tile that keeps wgmma is known (mmkernels/attention/kernels/configs.py, _TRITON39_TILES).
 # Under Triton >= 3.9 they must still compile, fit shared memory and use wgmma; the spill is an
 # expected failure, and strict: a launch of this list that stops spilling fails the test, so
 # the list only shrinks. Under Triton 3.6 they pass every check.

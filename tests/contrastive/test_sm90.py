@@ -1,15 +1,9 @@
 """sm_90 compile tier for the contrastive Triton kernels (no GPU needed).
 
-Every kernel at every configuration the launchers can pick (heuristic and
-autotune lists, for each dtype / input precision / BLOCK_K / alignment class
-of D, with and without column statistics) is compiled for the H100 (sm_90a)
-with Triton's own compiler.  Each must compile, use no more than 227 KB of
-shared memory, not spill registers, and -- except fp32 with exact ("ieee")
-products, which by design runs on FMA units -- use Hopper tensor cores
-(wgmma in the PTX, HGMMA in the SASS).
-
-Compilation runs in worker processes without TRITON_INTERPRET (see
-mmkernels.testing.sm90), one per CPU core.
+Every kernel at every configuration the launchers can pick (each dtype, input precision,
+BLOCK_K and alignment class of D, with and without column statistics) is compiled for sm_90a.
+Each must compile, use at most 227 KB of shared memory, not spill, and use wgmma/HGMMA, except
+exact ("ieee") fp32, which runs on FMA units.
 """
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
-"""The C++ CPU cross-attention kernels (mmkernels._C.cross_attention_fwd / _bwd) against the reference.
+"""The C++ CPU cross-attention kernels, called directly, against the float64 reference.
 
-These call the extension directly (no dispatch) and pin the kernel interface of the cross_attention
-contract: ``cross_attention_fwd(q, k, v, key_padding_mask, seed, scale, dropout_p) -> (out, lse)`` and
-``cross_attention_bwd(q, k, v, out, lse, dout, key_padding_mask, seed, scale, dropout_p) -> (dq, dk, dv)``.
-The reference (mmkernels.cross_attention.reference) materialises the scores; it is evaluated in
-float64 and differentiated with autograd against a random upstream gradient. For 16-bit inputs
-"eager" is the same reference evaluated in the input dtype, which sets the allowance of
-mmkernels.testing.numerics.assert_close. Dropout uses the same seed in kernel and reference, so
-forward and every gradient must agree element by element.
+Kernel interface: ``cross_attention_fwd(q, k, v, key_padding_mask, seed, scale, dropout_p) ->
+(out, lse)`` and ``cross_attention_bwd(q, k, v, out, lse, dout, key_padding_mask, seed, scale,
+dropout_p) -> (dq, dk, dv)``. Dropout uses the reference's seed, so the forward and every gradient
+must agree within mmkernels.testing.numerics.assert_close.
 """
 import math
 

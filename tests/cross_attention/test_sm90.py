@@ -1,17 +1,10 @@
 """sm_90 compile tier for the cross_attention Triton kernels (no GPU needed).
 
-Every launch ``mmkernels.cross_attention.kernels.compile_specs()`` lists -- the forward and the
-backward (one query block in registers, ``ONE_M``, and several with the dq scratch), at every
-tile configuration the launchers' heuristic can pick for Lq from 1 to past 256, for bf16/fp16/
-fp32 (fp32 with exact "ieee" products and with tf32), D in {64, 88, 96, 128} (88: ALIGN = 8 and
-masked columns), with key padding mask and dropout (and without either for the smallest and
-largest configurations), k/v strided as views of a fused K/V projection -- is compiled for the
-H100 (sm_90a) with Triton's own compiler.  Each must compile, use at most 227 KB of shared
-memory, not spill registers, and -- except fp32 with exact products, which runs on FMA units --
-use tensor cores (wgmma/HGMMA, or mma.sync/HMMA where a product has fewer than 64 rows).
-
-Compilation runs in worker processes without TRITON_INTERPRET (see mmkernels.testing.sm90),
-one per CPU core.
+Every launch ``mmkernels.cross_attention.kernels.compile_specs()`` lists (forward, backward with
+one or several query blocks, every tile the heuristic can pick, bf16/fp16/fp32, D in
+{64, 88, 96, 128}, padding and dropout) is compiled for sm_90a. Each must compile, use at most
+227 KB of shared memory, not spill, and use tensor cores (wgmma/HGMMA, or mma.sync/HMMA where a
+product has fewer than 64 rows), except exact fp32 (FMA units).
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
 """The cross_attention Triton kernels against the float64 reference (out, lse, dq, dk, dv).
 
-Without a GPU the kernels run through Triton's interpreter on CPU tensors (tests/conftest.py
-sets TRITON_INTERPRET=1 before anything imports triton); with a GPU the same tests run on CUDA
-tensors.  The primitives ``cross_attention_fwd_triton`` / ``cross_attention_bwd_triton`` are
-called directly; float32 must match the float64 reference at fp32 tolerance, bf16/fp16 under
-the project's table or twice eager PyTorch's error ("eager" = the reference evaluated in the
-input dtype).  Shapes: Lq in {1, 32, 33, 300}, Lk in {1, 257, 300}, D in {64, 88, 96}, with and
-without key padding (including a batch row whose keys are all padding), dropout p = 0.1 / 0.5
-with the reference's seed, k/v as strided views of a fused K/V projection, and forced small
-tiles / pair groups so that the multi-query-block backward and ragged pair groups run.
+``cross_attention_fwd_triton`` / ``cross_attention_bwd_triton`` are called directly, through
+Triton's interpreter without a GPU. float32 must match at fp32 tolerance, bf16/fp16 within the
+project's table or twice eager PyTorch's error (mmkernels.testing.numerics); small forced tiles
+exercise the multi-query-block backward and ragged pair groups.
 """
 from __future__ import annotations
 

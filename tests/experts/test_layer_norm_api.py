@@ -1,13 +1,8 @@
 """``mmkernels.modality_layer_norm`` and ``MultiwayLayerNorm`` against the loop-over-experts reference.
 
-The public function on the ``cpu`` (C++) and ``triton`` (interpreted on the CPU) backends,
-forward and every gradient, against ``modality_layer_norm_reference`` in float64: E in
-{1, 2, 3}, an expert with no tokens, all tokens in one expert, ragged token counts, fp32 /
-bf16 / fp16 and fp32 parameters beside bf16 activations, no bias, the split-position form,
-zero tokens, strided views; gradcheck, opcheck and ``torch.compile(fullgraph=True)``; the
-module's ``from_experts`` against VLMo's per-modality LayerNorms and torchscale's
-``MultiwayNetwork`` (split, normalise, concatenate); per-expert parameters with a frozen
-expert; autocast; bad input.
+The public function on the ``cpu`` and ``triton`` backends, forward and every gradient, in
+float64; gradcheck, opcheck and ``torch.compile``; the module against VLMo's per-modality
+LayerNorms and torchscale's ``MultiwayNetwork``; per-expert parameters, autocast, bad input.
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """The C++ CPU multiway LayerNorm (mmkernels._C.experts_layer_norm_fwd / _bwd) against the reference.
 
-These call the extension directly (no dispatch, no autograd wrapper): routing by (perm, offsets)
-int32 tensors from ``route_torch``, y / dx in token order, mean / rstd [T] in float32 (float64 for
-float64 x), dw in the weight's dtype, db in the bias's, empty(0) for absent gradients, zero slices
-for experts without tokens or outside the dw_experts mask, T = 0. The reference
-(``modality_layer_norm_reference``) is evaluated in float64, with autograd, on the kernel's inputs
-(already rounded to the tested dtype); "eager" is the same reference evaluated in that dtype, which
-sets the allowance of mmkernels.testing.numerics.assert_close.
+Called directly with (perm, offsets) routing: y / dx in token order, mean / rstd [T] float32
+(float64 for float64 x), dw in the weight's dtype, db in the bias's, empty(0) for absent
+gradients, zero slices for experts without tokens or outside ``dw_experts``.
 """
 import pytest
 import torch

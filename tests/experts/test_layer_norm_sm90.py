@@ -1,19 +1,8 @@
 """sm_90 compile tier for the per-modality LayerNorm's Triton kernels (no GPU needed).
 
-Every launch ``layer_norm_fwd_triton`` / ``layer_norm_bwd_triton`` make (``NORM_KINDS``: the
-forward, the backward with dx and the dw/db partial sums, dx only, or the partial sums only,
-and the partial-sum reduction), with and without bias in bf16 (fp16 and fp32: the forward,
-the full backward and the reduction, with bias), with E = 8 experts
-(the largest unrolled offsets scan) and E = 1 (a weight-gradient mask of 1, which Triton turns
-into a constexpr), is compiled for the H100 (sm_90a) with Triton's own compiler, at the tiles
-and warps ``norm_config`` picks (the launchers' own function), for model widths H = 768, 1024
-and 4096, the odd width 97 (scalar loads), the widest rows (16384, and 12289: the backward's
-column split, aligned and odd), and one odd width in every other BLOCK_H class, so every
-configuration the launchers can pick is compiled. Each must compile, use at most 227 KB of shared memory and not
-spill registers.
-
-Compilation runs in worker processes without TRITON_INTERPRET (see mmkernels.testing.sm90),
-one per CPU core.
+Every launch kind (``NORM_KINDS``) at the tiles ``norm_config`` picks, for model widths, odd
+widths and the widest rows (one width per BLOCK_H class), E = 8 and E = 1, is compiled for
+sm_90a. Each must compile, use at most 227 KB of shared memory and not spill.
 """
 from __future__ import annotations
 

@@ -1,19 +1,9 @@
-"""The per-modality LayerNorm's Triton kernels (``mmkernels/experts/layer_norm/kernels.py``) against
-the float64 loop-over-experts reference.
+"""The per-modality LayerNorm's Triton kernels against the float64 loop-over-experts reference.
 
-``layer_norm_fwd_triton`` (y, mean, rstd) and ``layer_norm_bwd_triton`` (dx, dw, db; reference
-gradients by autograd on float64 copies) for E in {1, 2, 3, 8}, an expert with no tokens, all
-tokens in one expert, ragged T (1, 7, 33, 97), widths 37 and 96 (16-row tiles, masked
-columns), 768 (4-row forward tiles, 2-row backward steps) and 4100 (the backward's column
-split, parts of 4096 and of 2048), with and without bias, fp32/bf16/fp16 (and fp32 parameters beside bf16
-activations), non-contiguous x/dy/weight/bias, ``needs_dx`` off, per-expert ``dw_experts``
-masks, and T = 0. The backward walks chunks of 16 slots (``BWD_MIN_ROWS``), so T = 97 gives
-several chunks per expert and ragged last chunks.
-
-Without a GPU the kernels run through Triton's interpreter on CPU tensors (tests/conftest.py
-sets TRITON_INTERPRET=1); with a GPU the same tests run on CUDA tensors. Low-precision results
-must be within the project's tolerance of the float64 reference, or within twice the error of
-the same computation done by eager PyTorch in that dtype (mmkernels.testing.numerics).
+``layer_norm_fwd_triton`` (y, mean, rstd) and ``layer_norm_bwd_triton`` (dx, dw, db), through
+Triton's interpreter without a GPU: empty and ragged experts, narrow, wide and split rows, with
+and without bias, fp32/bf16/fp16, strided inputs, ``dw_experts`` masks, T = 0. Low-precision
+results follow mmkernels.testing.numerics.
 """
 from __future__ import annotations
 

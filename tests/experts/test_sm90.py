@@ -1,22 +1,10 @@
 """sm_90 compile tier for the experts Triton kernels (no GPU needed).
 
-Every launch the four contract functions make (``KERNEL_KINDS``: the routing sort, the six
-grouped-GEMM launches with their gather/scatter/bias/activation/h flags and weight layouts,
-the three weight-gradient launches with and without bias), at every tile configuration the
-heuristic can pick, for bf16/fp16/fp32 (fp32 with exact "ieee" products and with tf32), is
-compiled for the H100 (sm_90a) with Triton's own compiler, with E = 8 experts (the largest
-unrolled offsets scan).  Sizes are multiples of 16 (Triton's divisibility specialisation);
-the bf16 grouped GEMMs are compiled once more with odd widths (H = 88, F = 200), the
-unaligned specialisation.  Each must compile, use at most 227 KB of shared memory, not spill
-registers, and -- except fp32 with exact products, which runs on FMA units, and the routing
-sort, which has no product -- use Hopper tensor cores (wgmma in the PTX, HGMMA in the SASS).
-The tensor-core launches with aligned rows must also be software-pipelined: some
-``cp.async.wait_group`` leaves copies in flight (``sm90.assert_pipelined``), and every 8-warp
-launch must leave registers for two programs per SM (the weight gradient with its register
-cap, the activation launches with their epilogue in column slices).
-
-Compilation runs in worker processes without TRITON_INTERPRET (see
-mmkernels.testing.sm90), one per CPU core.
+Every launch kind (``KERNEL_KINDS``: routing sort, grouped GEMMs, weight gradients) at every tile
+the heuristic can pick, bf16/fp16/fp32, E = 8, aligned and odd widths, is compiled for sm_90a.
+Each must compile, use at most 227 KB of shared memory, not spill, use wgmma/HGMMA (except exact
+fp32 and the sort), be software-pipelined where rows are aligned, and leave registers for two
+8-warp programs per SM.
 """
 from __future__ import annotations
 

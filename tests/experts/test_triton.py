@@ -1,19 +1,10 @@
 """The experts Triton kernels against the float64 loop-over-experts reference.
 
-Routing (``route_triton``) against ``torch.argsort(ids, stable=True)``; the modality linear and
-FFN forward and every gradient (linear: y, dx, dW, db; FFN: y, dx, dW_in, db_in, dW_out,
-db_out, plus the sorted-order h and a the forward stores) for E in {1, 2, 3, 8}, experts with
-no tokens, all tokens in one expert, ragged counts (T = 1, 7, 97), every activation,
-fp32/bf16/fp16, non-contiguous x/dy/weights, and T = 0.
-
-Without a GPU the kernels run through Triton's interpreter on CPU tensors (tests/conftest.py
-sets TRITON_INTERPRET=1 before anything imports triton); with a GPU the same tests run on
-CUDA tensors.  Most cases force small tiles (16 slots, 16-wide k steps) so that a few dozen
-tokens already give several row tiles per expert, ragged last tiles and several k steps; a few
-run the heuristic tiles.  Widths are not multiples of 16 (masked columns; the launchers' ALIGN
-is 4, and 1 for the non-contiguous cases).  Low-precision results must be within the
-project's tolerance of the float64 reference, or within twice the error of the same
-computation done by eager PyTorch in that dtype (mmkernels.testing.numerics).
+Routing (``route_triton``) against a stable argsort; the modality linear and FFN forward and
+every gradient, through Triton's interpreter without a GPU, for empty and ragged experts, every
+activation, fp32/bf16/fp16, strided inputs and T = 0. Most cases force small tiles so that few
+tokens give several row tiles and k steps. Low-precision results follow
+mmkernels.testing.numerics.
 """
 from __future__ import annotations
 
