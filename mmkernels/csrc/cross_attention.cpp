@@ -2,7 +2,7 @@
 //
 // The definition is mmkernels/cross_attention/reference.py: s = scale * q k^T, -inf where the key
 // is padding, lse = logsumexp_j s, P = exp(s - lse), attention dropout from the counter hash of
-// the reference's docstring (a pure function of (seed, b, h, i, j)), out = (P * keep / (1-p)) v.
+// the reference's dropout_hash (a pure function of (seed, b, h, i, j)), out = (P * keep / (1-p)) v.
 //
 // Forward: parallel over (batch, head, query block of <= 128 rows). Per key block (the whole of Lk when
 // Lk <= 1024, else blocks of 256 with an online softmax) S = scale * Q K^T goes through BLAS into

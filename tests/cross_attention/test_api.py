@@ -125,7 +125,7 @@ def _mix32_python(x):
 
 
 def test_dropout_hash_matches_scalar_definition():
-    """The tensor implementation equals the docstring's formula evaluated in Python integers."""
+    """The tensor implementation equals its docstring's formula evaluated in Python integers."""
     s0, s1 = 2 ** 31 - 1, 12345
     seed = torch.tensor([s0, s1])
     b, h, lq, lk = 2, 3, 5, 7

@@ -31,14 +31,14 @@ for _kind in KERNEL_KINDS:
 
 
 # Triton >= 3.9 generates more register-hungry code for these kernels and has ptxas allocate
-# with --regAllocOptLevel=2: the tiles picked with Triton 3.6 spill there for the cases listed
+# with --regAllocOptLevel=2: the default tiles spill there for the cases listed
 # below, so on Triton >= 3.9 those cases take the tile given here instead, the largest one that
 # compiles for sm_90a with no spills, shared memory within 227 KB and the same tensor-core
 # instructions (tests/attention/test_sm90.py compiles them).  BLOCK_M, num_warps and the
 # dk/dv split are kept where a smaller BLOCK_N or BLOCK_M suffices.  Every other case, and
-# every case on older Triton, keeps its tile.  (No tile with wgmma was found that compiles
-# without spills on Triton 3.9 for fp32-with-tf32 at D > 128 (forward with a mask, dq, dk/dv)
-# nor for the masked 16-bit dk/dv at D > 128: those keep their tile.)
+# every case on older Triton, keeps its tile.  (fp32-with-tf32 at D > 128 (forward with a mask,
+# dq, dk/dv) and the masked 16-bit dk/dv at D > 128 have no known tile with wgmma that compiles
+# without spills on Triton 3.9: those keep their tile.)
 # Key: (kind, "16bit" | "tf32" | "fma", block_d(D), has_mask).
 _TRITON39_TILES = {
     ("fwd", "16bit", 128, True): AttnConfig(128, 16, 8, 2),

@@ -103,8 +103,8 @@ def heuristic_config(dtype: torch.dtype, D: int, input_precision: str) -> TileCo
     """
     bk = _block_k(dtype, D, input_precision)
     if dtype == torch.float32 and input_precision == "ieee":
-        # exact fp32 products: no tensor cores, FMA dot (with 8 warps ptxas caps these kernels
-        # at 128 registers and spills when D % 16 != 0)
+        # exact fp32 products: no tensor cores, FMA dot (with 8 warps ptxas caps these kernels'
+        # registers per thread, and they spill when D % 16 != 0)
         return TileConfig(32, 64, bk, 4, 2)
     if _triton39_unaligned(dtype, D, input_precision):
         return TileConfig(64, 64, 32, 8, 3) if dtype == torch.float32 else TileConfig(128, 64, 32, 8, 3)

@@ -61,7 +61,7 @@ def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str
     tiles, and dq when one query block covers Lq), hence its smaller BLOCK_M.
 
     Triton >= 3.9 generates more register-hungry code for these kernels and has ptxas allocate
-    with --regAllocOptLevel=2, so two tiles chosen with Triton 3.6 spill there; on Triton >= 3.9
+    with --regAllocOptLevel=2, so two of the default tiles spill there; on Triton >= 3.9
     (only) they are replaced by the largest tile that compiles for sm_90a with no spills:
     the 16-bit forward with BLOCK_M = 128 and D > 64 takes one stage instead of two (same
     tile), and the exact-fp32 backward with D > 64 and one query block (dq in registers) takes
