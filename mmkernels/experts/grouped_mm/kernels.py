@@ -2,15 +2,7 @@
 ``linear_bwd_triton``, ``ffn_fwd_triton``, ``ffn_bwd_triton``, and ``compile_specs`` for the
 sm_90a compile tier. The kernels live in ``mm_kernel`` and ``wgrad_kernel``, the tiles in
 ``configs`` (explicit ``config=``, else a :mod:`mmkernels.tuning` override, else the heuristic).
-
-Launches (``KERNEL_KINDS``): linear forward = one grouped GEMM (gather x, scatter y); linear
-backward = one grouped GEMM for dx (gather dy, ``W_e`` not transposed, scatter) plus one
-weight-gradient launch. FFN forward = ``x -> (h, a)`` in sorted order (activation epilogue,
-h stored) then ``a -> y`` (scatter). FFN backward = ``dh = (dy @ W_out_e) * act'(h)``,
-``dx = dh @ W_in_e`` (scatter), and ``dW_out = dy^T a``, ``dW_in = dh^T x`` with their bias
-gradients. Accumulation is fp32; row offsets are int64 (the weight gradient: int32 when every
-offset fits). Under ``TRITON_INTERPRET=1`` bf16 products are upcast and bf16 results rounded
-to nearest even by hand (``DOT_UPCAST``), as the interpreter's cast truncates.
+Accumulation is fp32.
 """
 from __future__ import annotations
 
@@ -169,7 +161,8 @@ def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, dw_experts, 
     """``(dx [T, Hin] | empty(0), dw [E, Hout, Hin] | empty(0), db [E, Hout] | empty(0))``.
 
     ``dw_experts``: E bools, the experts whose weight gradient is wanted (zero slices for the
-    others); ``dw`` and, when ``bias`` is given, ``db`` are empty if none is.
+    others); ``dw`` and, when ``bias`` is given, ``db`` are empty if none is. One grouped GEMM
+    for dx (gather dy, ``W_e`` not transposed, scatter) plus one weight-gradient launch.
     """
     check_launch(x, offsets)
     T, Hin = x.shape
@@ -191,7 +184,10 @@ def linear_bwd_triton(dy, x, perm, offsets, weight, bias, needs_dx, dw_experts, 
 
 
 def ffn_fwd_triton(x, perm, offsets, w_in, b_in, w_out, b_out, activation, *, config=None):
-    """``(y [T, Hout] token order, h [T, Fi] sorted, a [T, F] sorted)``."""
+    """``(y [T, Hout] token order, h [T, Fi] sorted, a [T, F] sorted)``.
+
+    Two grouped GEMMs: ``x -> (h, a)`` in sorted order (activation epilogue, h stored), then
+    ``a -> y`` (scatter)."""
     check_launch(x, offsets)
     act = _act_code(activation)
     T, Hin = x.shape
@@ -217,7 +213,10 @@ def ffn_bwd_triton(dy, x, perm, offsets, w_in, b_in, w_out, b_out, h, a, activat
     each ``empty(0)`` when not wanted: ``dx`` unless ``needs_dx``, a weight (and its bias)
     gradient when its mask (E bools, default every expert) flags no expert, a bias gradient when
     there is no bias. Experts left out of a mask get zero slices and no weight-gradient work;
-    ``dh`` is computed only for ``dx`` or ``dw_in``."""
+    ``dh`` is computed only for ``dx`` or ``dw_in``.
+
+    Launches: ``dh = (dy @ W_out_e) * act'(h)``, ``dx = dh @ W_in_e`` (scatter), and
+    ``dW_out = dy^T a``, ``dW_in = dh^T x`` with their bias gradients."""
     check_launch(x, offsets)
     act = _act_code(activation)
     T, Hin = x.shape
