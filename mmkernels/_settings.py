@@ -7,6 +7,7 @@
 | ``MMKERNELS_CACHE_DIR`` | first CPU call | where the C++ kernels are built (default ``$XDG_CACHE_HOME/mmkernels``, ``~/.cache/mmkernels``) |
 | ``MMKERNELS_TUNING_FILE`` | first launch | a launch-configuration file for :mod:`mmkernels.tuning` to load |
 | ``TRITON_INTERPRET`` | at import | Triton's own switch: ``1`` runs the triton backend on CPU tensors |
+| ``TRITON_PTXAS_PATH``, ``TRITON_CUOBJDUMP_PATH`` | sm_90 compile tier | Triton's own: the ptxas / cuobjdump to use |
 
 Tile sizes and other launch choices are not environment variables: see :mod:`mmkernels.tuning`.
 """
@@ -50,3 +51,8 @@ def tuning_file() -> str | None:
 def triton_interpret() -> bool:
     """``TRITON_INTERPRET`` as Triton reads it (any value but empty or ``0``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_tool_path(tool: str) -> str | None:
+    """Triton's own override of the path of ``tool`` (``ptxas`` or ``cuobjdump``), or None."""
+    return _text(f"TRITON_{tool.upper()}_PATH") or None

@@ -118,10 +118,10 @@ def _bundled(name: str) -> Path | None:
     return p if p.exists() else None
 
 
-def _tool(name: str, env: str, triton_path) -> str:
-    """The path of tool ``name``: ``$env`` when it exists, else ``triton_path()`` (Triton's own
+def _tool(name: str, triton_path) -> str:
+    """The path of tool ``name``: ``$TRITON_<NAME>_PATH`` when it exists, else ``triton_path()`` (Triton's own
     choice; None or an error when that Triton cannot say), else the copy in the triton wheel."""
-    override = os.environ.get(env)
+    override = _settings.triton_tool_path(name)
     if override and os.path.exists(override):
         return override
     try:
@@ -148,12 +148,12 @@ def _triton_cuobjdump() -> str:
 
 def ptxas_path() -> str:
     """The ptxas Triton itself uses for sm_90 (Triton 3.9 picks its newer 'ptxas-blackwell')."""
-    return _tool("ptxas", "TRITON_PTXAS_PATH", _triton_ptxas)
+    return _tool("ptxas", _triton_ptxas)
 
 
 def cuobjdump_path() -> str:
     """The cuobjdump that reads the cubins' SASS."""
-    return _tool("cuobjdump", "TRITON_CUOBJDUMP_PATH", _triton_cuobjdump)
+    return _tool("cuobjdump", _triton_cuobjdump)
 
 
 def check_tools() -> None:
