@@ -98,7 +98,7 @@ def build_dir(debug: bool = False) -> Path:
     return cache_root() / "cpu-kernels" / name
 
 
-def _stamp_matches(directory: Path, digest: str) -> bool:
+def stamp_matches(directory: Path, digest: str) -> bool:
     try:
         info = json.loads((directory / STAMP).read_text())
     except (OSError, ValueError):
@@ -158,7 +158,7 @@ def build(*, force: bool = False, debug: bool = False, quiet: bool = False) -> P
 
     directory = build_dir(debug)
     digest = sources_digest()
-    if not force and _stamp_matches(directory, digest):
+    if not force and stamp_matches(directory, digest):
         return directory / LIBRARY
     directory.mkdir(parents=True, exist_ok=True)
     if force:

@@ -45,10 +45,10 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 def test_a_stamp_of_other_sources_or_without_library_is_stale(tmp_path):
     digest = _ext.sources_digest()
     (tmp_path / _ext.STAMP).write_text(json.dumps({"sources": digest}))
-    assert not _ext._stamp_matches(tmp_path, digest)          # no library next to it
+    assert not _ext.stamp_matches(tmp_path, digest)          # no library next to it
     (tmp_path / _ext.LIBRARY).write_bytes(b"")
-    assert _ext._stamp_matches(tmp_path, digest)
-    assert not _ext._stamp_matches(tmp_path, "0" * 64)        # the sources changed since
+    assert _ext.stamp_matches(tmp_path, digest)
+    assert not _ext.stamp_matches(tmp_path, "0" * 64)        # the sources changed since
 
 
 def test_sources_digest_covers_every_source_and_header():
