@@ -259,7 +259,7 @@ def _vlmo_inputs(device: str, smoke: bool):
 
 
 def _tune_wgrad(device: str, smoke: bool, reps: int, best: dict) -> list[str]:
-    from mmkernels.experts.grouped_mm import configs as C
+    from mmkernels.experts.grouped_mm.kernels import configs as C
     from mmkernels.experts.grouped_mm import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
@@ -311,7 +311,7 @@ def _cublas_line(fn, device: str, reps: int, flop: float, what: str) -> list[str
 
 
 def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[str]]:
-    from mmkernels.experts.grouped_mm import configs as C
+    from mmkernels.experts.grouped_mm.kernels import configs as C
     from mmkernels.experts.grouped_mm import kernels as K
     (b, t_text, t_img, h, f), t, perm, offsets = _vlmo_inputs(device, smoke)
     dtype = torch.bfloat16
@@ -352,7 +352,7 @@ def _tune_mm(device: str, smoke: bool, reps: int, best: dict) -> Iterator[list[s
 def _mm_table(kind: str, launch, heur, flop: float, dense, device: str, smoke: bool, reps: int):
     """``launch(cfg)`` timed at the heuristic's ``heur`` and every ``MM_CANDIDATES`` config, then
     ``dense()`` (cuBLAS, the same FLOPs): ``(the table's lines, the fastest config's name)``."""
-    from mmkernels.experts.grouped_mm.configs import MMConfig
+    from mmkernels.experts.grouped_mm.kernels.configs import MMConfig
     cands = [heur] + [MMConfig(*c) for c in MM_CANDIDATES if MMConfig(*c) != heur]
     rows = []
     for cfg in (cands[:2] if smoke else cands):
@@ -372,7 +372,7 @@ def _tune_swiglu(device: str, smoke: bool, reps: int) -> Iterator[list[str]]:
     bf16), the GEMMs of most of its FLOPs: ``ffn_fwd_in`` (a B tile of gate and up columns) and
     ``ffn_bwd_dh`` (swiglu's backward epilogue). For reading only: the settings above come from
     the VLMo tables and apply to every activation."""
-    from mmkernels.experts.grouped_mm import configs as C
+    from mmkernels.experts.grouped_mm.kernels import configs as C
     from mmkernels.experts.grouped_mm import kernels as K
     from mmkernels.experts.routing_kernels import route_triton
     b, t_img, t_text, h, f = (1, 24, 8, 64, 96) if smoke else (4, 1226, 300, 4096, 11008)
@@ -433,7 +433,7 @@ def _settings_lines(best: dict) -> list[str]:
     """The fastest configs as a :mod:`mmkernels.tuning` file (kept in ``TUNED`` for ``--save``):
     each tile for every launch of its kind, the chunk as the option ``experts.wgrad_chunk``."""
     import ast
-    from mmkernels.experts.grouped_mm.configs import WGRAD_CHUNK_OPTION
+    from mmkernels.experts.grouped_mm.kernels.configs import WGRAD_CHUNK_OPTION
     with tuning.scope():
         tuning.reset()
         for kind, name in best.items():

@@ -84,9 +84,9 @@ def names(kind: str):
 def record_launches(monkeypatch):
     """Patch the weight-gradient launch and the grouped GEMM to record what runs:
     ``("wgrad", kind, E of the launch)`` and ``("mm", kind)``."""
-    from mmkernels.experts.grouped_mm import kernels as K
+    from mmkernels.experts.grouped_mm.kernels import launch as L  # the module the launchers call through
     seen = []
-    real_wgrad, real_mm = K.launch_wgrad, K.launch_grouped_mm
+    real_wgrad, real_mm = L.launch_wgrad, L.launch_grouped_mm
 
     def wgrad(kind, a, x, dw, *args, **kw):
         seen.append(("wgrad", kind, dw.shape[0]))
@@ -96,6 +96,6 @@ def record_launches(monkeypatch):
         seen.append(("mm", kind))
         return real_mm(kind, *args, **kw)
 
-    monkeypatch.setattr(K, "launch_wgrad", wgrad)
-    monkeypatch.setattr(K, "launch_grouped_mm", mm)
+    monkeypatch.setattr(L, "launch_wgrad", wgrad)
+    monkeypatch.setattr(L, "launch_grouped_mm", mm)
     return seen

@@ -12,7 +12,7 @@ import torch
 import mmkernels
 from tests.experts.cases import ACTS, ffn_params, make_ids, names, randn, run
 from mmkernels import tuning
-from mmkernels.experts.grouped_mm import configs as C
+from mmkernels.experts.grouped_mm.kernels import configs as C
 from mmkernels.testing.cuda_graph import capture, sync_free
 from mmkernels.testing.numerics import assert_close
 

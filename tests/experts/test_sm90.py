@@ -15,7 +15,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mmkernels.experts import routing_kernels as R  # noqa: E402
-from mmkernels.experts.grouped_mm import configs as C  # noqa: E402
+from mmkernels.experts.grouped_mm.kernels import configs as C  # noqa: E402
 from mmkernels.experts.grouped_mm import kernels as K  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
 from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)

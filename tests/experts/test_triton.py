@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 from mmkernels import tuning  # noqa: E402
 from mmkernels.experts import routing_kernels as R  # noqa: E402
-from mmkernels.experts.grouped_mm import configs as C  # noqa: E402
+from mmkernels.experts.grouped_mm.kernels import configs as C  # noqa: E402
 from mmkernels.experts.grouped_mm import kernels as K  # noqa: E402
 from mmkernels.experts.routing import route_split as route_split_torch  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
@@ -458,7 +458,7 @@ def test_wgrad_int64_row_offsets(monkeypatch):
     assert K.offsets_fit_int32(torch.empty(5, 7), big[:1])
     assert not K.offsets_fit_int32(torch.empty(5, 7), big)
     assert not K.offsets_fit_int32(torch.empty_strided((2 ** 20, 2 ** 11 + 1), (2 ** 11 + 1, 1), device="meta"))
-    monkeypatch.setattr(K, "offsets_fit_int32", lambda *ts: False)
+    monkeypatch.setattr(K.launch, "offsets_fit_int32", lambda *ts: False)
     for chunk in (0, 32):
         with tuning.scope():
             tuning.set_option(C.WGRAD_CHUNK_OPTION, chunk)

@@ -28,7 +28,7 @@ w_out, b_out, perm, offsets, h, a, activation, needs_dx, dw_in_experts, dw_out_e
 backend)``, reuses; ``h`` and ``a`` carry no gradient. It returns ``(dx, dw_in, db_in, dw_out,
 db_out)``, each ``empty(0)`` when not wanted.
 
-``backend`` is ``"cpu"`` (C++ in ``mmkernels/csrc/experts.cpp``) or ``"triton"`` (``kernels.py``). Outputs and gradients
+``backend`` is ``"cpu"`` (C++ in ``mmkernels/csrc/experts.cpp``) or ``"triton"`` (``kernels/``). Outputs and gradients
 have the inputs' dtype; experts that own no token get zero weight and bias gradients.
 """
 from __future__ import annotations

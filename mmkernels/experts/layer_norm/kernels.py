@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..._triton import PTR, interpreting
-from ..grouped_mm.mm_kernel import round_bf16
+from ..grouped_mm.kernels.jit_mm import round_bf16
 from ..routing_kernels import align_of, check_launch, empty_of, is_aligned
 
 MAX_NORM_H = 16384  # widest row a program holds in registers

@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 import torch
 
-from ... import tuning
-from ..._triton import DTYPES, input_precisions, sm_count
-from ..activations import ACTIVATIONS
-from ..routing_kernels import is_aligned
+from .... import tuning
+from ...._triton import DTYPES, input_precisions, sm_count
+from ...activations import ACTIVATIONS
+from ...routing_kernels import is_aligned
 
 # activation codes (constexpr ACT of the grouped GEMM)
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4, 5

@@ -1,5 +1,5 @@
 """Triton grouped GEMM of the modality experts with its fused epilogues (bias, activation,
-swiglu, activation backward): ``grouped_mm_kernel``, launched by ``kernels``.
+swiglu, activation backward): ``grouped_mm_kernel``, launched by ``launch``.
 """
 
 import triton

@@ -1,11 +1,11 @@
 """Triton grouped weight gradient of the modality experts, with the bias gradient:
-``grouped_wgrad_kernel``, launched by ``kernels``.
+``grouped_wgrad_kernel``, launched by ``launch``.
 """
 
 import triton
 import triton.language as tl
 
-from .mm_kernel import round_bf16
+from .jit_mm import round_bf16
 
 
 @triton.jit
