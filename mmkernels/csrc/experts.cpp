@@ -166,18 +166,20 @@ void bias_act_fwd(CT* H, int64_t n, int64_t Fi, int64_t F, const CT* bias, Act a
         scalar_t* ho = h_out + r * Fi;
         for (int64_t j = 0; j < Fi; ++j) ho[j] = static_cast<scalar_t>(hr[j]);
       }
+      // ar[j] = f(hr[j]); f is a lambda (its own type), so each loop inlines its activation
+      auto each = [&](auto f) { for (int64_t j = 0; j < F; ++j) ar[j] = f(hr[j]); };
       switch (act) {
         case Act::Gelu:
-          for (int64_t j = 0; j < F; ++j) ar[j] = M::gelu(hr[j]);
+          each([](CT v) { return M::gelu(v); });
           break;
         case Act::GeluTanh:
-          for (int64_t j = 0; j < F; ++j) ar[j] = M::gelu_tanh(hr[j]);
+          each([](CT v) { return M::gelu_tanh(v); });
           break;
         case Act::Silu:
-          for (int64_t j = 0; j < F; ++j) ar[j] = M::silu(hr[j]);
+          each([](CT v) { return M::silu(v); });
           break;
         case Act::Relu:
-          for (int64_t j = 0; j < F; ++j) ar[j] = M::relu(hr[j]);
+          each([](CT v) { return M::relu(v); });
           break;
         case Act::Swiglu:
           for (int64_t j = 0; j < F; ++j) ar[j] = M::silu(hr[j]) * hr[F + j];
@@ -200,15 +202,17 @@ void act_bwd(const CT* dA, const scalar_t* H, int64_t n, int64_t Fi, int64_t F, 
       const CT* g = dA + r * F;
       const scalar_t* hr = H + r * Fi;
       CT* d = dH + r * Fi;
+      // d[j] = g[j] * act'(hr[j]) with act' a lambda, inlined in each loop
+      auto each = [&](auto da) { for (int64_t j = 0; j < F; ++j) d[j] = g[j] * da(hr[j]); };
       switch (act) {
         case Act::Gelu:
-          for (int64_t j = 0; j < F; ++j) d[j] = g[j] * M::dgelu(static_cast<CT>(hr[j]));
+          each([](CT v) { return M::dgelu(v); });
           break;
         case Act::GeluTanh:
-          for (int64_t j = 0; j < F; ++j) d[j] = g[j] * M::dgelu_tanh(static_cast<CT>(hr[j]));
+          each([](CT v) { return M::dgelu_tanh(v); });
           break;
         case Act::Silu:
-          for (int64_t j = 0; j < F; ++j) d[j] = g[j] * M::dsilu(static_cast<CT>(hr[j]));
+          each([](CT v) { return M::dsilu(v); });
           break;
         case Act::Relu:
           for (int64_t j = 0; j < F; ++j) d[j] = static_cast<CT>(hr[j]) <= CT(0) ? CT(0) : g[j];
