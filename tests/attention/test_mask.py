@@ -253,14 +253,7 @@ def check_tile_map(m: MultimodalMask, bm: int, bn: int) -> torch.Tensor:
     tm, tn = -(-sq // bm), -(-sk // bn)
     assert tiles.shape == (b, tm, tn) and tiles.dtype == torch.int8
     assert ((tiles >= 0) & (tiles <= 2)).all()
-    d = dense(m)
-    # per-tile "any visible" / "all visible" over in-bounds elements, by padding the dense mask
-    pad_any = torch.zeros(b, tm * bm, tn * bn, dtype=torch.bool)
-    pad_all = torch.ones(b, tm * bm, tn * bn, dtype=torch.bool)
-    pad_any[:, :sq, :sk] = d
-    pad_all[:, :sq, :sk] = d
-    any_vis = pad_any.view(b, tm, bm, tn, bn).any(4).any(2)
-    all_vis = pad_all.view(b, tm, bm, tn, bn).all(4).all(2)
+    any_vis, all_vis = tile_visibility(m, bm, bn)
     assert not (any_vis & (tiles == TILE_EMPTY)).any(), "a tile marked empty has a visible element"
     assert (all_vis | (tiles != TILE_FULL)).all(), "a tile marked full has a masked element"
     return tiles
@@ -303,8 +296,9 @@ def test_tile_map_never_wrong_builders(builder, bm, bn):
     check_tile_map(builder(), bm, bn)
 
 
-def exact_tile_map(m: MultimodalMask, bm: int, bn: int) -> torch.Tensor:
-    """The exact classification, from the dense mask."""
+def tile_visibility(m: MultimodalMask, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile ``[B, Tm, Tn]`` (bool): any / every in-bounds element visible, from the dense mask
+    padded to whole tiles (padding counts as masked for "any", visible for "every")."""
     d = dense(m)
     b, sq, sk = m.shape
     tm, tn = -(-sq // bm), -(-sk // bn)
@@ -312,8 +306,12 @@ def exact_tile_map(m: MultimodalMask, bm: int, bn: int) -> torch.Tensor:
     pad_all = torch.ones(b, tm * bm, tn * bn, dtype=torch.bool)
     pad_any[:, :sq, :sk] = d
     pad_all[:, :sq, :sk] = d
-    any_vis = pad_any.view(b, tm, bm, tn, bn).any(4).any(2)
-    all_vis = pad_all.view(b, tm, bm, tn, bn).all(4).all(2)
+    return pad_any.view(b, tm, bm, tn, bn).any(4).any(2), pad_all.view(b, tm, bm, tn, bn).all(4).all(2)
+
+
+def exact_tile_map(m: MultimodalMask, bm: int, bn: int) -> torch.Tensor:
+    """The exact classification, from the dense mask."""
+    any_vis, all_vis = tile_visibility(m, bm, bn)
     return torch.where(all_vis, TILE_FULL, torch.where(any_vis, TILE_PARTIAL, TILE_EMPTY)).to(torch.int8)
 
 

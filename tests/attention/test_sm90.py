@@ -19,7 +19,7 @@ from mmkernels.attention import tile_kernel as TK  # noqa: E402
 from mmkernels._triton import triton_at_least  # noqa: E402
 from mmkernels._triton import PTR  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
-from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
+from tests.helpers.sm90_tier import Sm90Tier, launch_grid, reports  # noqa: E402, F401  (reports: the fixture)
 
 D_VALUES = (64, 88, 128, 256)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -34,24 +34,19 @@ def _label(kind, dtype, prec, D, has_mask, cfg, part):
 
 def _jobs():
     jobs, seen = [], set()
-    for kind in K.KERNEL_KINDS:
-        for dtype in DTYPES:
-            for prec in K.input_precisions(dtype):
-                for D in D_VALUES:
-                    for has_mask in ((False,) if kind == "bwd_pre" else (False, True)):
-                        for cfg in K.candidate_configs(kind, dtype, D, prec, has_mask):
-                            parts = K.dkdv_parts(cfg) if kind == "bwd_dkdv" else (0,)
-                            for part in parts:
-                                label = _label(kind, dtype, prec, D, has_mask, cfg, part)
-                                if kind == "bwd_pre":  # no product: precision and 16-bit type irrelevant
-                                    key = (kind, dtype == torch.float32, D, cfg)
-                                    if key in seen:
-                                        continue
-                                    seen.add(key)
-                                kernel, sig, constexprs, div = K.compile_specs(
-                                    kind, dtype, D, prec, has_mask, cfg, part)
-                                jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps,
-                                                            cfg.num_stages, div, label=label))
+    for kind, dtype, prec, D in launch_grid(K.KERNEL_KINDS, DTYPES, K.input_precisions, D_VALUES):
+        for has_mask in ((False,) if kind == "bwd_pre" else (False, True)):
+            for cfg in K.candidate_configs(kind, dtype, D, prec, has_mask):
+                for part in (K.dkdv_parts(cfg) if kind == "bwd_dkdv" else (0,)):
+                    label = _label(kind, dtype, prec, D, has_mask, cfg, part)
+                    if kind == "bwd_pre":  # no product: precision and 16-bit type irrelevant
+                        key = (kind, dtype == torch.float32, D, cfg)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    kernel, sig, constexprs, div = K.compile_specs(kind, dtype, D, prec, has_mask, cfg, part)
+                    jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div,
+                                                label=label))
     # the one-launch tile map, at every block pair the attention configs use
     pairs = {(c["BLOCK_M"], c["BLOCK_N"]) for c in (j.constexprs for j in jobs)
              if "BLOCK_N" in c and c["BLOCK_N"] > 0 and "HAS_MASK" in c and c["HAS_MASK"]}

@@ -22,6 +22,7 @@ from mmkernels.attention import CAUSAL, FULL, SPAN, BLOCKED, MultimodalMask  # n
 from mmkernels.attention import kernels as K  # noqa: E402
 from mmkernels.attention.reference import multimodal_attention_reference  # noqa: E402
 from mmkernels.testing.numerics import assert_close  # noqa: E402
+from tests.helpers.attention_checks import check_lse_fp32  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -59,17 +60,6 @@ def meta_of(mask):
     return [] if mask is None else [t.to(DEVICE) for t in mask._fields()]
 
 
-def check_lse(lse, ref, dtype):
-    assert lse.dtype == torch.float32
-    lse, ref = lse.double().cpu(), ref.double().cpu()
-    assert not torch.isnan(lse).any()
-    inf = torch.isinf(ref)
-    assert torch.equal(torch.isinf(lse), inf), "lse: -inf pattern differs from the reference"
-    assert bool((lse[inf] == float("-inf")).all())
-    # lse is computed in fp32 from the dtype's values: fp32 accuracy, widened for long dot products
-    assert_close(lse[~inf], ref[~inf], torch.float32, scale=10.0, name="lse")
-
-
 def run_case(mask, B, Hq, Hkv, Sq, Sk, D, dtype, *, config=SMALL, seed=0, scale=None,
              grad_scale=1.0, layout=None):
     q, k, v, do = make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, seed)
@@ -85,7 +75,7 @@ def run_case(mask, B, Hq, Hkv, Sq, Sk, D, dtype, *, config=SMALL, seed=0, scale=
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t.float()).all(), f"{name} not finite"
     assert_close(out, r_out, dtype, name="out")
-    check_lse(lse, r_lse, dtype)
+    check_lse_fp32(lse, r_lse)
     assert_close(dq, r_dq, dtype, scale=grad_scale, name="dq")
     assert_close(dk, r_dk, dtype, scale=grad_scale, name="dk")
     assert_close(dv, r_dv, dtype, scale=grad_scale, name="dv")
@@ -269,7 +259,7 @@ def test_empty_tiles_are_never_read(dtype):
     for t in (out, dq, dk, dv):
         assert bool(torch.isfinite(t.float()).all())
     assert_close(out, r_out, dtype, name="out")
-    check_lse(lse, r_lse, dtype)
+    check_lse_fp32(lse, r_lse)
     assert_close(dq, r_dq, dtype, scale=2.0, name="dq")
     assert_close(dk, r_dk, dtype, scale=2.0, name="dk")
     assert_close(dv, r_dv, dtype, scale=2.0, name="dv")

@@ -16,7 +16,7 @@ import triton.language as tl  # noqa: E402
 
 from mmkernels.contrastive import kernels as K  # noqa: E402
 from mmkernels.testing import sm90  # noqa: E402
-from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: E402, F401  (reports: the fixture)
+from tests.helpers.sm90_tier import Sm90Tier, launch_grid, reports  # noqa: E402, F401  (reports: the fixture)
 
 # D values: D only reaches the compiled code through BLOCK_K and through
 # Triton's divisible-by-16 specialisation of D and the row strides.
@@ -27,22 +27,19 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def _jobs():
     jobs, seen = [], set()
-    for kind in K.KERNEL_KINDS:
-        for dtype in DTYPES:
-            for prec in K.input_precisions(dtype):
-                for D in D_VALUES:
-                    for wc in (False, True):
-                        for cfg in K.candidate_configs(dtype, D, prec):
-                            key = (kind, dtype, prec, wc, cfg, D % 16 == 0)
-                            if key in seen:
-                                continue
-                            seen.add(key)
-                            kernel, sig, constexprs, div = K.compile_specs(kind, dtype, D, wc, prec, cfg)
-                            label = (f"{kind}-{_DT[dtype]}-{prec}-{'cols' if wc else 'rows'}-"
-                                     f"{'D%16' if D % 16 == 0 else 'D' + str(D)}-"
-                                     f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}")
-                            jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps,
-                                                        cfg.num_stages, div, label=label))
+    for kind, dtype, prec, D in launch_grid(K.KERNEL_KINDS, DTYPES, K.input_precisions, D_VALUES):
+        for wc in (False, True):
+            for cfg in K.candidate_configs(dtype, D, prec):
+                key = (kind, dtype, prec, wc, cfg, D % 16 == 0)
+                if key in seen:
+                    continue
+                seen.add(key)
+                kernel, sig, constexprs, div = K.compile_specs(kind, dtype, D, wc, prec, cfg)
+                label = (f"{kind}-{_DT[dtype]}-{prec}-{'cols' if wc else 'rows'}-"
+                         f"{'D%16' if D % 16 == 0 else 'D' + str(D)}-"
+                         f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}")
+                jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div,
+                                            label=label))
     return jobs
 
 

@@ -12,22 +12,16 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import _ext
 from mmkernels.cross_attention import reference as ref_mod
 from mmkernels.cross_attention.reference import cross_attention_reference, dropout_keep_mask, make_seed
 from mmkernels.testing.numerics import assert_close
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["cpu", "triton"]
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "cross_attention_fwd")):
-        pytest.fail("the C++ cross-attention kernels are not built (mmkernels._C.cross_attention_*)")
-    if backend == "triton":
-        try:
-            from mmkernels.cross_attention import kernels  # noqa: F401
-        except Exception as exc:  # pragma: no cover - triton missing or kernels broken
-            pytest.fail(f"the Triton cross-attention kernels do not import: {exc}")
+    require_backend(backend, "cross-attention", "cross_attention_fwd", "mmkernels.cross_attention.kernels")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,6 +21,7 @@ from mmkernels.cross_attention import kernels as K  # noqa: E402
 from mmkernels.cross_attention.reference import (cross_attention_reference,  # noqa: E402
                                                  dropout_keep_mask)
 from mmkernels.testing.numerics import assert_close  # noqa: E402
+from tests.helpers.attention_checks import check_lse_fp32  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -79,17 +80,6 @@ def reference(q, k, v, do, mask, scale, p, seed, dtype=torch.float64):
     return out.detach(), lse.detach(), q_.grad, k_.grad, v_.grad
 
 
-def check_lse(lse, ref):
-    assert lse.dtype == torch.float32
-    lse, ref = lse.double().cpu(), ref.double().cpu()
-    assert not torch.isnan(lse).any()
-    inf = torch.isinf(ref)
-    assert torch.equal(torch.isinf(lse), inf), "lse: -inf pattern differs from the reference"
-    assert bool((lse[inf] == float("-inf")).all())
-    # lse is computed in fp32 from the dtype's values: fp32 accuracy, widened for long dot products
-    assert_close(lse[~inf], ref[~inf], torch.float32, scale=10.0, name="lse")
-
-
 def run_case(B, H, Lq, Lk, D, dtype=torch.float32, mask="none", p=0.0, *, kv_layout="contiguous",
              config=None, pairs=None, scale=None, seed=0, grad_scale=1.0):
     q, k, v, do = make_inputs(B, H, Lq, Lk, D, dtype, seed, kv_layout)
@@ -107,7 +97,7 @@ def run_case(B, H, Lq, Lk, D, dtype=torch.float32, mask="none", p=0.0, *, kv_lay
         assert t.is_contiguous()
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t.float()).all(), f"{name} not finite"
-    check_lse(lse, ref[1])
+    check_lse_fp32(lse, ref[1])
     for i, (name, t) in enumerate((("out", out), ("dq", dq), ("dk", dk), ("dv", dv))):
         idx = 0 if i == 0 else i + 1
         assert_close(t, ref[idx], dtype, eager=None if eager is None else eager[idx],

@@ -10,24 +10,18 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import _ext
 from mmkernels.experts import routing
 from mmkernels.experts.reference import modality_linear_reference
 from mmkernels.testing.numerics import assert_close
 
 from tests.experts.cases import ACTS, DTYPES, ffn_params, linear_params, make_ids, names, randn, run
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["cpu", "triton"]
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
-        pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
-    if backend == "triton":
-        try:
-            from mmkernels.experts import kernels  # noqa: F401
-        except Exception as exc:  # pragma: no cover - triton missing or kernels broken
-            pytest.fail(f"the Triton experts kernels do not import: {exc}")
+    require_backend(backend, "experts", "experts_linear_fwd", "mmkernels.experts.kernels")
 
 
 def _compare(kind, backend, x, ids, params, dtype=torch.float32, activation="gelu", seed=99):

@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmkernels
-from mmkernels import MultiwayFFN, MultiwayLinear, _ext
+from mmkernels import MultiwayFFN, MultiwayLinear
 from mmkernels.testing.numerics import assert_close
 from tests.experts.cases import randn
 from tests.helpers.peer_models import LlamaMLP, TimmMlp
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["reference", "cpu", "triton"]
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
-        pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
+    require_backend(backend, "experts", "experts_linear_fwd")
 
 
 def _routed(experts, x, ids):

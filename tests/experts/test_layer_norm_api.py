@@ -17,19 +17,14 @@ from mmkernels.experts import routing
 from mmkernels.experts.reference import modality_layer_norm_reference
 from mmkernels.testing.numerics import assert_close
 from tests.experts.cases import leaf, make_ids, randn
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["cpu", "triton"]
 NAMES = ("y", "dx", "dweight", "dbias")
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_layer_norm_fwd")):
-        pytest.fail("the C++ layer-norm kernels are not built (mmkernels._C.experts_layer_norm_*)")
-    if backend == "triton":
-        try:
-            from mmkernels.experts.layer_norm import kernels  # noqa: F401
-        except Exception as exc:  # pragma: no cover - triton missing or kernels broken
-            pytest.fail(f"the Triton layer-norm kernels do not import: {exc}")
+    require_backend(backend, "layer-norm", "experts_layer_norm_fwd", "mmkernels.experts.layer_norm.kernels")
 
 
 def _inputs(lead, h, e, bias=True, seed=0):

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmkernels
-from mmkernels import MultiwayFFN, MultiwayLinear, _ext
+from mmkernels import MultiwayFFN, MultiwayLinear
 from mmkernels.testing.numerics import assert_close
 from tests.helpers.peer_models import LlamaMLP, MultiwayNetwork, TimmMlp, TorchscaleFFN
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["reference", "cpu", "triton"]
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
-        pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
+    require_backend(backend, "experts", "experts_linear_fwd")
 
 
 # ----------------------------------------------------------------------------- stand-ins of the models' modules

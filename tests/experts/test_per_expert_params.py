@@ -16,17 +16,17 @@ import torch
 from torch import nn
 
 import mmkernels
-from mmkernels import MultiwayFFN, MultiwayLinear, _ext, _storage
+from mmkernels import MultiwayFFN, MultiwayLinear, _storage
 from mmkernels.testing.numerics import assert_close
 from tests.helpers.peer_models import LlamaMLP
 from tests.experts.cases import make_ids, randn, record_launches
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["reference", "cpu", "triton"]
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_linear_fwd")):
-        pytest.fail("the C++ experts kernels are not built (mmkernels._C.experts_*)")
+    require_backend(backend, "experts", "experts_linear_fwd")
 
 
 def _names(module):

@@ -17,24 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmkernels
-from mmkernels import MultiwayFFN, _ext
+from mmkernels import MultiwayFFN
 from mmkernels.experts import activations
 from mmkernels.experts.reference import modality_layer_norm_reference, modality_linear_reference
 from mmkernels.testing.numerics import assert_close
 from tests.experts.cases import make_ids, randn
 from tests.helpers.peer_models import MultiwayNetwork, TimmMlp, TorchscaleFFN
+from tests.helpers.backends import require_backend
 
 BACKENDS = ["reference", "cpu", "triton"]
 
 
 def _require(backend):
-    if backend == "cpu" and not (_ext.available() and hasattr(_ext.C, "experts_layer_norm_fwd")):
-        pytest.fail("the C++ experts kernels are not built")
-    if backend == "triton":
-        try:
-            from mmkernels.experts import kernels  # noqa: F401
-        except Exception as exc:  # pragma: no cover
-            pytest.fail(f"the Triton experts kernels do not import: {exc}")
+    require_backend(backend, "experts", "experts_layer_norm_fwd", "mmkernels.experts.kernels")
 
 
 def _randomise_norms(module, seed):

@@ -21,6 +21,16 @@ import pytest
 from mmkernels.testing import sm90
 
 
+def launch_grid(kinds, dtypes, precisions, d_values):
+    """Every ``(kind, dtype, input precision, D)`` a tier compiles; ``precisions(dtype)`` gives the
+    input precisions of a dtype."""
+    for kind in kinds:
+        for dtype in dtypes:
+            for prec in precisions(dtype):
+                for D in d_values:
+                    yield kind, dtype, prec, D
+
+
 @pytest.fixture(scope="module")
 def reports(request):
     """``{job.label: Sm90Report}`` of the module's ``JOBS``, compiled once per module."""
