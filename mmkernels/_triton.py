@@ -217,6 +217,39 @@ def lse_log2(lse):
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
+@triton.jit
+def load_rows(base, rows64, stride_s, stride_d, offs_d64, msk, DOT_UPCAST: tl.constexpr):
+    """The ``[len(rows64), BLOCK_D]`` tile of sequence rows ``rows64`` of one (b, h) slice at
+    ``base`` (zeros outside ``msk``), in the input dtype or, with ``DOT_UPCAST``, fp32."""
+    t = tl.load(base + rows64[:, None] * stride_s + offs_d64[None, :] * stride_d, mask=msk, other=0.0)
+    if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def bwd_query_rows(q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
+                   stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST: tl.constexpr):
+    """What a flash-attention backward reads of one query block: ``(qd_msk [BLOCK_M, BLOCK_D],
+    q, dO [BLOCK_M, BLOCK_D] (input dtype, fp32 with DOT_UPCAST), lse2, delta fp32 [BLOCK_M])``.
+
+    ``row_base + rows64`` index the fp32 ``lse``/``delta`` rows. Rows past the end
+    (``~row_ok``) and rows that saw no key get ``lse2 = +inf``, so ``P = exp2(s - lse2) = 0``.
+    """
+    qd_msk = row_ok[:, None] & d_ok[None, :]
+    qt = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
+                 mask=qd_msk, other=0.0)
+    dot_ = tl.load(do_base + rows64[:, None] * stride_dos + offs_d64[None, :] * stride_dod,
+                   mask=qd_msk, other=0.0)
+    if DOT_UPCAST:
+        qt = qt.to(tl.float32)
+        dot_ = dot_.to(tl.float32)
+    lse = tl.load(lse_ptr + row_base + rows64, mask=row_ok, other=float("inf"))
+    lse2 = lse_log2(lse)
+    delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
+    return qd_msk, qt, dot_, lse2, delta
+
+
 def aligned_strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:
     """``(stride_b, stride_h, stride_s) // align, stride_d`` of a 4-D ``t`` (see :func:`stride_align`)."""
     sb, sh, ss, sd = t.stride()

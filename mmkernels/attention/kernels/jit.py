@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton import lse_log2, scaled_strides, softmax_lse
+from ..._triton import bwd_query_rows, load_rows, scaled_strides, softmax_lse
 
 
 @triton.jit
@@ -44,6 +44,41 @@ def _visible_t(qm, qs, qp, qr, km, ks, kp, kr, rules_ptr, NM):
 
 
 @triton.jit
+def _query_block(Sq, Hq, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """This program's query block in a grid ``(query blocks, B * Hq)``: ``(pid_m, pid_bh, b64,
+    h64, hk64, row_ok, rows64, d_ok, offs_d64, offs_n)``; ``hk64`` is the K/V head of query head
+    ``h`` (GQA groups of ``GROUP``), ``offs_n`` the key offsets within a key block."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (pid_m, pid_bh, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), rows < Sq,
+            rows.to(tl.int64), offs_d < D, offs_d.to(tl.int64), tl.arange(0, BLOCK_N))
+
+
+@triton.jit
+def _tile_class(tile_ptr, HAS_MASK: tl.constexpr):
+    """Class of one tile of the tile map (0 EMPTY, 1 FULL, 2 PARTIAL); FULL without a mask."""
+    if HAS_MASK:
+        return tl.load(tile_ptr).to(tl.int32)
+    return 1
+
+
+@triton.jit
+def _partial_visible(ok, tcls, qm, qs, qp, qr, kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr, kmeta, col_ok,
+                     rules_ptr, NM):
+    """``ok [BLOCK_M, BLOCK_N]`` narrowed by the mask rule per element on PARTIAL tiles
+    (``tcls == 2``); FULL tiles keep ``ok``. ``kmeta`` indexes the key-side metadata."""
+    if tcls == 2:
+        km, ks, kp, kr = _token_meta(kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr, kmeta, col_ok, -2)
+        ok = ok & _visible(qm, qs, qp, qr, km, ks, kp, kr, rules_ptr, NM)
+    return ok
+
+
+@triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tile_ptr,
     qmod_ptr, kmod_ptr, qseg_ptr, kseg_ptr, qpos_ptr, kpos_ptr, qrun_ptr, krun_ptr, rules_ptr,
@@ -67,70 +102,40 @@ def attn_fwd_kernel(
     stride_kb, stride_kh, stride_ks = scaled_strides(stride_kb, stride_kh, stride_ks, ALIGN)
     stride_vb, stride_vh, stride_vs = scaled_strides(stride_vb, stride_vh, stride_vs, ALIGN)
     stride_ob, stride_oh, stride_os = scaled_strides(stride_ob, stride_oh, stride_os, ALIGN)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Sq
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-
-    q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
-    q = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
-        q = q.to(tl.float32)
+    pid_m, pid_bh, b64, h64, hk64, row_ok, rows64, d_ok, offs_d64, offs_n = _query_block(
+        Sq, Hq, GROUP, D, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = load_rows(q_ptr + b64 * stride_qb + h64 * stride_qh, rows64, stride_qs, stride_qd, offs_d64,
+                  row_ok[:, None] & d_ok[None, :], DOT_UPCAST)
     k_base = k_ptr + b64 * stride_kb + hk64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk64 * stride_vh
-
+    tile_row = tile_ptr + (b64 * n_tm + pid_m) * n_tn  # this query block's row of the tile map
     if HAS_MASK:
-        qmeta = b64 * Sq + rows64
-        qm, qs, qp, qr = _token_meta(qmod_ptr, qseg_ptr, qpos_ptr, qrun_ptr, qmeta, row_ok, -1)
-        tile_row = tile_ptr + (b64 * n_tm + pid_m) * n_tn
+        qm, qs, qp, qr = _token_meta(qmod_ptr, qseg_ptr, qpos_ptr, qrun_ptr, b64 * Sq + rows64, row_ok, -1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     for nb in range(0, n_tn):
-        if HAS_MASK:
-            tcls = tl.load(tile_row + nb).to(tl.int32)
-        else:
-            tcls = 1
+        tcls = _tile_class(tile_row + nb, HAS_MASK)
         if tcls != 0:  # EMPTY tiles: K/V never loaded
-            n0 = nb * BLOCK_N
-            cols = n0 + offs_n
+            cols = nb * BLOCK_N + offs_n
             col_ok = cols < Sk
             cols64 = cols.to(tl.int64)
-            kt = tl.load(k_base + cols64[:, None] * stride_ks + offs_d64[None, :] * stride_kd,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_UPCAST:
-                kt = kt.to(tl.float32)
+            kv_msk = col_ok[:, None] & d_ok[None, :]
+            kt = load_rows(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=INPUT_PRECISION) * qk_scale
             ok = tl.broadcast_to(col_ok[None, :], (BLOCK_M, BLOCK_N))
             if HAS_MASK:
-                if tcls == 2:  # PARTIAL: evaluate the rule per element
-                    kmeta = b64 * Sk + cols64
-                    km, ks, kp, kr = _token_meta(kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr, kmeta, col_ok, -2)
-                    ok = ok & _visible(qm, qs, qp, qr, km, ks, kp, kr, rules_ptr, NM)
+                ok = _partial_visible(ok, tcls, qm, qs, qp, qr, kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr,
+                                      b64 * Sk + cols64, col_ok, rules_ptr, NM)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols64[:, None] * stride_vs + offs_d64[None, :] * stride_vd,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_UPCAST:
-                vt = vt.to(tl.float32)
+            vt = load_rows(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=INPUT_PRECISION)
             m_i = m_new
 
@@ -226,10 +231,9 @@ def attn_bwd_dkdv_kernel(
         kt = kt.to(tl.float32)
         vt = vt.to(tl.float32)
     # PART: 0 dk and dv, 1 dv only, 2 dk only (large D: one [BLOCK_N, BLOCK_D] accumulator)
+    tile_col = tile_ptr + b64 * n_tm * n_tn + pid_n  # this key block's column of the tile map
     if HAS_MASK:
-        kmeta = b64 * Sk + cols64
-        km, ks, kp, kr = _token_meta(kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr, kmeta, col_ok, -2)
-        tile_col = tile_ptr + b64 * n_tm * n_tn + pid_n
+        km, ks, kp, kr = _token_meta(kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr, b64 * Sk + cols64, col_ok, -2)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -240,26 +244,14 @@ def attn_bwd_dkdv_kernel(
         do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
         row_base = (b64 * Hq + h64) * Sq
         for mb in range(0, n_tm):
-            if HAS_MASK:
-                tcls = tl.load(tile_col + mb * n_tn).to(tl.int32)
-            else:
-                tcls = 1
+            tcls = _tile_class(tile_col + mb * n_tn, HAS_MASK)
             if tcls != 0:
                 rows = mb * BLOCK_M + offs_m
                 row_ok = rows < Sq
                 rows64 = rows.to(tl.int64)
-                qd_msk = row_ok[:, None] & d_ok[None, :]
-                qt = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
-                             mask=qd_msk, other=0.0)
-                dot_ = tl.load(do_base + rows64[:, None] * stride_dos + offs_d64[None, :] * stride_dod,
-                               mask=qd_msk, other=0.0)
-                if DOT_UPCAST:
-                    qt = qt.to(tl.float32)
-                    dot_ = dot_.to(tl.float32)
-                # rows past the end / rows that see nothing: lse = +inf, so P = 0 there
-                lse = tl.load(lse_ptr + row_base + rows64, mask=row_ok, other=float("inf"))
-                lse2 = lse_log2(lse)
-                delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
+                qd_msk, qt, dot_, lse2, delta = bwd_query_rows(
+                    q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
+                    stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST)
                 # transposed tiles [BLOCK_N, BLOCK_M]: every product has BLOCK_N rows (wgmma M)
                 st = tl.dot(kt, tl.trans(qt), input_precision=INPUT_PRECISION) * qk_scale
                 ok = tl.broadcast_to(row_ok[None, :], (BLOCK_N, BLOCK_M))
@@ -310,67 +302,33 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vs = scaled_strides(stride_vb, stride_vh, stride_vs, ALIGN)
     stride_dob, stride_doh, stride_dos = scaled_strides(stride_dob, stride_doh, stride_dos, ALIGN)
     stride_dqb, stride_dqh, stride_dqs = scaled_strides(stride_dqb, stride_dqh, stride_dqs, ALIGN)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Sq
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    qd_msk = row_ok[:, None] & d_ok[None, :]
-
-    qt = tl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qs
-                 + offs_d64[None, :] * stride_qd, mask=qd_msk, other=0.0)
-    dot_ = tl.load(do_ptr + b64 * stride_dob + h64 * stride_doh + rows64[:, None] * stride_dos
-                   + offs_d64[None, :] * stride_dod, mask=qd_msk, other=0.0)
-    if DOT_UPCAST:
-        qt = qt.to(tl.float32)
-        dot_ = dot_.to(tl.float32)
-    row_base = pid_bh.to(tl.int64) * Sq
-    lse = tl.load(lse_ptr + row_base + rows64, mask=row_ok, other=float("inf"))
-    lse2 = lse_log2(lse)
-    delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
+    pid_m, pid_bh, b64, h64, hk64, row_ok, rows64, d_ok, offs_d64, offs_n = _query_block(
+        Sq, Hq, GROUP, D, BLOCK_M, BLOCK_N, BLOCK_D)
+    qd_msk, qt, dot_, lse2, delta = bwd_query_rows(
+        q_ptr + b64 * stride_qb + h64 * stride_qh, do_ptr + b64 * stride_dob + h64 * stride_doh,
+        lse_ptr, delta_ptr, pid_bh.to(tl.int64) * Sq, rows64, row_ok, d_ok, offs_d64,
+        stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST)
     k_base = k_ptr + b64 * stride_kb + hk64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk64 * stride_vh
-
+    tile_row = tile_ptr + (b64 * n_tm + pid_m) * n_tn
     if HAS_MASK:
-        qmeta = b64 * Sq + rows64
-        qm, qs, qp, qr = _token_meta(qmod_ptr, qseg_ptr, qpos_ptr, qrun_ptr, qmeta, row_ok, -1)
-        tile_row = tile_ptr + (b64 * n_tm + pid_m) * n_tn
+        qm, qs, qp, qr = _token_meta(qmod_ptr, qseg_ptr, qpos_ptr, qrun_ptr, b64 * Sq + rows64, row_ok, -1)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, n_tn):
-        if HAS_MASK:
-            tcls = tl.load(tile_row + nb).to(tl.int32)
-        else:
-            tcls = 1
+        tcls = _tile_class(tile_row + nb, HAS_MASK)
         if tcls != 0:
             cols = nb * BLOCK_N + offs_n
             col_ok = cols < Sk
             cols64 = cols.to(tl.int64)
             kv_msk = col_ok[:, None] & d_ok[None, :]
-            kt = tl.load(k_base + cols64[:, None] * stride_ks + offs_d64[None, :] * stride_kd,
-                         mask=kv_msk, other=0.0)
-            vt = tl.load(v_base + cols64[:, None] * stride_vs + offs_d64[None, :] * stride_vd,
-                         mask=kv_msk, other=0.0)
-            if DOT_UPCAST:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
+            kt = load_rows(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
+            vt = load_rows(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
             s = tl.dot(qt, tl.trans(kt), input_precision=INPUT_PRECISION) * qk_scale
             ok = tl.broadcast_to(col_ok[None, :], (BLOCK_M, BLOCK_N))
             if HAS_MASK:
-                if tcls == 2:
-                    kmeta = b64 * Sk + cols64
-                    km, ks, kp, kr = _token_meta(kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr, kmeta, col_ok, -2)
-                    ok = ok & _visible(qm, qs, qp, qr, km, ks, kp, kr, rules_ptr, NM)
+                ok = _partial_visible(ok, tcls, qm, qs, qp, qr, kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr,
+                                      b64 * Sk + cols64, col_ok, rules_ptr, NM)
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(dot_, tl.trans(vt), input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])

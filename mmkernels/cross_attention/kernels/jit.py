@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton import lse_log2, scaled_strides, softmax_lse
+from ..._triton import bwd_query_rows, load_rows, lse_log2, scaled_strides, softmax_lse
 
 
 @triton.jit
@@ -46,20 +46,15 @@ def _keep_t(a, cols, s1, thr_biased):
 
 
 @triton.jit
-def _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK: tl.constexpr):
-    """Keys of the block that exist (``cols < Lk``) and, with a mask, are not padding."""
+def _key_block(cols, Lk, d_ok, mask_ptr, b64, stride_mb, stride_mk, HAS_MASK: tl.constexpr):
+    """The key block ``cols`` of pair batch ``b64``: ``(cols64, kv_msk [BLOCK_N, BLOCK_D], key_ok
+    [BLOCK_N])``; ``key_ok``: keys that exist (``cols < Lk``) and, with a mask, are not padding."""
+    col_ok = cols < Lk
+    cols64 = cols.to(tl.int64)
+    key_ok = col_ok
     if HAS_MASK:
-        return col_ok & (tl.load(mask_ptr + b64 * stride_mb + cols64 * stride_mk, mask=col_ok, other=0) != 0)
-    return col_ok
-
-
-@triton.jit
-def _kv_tile(base, cols64, stride_s, stride_d, offs_d64, kv_msk, DOT_UPCAST: tl.constexpr):
-    """A ``[BLOCK_N, BLOCK_D]`` tile of k or v rows ``cols64`` (zeros outside ``kv_msk``)."""
-    t = tl.load(base + cols64[:, None] * stride_s + offs_d64[None, :] * stride_d, mask=kv_msk, other=0.0)
-    if DOT_UPCAST:  # interpreter only: its tl.dot mishandles bfloat16
-        t = t.to(tl.float32)
-    return t
+        key_ok = col_ok & (tl.load(mask_ptr + b64 * stride_mb + cols64 * stride_mk, mask=col_ok, other=0) != 0)
+    return cols64, col_ok[:, None] & d_ok[None, :], key_ok
 
 
 @triton.jit
@@ -122,11 +117,8 @@ def xattn_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, Lk, BLOCK_N):
             cols = n0 + offs_n
-            col_ok = cols < Lk
-            cols64 = cols.to(tl.int64)
-            kv_msk = col_ok[:, None] & d_ok[None, :]
-            key_ok = _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK)
-            kt = _kv_tile(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
+            cols64, kv_msk, key_ok = _key_block(cols, Lk, d_ok, mask_ptr, b64, stride_mb, stride_mk, HAS_MASK)
+            kt = load_rows(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=INPUT_PRECISION) * qk_scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -136,7 +128,7 @@ def xattn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:
                 p = tl.where(_keep(a, cols, s1, thr_biased), p, 0.0)
-            vt = _kv_tile(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
+            vt = load_rows(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=INPUT_PRECISION)
             m_i = m_new
 
@@ -254,12 +246,10 @@ def xattn_bwd_kernel(
             dqt = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)  # dq^T: BLOCK_D rows per product
             for n0 in range(0, Lk, BLOCK_N):
                 cols = n0 + offs_n
-                col_ok = cols < Lk
-                cols64 = cols.to(tl.int64)
-                kv_msk = col_ok[:, None] & d_ok[None, :]
-                key_ok = _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK)
-                kt = _kv_tile(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
-                vt = _kv_tile(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
+                cols64, kv_msk, key_ok = _key_block(cols, Lk, d_ok, mask_ptr, b64, stride_mb, stride_mk,
+                                                    HAS_MASK)
+                kt = load_rows(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
+                vt = load_rows(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
                 if HAS_DROPOUT:
                     keep_t = _keep_t(a, cols, s1, thr_biased)
                 else:
@@ -289,12 +279,10 @@ def xattn_bwd_kernel(
             tl.debug_barrier()
             for n0 in range(0, Lk, BLOCK_N):
                 cols = n0 + offs_n
-                col_ok = cols < Lk
-                cols64 = cols.to(tl.int64)
-                kv_msk = col_ok[:, None] & d_ok[None, :]
-                key_ok = _key_ok(mask_ptr, b64, stride_mb, stride_mk, cols64, col_ok, HAS_MASK)
-                kt = _kv_tile(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
-                vt = _kv_tile(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
+                cols64, kv_msk, key_ok = _key_block(cols, Lk, d_ok, mask_ptr, b64, stride_mb, stride_mk,
+                                                    HAS_MASK)
+                kt = load_rows(k_base, cols64, stride_ks, stride_kd, offs_d64, kv_msk, DOT_UPCAST)
+                vt = load_rows(v_base, cols64, stride_vs, stride_vd, offs_d64, kv_msk, DOT_UPCAST)
                 dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
                 dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
                 last_block = n0 + BLOCK_N >= Lk
@@ -302,17 +290,9 @@ def xattn_bwd_kernel(
                     rows = m0 + offs_m
                     row_ok = rows < Lq
                     rows64 = rows.to(tl.int64)
-                    qd_msk = row_ok[:, None] & d_ok[None, :]
-                    qt = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
-                                 mask=qd_msk, other=0.0)
-                    dot_ = tl.load(do_base + rows64[:, None] * stride_dos + offs_d64[None, :] * stride_dod,
-                                   mask=qd_msk, other=0.0)
-                    if DOT_UPCAST:
-                        qt = qt.to(tl.float32)
-                        dot_ = dot_.to(tl.float32)
-                    lse = tl.load(lse_ptr + row_base + rows64, mask=row_ok, other=float("inf"))
-                    lse2 = lse_log2(lse)
-                    delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
+                    qd_msk, qt, dot_, lse2, delta = bwd_query_rows(
+                        q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
+                        stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST)
                     if HAS_DROPOUT:
                         keep_t = _keep_t(_row_hash(seed_ptr, pair64, Lq, rows64), cols, s1, thr_biased)
                     else:
