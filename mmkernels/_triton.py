@@ -218,6 +218,22 @@ def lse_log2(lse):
 
 
 @triton.jit
+def block_range(pid, BLOCK: tl.constexpr, n):
+    """Block ``pid`` of ``BLOCK`` indices along a dimension of length ``n``:
+    ``(idx int32 [BLOCK], idx < n, idx int64)``."""
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    return idx, idx < n, idx.to(tl.int64)
+
+
+@triton.jit
+def head_dim_range(D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The head-dim offsets of a tile padded to ``BLOCK_D``: ``(offs_d int32, offs_d < D,
+    offs_d int64)``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs_d, offs_d < D, offs_d.to(tl.int64)
+
+
+@triton.jit
 def load_rows(base, rows64, stride_s, stride_d, offs_d64, msk, DOT_UPCAST: tl.constexpr):
     """The ``[len(rows64), BLOCK_D]`` tile of sequence rows ``rows64`` of one (b, h) slice at
     ``base`` (zeros outside ``msk``), in the input dtype or, with ``DOT_UPCAST``, fp32."""

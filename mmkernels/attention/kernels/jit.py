@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton import bwd_query_rows, load_rows, scaled_strides, softmax_lse
+from ..._triton import block_range, bwd_query_rows, head_dim_range, load_rows, scaled_strides, softmax_lse
 
 
 @triton.jit
@@ -53,10 +53,10 @@ def _query_block(Sq, Hq, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    return (pid_m, pid_bh, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), rows < Sq,
-            rows.to(tl.int64), offs_d < D, offs_d.to(tl.int64), tl.arange(0, BLOCK_N))
+    _, row_ok, rows64 = block_range(pid_m, BLOCK_M, Sq)
+    _, d_ok, offs_d64 = head_dim_range(D, BLOCK_D)
+    return (pid_m, pid_bh, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), row_ok,
+            rows64, d_ok, offs_d64, tl.arange(0, BLOCK_N))
 
 
 @triton.jit
@@ -165,12 +165,9 @@ def attn_bwd_preprocess_kernel(
     pid_bh = tl.program_id(1)
     b64 = (pid_bh // Hq).to(tl.int64)
     h64 = (pid_bh % Hq).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Sq
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_d64 = offs_d.to(tl.int64)
-    msk = row_ok[:, None] & (offs_d < D)[None, :]
+    _, row_ok, rows64 = block_range(pid_m, BLOCK_M, Sq)
+    _, d_ok, offs_d64 = head_dim_range(D, BLOCK_D)
+    msk = row_ok[:, None] & d_ok[None, :]
     o = tl.load(o_ptr + b64 * stride_ob + h64 * stride_oh + rows64[:, None] * stride_os
                 + offs_d64[None, :] * stride_od, mask=msk, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + b64 * stride_dob + h64 * stride_doh + rows64[:, None] * stride_dos
@@ -214,12 +211,8 @@ def attn_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < Sk
-    cols64 = cols.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
+    cols, col_ok, cols64 = block_range(pid_n, BLOCK_N, Sk)
+    offs_d, d_ok, offs_d64 = head_dim_range(D, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     kv_msk = col_ok[:, None] & d_ok[None, :]
 

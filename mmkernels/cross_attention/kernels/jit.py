@@ -10,7 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton import bwd_query_rows, load_rows, lse_log2, scaled_strides, softmax_lse
+from ..._triton import (block_range, bwd_query_rows, head_dim_range, load_rows, lse_log2, scaled_strides,
+                         softmax_lse)
 
 
 @triton.jit
@@ -88,12 +89,8 @@ def xattn_fwd_kernel(
     first = pid_g * pairs_per_program
     last = tl.minimum(first + pairs_per_program, n_pairs)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
+    rows, row_ok, rows64 = block_range(pid_m, BLOCK_M, Lq)
+    offs_d, d_ok, offs_d64 = head_dim_range(D, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     qd_msk = row_ok[:, None] & d_ok[None, :]
     if HAS_DROPOUT:
@@ -202,9 +199,7 @@ def xattn_bwd_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
+    offs_d, d_ok, offs_d64 = head_dim_range(D, BLOCK_D)
     if HAS_DROPOUT:
         s1 = tl.load(seed_ptr + 1).to(tl.uint32)
     else:
