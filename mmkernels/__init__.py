@@ -19,8 +19,11 @@ Public API::
     mmkernels.modality_ffn_subln(x, modality_ids, w_in, b_in, norm_weight, norm_bias, w_out, b_out, ...)
     mmkernels.MultiwayLayerNorm(hidden_size, num_experts=2, eps=1e-5, ...)
     with mmkernels.backend("reference" | "cpu" | "triton" | "auto"): ...
+    with mmkernels.explain() as log: ...     # which path each op ran under "auto", and why
+    with mmkernels.use_path("sdpa"): ...     # force one path of the dispatch table
 """
 from ._backend import backend
+from ._dispatch import explain, use_path
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
 from .cross_attention import cross_attention, fused_kv_projection, share_kv_storage
 from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
@@ -30,7 +33,7 @@ from .models import QFormer
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
+__all__ = ["backend", "explain", "use_path", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
            "cross_attention", "fused_kv_projection", "share_kv_storage", "QFormer",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
            "MultiwayFFN", "MultiwayLayerNorm", "MultiwayLinear", "modality_ffn", "modality_ffn_subln",
