@@ -47,6 +47,10 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 log = logging.getLogger("mmkernels.dispatch")
 
 
+class PathUnavailable(RuntimeError):
+    """A path forced by :func:`use_path` cannot run the call (the message says why)."""
+
+
 def _check_budget(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"memory_budget must be a non-negative int (bytes), got {value!r}")
@@ -186,7 +190,7 @@ def explain() -> Iterator[Explanation]:
 @contextlib.contextmanager
 def use_path(name: str) -> Iterator[None]:
     """Force path ``name`` for every op inside the block that has a path of that name (under
-    backend ``auto``); an op that has it but cannot run the call raises ``RuntimeError``."""
+    backend ``auto``); an op that has it but cannot run the call raises :class:`PathUnavailable`."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"use_path needs a path name, got {name!r}")
     _forced_paths.append(name)
@@ -245,7 +249,7 @@ def choose(family: str, op: str, x: torch.Tensor, shape_class: str,
     if _forced_paths and _forced_paths[-1] in can:
         name = _forced_paths[-1]
         if can[name] is not None:
-            raise RuntimeError(f"mmkernels: path {name!r} of {op} cannot run this call: {can[name]}")
+            raise PathUnavailable(f"mmkernels: path {name!r} of {op} cannot run this call: {can[name]}")
         return _record(Decision(family, op, case, name, kb if name == KERNEL else None,
                                 "use_path forced"))
     key, row = lookup(family, op, kind, dtype, shape_class)
