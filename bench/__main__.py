@@ -8,6 +8,7 @@ Examples::
     python -m bench --providers reference,mmkernels --size N=4096,8192 --size D=512
     python -m bench --list                  # the plan, without running it
     python -m bench --family experts --profile pytest --device cpu   # one family at tiny sizes
+    python -m bench --dispatch-table bench/results/RUN --write       # regenerate the dispatch tables
 
 Exit status: 0 when the run completed (skips and peer failures are results),
 3 when an mmkernels measurement failed with an error, 2 on bad arguments.
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads (default: torch's default)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
+    ap.add_argument("--dispatch-table", metavar="RUN", help="(first argument) regenerate the dispatch "
+                    "tables from results folders: python -m bench --dispatch-table RUN... [--write]")
     args = ap.parse_args(argv)
     if args.profile is None:
         args.profile = "quick" if args.quick else "full"
@@ -90,6 +93,10 @@ def _on_sigterm(signum, _frame):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--dispatch-table"]:
+        from bench import dispatch_table
+        return dispatch_table.main(argv[1:])
     args = parse_args(argv)
     cases = collect(args.family, args.device, args.profile, args.size)
     pairs = harness.plan(cases, args.providers)

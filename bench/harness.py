@@ -56,6 +56,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+import mmkernels
+from mmkernels._dispatch import PathUnavailable
+
 BASELINE = "mmkernels"  # the provider every peer is compared with
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
@@ -231,6 +234,29 @@ def _short_error(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def dispatch_summary(decisions) -> list:
+    """The paths mmkernels ops took in one call, one entry per distinct (op, path, backend):
+    ``{"op", "path", "backend", "case": [device kind, dtype, shape class]}``."""
+    seen, out = set(), []
+    for d in decisions:
+        key = (d.op, d.path, d.backend, d.case)
+        if key not in seen:
+            seen.add(key)
+            out.append({"op": d.op, "path": d.path, "backend": d.backend, "case": list(d.case)})
+    return out
+
+
+def path_label(rec: dict) -> str:
+    """The paths of a record, ``"blockwise"`` or ``"op: path, op: path"``; ``""`` when no
+    mmkernels op ran (or the record predates path recording)."""
+    entries = rec.get("paths") or []
+    names = []
+    for e in entries:
+        name = e["path"] + (f" ({e['backend']})" if e.get("backend") and e["path"] == "kernel" else "")
+        names.append(name if len(entries) == 1 else f"{e['op']}: {name}")
+    return ", ".join(dict.fromkeys(names))
+
+
 def base_record(case: Case, provider: Provider) -> dict:
     return {
         "family": case.family,
@@ -260,6 +286,7 @@ def base_record(case: Case, provider: Provider) -> dict:
         "mem_method": None,
         "mem_estimate_bytes": None,
         "loss": None,
+        "paths": None,
         "note": provider.note,
     }
 
@@ -472,10 +499,12 @@ def measure(case: Case, provider: Provider, opts: RunOptions, *, isolated: bool 
         # that the output is finite
         clear_grads(leaves)
         t0 = time.perf_counter()
-        out = step()
+        with mmkernels.explain() as decisions:
+            out = step()
         if cuda:
             torch.cuda.synchronize()
         first_ms = (time.perf_counter() - t0) * 1e3
+        rec["paths"] = dispatch_summary(decisions)
         rec["loss"] = _scalar(out)
         del out
         if rec["loss"] is not None and not math.isfinite(rec["loss"]):
@@ -506,6 +535,8 @@ def measure(case: Case, provider: Provider, opts: RunOptions, *, isolated: bool 
     except Exception as exc:
         if _is_oom(exc):
             return _skip(rec, "out of memory")
+        if isinstance(exc, PathUnavailable):
+            return _skip(rec, _short_error(exc))
         rec["status"] = "error"
         rec["reason"] = _short_error(exc)
         traceback.print_exc(file=sys.stderr)

@@ -16,7 +16,7 @@ import sys
 from collections import OrderedDict
 from typing import Optional
 
-from bench.harness import BASELINE, DTYPE_SHORT, MiB, fmt_bytes
+from bench.harness import BASELINE, DTYPE_SHORT, MiB, fmt_bytes, path_label
 
 SCHEMA = 1
 MEM_FLOOR = 1 * MiB  # memory ratios divide by max(mmkernels extra, this)
@@ -145,7 +145,8 @@ def _ratio_cell(r: dict, base: Optional[dict]) -> str:
 
 def _status(r: dict) -> str:
     if r["status"] == "ok":
-        return "ok"
+        path = path_label(r)
+        return f"ok ({path})" if path else "ok"
     reason = (r.get("reason") or "").replace("|", "\\|")
     return f"{r['status']}: {reason}"
 
@@ -288,7 +289,9 @@ def markdown(env: dict, results: list, notes: list) -> str:
     if ops:
         L.append("## Summary: mmkernels against each peer")
         L.append("")
-        L.append("Cells: speedup / memory ratio (peer divided by mmkernels; > 1 favours mmkernels).")
+        L.append("Cells: speedup / memory ratio (peer divided by mmkernels; > 1 favours mmkernels). "
+                 "`mmkernels` is backend auto (the path its dispatch table chose: `auto path`); "
+                 "`mmkernels:<path>` is the same call with that path forced (`kernel`: our kernels).")
         L.append("")
         for (op, mode), cids in ops.items():
             peers = []
@@ -299,17 +302,19 @@ def markdown(env: dict, results: list, notes: list) -> str:
             keys = list(cases[cids[0]][next(iter(cases[cids[0]]))]["shape"].keys())
             L.append(f"**{op}** ({mode})")
             L.append("")
-            L += _head([*keys, "dtype", "mmkernels ms", "mmkernels extra", "% mm", *(f"vs {p}" for p in peers)])
+            L += _head([*keys, "dtype", "mmkernels ms", "mmkernels extra", "% mm", "auto path",
+                        *(f"vs {p}" for p in peers)])
             for cid in cids:
                 provs = cases[cid]
                 base = provs.get(BASELINE)
                 row = _shape_cells(provs, keys)
                 if base is not None and _ok(base):
                     pm = pct_of_mm(base, results)
-                    row += [_ms(base["time_ms"]), fmt_bytes(base.get("mem_extra_bytes")), f"{pm:.0f}%" if pm is not None else "-"]
+                    row += [_ms(base["time_ms"]), fmt_bytes(base.get("mem_extra_bytes")),
+                            f"{pm:.0f}%" if pm is not None else "-", path_label(base) or "-"]
                 else:
                     why = base["status"] if base is not None else "not run"
-                    row += [why, "-", "-"]
+                    row += [why, "-", "-", "-"]
                 row += [_cell(provs.get(p), lambda r: _ratio_cell(r, base)) for p in peers]
                 L.append("| " + " | ".join(row) + " |")
             L.append("")

@@ -13,6 +13,8 @@ Add a family by writing its module and naming it in ``FAMILIES``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import os
 from typing import Optional
@@ -33,14 +35,60 @@ def load(family: str):
     return importlib.import_module(FAMILIES[family])
 
 
+#: the paths of the dispatch tables each bench op can be forced onto, beside ``kernel``:
+#: ``mmkernels:<path>`` providers time them (``mmkernels`` itself is ``auto``)
+FORCED_PATHS = {
+    "contrastive_loss": ("blockwise", "materialized"),
+    "infonce_loss": ("blockwise", "materialized"),
+    "attention_fwd": ("sdpa", "varlen", "flex"),
+    "attention_fwd_bwd": ("sdpa", "varlen", "flex"),
+    "cross_attention": ("sdpa",),
+    "qformer": ("sdpa",),
+    "modality_ffn": ("grouped_mm", "batched"),
+    "modality_linear": ("grouped_mm", "batched"),
+    "modality_ffn_frozen": ("grouped_mm", "batched"),
+}
+
+
+def forced_call(fn, path: str, **inputs):
+    """``fn(**inputs)`` with mmkernels' path ``path`` forced. An op that has the path but cannot
+    run the call raises ``PathUnavailable`` (the harness records a skip); a call in which no op
+    has the path raises ``LookupError`` (an error: ``FORCED_PATHS`` is wrong)."""
+    import mmkernels
+
+    with mmkernels.use_path(path), mmkernels.explain() as log:
+        out = fn(**inputs)
+    if path not in log.paths():
+        raise LookupError(f"no mmkernels op of this case has a path {path!r} (ran: {log.paths()})")
+    return out
+
+
+def with_forced_paths(case):
+    """``case`` with ``mmkernels:kernel`` and ``mmkernels:<path>`` providers after ``mmkernels``
+    (the same function under ``mmkernels.use_path``), for the ops of ``FORCED_PATHS``."""
+    from bench.harness import BASELINE, Provider
+
+    names = [p.name for p in case.providers]
+    if case.op not in FORCED_PATHS or BASELINE not in names:
+        return case
+    i = names.index(BASELINE)
+    base = case.providers[i]
+    forced = tuple(
+        Provider(f"{BASELINE}:{path}", functools.partial(forced_call, base.fn, path), base.check,
+                 base.mem_estimate, note=f"mmkernels with the {path} path forced")
+        for path in ("kernel", *FORCED_PATHS[case.op]))
+    return dataclasses.replace(case, providers=case.providers[:i + 1] + forced + case.providers[i + 1:])
+
+
 def collect(families, device: str, profile: str, overrides: Optional[dict] = None) -> list:
-    """Every case of ``families`` for ``device`` and ``profile``, duplicates dropped."""
+    """Every case of ``families`` for ``device`` and ``profile``, duplicates dropped, with the
+    forced-path providers of ``with_forced_paths``."""
     seen, out = set(), []
     for fam in families:
         for case in load(fam).cases(device=device, profile=profile, overrides=overrides):
             if case.id not in seen:
                 seen.add(case.id)
-                out.append(case)
+                out.append(with_forced_paths(case))
     return out
 
 
