@@ -183,8 +183,8 @@ def explain() -> Iterator[Explanation]:
     _recorders.append(rec)
     try:
         yield rec
-    finally:
-        _recorders.remove(rec)
+    finally:  # by identity: two recorders holding equal decisions compare equal
+        del _recorders[next(i for i, r in enumerate(_recorders) if r is rec)]
 
 
 @contextlib.contextmanager
