@@ -287,6 +287,7 @@ def base_record(case: Case, provider: Provider) -> dict:
         "mem_estimate_bytes": None,
         "loss": None,
         "paths": None,
+        "launches": None,
         "note": provider.note,
     }
 
@@ -327,6 +328,22 @@ def _scalar(out: Any) -> Optional[float]:
 
 
 _FLUSH: dict = {}
+
+
+def _count_cuda_launches(step, leaves) -> Optional[int]:
+    """Device activities (kernels, memsets, copies) of one call, counted by the profiler; None
+    when the profiler cannot see the device."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    clear_grads(leaves)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except Exception:
+        return None
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
 
 def _l2_flush_buffer(device: str) -> torch.Tensor:
@@ -512,6 +529,8 @@ def measure(case: Case, provider: Provider, opts: RunOptions, *, isolated: bool 
             rec["reason"] = f"non-finite output {rec['loss']}"
             return rec
 
+        if cuda and provider.name.startswith(BASELINE):
+            rec["launches"] = _count_cuda_launches(step, leaves)
         if cuda:
             mem = _mem_cuda(step, leaves, device)
             est = mem.pop("_est_ms")

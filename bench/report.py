@@ -145,8 +145,8 @@ def _ratio_cell(r: dict, base: Optional[dict]) -> str:
 
 def _status(r: dict) -> str:
     if r["status"] == "ok":
-        path = path_label(r)
-        return f"ok ({path})" if path else "ok"
+        extra = [x for x in (path_label(r), f"{r['launches']} launches" if r.get("launches") else "") if x]
+        return f"ok ({'; '.join(extra)})" if extra else "ok"
     reason = (r.get("reason") or "").replace("|", "\\|")
     return f"{r['status']}: {reason}"
 
