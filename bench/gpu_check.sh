@@ -19,7 +19,8 @@
 #      (pytest tests/bench/test_agreement.py -k agrees; limit GPU_CHECK_AGREE_TIMEOUT s, 100)  -> appended to tests.log
 #   4. python3 -m bench --quick --device cuda (limit GPU_CHECK_BENCH_TIMEOUT s, 210; every family, or only
 #      those in GPU_CHECK_FAMILIES, comma-separated, e.g. "cross_attention,experts") -> $OUT/bench.log
-#      and moves its results.json, results.md and plot.png to the top of $OUT
+#      and moves its results.json, results.md and plot.png to the top of $OUT; the dispatch-table
+#      rows the run measured (python -m bench.dispatch_table) are appended to bench.log
 #      (the device tool brings back at most 8 files, at most $OUT/a/b/file deep).
 #   5. python3 -m bench.profile_gpu (limit GPU_CHECK_PROFILE_TIMEOUT s, 45; the cases of GPU_CHECK_FAMILIES
 #      only, when set): device time per kernel -> $OUT/profile.md (rewritten after each case)
@@ -141,6 +142,10 @@ for f in results.json results.md plot.png; do
   if [ -f "$OUT/bench/$f" ]; then mv "$OUT/bench/$f" "$OUT/$f"; else echo "missing: bench/$f"; fi
 done
 rm -rf "$OUT/bench"
+# the dispatch-table rows this run measured (commit the run, then regenerate the tables here with
+# python -m bench --dispatch-table bench/results/<run> --write)
+[ -f "$OUT/results.json" ] && { echo "== dispatch-table rows measured by this run"; \
+  "$PY" -m bench.dispatch_table "$OUT" 2>&1 | tail -n 60; } >>"$OUT/bench.log"
 
 # 5. where the time goes: per-kernel device time of a few cases (informative, never fails the check)
 if [ "$DEVICE" = cuda ]; then
