@@ -10,8 +10,9 @@ itself adds the path ``auto`` took). Runs recorded before those providers existe
 peers that run the same PyTorch computation as a path (``LEGACY_PROXIES``: OpenCLIP's loss for
 ``materialized``, compiled FlexAttention for ``flex``...); the row's source says so. Rows are
 grouped by (op, device kind, dtype, shape class); a group's order ranks the paths by the geometric
-mean, over its cases, of each path's time over the case's fastest. Paths never measured in a group
-keep their place from the old row after the measured ones, and ``kernel`` is always kept.
+mean, over its cases, of each path's time over the case's fastest. Paths the runs did not measure
+keep their place in the old row (a prior from how the path is built), the measured ones fill the
+other places in measured order, and ``kernel`` is always kept.
 Groups the runs do not cover keep their rows.
 """
 from __future__ import annotations
@@ -170,12 +171,20 @@ def merged_table(family: str, measured: dict) -> dict:
     table = current_table(family)
     for key, (order, source) in measured.items():
         old = table.get(key) or _fallback_row(table, key)
-        rest = [p for p in (old[0] if old else ()) if p not in order]
-        full = tuple(order) + tuple(rest)
-        if "kernel" not in full:
-            full += ("kernel",)
-        table[key] = (full, source)
+        table[key] = (merge_order(tuple(old[0]) if old else (), tuple(order)), source)
     return table
+
+
+def merge_order(old: tuple, measured: tuple) -> tuple:
+    """``old`` with the slots of the measured paths refilled in ``measured`` order: a path the
+    run did not measure keeps its place (its prior), measured ones take the run's ranking;
+    measured paths ``old`` lacks, then ``kernel``, go last."""
+    pending = list(measured)
+    out = [p if p not in measured else pending.pop(0) for p in old]
+    out += [p for p in pending if p not in out]
+    if "kernel" not in out:
+        out.append("kernel")
+    return tuple(out)
 
 
 def _fallback_row(table: dict, key: tuple) -> Optional[tuple]:
