@@ -43,7 +43,7 @@ FORCED_PATHS = {
     "attention_fwd": ("sdpa", "varlen", "flex"),
     "attention_fwd_bwd": ("sdpa", "varlen", "flex"),
     "cross_attention": ("sdpa",),
-    "qformer": ("sdpa",),
+    "qformer": (),  # its self-attention masks are multimodal: only the kernels are forced
     "modality_ffn": ("grouped_mm", "batched"),
     "modality_linear": ("grouped_mm", "batched"),
     "modality_ffn_frozen": ("grouped_mm", "batched"),
