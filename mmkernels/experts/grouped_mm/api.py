@@ -5,19 +5,53 @@ expert): ``modality_ids`` gives each token's expert, or a Python int ``p`` split
 sequence of ``x [B, S, H]`` by position (``< p``: expert 0, the rest: expert 1; BEiT-3's
 ``split_position``). On the ``cpu`` and ``triton`` backends the tokens are routed with a
 counting sort on the device (no host synchronisation) and one grouped GEMM per layer gathers
-and scatters the rows inside the kernel.
+and scatters the rows inside the kernel. Under backend ``auto`` each call runs the path the
+family's table ranks fastest for its case among those that can run it: the kernels,
+``grouped_mm`` (PyTorch's grouped GEMM) or ``batched`` (strided batched GEMMs on the views of a
+split position); see :mod:`.paths`.
 """
 from __future__ import annotations
 
 import torch
 
-from ... import _autocast
+from ... import _autocast, _backend, _dispatch
 from ..._validation import backend_for
 from .. import activations
 from ..routing import (check_bias, check_experts, check_ids, check_param, check_x, dense_ids, grad_flags,
                        per_expert, route_tokens, untouched_experts, without_untouched)
+from . import paths
 from .ops import modality_ffn_fwd, modality_linear_fwd
 from .reference import modality_ffn_reference, modality_linear_reference
+
+
+@torch.compiler.assume_constant_result
+def _choose_traced(op: str, device: torch.device, dtype: torch.dtype, shape_class: str,
+                   can: tuple) -> tuple[str, str | None]:
+    # torch.compile cannot trace the table lookup: it runs once while tracing and its answer is
+    # a constant of the graph
+    d = _dispatch.choose("experts", op, torch.empty(0, device=device, dtype=dtype), shape_class, dict(can))
+    return d.path, d.backend
+
+
+def _decide(op: str, x: torch.Tensor, kind: str, widths: dict[str, int]) -> tuple[str, str | None]:
+    """``(path, kernel backend)`` for this call: under a forced backend the kernels (or the
+    reference) as the backend says; under ``auto`` the dispatcher's choice among the kernels and
+    the paths of :mod:`.paths` that can run the call."""
+    if torch.compiler.is_compiling() and _backend.current() != "auto":
+        which = backend_for(x)
+        return ("reference" if which == "reference" else "kernel"), which
+    tokens, h_in = x.numel() // x.shape[-1], x.shape[-1]
+    cls = paths.shape_class(kind, tokens, h_in, next(iter(widths.values())))
+    can = paths.eligibility(kind, x, widths)
+    if torch.compiler.is_compiling():
+        return _choose_traced(op, x.device, x.dtype, cls, tuple(can.items()))
+    d = _dispatch.choose("experts", op, x, cls, can)
+    return d.path, d.backend
+
+
+def _routing_backend(x: torch.Tensor) -> str:
+    """How the PyTorch-op paths sort tokens: the Triton counting sort on CUDA, torch ops otherwise."""
+    return "triton" if x.device.type == "cuda" and _backend.TRITON_AVAILABLE else "cpu"
 
 
 def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
@@ -30,7 +64,8 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
         modality_ids: an int32/int64 tensor of shape ``x.shape[:-1]`` with values in ``[0, E)``
             (CogVLM ``token_type_ids``), or a Python int split position ``p`` for
             ``x [B, S, H_in]``: positions ``< p`` use expert 0, the rest expert 1 (``E == 2``).
-            Both forms give identical results.
+            Both forms give identical results on a forced backend; under ``auto`` the split
+            form may run another path (``batched``), equal within the dtype's tolerance.
         weight: ``[E, H_out, H_in]`` (``nn.Linear`` layout per expert), ``1 <= E <= 8``, x's dtype;
             or a sequence of ``E`` tensors ``[H_out, H_in]`` (a list, or the ``nn.ParameterList``
             of a module built with ``per_expert_parameters=True``), stacked without a copy when
@@ -64,11 +99,18 @@ def modality_linear(x: torch.Tensor, modality_ids, weight: torch.Tensor,
                          f"but x has {x.shape[-1]} features")
     check_bias(bias, "bias", e, h_out, x, "weight")
     kind, ids = check_ids(modality_ids, x, e)
-    which = backend_for(x)
-    if which == "reference":
+    path, which = _decide("modality_linear", x, kind, {"H_out": h_out, "H_in": h_in})
+    if path == "reference":
         return modality_linear_reference(x, dense_ids(kind, ids, x), weight, bias)
+    flags = grad_flags(*sources, e)
+    if path == paths.BATCHED:
+        return paths.linear_batched(x, weight, bias, ids, flags)
+    if path == paths.GROUPED_MM:
+        perm, offsets = route_tokens(kind, ids, x, e, _routing_backend(x))
+        y = paths.linear_grouped_mm(x.reshape(-1, h_in), weight, bias, perm, offsets, flags)
+        return y.reshape(*x.shape[:-1], h_out)
     perm, offsets = route_tokens(kind, ids, x, e, which)
-    y = modality_linear_fwd(x.reshape(-1, h_in), weight, bias, perm, offsets, grad_flags(*sources, e), which)
+    y = modality_linear_fwd(x.reshape(-1, h_in), weight, bias, perm, offsets, flags, which)
     return y.reshape(*x.shape[:-1], h_out)
 
 
@@ -129,10 +171,19 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
     check_bias(b_in, "b_in", e, fi, x, "w_in")
     check_bias(b_out, "b_out", e, h_out, x, "w_out")
     kind, ids = check_ids(modality_ids, x, e)
-    which = backend_for(x)
-    if which == "reference":
+    path, which = _decide("modality_ffn", x, kind, {"Fi": fi, "H_in": h_in, "F": f, "H_out": h_out})
+    if path == "reference":
         return modality_ffn_reference(x, dense_ids(kind, ids, x), w_in, b_in, w_out, b_out, activation)
+    flags_in, flags_out = grad_flags(*sources[0], e), grad_flags(*sources[1], e)
+    if path == paths.BATCHED:
+        y, _ = paths.ffn_batched(x, w_in, b_in, w_out, b_out, ids, activation, flags_in, flags_out)
+        return y
+    if path == paths.GROUPED_MM:
+        perm, offsets = route_tokens(kind, ids, x, e, _routing_backend(x))
+        y, _ = paths.ffn_grouped_mm(x.reshape(-1, h_in), w_in, b_in, w_out, b_out, perm, offsets, activation,
+                                    flags_in, flags_out)
+        return y.reshape(*x.shape[:-1], h_out)
     perm, offsets = route_tokens(kind, ids, x, e, which)
     y, _, _ = modality_ffn_fwd(x.reshape(-1, h_in), w_in, b_in, w_out, b_out, perm, offsets, activation,
-                               grad_flags(*sources[0], e), grad_flags(*sources[1], e), which)
+                               flags_in, flags_out, which)
     return y.reshape(*x.shape[:-1], h_out)
