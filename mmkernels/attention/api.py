@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _autocast
-from .. import _validation as check
+from .. import _autocast, _dispatch
+from . import paths
 from .mask import MultimodalMask
 from .ops import attention_fwd
 from .reference import check_inputs, multimodal_attention_reference
@@ -31,18 +31,25 @@ def multimodal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         ``out [B, Hq, Sq, D]`` in q's dtype (and ``lse``). A query row that sees no key gets
         ``out = 0`` (``lse = -inf``) and zero gradient, never NaN.
 
-    On the ``cpu`` and ``triton`` backends no ``Sq x Sk`` tensor is allocated; tiles the mask
-    hides entirely are skipped. Under ``torch.autocast`` q, k and v are cast to the autocast
-    dtype first, as for ``scaled_dot_product_attention``.
+    Under backend ``auto`` the call runs the path the attention dispatch table names for its
+    case (:mod:`mmkernels.attention.paths`: ``sdpa``, ``varlen``, ``flex``, or the kernels);
+    ``mmkernels.explain()`` shows which. On every path but ``reference`` no ``Sq x Sk`` tensor
+    is allocated beyond the memory budget; the kernels skip tiles the mask hides entirely. Under
+    ``torch.autocast`` q, k and v are cast to the autocast dtype first, as for
+    ``scaled_dot_product_attention``.
     """
     q, k, v = _autocast.lower_precision(q, k, v)
     scale = check_inputs(q, k, v, mask, scale)
-    which = check.backend_for(q)
-    if which == "reference":
+    cls = paths.shape_class(paths.mask_kind(mask), q.shape[2], k.shape[2], q.shape[3])
+    decision = _dispatch.choose("attention", "multimodal_attention", q, cls,
+                                paths.eligibility(q, k, v, mask, scale, return_lse))
+    if decision.path == _dispatch.REFERENCE:
         return multimodal_attention_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
-    meta = [] if mask is None else mask.metadata()
-    out, lse = attention_fwd(q, k, v, meta, scale, which)
-    return (out, lse) if return_lse else out
+    if decision.path == _dispatch.KERNEL:
+        meta = [] if mask is None else mask.metadata()
+        out, lse = attention_fwd(q, k, v, meta, scale, decision.backend)
+        return (out, lse) if return_lse else out
+    return paths.run(decision.path, q, k, v, mask, scale, return_lse)
 
 
 class MultimodalSelfAttention(nn.Module):

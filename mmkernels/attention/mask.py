@@ -37,6 +37,10 @@ CAUSAL = 2
 SPAN = 3
 RULE_NAMES = {BLOCKED: "BLOCKED", FULL: "FULL", CAUSAL: "CAUSAL", SPAN: "SPAN"}
 
+#: what a mask's ``kind`` can be: the builder that made it, or ``"custom"``
+KINDS = ("custom", "causal", "key_padding", "prefix_lm", "blip2", "instructblip", "beit3_captioning",
+         "packed", "image_spans")
+
 TILE_EMPTY = 0
 TILE_FULL = 1
 TILE_PARTIAL = 2
@@ -163,7 +167,11 @@ class MultimodalMask:
     synchronises with the host.
 
     Attributes: ``q_mod, k_mod, q_seg, k_seg, q_pos, k_pos, q_run, k_run`` (int32 ``[B, S]``),
-    ``rules`` (int8 ``[NM, NM]``), ``shape == (B, Sq, Sk)``, ``num_modalities``.
+    ``rules`` (int8 ``[NM, NM]``), ``shape == (B, Sq, Sk)``, ``num_modalities``, and ``kind``
+    (which builder made the mask, see :data:`KINDS`; ``"custom"`` for the constructor and
+    :meth:`from_metadata`) with ``kind_params``, what the PyTorch-op paths need to serve that
+    kind without the metadata (``lengths`` for ``"key_padding"``, ``cu_seqlens`` and ``causal``
+    for ``"packed"``, ``objective`` for ``"blip2"``).
     """
 
     def __init__(self, modality_ids, rules, *, segment_ids=None, key_modality_ids=None,
@@ -236,11 +244,19 @@ class MultimodalMask:
 
     # -- construction without validation (used by .to)
     def _set(self, q_mod, k_mod, q_seg, k_seg, q_pos, k_pos, q_run, k_run, rules):
+        self.kind, self.kind_params = "custom", {}
         self.q_mod, self.k_mod = q_mod.contiguous(), k_mod.contiguous()
         self.q_seg, self.k_seg = q_seg.contiguous(), k_seg.contiguous()
         self.q_pos, self.k_pos = q_pos.contiguous(), k_pos.contiguous()
         self.q_run, self.k_run = q_run.contiguous(), k_run.contiguous()
         self.rules = rules.contiguous()
+
+    def _tag(self, kind: str, **params) -> "MultimodalMask":
+        """Record which builder made the mask (``kind``) and what its fast paths need."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown mask kind {kind!r}; one of {KINDS}")
+        self.kind, self.kind_params = kind, params
+        return self
 
     def _fields(self):
         return (self.q_mod, self.k_mod, self.q_seg, self.k_seg, self.q_pos, self.k_pos,
@@ -277,11 +293,13 @@ class MultimodalMask:
         """A copy of the mask with every metadata tensor on ``device``."""
         out = MultimodalMask.__new__(MultimodalMask)
         out._set(*(t.to(device) for t in self._fields()))
-        return out
+        return out._tag(self.kind, **{name: t.to(device) if isinstance(t, torch.Tensor) else t
+                                      for name, t in self.kind_params.items()})
 
     def __repr__(self) -> str:
         b, sq, sk = self.shape
-        return f"MultimodalMask(B={b}, Sq={sq}, Sk={sk}, num_modalities={self.num_modalities}, device={self.device})"
+        return (f"MultimodalMask(kind={self.kind!r}, B={b}, Sq={sq}, Sk={sk}, "
+                f"num_modalities={self.num_modalities}, device={self.device})")
 
     # -- dense form
     def to_dense(self) -> torch.Tensor:
@@ -379,7 +397,7 @@ class MultimodalMask:
         """
         batch, seq_len = _size(batch, "batch"), _size(seq_len, "seq_len")
         mod = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)
-        return cls(mod, torch.tensor([[CAUSAL]], dtype=torch.int8))
+        return cls(mod, torch.tensor([[CAUSAL]], dtype=torch.int8))._tag("causal")
 
     @classmethod
     def key_padding(cls, lengths, seq_len: int) -> "MultimodalMask":
@@ -395,7 +413,8 @@ class MultimodalMask:
         seq_len = _size(seq_len, "seq_len")
         _check_nonneg_lengths(lengths, "lengths")
         seg = _pad_segments(lengths, seq_len)
-        return cls(torch.zeros_like(seg), torch.tensor([[FULL]], dtype=torch.int8), segment_ids=seg)
+        mask = cls(torch.zeros_like(seg), torch.tensor([[FULL]], dtype=torch.int8), segment_ids=seg)
+        return mask._tag("key_padding", lengths=lengths.clamp(0, seq_len))
 
     @classmethod
     def prefix_lm(cls, prefix_lengths, lengths, seq_len: int) -> "MultimodalMask":
@@ -416,7 +435,7 @@ class MultimodalMask:
         idx = torch.arange(seq_len, dtype=torch.int32, device=prefix.device)[None]
         mod = (idx >= prefix[:, None]).to(torch.int32)
         rules = torch.tensor([[FULL, BLOCKED], [FULL, CAUSAL]], dtype=torch.int8)
-        return cls(mod, rules, segment_ids=_pad_segments(lengths, seq_len))
+        return cls(mod, rules, segment_ids=_pad_segments(lengths, seq_len))._tag("prefix_lm")
 
     @classmethod
     def blip2(cls, num_query_tokens: int, text_lengths, text_len: int, objective: str = "itc") -> "MultimodalMask":
@@ -439,7 +458,7 @@ class MultimodalMask:
         if objective not in objectives:
             raise ValueError(f"objective must be one of {tuple(objectives)}, got {objective!r}")
         return _two_part(cls, num_query_tokens, "num_query_tokens", text_lengths, "text_lengths",
-                         text_len, "text_len", objectives[objective])
+                         text_len, "text_len", objectives[objective])._tag("blip2", objective=objective)
 
     @classmethod
     def instructblip(cls, num_query_tokens: int, instruction_lengths, instruction_len: int) -> "MultimodalMask":
@@ -449,7 +468,7 @@ class MultimodalMask:
         ``t >= instruction_lengths[b]``. Modality 0 = queries, 1 = instruction; all rules ``FULL``.
         """
         return _two_part(cls, num_query_tokens, "num_query_tokens", instruction_lengths, "instruction_lengths",
-                         instruction_len, "instruction_len", [[FULL, FULL], [FULL, FULL]])
+                         instruction_len, "instruction_len", [[FULL, FULL], [FULL, FULL]])._tag("instructblip")
 
     @classmethod
     def beit3_captioning(cls, num_image_tokens: int, text_lengths, text_len: int) -> "MultimodalMask":
@@ -459,7 +478,7 @@ class MultimodalMask:
         Modality 0 = image, 1 = text; rules ``[[FULL, BLOCKED], [FULL, CAUSAL]]``.
         """
         return _two_part(cls, num_image_tokens, "num_image_tokens", text_lengths, "text_lengths",
-                         text_len, "text_len", [[FULL, BLOCKED], [FULL, CAUSAL]])
+                         text_len, "text_len", [[FULL, BLOCKED], [FULL, CAUSAL]])._tag("beit3_captioning")
 
     @classmethod
     def packed(cls, cu_seqlens, causal: bool = True, *, seq_len: int | None = None) -> "MultimodalMask":
@@ -488,7 +507,8 @@ class MultimodalMask:
         seg = torch.searchsorted(cu, idx, right=True).to(torch.int32) - 1
         seg = torch.where(seg >= cu.shape[0] - 1, torch.full_like(seg, -1), seg)[None]
         rule = CAUSAL if causal else FULL
-        return cls(torch.zeros_like(seg), torch.tensor([[rule]], dtype=torch.int8), segment_ids=seg)
+        mask = cls(torch.zeros_like(seg), torch.tensor([[rule]], dtype=torch.int8), segment_ids=seg)
+        return mask._tag("packed", cu_seqlens=cu, causal=bool(causal))
 
     @classmethod
     def image_spans_in_causal(cls, modality_ids, image_modality: int = 1, *, segment_ids=None) -> "MultimodalMask":
@@ -504,7 +524,7 @@ class MultimodalMask:
         mod = _int_tensor(modality_ids, "modality_ids", 2)
         mod = (mod == int(image_modality)).to(torch.int32)
         rules = torch.tensor([[CAUSAL, CAUSAL], [CAUSAL, SPAN]], dtype=torch.int8)
-        return cls(mod, rules, segment_ids=segment_ids)
+        return cls(mod, rules, segment_ids=segment_ids)._tag("image_spans")
 
 
 # ----------------------------------------------------------------------------- builder helpers
