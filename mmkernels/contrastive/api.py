@@ -1,8 +1,10 @@
 """Contrastive losses users call: ``contrastive_loss``, ``infonce_loss``, ``ContrastiveLoss``.
 
-The ``[N, M]`` logits are never materialised on the ``cpu`` and ``triton``
-backends: the registered op ``mmkernels::contrastive_stats`` returns per-row
-and per-column log-sum-exp, sums and positive logits, and the loss is an O(N)
+Under backend ``auto`` each call runs the path the dispatch table orders first among those
+that can run it (``paths.py``, ``dispatch_table.py``): the kernels, ``blockwise`` or
+``materialized``. The kernels and ``blockwise`` never hold the ``[N, M]`` logits (beyond one
+block within ``memory_budget``): the registered op ``mmkernels::contrastive_stats`` returns
+per-row and per-column log-sum-exp, sums and positive logits, and the loss is an O(N)
 expression of them. With label smoothing ``eps`` (as in
 ``torch.nn.functional.cross_entropy``) the cross-entropy of row ``i`` is
 ``lse_i - (1 - eps) * L[i, t_i] - eps * mean_j L[i, j]``.
@@ -14,9 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import _autocast
+from .. import _autocast, _dispatch
 from .. import _validation as check
-from . import reference
+from . import paths, reference
+from .epilogue import contrastive_loss_epilogue
 from .ops import contrastive_stats, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -80,6 +83,43 @@ def _under_autocast(a: torch.Tensor, b: torch.Tensor):
     return a, b, torch.float32
 
 
+def _choose(op: str, x: torch.Tensor, shape_class: str, eligible: dict):
+    """``_dispatch.choose`` for this family; while torch.compile traces, the same rules without
+    the record and the log line (dynamo cannot trace ``Logger.isEnabledFor``)."""
+    if not torch.compiler.is_compiling():
+        return _dispatch.choose("contrastive", op, x, shape_class, eligible)
+    from .. import _backend
+    if _backend.current() != "auto":
+        which = check.backend_for(x, "features")
+        return _Choice(_dispatch.REFERENCE if which == "reference" else _dispatch.KERNEL, which)
+    kb, kb_why = _dispatch.kernel_backend(x.device, x.dtype)
+    can = {**eligible, _dispatch.KERNEL: kb_why}
+    forced = _dispatch._forced_paths[-1] if _dispatch._forced_paths else None
+    if forced in can:
+        if can[forced] is not None:
+            raise RuntimeError(f"mmkernels: path {forced!r} of {op} cannot run this call: {can[forced]}")
+        return _Choice(forced, kb)
+    _, row = _dispatch.lookup("contrastive", op, _dispatch.device_kind(x.device),
+                              _dispatch.dtype_name(x.dtype), shape_class)
+    for name in row.order:
+        if can.get(name, "unknown") is None:
+            return _Choice(name, kb)
+    return _Choice(_dispatch.REFERENCE, None)
+
+
+class _Choice(NamedTuple):
+    path: str
+    backend: str | None
+
+
+def _fused_epilogue(which: str, x: torch.Tensor) -> bool:
+    """Whether the loss comes from the statistics through the one-launch Triton epilogue: on the
+    triton backend, and on the blockwise path where its arithmetic is Triton (CUDA)."""
+    if which == "triton":
+        return True
+    return which == paths.BLOCKWISE and paths.default_arith(x.device, x.dtype) == "triton"
+
+
 def _cross_entropy(lse, pos, total, classes: int, label_smoothing: float):
     """Per-row cross-entropy from the stats (float32 ``[N]``)."""
     if label_smoothing == 0.0:
@@ -123,21 +163,29 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     _check_options(label_smoothing, reduction)
     scale = _scalar_arg(logit_scale, image_features, "logit_scale")
     bias = None if logit_bias is None else _scalar_arg(logit_bias, image_features, "logit_bias")
-    which = check.backend_for(image_features, "features")
-    if which == "reference":
-        out = reference.contrastive_loss_reference(
-            image_features, text_features, scale.to(image_features.dtype),
-            None if bias is None else bias.to(image_features.dtype), label_smoothing=label_smoothing,
+    n, d = image_features.shape
+    decision = _choose(
+        "contrastive_loss", image_features, paths.shape_class(n, n, d),
+        paths.eligibility(image_features, text_features, symmetric=True, loss_dtype=loss_dtype))
+    if decision.path in (_dispatch.REFERENCE, paths.MATERIALIZED):
+        # the materialized path is the reference's computation, chosen where it is fastest
+        out = paths.materialized_contrastive(
+            image_features, text_features, scale, bias, label_smoothing=label_smoothing,
             reduction=reduction, return_stats=return_stats)
         return (out[0].to(loss_dtype), out[1]) if return_stats else out.to(loss_dtype)
 
-    n = image_features.shape[0]
+    which = decision.backend if decision.path == _dispatch.KERNEL else decision.path
     targets = torch.arange(n, device=image_features.device)
-    row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum = contrastive_stats(
-        image_features, text_features, scale, targets, True, which)
-    per_pair = 0.5 * (_cross_entropy(row_lse, pos, row_sum, n, label_smoothing)
-                      + _cross_entropy(col_lse, pos, col_sum, n, label_smoothing))
-    loss = reference.reduce(per_pair, reduction)
+    stats = contrastive_stats(image_features, text_features, scale, targets, True, which)
+    if _fused_epilogue(which, image_features):
+        loss, i2t, t2i = contrastive_loss_epilogue(*stats, n, float(label_smoothing), reduction,
+                                                   loss_dtype, "triton")
+    else:
+        row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum = stats
+        per_pair = 0.5 * (_cross_entropy(row_lse, pos, row_sum, n, label_smoothing)
+                          + _cross_entropy(col_lse, pos, col_sum, n, label_smoothing))
+        loss = reference.reduce(per_pair, reduction)
+        i2t = t2i = None
     if bias is not None:
         # A bias shifts every logit of a row (and of a column) alike: it cancels in each
         # cross-entropy, smoothed or not. bias * 0 gives it its exact gradient, 0, and makes
@@ -146,10 +194,12 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     loss = loss.to(loss_dtype)
     if not return_stats:
         return loss
-    with torch.no_grad():
-        stats = ContrastiveStats((pos >= row_max).to(torch.float32).mean(),
-                                 (pos >= col_max).to(torch.float32).mean())
-    return loss, stats
+    if i2t is None:
+        _, row_max, _, pos, _, col_max, _ = stats
+        with torch.no_grad():
+            i2t = (pos >= row_max).to(torch.float32).mean()
+            t2i = (pos >= col_max).to(torch.float32).mean()
+    return loss, ContrastiveStats(i2t, t2i)
 
 
 def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targets=None,
@@ -187,12 +237,19 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
         check.same_device(("queries", queries), ("targets", targets))
         check.index_range(targets, "targets", m)
     scale = _scalar_arg(logit_scale, queries, "logit_scale")
-    which = check.backend_for(queries, "features")
-    if which == "reference":
-        return reference.infonce_loss_reference(
-            queries, keys, scale.to(queries.dtype), targets=targets,
-            label_smoothing=label_smoothing, reduction=reduction).to(loss_dtype)
-    row_lse, _, row_sum, pos, _, _, _ = contrastive_stats(queries, keys, scale, targets, False, which)
+    decision = _choose(
+        "infonce_loss", queries, paths.shape_class(n, m, queries.shape[1]),
+        paths.eligibility(queries, keys, symmetric=False, loss_dtype=loss_dtype))
+    if decision.path in (_dispatch.REFERENCE, paths.MATERIALIZED):
+        return paths.materialized_infonce(
+            queries, keys, scale, targets=targets, label_smoothing=label_smoothing,
+            reduction=reduction).to(loss_dtype)
+    which = decision.backend if decision.path == _dispatch.KERNEL else decision.path
+    stats = contrastive_stats(queries, keys, scale, targets, False, which)
+    if _fused_epilogue(which, queries):
+        return contrastive_loss_epilogue(*stats, m, float(label_smoothing), reduction, loss_dtype,
+                                         "triton")[0]
+    row_lse, _, row_sum, pos, _, _, _ = stats
     per_row = _cross_entropy(row_lse, pos, row_sum, m, label_smoothing)
     return reference.reduce(per_row, reduction).to(loss_dtype)
 

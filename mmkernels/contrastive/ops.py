@@ -20,8 +20,9 @@ differentiable) it forms, tile by tile,
 + g_pos * onehot(targets)`` and returns ``dq = scale * G @ k``,
 ``dk = scale * G.T @ q``, ``dscale = sum(G * q @ k.T)``.
 
-``backend`` is ``"cpu"`` (C++ kernels in ``mmkernels/csrc/``) or ``"triton"``. Statistics are
-float32 (float64 for float64 inputs, which only the ``cpu`` backend accepts).
+``backend`` is ``"cpu"`` (C++ kernels in ``mmkernels/csrc/``), ``"triton"``, or
+``"blockwise"`` (row blocks of the logits from cuBLAS GEMMs, see ``paths.py``). Statistics are
+float32 (float64 for float64 inputs, which the ``cpu`` and ``blockwise`` backends accept).
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def contrastive_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, tar
         return tuple(_ext.C.contrastive_stats(q, k, scale, targets, with_columns))
     if backend == "triton":
         return tuple(_kernels().contrastive_stats_triton(q, k, scale, targets, with_columns))
+    if backend == "blockwise":
+        from .paths import blockwise_stats
+        return tuple(blockwise_stats(q, k, scale, targets, with_columns))
     raise ValueError(f"contrastive_stats: unknown backend {backend!r}")
 
 
@@ -72,6 +76,9 @@ def contrastive_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, tar
         return tuple(_ext.C.contrastive_grads(*args))
     if backend == "triton":
         return tuple(_kernels().contrastive_grads_triton(*args))
+    if backend == "blockwise":
+        from .paths import blockwise_grads
+        return tuple(blockwise_grads(*args))
     raise ValueError(f"contrastive_grads: unknown backend {backend!r}")
 
 
@@ -86,10 +93,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, targets, row_lse, col_lse)
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1], output[5])  # the maxima
+    ctx.set_materialize_grads(False)  # no zero vectors for outputs the loss does not use
 
 
 def _backward(ctx, g_row_lse, _g_row_max, g_row_sum, g_pos, g_col_lse, _g_col_max, g_col_sum):
     q, k, scale, targets, row_lse, col_lse = ctx.saved_tensors
+    if all(g is None for g in (g_row_lse, g_row_sum, g_pos, g_col_lse, g_col_sum)):
+        return None, None, None, None, None, None
 
     def filled(g, like):  # outputs that did not reach the loss get no gradient
         return torch.zeros_like(like) if g is None else g.to(like.dtype)

@@ -248,37 +248,38 @@ def test_nan_propagates(dtype):
 
 
 @pytest.mark.parametrize("with_columns", [False, True])
-def test_backward_in_several_row_and_column_chunks(with_columns):
-    N, M, D = 97, 130, 48
+def test_backward_splits_the_features_across_programs(with_columns):
+    """D = 200 with 16-row tiles: 4 feature chunks of 64 (the last ragged), each program
+    recomputing its logits; the result equals the reference and does not depend on the tiles."""
+    N, M, D = 97, 130, 200
     q, k, scale, targets, v = make_inputs(N, M, D, torch.float32, seed=7)
-    # 4 row chunks (32, 32, 32, 1) x 3 column chunks (48, 48, 34)
-    stats, ref_stats, grads, ref_grads = run_both(q, k, scale, targets, v, with_columns,
-                                                  row_chunk=32, col_chunk=48)
-    check_grads(grads, ref_grads, q, k, scale, torch.float32, name="chunked")
+    cfg = K.TileConfig(16, 16, 16, 1, 1)
+    assert K.grad_block_d(D, cfg) < D
+    stats, ref_stats, grads, ref_grads = run_both(q, k, scale, targets, v, with_columns, config=cfg)
+    check_grads(grads, ref_grads, q, k, scale, torch.float32, name="feature chunks")
     whole = run_both(q, k, scale, targets, v, with_columns)[2]
     for a, b in zip(grads, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_budget_constants_are_tile_multiples():
+def test_grad_feature_chunks_are_powers_of_two():
     for dt in DTYPES:
         for prec in K.input_precisions(dt):
             for D in (1, 16, 33, 64, 88, 256, 1536):
                 for c in K.candidate_configs(dt, D, prec):
-                    assert K.BWD_ROW_CHUNK % c.BLOCK_M == 0
-                    assert K.BWD_COL_CHUNK % c.BLOCK_N == 0
+                    bd = K.grad_block_d(D, c)
+                    assert bd >= 16 and bd & (bd - 1) == 0 and bd <= 128
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_small_tiles_many_programs(dtype):
     """16x16 tiles: 7 row programs x 9 column blocks, so the column merge runs
     under the lock from many programs with staggered starts, and the backward
-    accumulates dscale over many slots."""
+    sums dscale over many per-block shares."""
     N, M, D = 97, 130, 40
     q, k, scale, targets, v = make_inputs(N, M, D, dtype, seed=8)
     cfg = K.TileConfig(16, 16, 16, 1, 1)
-    stats, ref_stats, grads, ref_grads = run_both(q, k, scale, targets, v, True, config=cfg,
-                                                  row_chunk=48, col_chunk=64)
+    stats, ref_stats, grads, ref_grads = run_both(q, k, scale, targets, v, True, config=cfg)
     check_stats(stats, ref_stats, q, k, scale, True, name="16x16")
     check_grads(grads, ref_grads, q, k, scale, dtype, name="16x16")
 

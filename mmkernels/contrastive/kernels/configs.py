@@ -16,11 +16,8 @@ import triton
 from ... import tuning
 from ..._triton import DTYPES, input_precisions, interpreting, triton_at_least
 
-# The backward materialises G in blocks of at most BWD_ROW_CHUNK x BWD_COL_CHUNK elements
-# (input dtype), plus one fp32 [BWD_ROW_CHUNK, D] accumulator for dq. Multiples of every
-# BLOCK_M / BLOCK_N.
-BWD_ROW_CHUNK = 2048
-BWD_COL_CHUNK = 4096
+# Elements per program of finalize_kernel (row merges and column log-sum-exps).
+FINALIZE_BLOCK = 1024
 
 KERNEL_KINDS = ("stats", "grad")
 FORWARD_MODES = ("one_pass", "two_pass")
@@ -175,6 +172,14 @@ def resolve_config(dtype: torch.dtype, D: int, input_precision: str, config: Til
     if tuning.option("contrastive.autotune") and not interpreting():
         return None
     return heuristic_config(dtype, D, input_precision)
+
+
+def grad_block_d(D: int, config: TileConfig) -> int:
+    """Features per program of ``grad_kernel`` (its fp32 accumulator is BLOCK_M x BLOCK_D):
+    up to 128 with 64-row tiles, 64 with 128-row tiles, so the accumulator, the logit tile and
+    G stay in registers; a larger D is split across programs."""
+    cap = 128 if config.BLOCK_M <= 64 else 64
+    return max(16, min(cap, triton.next_power_of_2(max(int(D), 1))))
 
 
 def block_bounds(config: TileConfig | None) -> tuple[int, int, int]:

@@ -61,8 +61,10 @@ def stats_kernel(
     ``q [N, D]``, ``k [M, D]`` (fp32/bf16/fp16, any strides), ``scale`` one fp32,
     ``tgt [N]`` int64. With one split, writes the fp32 ``[N]`` row outputs; with several,
     the partial row statistics ``row_part [4, splits, N]``. Column statistics are merged
-    into ``col_max``/``col_sumexp``/``col_sum [M]`` under ``lock [column blocks]``, bounced
-    through ``col_tmp`` (3 * BLOCK_N floats per program).
+    into ``col_max``/``col_sumexp``/``col_sum [M]`` (zero-filled: a sum-exp of 0 marks a
+    column nothing was merged into yet) under ``lock [column blocks]``, bounced through
+    ``col_tmp`` (3 * BLOCK_N floats per program). ``finalize_kernel`` merges the splits
+    and turns the column sums into log-sum-exps.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -146,13 +148,16 @@ def stats_kernel(
             lock = lock_ptr + cb
             while tl.atomic_cas(lock, 0, 1) == 1:
                 pass
-            g_max = tl.load(col_max_ptr + cols_c64, mask=ok_c, other=float("-inf"),
-                            cache_modifier=".cg")
+            # the buffers start as zeros (one fill); a column whose sum-exp is still 0 has
+            # merged nothing yet (a merged tile adds at least exp(0) = 1), so its stored
+            # maximum is not one
+            g_max = tl.load(col_max_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             g_d = tl.load(col_sumexp_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             g_s = tl.load(col_sum_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
-            n_max = tl.maximum(g_max, t_max)
+            empty = g_d == 0.0
+            n_max = tl.where(empty, t_max, tl.maximum(g_max, t_max))
             n_use = tl.where(n_max == float("-inf"), 0.0, n_max)
-            n_d = g_d * tl.exp(g_max - n_use) + t_d * tl.exp(t_max - n_use)
+            n_d = tl.where(empty, 0.0, g_d * tl.exp(g_max - n_use)) + t_d * tl.exp(t_max - n_use)
             tl.store(col_max_ptr + cols_c64, n_max, mask=ok_c)
             tl.store(col_sumexp_ptr + cols_c64, n_d, mask=ok_c)
             tl.store(col_sum_ptr + cols_c64, g_s + t_s, mask=ok_c)
@@ -169,7 +174,7 @@ def stats_kernel(
         tl.store(row_max_ptr + rows64, m_i, mask=row_ok)
         tl.store(row_sum_ptr + rows64, s_i, mask=row_ok)
         tl.store(pos_ptr + rows64, p_i, mask=row_ok)
-    else:  # partial row stats [4, n_splits, N], merged by launch.merge_row_parts
+    else:  # partial row stats [4, n_splits, N], merged by finalize_kernel
         part_stride = n_splits.to(tl.int64) * N
         part = row_part_ptr + split.to(tl.int64) * N + rows64
         tl.store(part, m_i, mask=row_ok)
@@ -179,66 +184,203 @@ def stats_kernel(
 
 
 @triton.jit
+def finalize_kernel(
+    row_part_ptr, row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr,
+    col_buf_ptr, col_lse_ptr, col_max_ptr, col_sum_ptr,
+    N, M, n_splits,
+    MERGE_ROWS: tl.constexpr, WITH_COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One launch after ``stats_kernel``: program ``p`` merges the split row statistics of rows
+    ``[p * BLOCK, (p + 1) * BLOCK)`` (``MERGE_ROWS``) and writes the column outputs of the same
+    range of columns from ``col_buf [3, M]`` (max, sum-exp, sum)."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs64 = offs.to(tl.int64)
+    if MERGE_ROWS:
+        ok = offs < N
+        part_stride = n_splits.to(tl.int64) * N
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for sp in range(0, n_splits):
+            m = tl.maximum(m, tl.load(row_part_ptr + sp * N + offs64, mask=ok, other=0.0))
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        d = tl.zeros([BLOCK], tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        p = tl.zeros([BLOCK], tl.float32)
+        for sp in range(0, n_splits):
+            base = row_part_ptr + sp * N + offs64
+            m_s = tl.load(base, mask=ok, other=0.0)
+            d += tl.load(base + part_stride, mask=ok, other=0.0) * tl.exp(m_s - m_use)
+            s += tl.load(base + 2 * part_stride, mask=ok, other=0.0)
+            p += tl.load(base + 3 * part_stride, mask=ok, other=0.0)
+        d = tl.where(ok, d, 1.0)
+        tl.store(row_lse_ptr + offs64, m_use + tl.log(d), mask=ok)
+        tl.store(row_max_ptr + offs64, m, mask=ok)
+        tl.store(row_sum_ptr + offs64, s, mask=ok)
+        tl.store(pos_ptr + offs64, p, mask=ok)
+    if WITH_COLUMNS:
+        ok_c = offs < M
+        c_max = tl.load(col_buf_ptr + offs64, mask=ok_c, other=0.0)
+        c_d = tl.load(col_buf_ptr + M + offs64, mask=ok_c, other=1.0)
+        c_s = tl.load(col_buf_ptr + 2 * M + offs64, mask=ok_c, other=0.0)
+        c_use = tl.where(c_max == float("-inf"), 0.0, c_max)
+        tl.store(col_lse_ptr + offs64, c_use + tl.log(c_d), mask=ok_c)
+        tl.store(col_max_ptr + offs64, c_max, mask=ok_c)
+        tl.store(col_sum_ptr + offs64, c_s, mask=ok_c)
+
+
+@triton.jit
+def _fp16_multiplier(bound, scale):
+    """Per-row powers of two that map ``|scale| * bound`` near 2**14: scale * G stored in fp16
+    for the tensor cores stays out of fp16's subnormal range (a mean-reduced loss over a big
+    batch has G ~ 1/N^2)."""
+    b = tl.maximum(bound * tl.abs(scale), 1e-30)
+    e = tl.floor(tl.log2(16384.0 / b))
+    e = tl.minimum(tl.maximum(e, -100.0), 100.0)
+    return tl.exp2(e)
+
+
+@triton.jit
 def grad_kernel(
     q_ptr, k_ptr, scale_ptr, tgt_ptr,
     row_lse_ptr, g_row_lse_ptr, g_row_sum_ptr, g_pos_ptr,
     col_lse_ptr, g_col_lse_ptr, g_col_sum_ptr,
-    g_out_ptr, part_ptr, g_mul_ptr,
-    n_rows, n_cols, D, col_offset,
+    dq_ptr, dk_ptr, ds_part_ptr,
+    N, M, D, n_dq_progs, n_d_chunks,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_t,
-    stride_gm, stride_gn,
+    stride_dqn, stride_dkn,
     WITH_COLUMNS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    FP16_RESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """One (BLOCK_M x BLOCK_N) tile of one (rows x cols) chunk.
-
-    Pointers are already offset to the chunk (row r0 of q and of the row
-    vectors, column c0 of k and of the column vectors); ``col_offset`` = c0 is
-    only needed to compare global column indices with the targets.
+    """The whole backward in one grid: the first ``n_dq_progs`` programs each own BLOCK_M rows
+    of q and BLOCK_D of its features and walk every block of BLOCK_N columns: recompute the
+    logits (K-loop over D), form G, accumulate ``G @ k[:, chunk]`` in fp32 registers and write
+    ``dq = scale * G @ k``; those of the first feature chunk also write their rows' share of
+    ``dscale = sum(G * S)`` to ``ds_part``. The other programs do the same for BLOCK_M rows of
+    k over blocks of BLOCK_N rows of q (``G.T``), writing ``dk``. Every output element has one
+    owner: no atomics, no zero fills. D beyond BLOCK_D costs a recomputation of the logits per
+    feature chunk.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    q_rows_ptr = q_ptr + rows64[:, None] * stride_qn
-    k_cols_ptr = k_ptr + cols64[:, None] * stride_kn
-
-    acc = _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, stride_kd,
-                           INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    pid = tl.program_id(0)
     scale = tl.load(scale_ptr).to(tl.float32)
-    logits = acc * scale
-
-    r_lse = tl.load(row_lse_ptr + rows64, mask=row_ok, other=0.0)
-    g_rl = tl.load(g_row_lse_ptr + rows64, mask=row_ok, other=0.0)
-    g_rs = tl.load(g_row_sum_ptr + rows64, mask=row_ok, other=0.0)
-    g_p = tl.load(g_pos_ptr + rows64, mask=row_ok, other=0.0)
-    tgt = tl.load(tgt_ptr + rows64 * stride_t, mask=row_ok, other=-1).to(tl.int32)
-
-    g = g_rl[:, None] * tl.exp(logits - r_lse[:, None]) + g_rs[:, None]
-    g += tl.where((cols + col_offset)[None, :] == tgt[:, None], g_p[:, None], 0.0)
-    if WITH_COLUMNS:
-        c_lse = tl.load(col_lse_ptr + cols64, mask=col_ok, other=0.0)
-        g_cl = tl.load(g_col_lse_ptr + cols64, mask=col_ok, other=0.0)
-        g_cs = tl.load(g_col_sum_ptr + cols64, mask=col_ok, other=0.0)
-        g += g_cl[None, :] * tl.exp(logits - c_lse[None, :]) + g_cs[None, :]
-    valid = row_ok[:, None] & col_ok[None, :]
-    g = tl.where(valid, g, 0.0)
-
-    # this program's share of dscale, accumulated over chunks in its own slot
-    slot = pid_m * tl.num_programs(1) + pid_n
-    part = tl.sum(tl.sum(g * acc, 1), 0)
-    tl.store(part_ptr + slot, tl.load(part_ptr + slot) + part)
-
-    g_ptrs = g_out_ptr + rows64[:, None] * stride_gm + cols64[None, :] * stride_gn
-    # g_mul: a power of two (1 except for fp16) that keeps scale * G out of
-    # fp16's subnormal range; the launcher divides the GEMM results by it
-    g_mul = tl.load(g_mul_ptr)
-    tl.store(g_ptrs, (g * (scale * g_mul)).to(g_out_ptr.dtype.element_ty), mask=valid)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_o = tl.arange(0, BLOCK_N)
+    if pid < n_dq_progs:
+        rb = pid // n_d_chunks
+        d0 = (pid % n_d_chunks) * BLOCK_D
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        q_rows_ptr = q_ptr + rows64[:, None] * stride_qn
+        r_lse = tl.load(row_lse_ptr + rows64, mask=row_ok, other=0.0)
+        g_rl = tl.load(g_row_lse_ptr + rows64, mask=row_ok, other=0.0)
+        g_rs = tl.load(g_row_sum_ptr + rows64, mask=row_ok, other=0.0)
+        g_p = tl.load(g_pos_ptr + rows64, mask=row_ok, other=0.0)
+        tgt = tl.load(tgt_ptr + rows64 * stride_t, mask=row_ok, other=-1).to(tl.int32)
+        mul = tl.full([BLOCK_M], 1.0, tl.float32)
+        if FP16_RESCALE:
+            other_bound = 0.0
+            if WITH_COLUMNS:
+                cb = tl.zeros([BLOCK_N], tl.float32)
+                for c0 in range(0, M, BLOCK_N):
+                    c_ok = offs_o < M - c0
+                    cb = tl.maximum(cb, tl.abs(tl.load(g_col_lse_ptr + c0 + offs_o, mask=c_ok, other=0.0))
+                                    + tl.abs(tl.load(g_col_sum_ptr + c0 + offs_o, mask=c_ok, other=0.0)))
+                other_bound = tl.max(cb, 0)
+            mul = _fp16_multiplier(tl.abs(g_rl) + tl.abs(g_rs) + tl.abs(g_p) + other_bound, scale)
+        dd = d0 + offs_d
+        d_ok = dd < D
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        ds = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, M, BLOCK_N):
+            cols = c0 + offs_o
+            col_ok = cols < M
+            cols64 = cols.to(tl.int64)
+            k_cols_ptr = k_ptr + cols64[:, None] * stride_kn
+            S = _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, stride_kd,
+                                 INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            L = S * scale
+            g = g_rl[:, None] * tl.exp(L - r_lse[:, None]) + g_rs[:, None]
+            g += tl.where(cols[None, :] == tgt[:, None], g_p[:, None], 0.0)
+            if WITH_COLUMNS:
+                c_lse = tl.load(col_lse_ptr + cols64, mask=col_ok, other=0.0)
+                g_cl = tl.load(g_col_lse_ptr + cols64, mask=col_ok, other=0.0)
+                g_cs = tl.load(g_col_sum_ptr + cols64, mask=col_ok, other=0.0)
+                g += g_cl[None, :] * tl.exp(L - c_lse[None, :]) + g_cs[None, :]
+            g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+            ds += tl.sum(g * S, 1)
+            kc = tl.load(k_cols_ptr + dd.to(tl.int64)[None, :] * stride_kd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            gs = g * (scale * mul)[:, None]
+            if DOT_UPCAST:
+                kc = kc.to(tl.float32)
+            else:
+                gs = gs.to(kc.dtype)
+            acc = tl.dot(gs, kc, acc, input_precision=INPUT_PRECISION)
+        out = acc / mul[:, None]
+        tl.store(dq_ptr + rows64[:, None] * stride_dqn + dd.to(tl.int64)[None, :],
+                 out.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if d0 == 0:
+            tl.store(ds_part_ptr + rb, tl.sum(ds, 0))
+    else:
+        p = pid - n_dq_progs
+        cb_ = p // n_d_chunks
+        d0 = (p % n_d_chunks) * BLOCK_D
+        cols = cb_ * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        cols64 = cols.to(tl.int64)
+        k_rows_ptr = k_ptr + cols64[:, None] * stride_kn
+        g_cl = tl.zeros([BLOCK_M], tl.float32)
+        g_cs = tl.zeros([BLOCK_M], tl.float32)
+        c_lse = tl.zeros([BLOCK_M], tl.float32)
+        if WITH_COLUMNS:
+            c_lse = tl.load(col_lse_ptr + cols64, mask=col_ok, other=0.0)
+            g_cl = tl.load(g_col_lse_ptr + cols64, mask=col_ok, other=0.0)
+            g_cs = tl.load(g_col_sum_ptr + cols64, mask=col_ok, other=0.0)
+        mul = tl.full([BLOCK_M], 1.0, tl.float32)
+        if FP16_RESCALE:
+            rb_ = tl.zeros([BLOCK_N], tl.float32)
+            for r0 in range(0, N, BLOCK_N):
+                r_ok = offs_o < N - r0
+                rb_ = tl.maximum(rb_, tl.abs(tl.load(g_row_lse_ptr + r0 + offs_o, mask=r_ok, other=0.0))
+                                 + tl.abs(tl.load(g_row_sum_ptr + r0 + offs_o, mask=r_ok, other=0.0))
+                                 + tl.abs(tl.load(g_pos_ptr + r0 + offs_o, mask=r_ok, other=0.0)))
+            mul = _fp16_multiplier(tl.abs(g_cl) + tl.abs(g_cs) + tl.max(rb_, 0), scale)
+        dd = d0 + offs_d
+        d_ok = dd < D
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for r0 in range(0, N, BLOCK_N):
+            rows = r0 + offs_o
+            row_ok = rows < N
+            rows64 = rows.to(tl.int64)
+            q_rows_ptr = q_ptr + rows64[:, None] * stride_qn
+            # the transposed tile: St[j, i] = k_j . q_i
+            St = _similarity_tile(k_rows_ptr, q_rows_ptr, col_ok, row_ok, D, stride_kd, stride_qd,
+                                  INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            Lt = St * scale
+            r_lse = tl.load(row_lse_ptr + rows64, mask=row_ok, other=0.0)
+            g_rl = tl.load(g_row_lse_ptr + rows64, mask=row_ok, other=0.0)
+            g_rs = tl.load(g_row_sum_ptr + rows64, mask=row_ok, other=0.0)
+            g_p = tl.load(g_pos_ptr + rows64, mask=row_ok, other=0.0)
+            tgt = tl.load(tgt_ptr + rows64 * stride_t, mask=row_ok, other=-1).to(tl.int32)
+            g = g_rl[None, :] * tl.exp(Lt - r_lse[None, :]) + g_rs[None, :]
+            g += tl.where(cols[:, None] == tgt[None, :], g_p[None, :], 0.0)
+            if WITH_COLUMNS:
+                g += g_cl[:, None] * tl.exp(Lt - c_lse[:, None]) + g_cs[:, None]
+            g = tl.where(col_ok[:, None] & row_ok[None, :], g, 0.0)
+            qc = tl.load(q_rows_ptr + dd.to(tl.int64)[None, :] * stride_qd,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            gs = g * (scale * mul)[:, None]
+            if DOT_UPCAST:
+                qc = qc.to(tl.float32)
+            else:
+                gs = gs.to(qc.dtype)
+            acc = tl.dot(gs, qc, acc, input_precision=INPUT_PRECISION)
+        out = acc / mul[:, None]
+        tl.store(dk_ptr + cols64[:, None] * stride_dkn + dd.to(tl.int64)[None, :],
+                 out.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
