@@ -41,15 +41,15 @@ def multimodal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     q, k, v = _autocast.lower_precision(q, k, v)
     scale = check_inputs(q, k, v, mask, scale)
     cls = paths.shape_class(paths.mask_kind(mask), q.shape[2], k.shape[2], q.shape[3])
-    decision = _dispatch.choose("attention", "multimodal_attention", q, cls,
-                                paths.eligibility(q, k, v, mask, scale, return_lse))
-    if decision.path == _dispatch.REFERENCE:
+    path, backend = paths.choose("attention", "multimodal_attention", q, cls,
+                                 paths.eligibility(q, k, v, mask, scale, return_lse))
+    if path == _dispatch.REFERENCE:
         return multimodal_attention_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
-    if decision.path == _dispatch.KERNEL:
+    if path == _dispatch.KERNEL:
         meta = [] if mask is None else mask.metadata()
-        out, lse = attention_fwd(q, k, v, meta, scale, decision.backend)
+        out, lse = attention_fwd(q, k, v, meta, scale, backend)
         return (out, lse) if return_lse else out
-    return paths.run(decision.path, q, k, v, mask, scale, return_lse)
+    return paths.run(path, q, k, v, mask, scale, return_lse)
 
 
 class MultimodalSelfAttention(nn.Module):

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch
+from .. import _backend, _dispatch
+from .._validation import backend_for
 from .mask import MultimodalMask, TILE_FULL, TILE_PARTIAL
 
 PATHS = ("sdpa", "varlen", "flex")
@@ -66,6 +67,11 @@ def sdpa_fallback_reason(q, k, v, attn_mask, dropout_p: float, is_causal: bool, 
     """``None`` when SDPA runs a fused kernel (flash, cuDNN, efficient) on these inputs or its
     math fallback fits the memory budget, else why not. Asks PyTorch's own selector (host-side
     checks only)."""
+    if torch.compiler.is_compiling():
+        # the selector returns a Python int, which Dynamo cannot trace: inside a compiled graph
+        # only CPU dropout (run by the math kernel there) counts as the fallback
+        fused = not (dropout_p > 0 and q.device.type == "cpu")
+        return None if fused else _math_budget_reason(q, k)
     try:
         choice = torch._fused_sdp_choice(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -73,6 +79,10 @@ def sdpa_fallback_reason(q, k, v, attn_mask, dropout_p: float, is_causal: bool, 
         return None
     if choice != int(torch.nn.attention.SDPBackend.MATH):
         return None
+    return _math_budget_reason(q, k)
+
+
+def _math_budget_reason(q, k) -> str | None:
     need, budget = _sdpa_math_bytes(q, k.shape[2]), _dispatch.memory_budget()
     if need > budget:
         return (f"SDPA would fall back to its math kernel here, whose Sq x Sk scores "
@@ -90,7 +100,7 @@ def _sdpa_reason(q, k, v, mask, scale, return_lse) -> str | None:
     if kind not in ("none", "causal", "key_padding"):
         return f"SDPA serves no mask, causal and key padding masks, not {kind!r} (it would need a dense mask)"
     attn_mask = None
-    if kind == "key_padding":
+    if kind == "key_padding" and not torch.compiler.is_compiling():  # a probe for the selector
         attn_mask = torch.empty((q.shape[0], 1, 1, sk), dtype=torch.bool, device=q.device)
     gqa = q.shape[1] != k.shape[1]
     return sdpa_fallback_reason(q, k, v, attn_mask, 0.0, kind == "causal", gqa, scale)
@@ -141,6 +151,29 @@ def eligibility(q, k, v, mask, scale: float, return_lse: bool) -> dict[str, str 
         "varlen": _varlen_reason(q, k, v, mask, return_lse),
         "flex": _flex_reason(q, k, v, mask, return_lse),
     }
+
+
+# ----------------------------------------------------------------------------- choosing
+
+@torch.compiler.assume_constant_result
+def _choose_traced(family: str, op: str, device: torch.device, dtype: torch.dtype, cls: str,
+                   can: tuple) -> tuple[str, str | None]:
+    # torch.compile cannot trace the table lookup (nor its log line): it runs once while
+    # tracing and its answer is a constant of the graph
+    d = _dispatch.choose(family, op, torch.empty(0, device=device, dtype=dtype), cls, dict(can))
+    return d.path, d.backend
+
+
+def choose(family: str, op: str, q: torch.Tensor, cls: str, can: dict) -> tuple[str, str | None]:
+    """``(path, kernel backend)`` of :func:`_dispatch.choose` for this call; also while
+    torch.compile traces (both attention families use it)."""
+    if torch.compiler.is_compiling():
+        if _backend.current() != "auto":
+            which = backend_for(q)
+            return (_dispatch.REFERENCE if which == "reference" else _dispatch.KERNEL), which
+        return _choose_traced(family, op, q.device, q.dtype, cls, tuple(can.items()))
+    d = _dispatch.choose(family, op, q, cls, can)
+    return d.path, d.backend
 
 
 # ----------------------------------------------------------------------------- running

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autocast, _dispatch
+from ..attention.paths import choose
 from . import paths
 from .ops import cross_attention_fwd
 from .reference import check_inputs, cross_attention_reference, make_seed
@@ -49,15 +50,15 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scale = check_inputs(q, k, v, key_padding_mask, scale, dropout_p)
     dropout_p = float(dropout_p)
     cls = paths.shape_class(q.shape[2], k.shape[2], q.shape[3], dropout_p > 0)
-    decision = _dispatch.choose("cross_attention", "cross_attention", q, cls,
-                                paths.eligibility(q, k, v, key_padding_mask, scale, dropout_p,
-                                                  generator, return_lse))
-    if decision.path == "sdpa":
+    path, backend = choose("cross_attention", "cross_attention", q, cls,
+                           paths.eligibility(q, k, v, key_padding_mask, scale, dropout_p,
+                                             generator, return_lse))
+    if path == "sdpa":
         return paths.sdpa_cross_attention(q, k, v, key_padding_mask, scale, dropout_p)
     seed = make_seed(q.device, generator) if dropout_p > 0 else None
-    if decision.path == _dispatch.REFERENCE:
+    if path == _dispatch.REFERENCE:
         return cross_attention_reference(q, k, v, key_padding_mask, scale=scale, dropout_p=dropout_p,
                                          seed=seed, return_lse=return_lse)
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    out, lse = cross_attention_fwd(q, k, v, mask, seed, scale, dropout_p, decision.backend)
+    out, lse = cross_attention_fwd(q, k, v, mask, seed, scale, dropout_p, backend)
     return (out, lse) if return_lse else out

@@ -49,8 +49,9 @@ def eligibility(q, k, v, key_padding_mask, scale: float, dropout_p: float,
     elif dropout_p > 0 and generator is not None:
         why = "SDPA draws its dropout from the default generator, not the given one"
     else:
-        keys = None if key_padding_mask is None else torch.empty(
-            (q.shape[0], 1, 1, k.shape[2]), dtype=torch.bool, device=q.device)
+        keys = None  # a probe for SDPA's selector (not consulted inside a compiled graph)
+        if key_padding_mask is not None and not torch.compiler.is_compiling():
+            keys = torch.empty((q.shape[0], 1, 1, k.shape[2]), dtype=torch.bool, device=q.device)
         why = sdpa_fallback_reason(q, k, v, keys, dropout_p, False, False, scale)
     return {"sdpa": why}
 

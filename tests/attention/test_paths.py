@@ -386,6 +386,18 @@ def test_public_api_choices_with_gradients(device_kind, cls):
     assert cls in str(log)
 
 
+def test_compile_fullgraph_under_auto():
+    """The path choice traces: the sdpa path of a key-padding call inside torch.compile(fullgraph)."""
+    mask = MultimodalMask.key_padding([24, 10], 24)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, 24, 24, 16, torch.float32))
+    fn = torch.compile(lambda a, b, c: mmkernels.multimodal_attention(a, b, c, mask), fullgraph=True)
+    with _dispatch.pretend_device("cpu"):
+        out = fn(q, k, v)
+    out.sum().backward()
+    assert_close(out, multimodal_attention_reference(q.double(), k.double(), v.double(), mask), torch.float32)
+    assert (q.grad[1, :, 10:] == 0).all()
+
+
 def test_use_path_and_forced_backends():
     mask = MultimodalMask.key_padding([30, 20], 30)
     q, k, v = _qkv(2, 2, 2, 30, 30, 16, torch.float32)

@@ -175,6 +175,16 @@ def test_public_api_choices(device_kind, lq, lk, dropout):
         assert_close(out, cross_attention_reference(q.double(), k.double(), v.double(), mask), torch.float32)
 
 
+def test_compile_fullgraph_under_auto():
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 2, 300, 40, 16))
+    mask = _padding(2, 40)
+    fn = torch.compile(lambda a, b, c: mmkernels.cross_attention(a, b, c, key_padding_mask=mask), fullgraph=True)
+    out = fn(q, k, v)
+    out.sum().backward()
+    assert_close(out, cross_attention_reference(q.double(), k.double(), v.double(), mask), torch.float32)
+    assert (q.grad[1] == 0).all()
+
+
 def test_forced_backends_unchanged():
     q, k, v = _inputs(2, 2, 8, 30, 16)
     mask = _padding(2, 30)
