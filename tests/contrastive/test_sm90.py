@@ -3,7 +3,8 @@
 Every kernel at every configuration the launchers can pick (each dtype, input precision,
 BLOCK_K and alignment class of D, with and without column statistics) is compiled for sm_90a.
 Each must compile, use at most 227 KB of shared memory, not spill, and use wgmma/HGMMA, except
-exact ("ieee") fp32, which runs on FMA units.
+exact ("ieee") fp32, which runs on FMA units, and the light kernels (finalize, the blockwise
+block kernels, the loss epilogue), which have no products.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def _jobs():
     jobs, seen = [], set()
     for kind, dtype, prec, D in launch_grid(K.KERNEL_KINDS, DTYPES, K.input_precisions, D_VALUES):
         for wc in (False, True):
-            for cfg in K.candidate_configs(dtype, D, prec):
+            cfgs = ([K.grad_config(dtype, D, prec)] if kind == "grad"
+                    else K.candidate_configs(dtype, D, prec))
+            for cfg in cfgs:
                 key = (kind, dtype, prec, wc, cfg, D % 16 == 0)
                 if key in seen:
                     continue
@@ -40,6 +43,14 @@ def _jobs():
                          f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}")
                 jobs.append(sm90.CompileJob(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, div,
                                             label=label))
+    for name in K.specs.LIGHT_KERNELS:
+        for wc in (False, True):
+            for dtype in (DTYPES if name in ("block_grad", "epilogue_fwd", "epilogue_bwd")
+                          else (torch.float32,)):
+                kernel, sig, constexprs, div, warps = K.specs.light_specs(name, wc, dtype)
+                jobs.append(sm90.CompileJob(kernel, sig, constexprs, warps, 1, div,
+                                            label=f"light-{name}-{_DT[dtype]}-"
+                                                  f"{'cols' if wc else 'rows'}"))
     return jobs
 
 
@@ -48,6 +59,9 @@ JOBS = _jobs()
 
 class TestSm90(Sm90Tier):
     def check(self, rep, job):
+        if job.label.startswith("light-"):  # no products: no tensor cores expected
+            sm90.assert_sm90_ok(rep, wgmma=False)
+            return
         exact_fp32 = "-fp32-ieee-" in job.label
         sm90.assert_sm90_ok(rep, wgmma=not exact_fp32)
         if exact_fp32:  # "ieee" must really mean fp32 FMA, not TF32 tensor cores
@@ -67,9 +81,9 @@ def test_default_configs_are_compiled():
 
 
 def test_every_candidate_config_is_compiled():
-    """candidate_configs() (the union the launchers can pick from) is fully covered."""
+    """candidate_configs() (the union the stats launcher can pick from) is fully covered."""
     compiled = {(j.constexprs["BLOCK_M"], j.constexprs["BLOCK_N"], j.constexprs["BLOCK_K"],
-                 j.num_warps, j.num_stages) for j in JOBS}
+                 j.num_warps, j.num_stages) for j in JOBS if j.label.startswith("stats-")}
     for cfg in K.candidate_configs():
         assert tuple(cfg) in compiled, cfg
 

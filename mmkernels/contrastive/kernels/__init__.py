@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..._triton import input_precision, input_precisions
 from .configs import (AUTOTUNE_BOUNDS, FINALIZE_BLOCK, FORWARD_MODES, KERNEL_KINDS, TileConfig,
                       autotune_configs, block_bounds, candidate_configs, forward_mode,
-                      grad_block_d, heuristic_config, resolve_config)
+                      grad_block_d, grad_config, heuristic_config, resolve_config)
 from .jit import finalize_kernel, grad_kernel, stats_kernel
 from .launch import contrastive_grads_triton, contrastive_stats_triton, cols_per_split
 from .specs import compile_specs
@@ -22,6 +22,6 @@ __all__ = [
     "AUTOTUNE_BOUNDS", "FINALIZE_BLOCK", "FORWARD_MODES", "KERNEL_KINDS", "TileConfig",
     "autotune_configs", "block_bounds", "candidate_configs", "cols_per_split", "compile_specs",
     "contrastive_grads_triton", "contrastive_stats_triton", "finalize_kernel", "forward_mode",
-    "grad_block_d", "grad_kernel", "heuristic_config", "input_precision", "input_precisions",
+    "grad_block_d", "grad_config", "grad_kernel", "heuristic_config", "input_precision", "input_precisions",
     "resolve_config", "stats_kernel",
 ]

@@ -169,17 +169,31 @@ def resolve_config(dtype: torch.dtype, D: int, input_precision: str, config: Til
                              input_precision=input_precision)
     if override is not None:
         return override
+    if kind == "grad":
+        return grad_config(dtype, D, input_precision)
     if tuning.option("contrastive.autotune") and not interpreting():
         return None
     return heuristic_config(dtype, D, input_precision)
 
 
+def grad_config(dtype: torch.dtype, D: int, input_precision: str) -> TileConfig:
+    """The tiles of ``grad_kernel`` without an explicit config or override (it is not
+    autotuned): it holds a logit tile, G, their exponentials and an fp32 accumulator at once,
+    so its tiles are smaller than the forward's: 64 rows against 32 rows per step with 4
+    warps (32 x 32 for exact fp32 on FMA units), compiled without spills for sm_90a."""
+    bk = min(32, _block_k(dtype, D, input_precision))
+    if dtype == torch.float32 and input_precision == "ieee":
+        return TileConfig(32, 32, 16, 4, 2)
+    return TileConfig(64, 32, bk, 4, 2)
+
+
 def grad_block_d(D: int, config: TileConfig) -> int:
-    """Features per program of ``grad_kernel`` (its fp32 accumulator is BLOCK_M x BLOCK_D):
-    up to 128 with 64-row tiles, 64 with 128-row tiles, so the accumulator, the logit tile and
-    G stay in registers; a larger D is split across programs."""
-    cap = 128 if config.BLOCK_M <= 64 else 64
-    return max(16, min(cap, triton.next_power_of_2(max(int(D), 1))))
+    """Features per program of ``grad_kernel``: its fp32 accumulator is BLOCK_M x BLOCK_D,
+    kept to 16 values per thread so that it, the logit tile and G stay in registers without
+    spills (tests/contrastive/test_sm90.py); a larger D is split across programs, each
+    recomputing its logits."""
+    cap = max(16, 16 * 32 * config.num_warps // config.BLOCK_M)
+    return max(16, min(cap, 128, triton.next_power_of_2(max(int(D), 1))))
 
 
 def block_bounds(config: TileConfig | None) -> tuple[int, int, int]:

@@ -202,9 +202,6 @@ def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
 
     prec = input_precision(q.dtype)
     cfg = resolve_config(q.dtype, D, prec, config, "grad")
-    if cfg is None:  # the autotuner's choice is not known before the launch: take the heuristic
-        from .configs import heuristic_config
-        cfg = heuristic_config(q.dtype, D, prec)
     bd = grad_block_d(D, cfg)
     n_dc = triton.cdiv(D, bd)
     n_rb = triton.cdiv(N, cfg.BLOCK_M)
