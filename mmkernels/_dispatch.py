@@ -28,7 +28,7 @@ import contextlib
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -138,14 +138,13 @@ def lookup(family: str, op: str, kind: str, dtype: str, shape_class: str) -> tup
 
 # ----------------------------------------------------------------------------- decisions
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """What ran a call: ``path`` (``"kernel"``, ``"reference"`` or a PyTorch-op path),
     ``backend`` (``"cpu"``/``"triton"`` for the kernels, else ``None``) and why."""
 
     family: str
     op: str
-    case: tuple[str, str, str]
+    case: tuple
     path: str
     backend: str | None
     reason: str
@@ -235,9 +234,35 @@ def choose(family: str, op: str, x: torch.Tensor, shape_class: str,
     when nothing else can).
     """
     from . import _validation
+    forced = _backend.current()
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace the table (a module import, the log): under auto the choice
+        # runs once while tracing and is a constant of the graph; a forced backend traces as is
+        if forced != "auto":
+            which = _validation.backend_for(x)
+            path = REFERENCE if which == "reference" else KERNEL
+            return Decision(family, op, ("traced", "", shape_class), path,
+                            None if path == REFERENCE else which, f"backend {forced!r} forced")
+        path, backend = _choose_constant(family, op, x.device, x.dtype, shape_class,
+                                         tuple(sorted(paths.items())))
+        return Decision(family, op, ("traced", "", shape_class), path, backend,
+                        "chosen while torch.compile traced")
+    return _choose_eager(family, op, x, shape_class, paths, forced)
+
+
+@torch.compiler.assume_constant_result
+def _choose_constant(family: str, op: str, device: torch.device, dtype: torch.dtype, shape_class: str,
+                     paths: tuple) -> tuple[str, str | None]:
+    d = _choose_eager(family, op, torch.empty(0, device=device, dtype=dtype), shape_class, dict(paths),
+                      _backend.current())
+    return d.path, d.backend
+
+
+def _choose_eager(family: str, op: str, x: torch.Tensor, shape_class: str,
+                  paths: Mapping[str, str | None], forced: str) -> Decision:
+    from . import _validation
     kind, dtype = device_kind(x.device), dtype_name(x.dtype)
     case = (kind, dtype, shape_class)
-    forced = _backend.current()
     if forced != "auto":
         which = _validation.backend_for(x)
         path = REFERENCE if which == "reference" else KERNEL

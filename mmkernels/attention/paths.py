@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _dispatch
-from .._validation import backend_for
+from .. import _dispatch
 from .mask import MultimodalMask, TILE_FULL, TILE_PARTIAL
 
 PATHS = ("sdpa", "varlen", "flex")
@@ -155,23 +154,9 @@ def eligibility(q, k, v, mask, scale: float, return_lse: bool) -> dict[str, str 
 
 # ----------------------------------------------------------------------------- choosing
 
-@torch.compiler.assume_constant_result
-def _choose_traced(family: str, op: str, device: torch.device, dtype: torch.dtype, cls: str,
-                   can: tuple) -> tuple[str, str | None]:
-    # torch.compile cannot trace the table lookup (nor its log line): it runs once while
-    # tracing and its answer is a constant of the graph
-    d = _dispatch.choose(family, op, torch.empty(0, device=device, dtype=dtype), cls, dict(can))
-    return d.path, d.backend
-
-
 def choose(family: str, op: str, q: torch.Tensor, cls: str, can: dict) -> tuple[str, str | None]:
-    """``(path, kernel backend)`` of :func:`_dispatch.choose` for this call; also while
-    torch.compile traces (both attention families use it)."""
-    if torch.compiler.is_compiling():
-        if _backend.current() != "auto":
-            which = backend_for(q)
-            return (_dispatch.REFERENCE if which == "reference" else _dispatch.KERNEL), which
-        return _choose_traced(family, op, q.device, q.dtype, cls, tuple(can.items()))
+    """``(path, kernel backend)`` of :func:`_dispatch.choose` for this call (both attention
+    families use it)."""
     d = _dispatch.choose(family, op, q, cls, can)
     return d.path, d.backend
 

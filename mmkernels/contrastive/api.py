@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import _autocast, _dispatch
+from .. import _autocast, _backend, _dispatch
 from .. import _validation as check
 from . import paths, reference
 from .epilogue import contrastive_loss_epilogue
@@ -83,33 +83,11 @@ def _under_autocast(a: torch.Tensor, b: torch.Tensor):
     return a, b, torch.float32
 
 
-def _choose(op: str, x: torch.Tensor, shape_class: str, eligible: dict):
-    """``_dispatch.choose`` for this family; while torch.compile traces, the same rules without
-    the record and the log line (dynamo cannot trace ``Logger.isEnabledFor``)."""
-    if not torch.compiler.is_compiling():
-        return _dispatch.choose("contrastive", op, x, shape_class, eligible)
-    from .. import _backend
+def _choose(op: str, x: torch.Tensor, shape_class: str, eligible: dict) -> _dispatch.Decision:
+    """``_dispatch.choose`` for this family (a forced backend's dtype error names the features)."""
     if _backend.current() != "auto":
-        which = check.backend_for(x, "features")
-        return _Choice(_dispatch.REFERENCE if which == "reference" else _dispatch.KERNEL, which)
-    kb, kb_why = _dispatch.kernel_backend(x.device, x.dtype)
-    can = {**eligible, _dispatch.KERNEL: kb_why}
-    forced = _dispatch._forced_paths[-1] if _dispatch._forced_paths else None
-    if forced in can:
-        if can[forced] is not None:
-            raise RuntimeError(f"mmkernels: path {forced!r} of {op} cannot run this call: {can[forced]}")
-        return _Choice(forced, kb)
-    _, row = _dispatch.lookup("contrastive", op, _dispatch.device_kind(x.device),
-                              _dispatch.dtype_name(x.dtype), shape_class)
-    for name in row.order:
-        if can.get(name, "unknown") is None:
-            return _Choice(name, kb)
-    return _Choice(_dispatch.REFERENCE, None)
-
-
-class _Choice(NamedTuple):
-    path: str
-    backend: str | None
+        check.backend_for(x, "features")
+    return _dispatch.choose("contrastive", op, x, shape_class, eligible)
 
 
 def _fused_epilogue(which: str, x: torch.Tensor) -> bool:

@@ -16,7 +16,8 @@ What is counted, one each:
 * every ATen op that reaches the dispatcher and would launch a device kernel (seen by a
   ``TorchDispatchMode``), that is every op except: views (``func.is_view``), allocations
   without a fill (``empty*``, ``new_empty*``, ``resize_``), metadata and aliasing ops
-  (``detach``, ``alias``, ``lift_fresh``, ``sym_*``, ``is_*``, ``set_``), and ops whose tensor
+  (``detach``, ``alias``, ``lift_fresh``, ``sym_*``, ``is_*``, ``set_``), SDPA's kernel
+  selector (``_fused_sdp_choice``), and ops whose tensor
   outputs all have no elements. A ``.to()`` that copies counts (``_to_copy``); one that
   returns its input never reaches the dispatcher. ``item()`` counts (``_local_scalar_dense``:
   a copy to the host and a synchronisation);
@@ -43,6 +44,7 @@ _NOT_LAUNCHING = {
     "is_same_size", "is_nonzero", "is_contiguous", "is_coalesced", "is_pinned", "_nested_tensor_size",
     "size", "stride", "storage_offset", "numel", "dim", "sym_size", "sym_stride",
     "sym_storage_offset", "sym_numel", "record_stream", "_has_same_storage_numel",
+    "_fused_sdp_choice",  # asks which SDPA kernel would run; runs none
 }
 
 

@@ -63,3 +63,30 @@ def test_blockwise_launches_per_block(arith, monkeypatch):
     assert per_block <= limit, totals
     assert totals[1] - per_block <= 40, totals
     print(arith, "launches by blocks:", totals, "per block:", per_block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_features_take_the_blocks_backward(dtype):
+    """Where one grid would recompute the logits per feature chunk more than twice, ``auto``
+    computes dq and dk as the blockwise path does (GEMMs over row blocks): same gradients as the
+    one-grid backward, a few more launches for one block of rows (6 more per further block, see
+    test_blockwise_launches_per_block)."""
+    if not have_backend("triton"):
+        pytest.skip("needs the triton interpreter")
+    n, d = 48, 160
+    grads, totals = {}, {}
+    for mode in ("one_grid", "auto"):
+        a, b = leaf(features(n, d, dtype, seed=3)), leaf(features(n, d, dtype, seed=4))
+        s = torch.tensor(14.3, requires_grad=True)
+        with tuning.scope(), mmkernels.backend("triton"):
+            tuning.set_option("contrastive.backward", mode)
+            with count_launches() as c:
+                mmkernels.contrastive_loss(a, b, s).backward()
+        grads[mode] = (a.grad, b.grad, s.grad)
+        totals[mode] = c.total
+    for got, want in zip(grads["auto"], grads["one_grid"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-4)
+    assert totals["one_grid"] <= 10
+    assert totals["one_grid"] < totals["auto"] <= totals["one_grid"] + 6, totals  # one block of rows
+    with pytest.raises(ValueError, match="contrastive.backward"):
+        tuning.set_option("contrastive.backward", "fast")

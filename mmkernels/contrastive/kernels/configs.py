@@ -58,6 +58,34 @@ tuning.register_option(
     "heuristic; explicit configs and tuning overrides still win")
 
 
+BACKWARD_MODES = ("auto", "one_grid", "blocks")
+#: feature chunks up to which ``auto`` keeps the one-grid backward (each chunk recomputes the logits)
+ONE_GRID_MAX_CHUNKS = 2
+
+
+def _check_backward(value) -> str:
+    if value not in BACKWARD_MODES:
+        raise ValueError(f"contrastive.backward must be one of {BACKWARD_MODES}, got {value!r}")
+    return value
+
+
+tuning.register_option(
+    "contrastive.backward", "auto", _check_backward,
+    "how the fused kernels compute dq and dk: 'one_grid' in one grad_kernel launch (each program "
+    "owns a feature chunk and recomputes its logits per chunk); 'blocks' as cuBLAS GEMMs over "
+    "row blocks of the logits within memory_budget, the softmax arithmetic in one light kernel "
+    "per block (the blockwise path's backward); 'auto' one_grid while D needs at most "
+    f"{ONE_GRID_MAX_CHUNKS} feature chunks, else blocks")
+
+
+def backward_mode(D: int, block_d: int) -> str:
+    """``"one_grid"`` or ``"blocks"`` for features of width ``D`` split in chunks of ``block_d``."""
+    mode = tuning.option("contrastive.backward")
+    if mode != "auto":
+        return mode
+    return "one_grid" if triton.cdiv(max(int(D), 1), block_d) <= ONE_GRID_MAX_CHUNKS else "blocks"
+
+
 def forward_mode() -> str:
     """The option ``contrastive.forward``: ``"one_pass"`` (default) or ``"two_pass"``."""
     return tuning.option("contrastive.forward")

@@ -13,8 +13,8 @@ import torch
 import triton
 
 from ..._triton import check_device, dot_upcast, input_precision, sm_count
-from .configs import (FINALIZE_BLOCK, TileConfig, autotune_configs, block_bounds, forward_mode,
-                      grad_block_d, resolve_config)
+from .configs import (FINALIZE_BLOCK, TileConfig, autotune_configs, backward_mode, block_bounds,
+                      forward_mode, grad_block_d, resolve_config)
 from .jit import finalize_kernel, grad_kernel, stats_kernel
 
 _NEG_INF = float("-inf")
@@ -203,6 +203,12 @@ def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     prec = input_precision(q.dtype)
     cfg = resolve_config(q.dtype, D, prec, config, "grad")
     bd = grad_block_d(D, cfg)
+    if backward_mode(D, bd) == "blocks":
+        # wide features: one grid would recompute every logit once per feature chunk; cuBLAS
+        # over row blocks does the 6 N M D FLOPs once (launches: 6 per block)
+        from ..paths import blockwise_grads
+        return blockwise_grads(q, k, scale_t, targets, row_lse, col_lse, g_row_lse, g_row_sum, g_pos,
+                               g_col_lse, g_col_sum, arith="triton")
     n_dc = triton.cdiv(D, bd)
     n_rb = triton.cdiv(N, cfg.BLOCK_M)
     n_cb = triton.cdiv(M, cfg.BLOCK_M)

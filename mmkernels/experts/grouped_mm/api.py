@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ... import _autocast, _backend, _dispatch
-from ..._validation import backend_for
 from .. import activations
 from ..routing import (check_bias, check_experts, check_ids, check_param, check_x, dense_ids, grad_flags,
                        per_expert, route_tokens, untouched_experts, without_untouched)
@@ -24,28 +23,13 @@ from .ops import modality_ffn_fwd, modality_linear_fwd
 from .reference import modality_ffn_reference, modality_linear_reference
 
 
-@torch.compiler.assume_constant_result
-def _choose_traced(op: str, device: torch.device, dtype: torch.dtype, shape_class: str,
-                   can: tuple) -> tuple[str, str | None]:
-    # torch.compile cannot trace the table lookup: it runs once while tracing and its answer is
-    # a constant of the graph
-    d = _dispatch.choose("experts", op, torch.empty(0, device=device, dtype=dtype), shape_class, dict(can))
-    return d.path, d.backend
-
-
 def _decide(op: str, x: torch.Tensor, kind: str, widths: dict[str, int]) -> tuple[str, str | None]:
     """``(path, kernel backend)`` for this call: under a forced backend the kernels (or the
     reference) as the backend says; under ``auto`` the dispatcher's choice among the kernels and
     the paths of :mod:`.paths` that can run the call."""
-    if torch.compiler.is_compiling() and _backend.current() != "auto":
-        which = backend_for(x)
-        return ("reference" if which == "reference" else "kernel"), which
     tokens, h_in = x.numel() // x.shape[-1], x.shape[-1]
     cls = paths.shape_class(kind, tokens, h_in, next(iter(widths.values())))
-    can = paths.eligibility(kind, x, widths)
-    if torch.compiler.is_compiling():
-        return _choose_traced(op, x.device, x.dtype, cls, tuple(can.items()))
-    d = _dispatch.choose("experts", op, x, cls, can)
+    d = _dispatch.choose("experts", op, x, cls, paths.eligibility(kind, x, widths))
     return d.path, d.backend
 
 
