@@ -6,27 +6,60 @@ rather than edit. Keys: (op, device kind, dtype, shape class); ``"*"`` matches a
 """
 
 TABLE = {
-    ('*', '*', '*', '*'): (('kernel',), 'no measurement yet: the kernels'),
-    ('multimodal_attention', 'cuda', '*', '*'): (('flex', 'sdpa', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'none:s<=1024'): (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'none:s>1024'): (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'causal:s<=1024'): (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'causal:s>1024'): (('flex', 'sdpa', 'kernel'), 'H200 bf16 record (bench/results/2026-11-27-h200-attention-rerun): causal S=8192, kernel 0.31x Flex, 0.39x SDPA'),
-    ('multimodal_attention', 'cuda', '*', 'key_padding:s<=1024'): (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'key_padding:s>1024'): (('flex', 'sdpa', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'packed:s<=1024'): (('varlen', 'flex', 'kernel'), 'unmeasured on a GPU: varlen (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'packed:s>1024'): (('varlen', 'flex', 'kernel'), 'unmeasured on a GPU: varlen (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
-    ('multimodal_attention', 'cuda', '*', 'multimodal:s<=1024'): (('kernel', 'flex', 'sdpa'), 'H200 bf16 record (bench/results/2026-11-27-h200-attention-rerun): BLIP-2 ITG S=160, kernel 1.48x Flex'),
-    ('multimodal_attention', 'cuda', '*', 'multimodal:s>1024'): (('flex', 'kernel', 'sdpa'), 'H200 bf16 record (bench/results/2026-11-27-h200-attention-rerun): LLaVA S=2048, kernel 0.47x Flex'),
-    ('multimodal_attention', 'cpu', '*', '*'): (('kernel', 'sdpa', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'none:s<=1024'): (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'none:s>1024'): (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'causal:s<=1024'): (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'causal:s>1024'): (('kernel', 'sdpa', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'key_padding:s<=1024'): (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'key_padding:s>1024'): (('kernel', 'sdpa', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'packed:s<=1024'): (('kernel', 'flex', 'varlen'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'packed:s>1024'): (('kernel', 'flex', 'varlen'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'multimodal:s<=1024'): (('kernel', 'flex', 'sdpa'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
-    ('multimodal_attention', 'cpu', '*', 'multimodal:s>1024'): (('kernel', 'flex', 'sdpa'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', 'float32', 'causal:s<=1024'):
+        (('sdpa', 'kernel', 'flex'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+    ('multimodal_attention', 'cpu', 'float32', 'multimodal:s<=1024'):
+        (('kernel', 'flex', 'sdpa'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+    ('multimodal_attention', 'cpu', '*', 'causal:s<=1024'):
+        (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'causal:s>1024'):
+        (('kernel', 'sdpa', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'key_padding:s<=1024'):
+        (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'key_padding:s>1024'):
+        (('kernel', 'sdpa', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'multimodal:s<=1024'):
+        (('kernel', 'flex', 'sdpa'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'multimodal:s>1024'):
+        (('kernel', 'flex', 'sdpa'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'none:s<=1024'):
+        (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'none:s>1024'):
+        (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'packed:s<=1024'):
+        (('kernel', 'flex', 'varlen'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', 'packed:s>1024'):
+        (('kernel', 'flex', 'varlen'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cpu', '*', '*'):
+        (('kernel', 'sdpa', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
+    ('multimodal_attention', 'cuda', '*', 'causal:s<=1024'):
+        (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', 'causal:s>1024'):
+        (('flex', 'sdpa', 'kernel'), 'H200 bf16 record (bench/results/2026-11-27-h200-attention-rerun): causal S=8192, kernel 0.31x Flex, 0.39x SDPA'),
+    ('multimodal_attention', 'cuda', '*', 'key_padding:s<=1024'):
+        (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', 'key_padding:s>1024'):
+        (('flex', 'sdpa', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', 'multimodal:s<=1024'):
+        (('kernel', 'flex', 'sdpa'), 'H200 bf16 record (bench/results/2026-11-27-h200-attention-rerun): BLIP-2 ITG S=160, kernel 1.48x Flex'),
+    ('multimodal_attention', 'cuda', '*', 'multimodal:s>1024'):
+        (('flex', 'kernel', 'sdpa'), 'H200 bf16 record (bench/results/2026-11-27-h200-attention-rerun): LLaVA S=2048, kernel 0.47x Flex'),
+    ('multimodal_attention', 'cuda', '*', 'none:s<=1024'):
+        (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', 'none:s>1024'):
+        (('sdpa', 'flex', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', 'packed:s<=1024'):
+        (('varlen', 'flex', 'kernel'), 'unmeasured on a GPU: varlen (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', 'packed:s>1024'):
+        (('varlen', 'flex', 'kernel'), 'unmeasured on a GPU: varlen (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda', '*', '*'):
+        (('flex', 'sdpa', 'kernel'), 'unmeasured on a GPU: SDPA (flash) and FlexAttention, as the H200 record ranks them elsewhere'),
+    ('multimodal_attention', 'cuda-sm90', 'bfloat16', 'causal:s>1024'):
+        (('flex', 'sdpa', 'kernel'), '2026-11-27-h200-attention-rerun, 2026-11-27-h200-quick-2: 4 case(s); proxies: flex for flex, sdpa_flash for sdpa'),
+    ('multimodal_attention', 'cuda-sm90', 'bfloat16', 'multimodal:s<=1024'):
+        (('kernel', 'flex', 'sdpa'), '2026-11-27-h200-attention-rerun, 2026-11-27-h200-quick-2: 4 case(s); proxies: flex for flex'),
+    ('multimodal_attention', 'cuda-sm90', 'bfloat16', 'multimodal:s>1024'):
+        (('flex', 'kernel', 'sdpa'), '2026-11-27-h200-attention-rerun, 2026-11-27-h200-quick-2: 4 case(s); proxies: flex for flex'),
+    ('*', '*', '*', '*'):
+        (('kernel',), 'no measurement yet: the kernels'),
 }

@@ -5,21 +5,29 @@ rather than edit. Keys: (op, device kind, dtype, shape class); ``"*"`` matches a
 (paths fastest first, the runs that ordered them).
 """
 
-_H200 = ("2026-11-27-h200-quick-2 (bf16 fwd+bwd, N = 4096 and 32768: OpenCLIP's materialized "
-         "loss ahead of the kernels; blockwise is its GEMMs within memory_budget)")
-_H200_OTHER = "2026-11-27-h200-quick-2, measured in bf16 only: the same order for other dtypes"
-_CPU = "cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)"
-
 TABLE = {
-    ("*", "*", "*", "*"): (("kernel", "blockwise", "materialized"), "no measurement: the kernels"),
-    # CUDA (H100/H200 and other cards): PyTorch's GEMM paths ahead of the kernels
-    ("*", "cuda", "*", "*"): (("materialized", "blockwise", "kernel"), _H200_OTHER),
-    ("*", "cuda-sm90", "bfloat16", "*"): (("materialized", "blockwise", "kernel"), _H200),
-    ("*", "cuda-sm90", "*", "*"): (("materialized", "blockwise", "kernel"), _H200_OTHER),
-    # CPU: the C++ kernels against torch's paths
-    ("*", "cpu", "float32", "nm<=2^24"): (("kernel", "blockwise", "materialized"), _CPU),
-    ("*", "cpu", "float32", "nm<=2^28"): (("kernel", "materialized", "blockwise"), _CPU),
-    ("*", "cpu", "bfloat16", "nm<=2^24"): (("materialized", "kernel", "blockwise"), _CPU),
-    ("*", "cpu", "bfloat16", "nm<=2^28"): (("materialized", "kernel", "blockwise"), _CPU),
-    ("*", "cpu", "*", "*"): (("kernel", "materialized", "blockwise"), _CPU),
+    ('contrastive_loss', 'cpu', 'float32', 'nm<=2^24'):
+        (('kernel', 'blockwise', 'materialized'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+    ('contrastive_loss', 'cuda-sm90', 'bfloat16', 'nm<=2^24'):
+        (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2: 1 case(s); proxies: open_clip for materialized'),
+    ('contrastive_loss', 'cuda-sm90', 'bfloat16', 'nm>2^28'):
+        (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2: 1 case(s); proxies: open_clip for materialized'),
+    ('*', 'cpu', 'bfloat16', 'nm<=2^24'):
+        (('materialized', 'kernel', 'blockwise'), 'cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)'),
+    ('*', 'cpu', 'bfloat16', 'nm<=2^28'):
+        (('materialized', 'kernel', 'blockwise'), 'cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)'),
+    ('*', 'cpu', 'float32', 'nm<=2^24'):
+        (('kernel', 'blockwise', 'materialized'), 'cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)'),
+    ('*', 'cpu', 'float32', 'nm<=2^28'):
+        (('kernel', 'materialized', 'blockwise'), 'cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)'),
+    ('*', 'cpu', '*', '*'):
+        (('kernel', 'materialized', 'blockwise'), 'cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)'),
+    ('*', 'cuda', '*', '*'):
+        (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2, measured in bf16 only: the same order for other dtypes'),
+    ('*', 'cuda-sm90', 'bfloat16', '*'):
+        (('materialized', 'blockwise', 'kernel'), "2026-11-27-h200-quick-2 (bf16 fwd+bwd, N = 4096 and 32768: OpenCLIP's materialized loss ahead of the kernels; blockwise is its GEMMs within memory_budget)"),
+    ('*', 'cuda-sm90', '*', '*'):
+        (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2, measured in bf16 only: the same order for other dtypes'),
+    ('*', '*', '*', '*'):
+        (('kernel', 'blockwise', 'materialized'), 'no measurement: the kernels'),
 }
