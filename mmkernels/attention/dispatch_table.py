@@ -7,9 +7,9 @@ rather than edit. Keys: (op, device kind, dtype, shape class); ``"*"`` matches a
 
 TABLE = {
     ('multimodal_attention', 'cpu', 'float32', 'causal:s<=1024'):
-        (('sdpa', 'kernel', 'flex'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+        (('kernel', 'sdpa', 'flex'), '2026-12-06-cpu-epyc-2core-quick-paths, 2026-12-06-cpu-epyc-2core-quick-paths-2: 4 case(s)'),
     ('multimodal_attention', 'cpu', 'float32', 'multimodal:s<=1024'):
-        (('kernel', 'flex', 'sdpa'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+        (('kernel', 'flex', 'sdpa'), '2026-12-06-cpu-epyc-2core-quick-paths, 2026-12-06-cpu-epyc-2core-quick-paths-2: 4 case(s)'),
     ('multimodal_attention', 'cpu', '*', 'causal:s<=1024'):
         (('sdpa', 'kernel', 'flex'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
     ('multimodal_attention', 'cpu', '*', 'causal:s>1024'):

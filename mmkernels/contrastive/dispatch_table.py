@@ -7,7 +7,7 @@ rather than edit. Keys: (op, device kind, dtype, shape class); ``"*"`` matches a
 
 TABLE = {
     ('contrastive_loss', 'cpu', 'float32', 'nm<=2^24'):
-        (('kernel', 'blockwise', 'materialized'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-paths, 2026-12-06-cpu-epyc-2core-quick-paths-2: 4 case(s)'),
     ('contrastive_loss', 'cuda-sm90', 'bfloat16', 'nm<=2^24'):
         (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2: 1 case(s); proxies: open_clip for materialized'),
     ('contrastive_loss', 'cuda-sm90', 'bfloat16', 'nm>2^28'):

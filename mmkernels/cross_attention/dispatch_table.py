@@ -7,7 +7,7 @@ rather than edit. Keys: (op, device kind, dtype, shape class); ``"*"`` matches a
 
 TABLE = {
     ('cross_attention', 'cpu', 'float32', 'lq<=256:lk<=1024'):
-        (('sdpa', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-paths: 2 case(s)'),
+        (('sdpa', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-paths, 2026-12-06-cpu-epyc-2core-quick-paths-2: 4 case(s)'),
     ('cross_attention', 'cpu', '*', 'lq>256:lk<=1024'):
         (('sdpa', 'kernel'), 'cpu fp32, 2-core EPYC, quick timing of fwd+bwd (fwd for flex)'),
     ('cross_attention', 'cpu', '*', 'lq>256:lk>1024'):

@@ -7,9 +7,9 @@ rather than edit. Keys: (op, device kind, dtype, shape class); ``"*"`` matches a
 
 TABLE = {
     ('modality_ffn', 'cpu', 'float32', 'ids-large'):
-        (('kernel', 'grouped_mm'), '2026-12-06-cpu-epyc-2core-quick-paths: 1 case(s)'),
+        (('kernel', 'grouped_mm'), '2026-12-06-cpu-epyc-2core-quick-paths, 2026-12-06-cpu-epyc-2core-quick-paths-2: 2 case(s)'),
     ('modality_ffn', 'cpu', 'float32', 'split-large'):
-        (('grouped_mm', 'batched', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-paths: 1 case(s)'),
+        (('batched', 'grouped_mm', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-paths, 2026-12-06-cpu-epyc-2core-quick-paths-2: 2 case(s)'),
     ('modality_ffn', 'cuda-sm90', 'bfloat16', 'ids-large'):
         (('grouped_mm', 'kernel'), '2026-11-27-h200-quick-2: 1 case(s); proxies: grouped_mm for grouped_mm'),
     ('modality_ffn', 'cuda-sm90', 'bfloat16', 'split-large'):
