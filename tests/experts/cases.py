@@ -81,6 +81,22 @@ def names(kind: str):
     return ["y", "dx", "dweight", "dbias"] if kind == "linear" else ["y", "dx", "dw_in", "db_in", "dw_out", "db_out"]
 
 
+
+def check_grads(label: str, kind: str, got, x, ids, params, dy, activation, dtype) -> None:
+    """``got`` (what ``run`` returned in ``dtype``) against the reference in float64, under the
+    eager rule ("eager" is the reference in ``dtype``); ``label`` names the backend or path."""
+    from mmkernels.testing.numerics import assert_close
+    ref = run(kind, "reference", x, ids, params, dy, activation, torch.float64)
+    eager = run(kind, "reference", x, ids, params, dy, activation, dtype)
+    for name, g, r, e in zip(names(kind), got, ref, eager):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g is not None, f"{name}: no gradient"
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
+        assert torch.isfinite(g).all(), name
+        assert_close(g, r, dtype, eager=e, name=f"{label} {kind} {name}")
+
 def record_launches(monkeypatch):
     """Patch the weight-gradient launch and the grouped GEMM to record what runs:
     ``("wgrad", kind, E of the launch)`` and ``("mm", kind)``."""

@@ -14,7 +14,8 @@ from mmkernels.experts import routing
 from mmkernels.experts.reference import modality_linear_reference
 from mmkernels.testing.numerics import assert_close
 
-from tests.experts.cases import ACTS, DTYPES, ffn_params, linear_params, make_ids, names, randn, run
+from tests.experts.cases import (ACTS, DTYPES, check_grads, ffn_params, linear_params, make_ids, names, randn,
+                                 run)
 from tests.helpers.backends import require_backend
 
 BACKENDS = ["cpu", "triton"]
@@ -29,16 +30,7 @@ def _compare(kind, backend, x, ids, params, dtype=torch.float32, activation="gel
     h_out = params[0].shape[1] if kind == "linear" else params[2].shape[1]
     dy = randn(*x.shape[:-1], h_out, seed=seed)
     got = run(kind, backend, x, ids, params, dy, activation, dtype)
-    ref = run(kind, "reference", x, ids, params, dy, activation, torch.float64)
-    eager = run(kind, "reference", x, ids, params, dy, activation, dtype)
-    for name, g, r, e in zip(names(kind), got, ref, eager):
-        if r is None:
-            assert g is None, name
-            continue
-        assert g is not None, f"{name}: no gradient"
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        assert torch.isfinite(g).all(), name
-        assert_close(g, r, dtype, eager=e, name=f"{backend} {kind} {name}")
+    check_grads(backend, kind, got, x, ids, params, dy, activation, dtype)
     return got
 
 

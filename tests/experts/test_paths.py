@@ -18,7 +18,7 @@ import mmkernels
 from mmkernels import _dispatch
 from mmkernels.experts.grouped_mm import paths
 from mmkernels.testing.numerics import assert_close
-from tests.experts.cases import ACTS, ffn_params, leaf, linear_params, make_ids, names, randn, run
+from tests.experts.cases import ACTS, check_grads, ffn_params, leaf, linear_params, make_ids, names, randn, run
 from tests.helpers.backends import require_backend
 
 
@@ -34,16 +34,7 @@ def _compare(kind, path, x, ids, params, dtype, activation="gelu", seed=99):
     with mmkernels.use_path(path), mmkernels.explain() as log:
         got = run(kind, "auto", x, ids, params, dy, activation, dtype)
     assert log.paths() == [path], str(log)
-    ref = run(kind, "reference", x, ids, params, dy, activation, torch.float64)
-    eager = run(kind, "reference", x, ids, params, dy, activation, dtype)
-    for name, g, r, e in zip(names(kind), got, ref, eager):
-        if r is None:
-            assert g is None, name
-            continue
-        assert g is not None, f"{name}: no gradient"
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        assert torch.isfinite(g).all(), name
-        assert_close(g, r, dtype, eager=e, name=f"{path} {kind} {name}")
+    check_grads(path, kind, got, x, ids, params, dy, activation, dtype)
     return got
 
 
