@@ -18,7 +18,7 @@ import mmkernels
 from mmkernels import _dispatch
 from mmkernels.experts.grouped_mm import paths
 from mmkernels.testing.numerics import assert_close
-from tests.experts.cases import ACTS, check_grads, ffn_params, leaf, linear_params, make_ids, names, randn, run
+from tests.experts.cases import ACTS, check_grads, ffn_params, leaf, linear_params, make_ids, randn, run
 from tests.helpers.backends import require_backend
 
 
