@@ -30,6 +30,8 @@ if ! "$py" -c "import triton" 2>/dev/null; then
 fi
 step "mmkernels[$extra] (editable)"
 pip_install -e ".[$extra]"
+step "open_clip_torch 3.3.0 without its dependencies (the drop-ins' peer: only its loss.py is loaded)"
+pip_install --no-deps "open_clip_torch==3.3.0"
 step "the C++ CPU kernels (python -m mmkernels.build)"
 "$py" -m mmkernels.build
 "$py" -m mmkernels.env
