@@ -4,7 +4,9 @@ Public API::
 
     mmkernels.contrastive_loss(image_features, text_features, logit_scale, ...)
     mmkernels.infonce_loss(queries, keys, logit_scale, targets=None, ...)
-    mmkernels.ContrastiveLoss(...)
+    mmkernels.ContrastiveLoss(local_loss, gather_with_grad, ..., ring=False)   # OpenCLIP ClipLoss, any world size
+    mmkernels.siglip_loss(image_features, text_features, logit_scale, logit_bias=None, ...)
+    mmkernels.SigLipLoss(rank=0, world_size=1, dist_impl=None)          # OpenCLIP SigLipLoss
     mmkernels.multimodal_attention(q, k, v, mask=mmkernels.MultimodalMask.blip2(...), ...)
     mmkernels.MultimodalSelfAttention(hidden_size, num_heads, ...)
     mmkernels.cross_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, generator=None)
@@ -26,7 +28,9 @@ from ._backend import backend
 from ._dispatch import explain, use_path
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
 from .cross_attention import cross_attention, fused_kv_projection, share_kv_storage
-from .contrastive import ContrastiveLoss, ContrastiveStats, contrastive_loss, infonce_loss
+from .contrastive import (ContrastiveLoss, ContrastiveStats, SigLipLoss, contrastive_loss,
+                          distributed_contrastive_loss, distributed_siglip_loss, infonce_loss,
+                          siglip_loss)
 from .experts import (MultiwayFFN, MultiwayLayerNorm, MultiwayLinear, modality_ffn, modality_ffn_subln,
                       modality_layer_norm, modality_linear)
 from .models import QFormer
@@ -34,6 +38,7 @@ from .models import QFormer
 __version__ = "0.1.0"
 
 __all__ = ["backend", "explain", "use_path", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
+           "SigLipLoss", "siglip_loss", "distributed_contrastive_loss", "distributed_siglip_loss",
            "cross_attention", "fused_kv_projection", "share_kv_storage", "QFormer",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
            "MultiwayFFN", "MultiwayLayerNorm", "MultiwayLinear", "modality_ffn", "modality_ffn_subln",

@@ -53,20 +53,20 @@ def nonempty(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
 
 
-def index_range(idx: torch.Tensor, name: str, upper: int) -> None:
-    """Check ``0 <= idx < upper`` elementwise without a host synchronisation on CUDA.
+def index_range(idx: torch.Tensor, name: str, upper: int, lower: int = 0) -> None:
+    """Check ``lower <= idx < upper`` elementwise without a host synchronisation on CUDA.
 
     On CPU (eager) this is a ``ValueError``. On CUDA, or while compiling, it is
     an asynchronous device-side assert (``torch._assert_async``), so the op
     stays free of host synchronisation and CUDA-graph safe.
     """
-    ok = (idx >= 0) & (idx < upper)
+    ok = (idx >= lower) & (idx < upper)
     if idx.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok.all()):
             bad = idx[~ok][0].item()
-            raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
+            raise ValueError(f"{name} must lie in [{lower}, {upper}), found {bad}")
     else:
-        torch._assert_async(ok.all(), f"{name} out of range [0, {upper})")
+        torch._assert_async(ok.all(), f"{name} out of range [{lower}, {upper})")
 
 
 def attention_qkv(q, k, v) -> None:

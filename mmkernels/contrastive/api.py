@@ -233,36 +233,70 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
 
 
 class ContrastiveLoss(nn.Module):
-    """Drop-in for OpenCLIP ``ClipLoss`` on one process.
+    """Drop-in for OpenCLIP ``ClipLoss``: the same constructor and ``forward``.
 
-    ``ContrastiveLoss()`` replaces ``open_clip.loss.ClipLoss()``; ``forward(image_features,
-    text_features, logit_scale, logit_bias=None, output_dict=False)`` has ``ClipLoss.forward``'s
-    signature, so ``loss(**model_out, output_dict=True)`` works for models with a
-    ``logit_bias``; it returns the loss, or ``{"contrastive_loss": loss}`` with
-    ``output_dict=True``, as ``ClipLoss`` does.
-    ``ClipLoss``'s constructor arguments are accepted so the construction line can stay;
-    only one process is supported (``world_size=1``). ``label_smoothing`` and ``reduction``
-    are those of :func:`contrastive_loss`.
+    ``ContrastiveLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0,
+    world_size=1, use_horovod=False)`` replaces ``open_clip.loss.ClipLoss(...)`` with the same
+    arguments; ``forward(image_features, text_features, logit_scale, logit_bias=None,
+    output_dict=False)`` returns the loss, or ``{"contrastive_loss": loss}`` with
+    ``output_dict=True``, as ``ClipLoss`` does (so ``loss(**model_out, output_dict=True)``
+    works).
+
+    ``world_size > 1`` runs on ``torch.distributed`` (``group``: the process group, default the
+    world; its size and this process's rank in it must equal ``world_size`` and ``rank``) in
+    every mode of ``local_loss`` x ``gather_with_grad``, with OpenCLIP's per-rank loss and
+    gradients and no ``N x M`` logits (see :func:`mmkernels.contrastive.distributed.
+    distributed_contrastive_loss`); ``ring=True`` computes the ``local_loss`` +
+    ``gather_with_grad`` mode without gathering the features. ``cache_labels`` is accepted and
+    has nothing to cache (no label tensor is built); horovod is not supported (use
+    ``torch.distributed``). ``label_smoothing`` and ``reduction`` are those of
+    :func:`contrastive_loss`.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False, *,
-                 label_smoothing: float = 0.0, reduction: str = "mean"):
+                 ring: bool = False, group=None, label_smoothing: float = 0.0, reduction: str = "mean"):
         super().__init__()
-        if world_size != 1 or rank != 0 or use_horovod:
-            raise ValueError("ContrastiveLoss runs on one process (world_size=1, rank=0, no horovod); "
-                             "for gathered keys use infonce_loss with targets offset by rank")
+        if use_horovod:
+            raise ValueError("use_horovod=True: horovod is not supported; mmkernels runs on "
+                             "torch.distributed (NCCL on GPUs, gloo on CPUs): launch with torchrun "
+                             "and keep use_horovod=False")
+        if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if ring and not (local_loss and gather_with_grad):
+            raise ValueError("ring=True computes the local loss with gathered gradients: pass "
+                             "local_loss=True and gather_with_grad=True")
         _check_options(label_smoothing, reduction)
+        self.local_loss = bool(local_loss)
+        self.gather_with_grad = bool(gather_with_grad)
+        self.cache_labels = bool(cache_labels)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.use_horovod = False
+        self.ring = bool(ring)
+        self.group = group
         self.label_smoothing = label_smoothing
         self.reduction = reduction
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
                 output_dict: bool = False):
-        """``image_features``, ``text_features`` ``[N, D]``; ``logit_scale`` and ``logit_bias``
-        as in :func:`contrastive_loss`."""
-        loss = contrastive_loss(image_features, text_features, logit_scale, logit_bias,
-                                label_smoothing=self.label_smoothing, reduction=self.reduction)
+        """``image_features``, ``text_features`` ``[N, D]`` (this rank's rows); ``logit_scale``
+        and ``logit_bias`` as in :func:`contrastive_loss`."""
+        if self.world_size == 1:
+            loss = contrastive_loss(image_features, text_features, logit_scale, logit_bias,
+                                    label_smoothing=self.label_smoothing, reduction=self.reduction)
+        else:
+            from .distributed import distributed_contrastive_loss
+            loss = distributed_contrastive_loss(
+                image_features, text_features, logit_scale, logit_bias, local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad, ring=self.ring, group=self.group,
+                rank=self.rank, world_size=self.world_size, label_smoothing=self.label_smoothing,
+                reduction=self.reduction)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
-        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        s = f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        if self.world_size > 1:
+            s = (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+                 f"ring={self.ring}, rank={self.rank}, world_size={self.world_size}, " + s)
+        return s
