@@ -130,6 +130,7 @@ class Ring:
 
     def __init__(self, group, rank: int, world_size: int):
         self.group, self.rank, self.size = group, rank, world_size
+        self._nccl = "nccl" in str(dist.get_backend(group)).lower()
 
     def _peer(self, step: int) -> int:
         return dist.get_global_rank(self.group, (self.rank + step) % self.size)
@@ -143,10 +144,18 @@ class Ring:
             for _, send, recv in pairs:
                 recv.copy_(send)
             return []
+        if not self._nccl:
+            # gloo: plain asynchronous sends and receives (each rank posts them in one order)
+            works = []
+            for tag, (direction, send, recv) in enumerate(pairs):
+                works.append(dist.isend(send, self._peer(direction), self.group, tag))
+                works.append(dist.irecv(recv, self._peer(-direction), self.group, tag))
+            return works
         ops = []
         for tag, (direction, send, recv) in enumerate(pairs):
             ops.append(dist.P2POp(dist.isend, send, self._peer(direction), self.group, tag))
             ops.append(dist.P2POp(dist.irecv, recv, self._peer(-direction), self.group, tag))
+        # NCCL: one group per exchange, so no rank's send waits on a receive posted later
         return dist.batch_isend_irecv(ops)
 
 
@@ -156,12 +165,14 @@ def _wait(works) -> None:
 
 
 def ring_forward(ring: Ring, block: torch.Tensor, steps: dict[int, int],
-                 fn: Callable[[int, int, torch.Tensor], None]) -> dict[int, torch.Tensor]:
+                 fn: Callable[[int, int, torch.Tensor], None], *,
+                 block_is_scratch: bool = False) -> dict[int, torch.Tensor]:
     """Visit this rank's ``block`` and, for each direction ``d`` of ``steps`` (``{d: T_d}``), the
     blocks of the ranks ``d * 1, ..., d * T_d`` behind it (direction +1 visits the previous
     ranks' blocks, which travel forward). ``fn(direction, step, block)`` runs on each (step 0:
     the own block, direction 0) while the next blocks are already in flight. Holds two blocks per
-    direction. Returns each direction's last block (what :func:`ring_backward` starts from)."""
+    direction (``block_is_scratch``: ``block`` is the caller's temporary, reused as one of them
+    once sent). Returns each direction's last block (what :func:`ring_backward` starts from)."""
     block = block.contiguous()
     cur = {d: block for d in steps}
     nxt = {d: torch.empty_like(block) for d in steps if steps[d] > 0}
@@ -172,7 +183,8 @@ def ring_forward(ring: Ring, block: torch.Tensor, steps: dict[int, int],
         _wait(works)
         active = [d for d in steps if steps[d] >= t]
         for d in active:
-            cur[d], nxt[d] = nxt[d], (torch.empty_like(block) if cur[d] is block else cur[d])
+            fresh = cur[d] is block and not (block_is_scratch and len(steps) == 1)
+            cur[d], nxt[d] = nxt[d], (torch.empty_like(block) if fresh else cur[d])
         works = ring.shift([(d, cur[d], nxt[d]) for d in active if steps[d] >= t + 1])
         for d in active:
             fn(d, t, cur[d])
@@ -181,37 +193,51 @@ def ring_forward(ring: Ring, block: torch.Tensor, steps: dict[int, int],
 
 
 def ring_backward(ring: Ring, last: dict[int, torch.Tensor], steps: dict[int, int],
-                  grad_fn: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+                  grad_fn: Callable[[int, int, torch.Tensor], Sequence[torch.Tensor]]
+                  ) -> torch.Tensor | None:
     """The reverse of :func:`ring_forward`'s visits other than the own block: from each
     direction's last block back to step 1, blocks travel back towards their owners, and with
-    them the sum of the gradients (``grad_fn(direction, step, block)``, float32, the block's
-    shape) every rank computed for them. Returns the sum that reached this rank for its own
-    block (None when there are no other ranks' blocks)."""
+    them the sum of the gradients every rank computed for them. ``grad_fn(direction, step,
+    block)`` returns this rank's gradient of the block as parts (float32) whose concatenation
+    along dim 0 has the block's shape. Holds, per direction, two blocks and two float32 sums.
+    Returns the sum that reached this rank for its own block (None when there are no other
+    ranks' blocks)."""
     t_max = max(steps.values(), default=0)
     if t_max == 0:
         return None
     cur = dict(last)
     nxt = {d: torch.empty_like(b) for d, b in last.items()}
-    acc_in: dict[int, torch.Tensor] = {}
+    # per direction, one buffer for the sum being sent and one for the sum being received
+    acc_send: dict[int, torch.Tensor] = {}
+    acc_recv: dict[int, torch.Tensor] = {}
     acc_works: list = []
-    own = None
     for t in range(t_max, 0, -1):
         active = [d for d in steps if steps[d] >= t]
         works = ring.shift([(-d, cur[d], nxt[d]) for d in active if t > 1])
         contrib = {d: grad_fn(d, t, cur[d]) for d in active}
         _wait(acc_works)
-        acc = {}
         for d in active:
-            acc[d] = contrib[d] + acc_in[d] if t < steps[d] else contrib[d]
-        received = {d: torch.empty_like(acc[d]) for d in active}
-        acc_works = ring.shift([(-d, acc[d], received[d]) for d in active])
-        acc_in = received
+            if d not in acc_send:
+                shape = (cur[d].shape[0], *contrib[d][0].shape[1:])
+                acc_send[d] = contrib[d][0].new_empty(shape)
+                acc_recv[d] = contrib[d][0].new_empty(shape)
+            r0 = 0
+            for part in contrib[d]:
+                r1 = r0 + part.shape[0]
+                if t < steps[d]:
+                    torch.add(part, acc_recv[d][r0:r1], out=acc_send[d][r0:r1])
+                else:
+                    acc_send[d][r0:r1].copy_(part)
+                r0 = r1
+        del contrib
+        acc_works = ring.shift([(-d, acc_send[d], acc_recv[d]) for d in active])
         _wait(works)
         for d in active:
             if t > 1:
                 cur[d], nxt[d] = nxt[d], cur[d]
     _wait(acc_works)
+    own = None
     for d in steps:
         if steps[d] >= 1:
-            own = acc_in[d] if own is None else own + acc_in[d]
+            own = acc_recv[d] if own is None else own + acc_recv[d]
     return own

@@ -92,7 +92,8 @@ class _RingStats(torch.autograd.Function):
                     a[0] = torch.logaddexp(a[0], lse)
                     a[1] = torch.maximum(a[1], mx)
                     a[2] = a[2] + sm
-        last = _distributed.ring_forward(ring, torch.cat([img, txt]), {1: ring.size - 1}, visit)
+        last = _distributed.ring_forward(ring, torch.cat([img, txt]), {1: ring.size - 1}, visit,
+                                         block_is_scratch=True)
         ctx.ring, ctx.which = ring, which
         ctx.save_for_backward(img, txt, scale, acc["i"][0], acc["t"][0], last[1])
         ctx.mark_non_differentiable(acc["i"][1], acc["t"][1])
@@ -112,29 +113,33 @@ class _RingStats(torch.autograd.Function):
         g = {"i": (lse_i, filled(g_lse_i), filled(g_sum_i), filled(g_pos_i)),
              "t": (lse_t, filled(g_lse_t), filled(g_sum_t), filled(g_pos_t))}
         zeros = torch.zeros_like(lse_i)
-        dq = {"i": None, "t": None}
+        dq = {"i": torch.zeros(img.shape, dtype=torch.float32, device=img.device),
+              "t": torch.zeros(txt.shape, dtype=torch.float32, device=txt.device)}
         dscale = torch.zeros((), dtype=lse_i.dtype, device=img.device)
 
-        def block_grads(step, block):
-            """This rank's gradients for one [img; txt] block: adds dq and dscale, returns dk."""
+        def block_grads(step, k_img, k_txt):
+            """This rank's gradients for one block of keys: adds dq and dscale, returns the
+            keys' gradients ``(d k_img, d k_txt)``."""
             nonlocal dscale
             dks = {}
-            for side, (q, k) in (("i", (img, block[n:])), ("t", (txt, block[:n]))):
+            for side, (q, k) in (("i", (img, k_txt)), ("t", (txt, k_img))):
                 lse, gl, gs, gp = g[side]
                 dq_s, dk_s, ds_s = contrastive_grads(q, k, scale, targets, lse, empty, gl, gs,
                                                      gp if step == 0 else zeros, empty, empty, which)
-                dq[side] = dq_s.float() if dq[side] is None else dq[side] + dq_s.float()
+                dq[side].add_(dq_s)
                 dks[side] = dk_s.float()
                 dscale = dscale + ds_s
-            return torch.cat([dks["t"], dks["i"]])  # the block is [img; txt]: dk of img first
+            return dks["t"], dks["i"]
 
-        own = block_grads(0, torch.cat([img, txt]))
-        back = _distributed.ring_backward(ring, {1: last}, {1: ring.size - 1},
-                                          lambda d, t, block: block_grads(t, block))
+        back = _distributed.ring_backward(
+            ring, {1: last}, {1: ring.size - 1},
+            lambda d, t, block: block_grads(t, block[:n], block[n:]))
+        d_img, d_txt = block_grads(0, img, txt)
+        d_img = d_img.add_(dq["i"])
+        d_txt = d_txt.add_(dq["t"])
         if back is not None:
-            own = own + back
-        d_img = dq["i"] + own[:n]
-        d_txt = dq["t"] + own[n:]
+            d_img.add_(back[:n])
+            d_txt.add_(back[n:])
         return d_img.to(img.dtype), d_txt.to(txt.dtype), dscale.to(scale.dtype), None, None
 
 

@@ -180,3 +180,41 @@ def clip_expected_accuracy(world: int, n: int, d: int) -> tuple[float, float]:
     i2t = (logits.gather(1, labels[:, None])[:, 0] >= logits.amax(1)).double().mean()
     t2i = (logits.gather(0, labels[None, :])[0] >= logits.amax(0)).double().mean()
     return float(i2t), float(t2i)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def peak_extra(rank: int, world: int, n: int, d: int) -> dict:
+    """Peak resident growth (bytes) of one forward + backward of the local loss with gathered
+    gradients, ``{"ring": ..., "gather": ...}``, each after a warm-up call; run with glibc
+    returning every allocation of 64 KiB or more to the OS (``MALLOC_MMAP_THRESHOLD_``), so RSS
+    follows live tensors."""
+    import gc
+    g = torch.Generator().manual_seed(100 + rank)
+    img = torch.randn(n, d, generator=g)
+    txt = torch.randn(n, d, generator=g)
+    out = {}
+    for name, ring in (("ring", True), ("gather", False)):
+        loss_fn = mmkernels.ContrastiveLoss(True, True, rank=rank, world_size=world, ring=ring)
+
+        def step():
+            a, b = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+            loss_fn(a, b, 5.0).backward()
+        step()
+        gc.collect()
+        torch.distributed.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status("VmRSS")
+        step()
+        out[name] = _status("VmHWM") - base
+        torch.distributed.barrier()
+    return out

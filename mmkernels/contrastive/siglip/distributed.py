@@ -77,19 +77,20 @@ class _RingSigLip(torch.autograd.Function):
         own_t = torch.arange(n, device=img.device)
         none_t = torch.full((n,), -1, dtype=torch.int64, device=img.device)
         g_rows = g_rows.to(stats_dtype(img.dtype)).contiguous()
-        sums = {"dq": None, "ds": 0.0, "db": 0.0}
+        sums = {"dq": torch.zeros(img.shape, dtype=torch.float32, device=img.device), "ds": 0.0,
+                "db": 0.0}
 
         def block_grads(step, block):
             dq, dk, ds, db = siglip_grads(img, block, scale, bias, own_t if step == 0 else none_t,
                                           g_rows, which)
-            sums["dq"] = dq.float() if sums["dq"] is None else sums["dq"] + dq.float()
+            sums["dq"].add_(dq)
             sums["ds"] = sums["ds"] + ds
             sums["db"] = sums["db"] + db
             return dk.float()
 
-        d_txt = block_grads(0, txt)
         back = _distributed.ring_backward(ring, dict(zip(steps, lasts)), steps,
-                                          lambda d, t, block: block_grads(t, block))
+                                          lambda d, t, block: (block_grads(t, block),))
+        d_txt = block_grads(0, txt)
         if back is not None:
             d_txt = d_txt + back
         ds = torch.as_tensor(sums["ds"], dtype=scale.dtype, device=img.device)
