@@ -1,9 +1,9 @@
 """Tile configurations of the contrastive kernels and their tuning registration.
 
 A launch takes its config from, in order: the launcher's ``config=`` argument, an override set
-through :mod:`mmkernels.tuning` (kinds ``contrastive/stats`` and ``contrastive/grad``), the
-autotuner when the option ``contrastive.autotune`` is on (GPU only), else
-:func:`heuristic_config`.
+through :mod:`mmkernels.tuning` (kinds ``contrastive/stats`` and ``contrastive/grad``; the
+SigLIP kernels' ``contrastive/siglip_rows`` and ``contrastive/siglip_grads``), the autotuner
+when the option ``contrastive.autotune`` is on (GPU only, the stats kernel), else the heuristic.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from ..._triton import DTYPES, input_precisions, interpreting, triton_at_least
 FINALIZE_BLOCK = 1024
 
 KERNEL_KINDS = ("stats", "grad")
+#: the SigLIP unit's launch kinds (contrastive/siglip/kernels.py): tuned through this family
+SIGLIP_KINDS = ("siglip_rows", "siglip_grads")
 FORWARD_MODES = ("one_pass", "two_pass")
 
 
@@ -46,7 +48,7 @@ def _check_flag(value) -> bool:
     return value
 
 
-for _kind in KERNEL_KINDS:
+for _kind in KERNEL_KINDS + SIGLIP_KINDS:
     tuning.register_kind("contrastive", _kind, TileConfig, keys=("dtype", "dim", "input_precision"))
 tuning.register_option(
     "contrastive.forward", "one_pass", _check_forward,
@@ -189,14 +191,20 @@ AUTOTUNE_BOUNDS = _block_bounds()
 
 
 def resolve_config(dtype: torch.dtype, D: int, input_precision: str, config: TileConfig | None,
-                   kind: str = "stats") -> TileConfig | None:
-    """The config a ``kind`` launch uses, or None when the autotuner picks (see the module)."""
+                   kind: str = "stats", heuristic=None) -> TileConfig | None:
+    """The config a ``kind`` launch uses, or None when the autotuner picks (see the module).
+
+    ``heuristic(dtype, D, input_precision)``: the default of a kind this module has no table
+    for (the SigLIP kernels'), which is never autotuned.
+    """
     if config is not None:
         return config
     override = tuning.lookup("contrastive", kind, dtype=dtype, dim=int(D),
                              input_precision=input_precision)
     if override is not None:
         return override
+    if heuristic is not None:
+        return heuristic(dtype, D, input_precision)
     if kind == "grad":
         return grad_config(dtype, D, input_precision)
     if tuning.option("contrastive.autotune") and not interpreting():
