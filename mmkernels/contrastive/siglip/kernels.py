@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ... import _triton  # noqa: F401  (fixes the interpreter before any kernel is defined)
 from ..._triton import DTYPES, PTR, check_device, dot_upcast, input_precision
-from ..kernels.configs import SIGLIP_KINDS, TileConfig, _block_k, grad_block_d, resolve_config
+from ..kernels.configs import (SIGLIP_KINDS, TileConfig, _block_k, backward_mode, grad_block_d,
+                               resolve_config)
 from ..kernels.jit import _fp16_multiplier, _similarity_tile
 from ..kernels.launch import _scale_f32, cols_per_split
 
@@ -352,6 +353,12 @@ def siglip_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, b
     prec = input_precision(q.dtype)
     cfg = resolve_config(q.dtype, D, prec, config, "siglip_grads", heuristic=grads_config)
     bd = grad_block_d(D, cfg)
+    if config is None and backward_mode(D, bd) == "blocks":
+        # wide features: the one grid would recompute every logit once per feature chunk; row
+        # blocks of GEMMs do the products once (the option contrastive.backward decides)
+        from .paths import blockwise_siglip_grads
+        return blockwise_siglip_grads(q, k, _scale_f32(scale, dev), _bias_f32(bias, dev), targets,
+                                      g_row)
     n_dc = max(1, triton.cdiv(D, bd))  # D = 0 still needs the programs for dbias
     n_rb = triton.cdiv(N, cfg.BLOCK_M)
     n_cb = triton.cdiv(M, cfg.BLOCK_M)
