@@ -25,6 +25,8 @@ FAMILIES = {
     "attention": "bench.cases.attention",  # a time-limited full run records the others first
     "experts": "bench.cases.experts",  # after attention: added later, so the older families' runs are unchanged
     "cross_attention": "bench.cases.cross_attention",
+    "siglip": "bench.cases.siglip",
+    "contrastive_dist": "bench.cases.contrastive_dist",
 }
 PROFILES = ("full", "quick", "pytest")
 
