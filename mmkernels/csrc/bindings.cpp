@@ -7,6 +7,7 @@
 #include "cross_attention.h"
 #include "experts.h"
 #include "experts_layer_norm.h"
+#include "siglip.h"
 
 namespace py = pybind11;
 
@@ -26,6 +27,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("targets"), py::arg("row_lse"),
         py::arg("col_lse"), py::arg("g_row_lse"), py::arg("g_row_sum"), py::arg("g_pos"),
         py::arg("g_col_lse"), py::arg("g_col_sum"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("siglip_rows", &mmkernels::siglip_rows,
+        "SigLIP per-row sigmoid loss sum_j softplus(-z_ij * L_ij), L = scale * q @ k^T + bias, without\n"
+        "materialising L; z_ij = +1 at j == targets[i] (-1: no positive), else -1. Returns [N] float32.",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("siglip_grads", &mmkernels::siglip_grads,
+        "Gradients (dq, dk, dscale, dbias) of sum_i g_row[i] * row_loss[i] of siglip_rows, recomputing\n"
+        "L chunk by chunk.",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
+        py::arg("g_row"), py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_fwd", &mmkernels::attention_fwd,
         "Blockwise multimodal masked attention forward. meta: [] (no mask) or [q_mod, k_mod, q_seg,\n"

@@ -1,5 +1,6 @@
 // mmkernels: what the contrastive CPU kernels' forward (contrastive.cpp) and backward
-// (contrastive_grads.cpp) share: work sizes, input checks, row chunking and the logit.
+// (contrastive_grads.cpp) share: work sizes, input checks, row chunking and the logit. The SigLIP
+// kernels (siglip.cpp) use the same chunking and checks, with their own message prefix.
 #pragma once
 
 #include <algorithm>
@@ -50,6 +51,9 @@ inline float lse_shift(float m) { return std::isfinite(m) ? m : 0.0f; }
 // x + 0.0f cannot be folded without -fno-signed-zeros, and fma(a, b, 0) rounds exactly like a * b.
 CPU_MATH_INLINE wf logit(float scale, const wf& s) { return s * scale + 0.0f; }
 
+// The prefix of the input checks' messages: the op family whose kernel raised them.
+constexpr const char* kContrastive = "mmkernels contrastive";
+
 inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
@@ -62,51 +66,58 @@ inline at::Tensor to_contiguous(const at::Tensor& t, at::ScalarType dtype) {
 }
 inline at::Tensor to_f32_contiguous(const at::Tensor& t) { return to_contiguous(t, at::kFloat); }
 
-inline void check_features(const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.defined() && k.defined(), "mmkernels contrastive: q and k must be defined");
+inline void check_features(const at::Tensor& q, const at::Tensor& k,
+                           const char* who = kContrastive) {
+  TORCH_CHECK(q.defined() && k.defined(), who, ": q and k must be defined");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(),
-              "mmkernels contrastive (cpu kernel): q and k must be CPU tensors, got ", q.device(),
+              who, " (cpu kernel): q and k must be CPU tensors, got ", q.device(),
               " and ", k.device());
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2,
-              "mmkernels contrastive: q and k must be 2-D [N, D] and [M, D], got shapes ",
+              who, ": q and k must be 2-D [N, D] and [M, D], got shapes ",
               q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(q.size(1) == k.size(1), "mmkernels contrastive: feature dims differ: q ", q.sizes(),
+  TORCH_CHECK(q.size(1) == k.size(1), who, ": feature dims differ: q ", q.sizes(),
               ", k ", k.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type(),
-              "mmkernels contrastive: q and k must have the same dtype, got ", q.scalar_type(),
+              who, ": q and k must have the same dtype, got ", q.scalar_type(),
               " and ", k.scalar_type());
   TORCH_CHECK(is_supported_dtype(q.scalar_type()),
-              "mmkernels contrastive: unsupported dtype ", q.scalar_type(),
+              who, ": unsupported dtype ", q.scalar_type(),
               " (float32, bfloat16, float16; float64 for gradcheck)");
 }
 
-inline float read_scale(const at::Tensor& scale) {
+// A one-element floating tensor argument (scale, bias) as float32.
+inline float read_scale(const at::Tensor& scale, const char* name = "scale",
+                        const char* who = kContrastive) {
   TORCH_CHECK(scale.defined() && scale.device().is_cpu(),
-              "mmkernels contrastive (cpu kernel): scale must be a CPU tensor");
-  TORCH_CHECK(scale.numel() == 1, "mmkernels contrastive: scale must have one element, got shape ",
+              who, " (cpu kernel): ", name, " must be a CPU tensor");
+  TORCH_CHECK(scale.numel() == 1, who, ": ", name, " must have one element, got shape ",
               scale.sizes());
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()),
-              "mmkernels contrastive: scale must be a floating tensor, got ", scale.scalar_type());
+              who, ": ", name, " must be a floating tensor, got ", scale.scalar_type());
   return scale.to(at::kFloat).item<float>();
 }
-inline double read_scale_f64(const at::Tensor& scale) {
-  read_scale(scale);  // the checks
+inline double read_scale_f64(const at::Tensor& scale, const char* name = "scale",
+                             const char* who = kContrastive) {
+  read_scale(scale, name, who);  // the checks
   return scale.to(at::kDouble).item<double>();
 }
 
-inline at::Tensor read_targets(const at::Tensor& targets, int64_t n, int64_t m) {
+// targets [n] of an integer dtype, returned contiguous int64. Each entry must lie in [0, m), or
+// in [-1, m) when allow_none (-1: the row has no target).
+inline at::Tensor read_targets(const at::Tensor& targets, int64_t n, int64_t m,
+                               bool allow_none = false, const char* who = kContrastive) {
   TORCH_CHECK(targets.defined() && targets.device().is_cpu(),
-              "mmkernels contrastive (cpu kernel): targets must be a CPU tensor");
+              who, " (cpu kernel): targets must be a CPU tensor");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n,
-              "mmkernels contrastive: targets must have shape [", n, "], got ", targets.sizes());
+              who, ": targets must have shape [", n, "], got ", targets.sizes());
   TORCH_CHECK(at::isIntegralType(targets.scalar_type(), /*includeBool=*/false),
-              "mmkernels contrastive: targets must be an integer tensor, got ",
-              targets.scalar_type());
+              who, ": targets must be an integer tensor, got ", targets.scalar_type());
   at::Tensor t = to_contiguous(targets, at::kLong);
   const int64_t* tp = t.data_ptr<int64_t>();
+  const int64_t lowest = allow_none ? -1 : 0;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(tp[i] >= 0 && tp[i] < m, "mmkernels contrastive: targets[", i, "] = ", tp[i],
-                " is out of range [0, ", m, ")");
+    TORCH_CHECK(tp[i] >= lowest && tp[i] < m, who, ": targets[", i, "] = ", tp[i],
+                " is out of range [", lowest, ", ", m, ")");
   }
   return t;
 }
@@ -114,12 +125,12 @@ inline at::Tensor read_targets(const at::Tensor& targets, int64_t n, int64_t m) 
 // A vector argument of the backward: shape [n], any float dtype / strides, returned contiguous
 // in `dtype` (float32, or float64 on the float64 path).
 inline at::Tensor read_vector(const at::Tensor& v, int64_t n, const char* name,
-                       at::ScalarType dtype = at::kFloat) {
-  TORCH_CHECK(v.defined() && v.device().is_cpu(), "mmkernels contrastive (cpu kernel): ", name,
+                              at::ScalarType dtype = at::kFloat, const char* who = kContrastive) {
+  TORCH_CHECK(v.defined() && v.device().is_cpu(), who, " (cpu kernel): ", name,
               " must be a CPU tensor");
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "mmkernels contrastive: ", name,
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, who, ": ", name,
               " must have shape [", n, "], got ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), "mmkernels contrastive: ", name,
+  TORCH_CHECK(at::isFloatingType(v.scalar_type()), who, ": ", name,
               " must be floating, got ", v.scalar_type());
   return to_contiguous(v, dtype);
 }

@@ -1,0 +1,25 @@
+// mmkernels: CPU (C++) kernels of the SigLIP sigmoid loss. See mmkernels/contrastive/siglip/ops.py.
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace mmkernels {
+
+// q [N, D], k [M, D]: float32, bfloat16 or float16 (computed in float32), or float64 (computed in
+// float64, for gradcheck); any strides. scale, bias: one-element float tensors. targets: integer
+// [N] in [-1, M) (-1: the row has no positive). L = scale * q @ k^T + bias is never materialised.
+
+// Per-row loss sum_j softplus(-z_ij * L_ij) (z_ij = +1 at j == targets[i], else -1): [N] float32
+// (float64 for float64 input).
+at::Tensor siglip_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                       const at::Tensor& bias, const at::Tensor& targets);
+
+// Gradients (dq, dk, dscale, dbias) of sum_i g_row[i] * row_loss[i]: dq, dk in the input dtype,
+// dscale and dbias 0-dim float32 (float64 for float64 input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+             const at::Tensor& bias, const at::Tensor& targets, const at::Tensor& g_row);
+
+}  // namespace mmkernels
