@@ -135,13 +135,17 @@ class _Operands:
     """q and k as the block GEMMs take them, and how a product reaches the statistics dtype.
 
     float32/float64: as given. 16-bit on CUDA with ``mm(out_dtype=float32)``: as given, fp32
-    results. Otherwise (CPU, or an older torch) float32 copies (O((N + M) * D)), so every
-    product is exact fp32 arithmetic on the rounded inputs.
+    results. bfloat16 on the CPU (``rounded``): as given, the bf16 GEMM (fp32 accumulation,
+    several times faster than fp32 GEMMs where the CPU has bf16 dot products) with its result
+    rounded to bf16, as eager bf16 code computes its logits; G is rounded to bf16 for the
+    backward's GEMMs. Otherwise (fp16 on the CPU, or an older torch) float32 copies
+    (O((N + M) * D)), so every product is exact fp32 arithmetic on the rounded inputs.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor):
         self.sd = stats_dtype(q.dtype)
-        self.native = q.dtype == self.sd or _mm_has_out_dtype(q.device, q.dtype)
+        self.rounded = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+        self.native = q.dtype == self.sd or self.rounded or _mm_has_out_dtype(q.device, q.dtype)
         if self.native:
             self.q, self.k = q, k
         else:
@@ -152,11 +156,26 @@ class _Operands:
         a, b = self.q[r0:r1], self.k.t()
         if a.dtype == self.sd:
             return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+        if self.rounded:
+            res = torch.mm(a, b)
+            return res.to(self.sd) if out is None else out.copy_(res)
         res = torch.mm(a, b, out_dtype=self.sd)
         if out is None:
             return res
         out.copy_(res)
         return out
+
+    def grad_products(self, G: torch.Tensor, r0: int, r1: int, dq: torch.Tensor,
+                      dk_acc: torch.Tensor) -> None:
+        """``dq[r0:r1] = G @ k`` and ``dk_acc += G.T @ q[r0:r1]`` for one block's ``scale * G``
+        (statistics dtype)."""
+        if self.rounded:
+            Gb = G.to(self.q.dtype)
+            torch.mm(Gb, self.k, out=dq[r0:r1]) if dq.dtype == Gb.dtype else dq[r0:r1].copy_(torch.mm(Gb, self.k))
+            dk_acc.add_(torch.mm(Gb.t(), self.q[r0:r1]))
+            return
+        dq[r0:r1] = torch.mm(G, self.k).to(dq.dtype)
+        dk_acc.addmm_(G.t(), self.q[r0:r1])
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +271,7 @@ def blockwise_grads(q, k, scale, targets, row_lse, col_lse, g_row_lse, g_row_sum
         from .kernels import blockwise as bk
         # scale * G in the input dtype for bf16 (cuBLAS accumulates in fp32); fp32 for fp16,
         # whose small gradients would fall into fp16's subnormal range, and for fp32
-        g_dtype = q.dtype if q.dtype == torch.bfloat16 and ops.native else sd
+        g_dtype = q.dtype if q.dtype == torch.bfloat16 and ops.native and not ops.rounded else sd
         g_buf = torch.empty(min(B, N), M, dtype=g_dtype, device=dev)
         ds_rows = torch.empty(N, dtype=sd, device=dev)
         qg = ops.q if g_dtype == ops.q.dtype else q.to(g_dtype)
@@ -280,8 +299,7 @@ def blockwise_grads(q, k, scale, targets, row_lse, col_lse, g_row_lse, g_row_sum
             G.add_(g_col_sum[None, :])
         ds += torch.sum(S.mul_(G))
         G.mul_(scale)
-        dq[r0:r1] = torch.mm(G, ops.k).to(q.dtype)
-        dk_acc.addmm_(G.t(), ops.q[r0:r1])
+        ops.grad_products(G, r0, r1, dq, dk_acc)
     if arith == "triton":
         ds = ds_rows.sum()
     return dq, dk_acc.to(k.dtype), ds

@@ -113,8 +113,7 @@ def blockwise_siglip_grads(q, k, scale, bias, targets, g_row, *, rows: int | Non
         db += G.sum()
         ds += torch.sum(S.mul_(G))
         G.mul_(scale)
-        dq[r0:r1] = torch.mm(G, ops.k).to(q.dtype)
-        dk_acc.addmm_(G.t(), ops.q[r0:r1])
+        ops.grad_products(G, r0, r1, dq, dk_acc)
     return dq, dk_acc.to(k.dtype), ds, db
 
 
