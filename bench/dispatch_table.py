@@ -33,6 +33,9 @@ from bench.harness import BASELINE, REPO_ROOT
 DISPATCHED = {
     "contrastive_loss": ("contrastive", "contrastive_loss"),
     "infonce_loss": ("contrastive", "infonce_loss"),
+    "siglip_loss": ("contrastive", "siglip_loss"),
+    # one rank's local loss: two infonce_loss calls of n queries against W * n keys
+    "clip_local_loss": ("contrastive", "infonce_loss"),
     "attention_fwd_bwd": ("attention", "multimodal_attention"),
     "attention_fwd": ("attention", "multimodal_attention"),
     "cross_attention": ("cross_attention", "cross_attention"),
@@ -61,6 +64,9 @@ _SPLIT_LAYOUTS = ("vlmo", "beit3")
 def shape_class(op: str, shape: dict) -> str:
     """The shape class of a bench row, from the family's own ``paths.shape_class``."""
     family, _ = DISPATCHED[op]
+    if op == "clip_local_loss":
+        from mmkernels.contrastive.paths import shape_class as cls
+        return cls(shape["n"], shape["n"] * shape["W"], shape["D"])
     if family == "contrastive":
         from mmkernels.contrastive.paths import shape_class as cls
         return cls(shape["N"], shape.get("M", shape["N"]), shape["D"])

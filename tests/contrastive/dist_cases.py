@@ -96,6 +96,13 @@ def siglip_rank(rank: int, world: int, n: int, d: int, paths: list[str], with_pe
     return out
 
 
+def both_rank(rank: int, world: int, n: int, d: int, clip_paths: list[str],
+              siglip_paths: list[str], with_peer: bool):
+    """:func:`clip_rank` and :func:`siglip_rank` in one run of the ranks."""
+    return {"clip": clip_rank(rank, world, n, d, clip_paths, with_peer),
+            "siglip": siglip_rank(rank, world, n, d, siglip_paths, with_peer)}
+
+
 # ----------------------------------------------------------------------------- float64 formulas
 
 def _f64_leaves(world, n, d):

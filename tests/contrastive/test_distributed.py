@@ -28,16 +28,24 @@ def _paths(world):
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def clip_run(request):
+def runs(request):
+    """One run of the ranks per world size: every CLIP mode and SigLIP dist_impl on every path."""
     world = request.param
-    return world, run_ranks(world, dc.clip_rank, N, D, _paths(world), HAVE_PEER)
+    siglip_paths = [p for p in _paths(world) if p != "triton" or _triton_siglip()]
+    ranks = run_ranks(world, dc.both_rank, N, D, _paths(world), siglip_paths, HAVE_PEER)
+    return world, siglip_paths, ranks
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def siglip_run(request):
-    world = request.param
-    paths = [p for p in _paths(world) if (p != "triton" or _triton_siglip())]
-    return world, paths, run_ranks(world, dc.siglip_rank, N, D, paths, HAVE_PEER)
+@pytest.fixture
+def clip_run(runs):
+    world, _, ranks = runs
+    return world, [r["clip"] for r in ranks]
+
+
+@pytest.fixture
+def siglip_run(runs):
+    world, paths, ranks = runs
+    return world, paths, [r["siglip"] for r in ranks]
 
 
 def _triton_siglip() -> bool:
