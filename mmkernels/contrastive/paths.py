@@ -142,9 +142,11 @@ class _Operands:
     (O((N + M) * D)), so every product is exact fp32 arithmetic on the rounded inputs.
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, *, exact: bool = False):
         self.sd = stats_dtype(q.dtype)
-        self.rounded = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+        # exact: fp32 products always (the Triton kernels' backward on CPU tensors, i.e. the
+        # interpreter, computes what they compute on a GPU)
+        self.rounded = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not exact
         self.native = q.dtype == self.sd or self.rounded or _mm_has_out_dtype(q.device, q.dtype)
         if self.native:
             self.q, self.k = q, k
@@ -208,7 +210,7 @@ def blockwise_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targe
         pos.zero_()
         col_lse = torch.where(col_d > 0, col_d.log(), torch.full_like(col_d, _NEG_INF))
         return row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum
-    ops = _Operands(q, k)
+    ops = _Operands(q, k, exact=arith == "triton")
     B = rows or block_rows(N, M, block_bytes_per_logit(dev, q.dtype, arith))
     buf = torch.empty(min(B, N), M, dtype=sd, device=dev)
     if arith == "triton":
@@ -264,7 +266,7 @@ def blockwise_grads(q, k, scale, targets, row_lse, col_lse, g_row_lse, g_row_sum
     if N == 0 or M == 0:
         dq.zero_()
         return dq, dk_acc.to(k.dtype), torch.zeros((), dtype=sd, device=dev)
-    ops = _Operands(q, k)
+    ops = _Operands(q, k, exact=arith == "triton")
     B = rows or block_rows(N, M, block_bytes_per_logit(dev, q.dtype, arith))
     buf = torch.empty(min(B, N), M, dtype=sd, device=dev)
     if arith == "triton":

@@ -358,7 +358,7 @@ def siglip_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, b
         # blocks of GEMMs do the products once (the option contrastive.backward decides)
         from .paths import blockwise_siglip_grads
         return blockwise_siglip_grads(q, k, _scale_f32(scale, dev), _bias_f32(bias, dev), targets,
-                                      g_row)
+                                      g_row, exact=True)
     n_dc = max(1, triton.cdiv(D, bd))  # D = 0 still needs the programs for dbias
     n_rb = triton.cdiv(N, cfg.BLOCK_M)
     n_cb = triton.cdiv(M, cfg.BLOCK_M)

@@ -79,11 +79,13 @@ def blockwise_siglip_rows(q, k, scale, bias, targets, *, rows: int | None = None
     return out
 
 
-def blockwise_siglip_grads(q, k, scale, bias, targets, g_row, *, rows: int | None = None):
+def blockwise_siglip_grads(q, k, scale, bias, targets, g_row, *, rows: int | None = None,
+                           exact: bool = False):
     """``(dq, dk, dscale, dbias)`` of ``ops.siglip_grads`` from row blocks of the logits.
 
     Per block: ``S`` (a GEMM), ``G = g * (sigmoid(L) - onehot(targets))``, then ``dq = scale *
     G @ k`` and ``dk += scale * G.T @ q`` (GEMMs); ``dscale`` and ``dbias`` are sums over G.
+    ``exact``: fp32 products for bf16 features on the CPU too (``contrastive.paths._Operands``).
     """
     N, D = q.shape
     M = k.shape[0]
@@ -97,7 +99,7 @@ def blockwise_siglip_grads(q, k, scale, bias, targets, g_row, *, rows: int | Non
     scale = scale.detach().to(device=dev, dtype=sd).reshape(())
     bias = bias.detach().to(device=dev, dtype=sd).reshape(())
     g_row = g_row.to(device=dev, dtype=sd)
-    ops = _Operands(q, k)
+    ops = _Operands(q, k, exact=exact)
     B = _rows_per_block(q, M, rows)
     buf = torch.empty(min(B, N), M, dtype=sd, device=dev)
     for r0 in range(0, N, B):
