@@ -12,6 +12,18 @@ TABLE = {
         (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2: 1 case(s); proxies: open_clip for materialized'),
     ('contrastive_loss', 'cuda-sm90', 'bfloat16', 'nm>2^28'):
         (('materialized', 'blockwise', 'kernel'), '2026-11-27-h200-quick-2: 1 case(s); proxies: open_clip for materialized'),
+    ('infonce_loss', 'cpu', 'bfloat16', 'nm<=2^24'):
+        (('materialized', 'blockwise', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
+    ('infonce_loss', 'cpu', 'float32', 'nm<=2^24'):
+        (('materialized', 'kernel', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
+    ('siglip_loss', 'cpu', 'bfloat16', 'nm<=2^24'):
+        (('materialized', 'blockwise', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
+    ('siglip_loss', 'cpu', 'bfloat16', 'nm<=2^28'):
+        (('materialized', 'blockwise', 'kernel'), '2026-12-06-cpu-epyc-2core-siglip-8192: 1 case(s)'),
+    ('siglip_loss', 'cpu', 'float32', 'nm<=2^24'):
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
+    ('siglip_loss', 'cpu', 'float32', 'nm<=2^28'):
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-siglip-8192: 1 case(s)'),
     ('*', 'cpu', 'bfloat16', 'nm<=2^24'):
         (('materialized', 'kernel', 'blockwise'), 'cpu-2core fwd+bwd timing, D = 512, N = 256..8192 (not yet under bench/results)'),
     ('*', 'cpu', 'bfloat16', 'nm<=2^28'):
