@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 import torch
@@ -90,3 +91,18 @@ def resolve(device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"mmkernels: the 'triton' backend cannot run {device.type} tensors")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_gemm() -> bool:
+    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX-BF16), where a bf16 GEMM runs
+    several times faster than an fp32 one: the CPU paths then multiply bf16 features as given
+    (the product rounded to bf16, as eager bf16 code) instead of upcast copies."""
+    probe = getattr(torch._C._cpu, "_get_cpu_capability", None)
+    if probe is None:
+        return False
+    try:
+        caps = probe()
+    except Exception:
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
+from .. import _backend, _dispatch
 from .ops import stats_dtype
 
 BLOCKWISE = "blockwise"
@@ -135,8 +135,8 @@ class _Operands:
     """q and k as the block GEMMs take them, and how a product reaches the statistics dtype.
 
     float32/float64: as given. 16-bit on CUDA with ``mm(out_dtype=float32)``: as given, fp32
-    results. bfloat16 on the CPU (``rounded``): as given, the bf16 GEMM (fp32 accumulation,
-    several times faster than fp32 GEMMs where the CPU has bf16 dot products) with its result
+    results. bfloat16 on a CPU with bf16 dot products (``rounded``, ``_backend.cpu_bf16_gemm``):
+    as given, the bf16 GEMM (fp32 accumulation, several times faster there) with its result
     rounded to bf16, as eager bf16 code computes its logits; G is rounded to bf16 for the
     backward's GEMMs. Otherwise (fp16 on the CPU, or an older torch) float32 copies
     (O((N + M) * D)), so every product is exact fp32 arithmetic on the rounded inputs.
@@ -146,7 +146,8 @@ class _Operands:
         self.sd = stats_dtype(q.dtype)
         # exact: fp32 products always (the Triton kernels' backward on CPU tensors, i.e. the
         # interpreter, computes what they compute on a GPU)
-        self.rounded = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not exact
+        self.rounded = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not exact
+                        and _backend.cpu_bf16_gemm())
         self.native = q.dtype == self.sd or self.rounded or _mm_has_out_dtype(q.device, q.dtype)
         if self.native:
             self.q, self.k = q, k

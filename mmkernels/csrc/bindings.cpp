@@ -32,13 +32,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "SigLIP per-row sigmoid loss sum_j softplus(-z_ij * L_ij), L = scale * q @ k^T + bias, without\n"
         "materialising L; z_ij = +1 at j == targets[i] (-1: no positive), else -1. Returns [N] float32.",
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
 
   m.def("siglip_grads", &mmkernels::siglip_grads,
         "Gradients (dq, dk, dscale, dbias) of sum_i g_row[i] * row_loss[i] of siglip_rows, recomputing\n"
         "L chunk by chunk.",
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
-        py::arg("g_row"), py::call_guard<py::gil_scoped_release>());
+        py::arg("g_row"), py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
+
+  m.def("siglip_fwd_bwd", &mmkernels::siglip_fwd_bwd,
+        "siglip_rows and siglip_grads for g_row = 1 from one pass over the logits (a scalar loss's\n"
+        "forward and backward). Returns (row_loss, dq, dk, dscale, dbias).",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
+        py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_fwd", &mmkernels::attention_fwd,
         "Blockwise multimodal masked attention forward. meta: [] (no mask) or [q_mod, k_mod, q_seg,\n"

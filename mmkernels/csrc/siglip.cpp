@@ -108,24 +108,30 @@ double loss_segment(const float* x, int64_t n, int64_t pos, float scale, float b
 }
 
 struct GradSums {
-  double gs;  // sum_j G_j * S_j
-  double g;   // sum_j G_j
+  double gs;    // sum_j G_j * S_j
+  double g;     // sum_j G_j
+  double loss;  // sum_j softplus(-z_j L_j), when asked for (else 0)
 };
 
-// Backward: x holds S on entry and scale * G on exit, G_j = -g z_j sigmoid(-z_j L_j).
-CPU_MATH_MULTIVERSION
-GradSums grad_segment(float* x, int64_t n, int64_t pos, float scale, float bias, float g) {
+// Backward: x holds S on entry and scale * G on exit, G_j = -g z_j sigmoid(-z_j L_j). WITH_LOSS:
+// also the forward's sum (the fused forward + backward of a scalar loss).
+// (Inlined into the two multiversioned entry points below: target_clones takes no templates.)
+template <bool WITH_LOSS>
+CPU_MATH_INLINE GradSums grad_segment_impl(float* x, int64_t n, int64_t pos, float scale,
+                                           float bias, float g) {
   const wi lanes = lane_ids();
-  DoubleAcc gs, gsum;
+  DoubleAcc gs, gsum, lsum;
   int64_t j = 0;
   for (; j + WL <= n; j += WL) {
     const wf s = vload<wf>(x + j);
     const wf l = s * scale + bias;
     const wi positive = lanes == target_lane(pos, j);
-    const wf w = g * vsigmoid(vsel(positive, -l, l));
+    const wf a = vsel(positive, -l, l);
+    const wf w = g * vsigmoid(a);
     const wf G = vsel(positive, -w, w);
     add_products(gs, G, s);
     add_values(gsum, G);
+    if (WITH_LOSS) add_values(lsum, vsoftplus(a));
     vstore(x + j, G * scale);
   }
   if (j < n) {  // tail, fewer than WL elements; padded lanes contribute 0
@@ -133,13 +139,25 @@ GradSums grad_segment(float* x, int64_t n, int64_t pos, float scale, float bias,
     const wf s = vload_n<wf>(x + j, k, 0.0f);
     const wf l = s * scale + bias;
     const wi positive = lanes == target_lane(pos, j);
-    const wf w = g * vsigmoid(vsel(positive, -l, l));
+    const wf a = vsel(positive, -l, l);
+    const wf w = g * vsigmoid(a);
     const wf G = vsel(vlanes_below<wf>(k), vsel(positive, -w, w), vsplat<wf>(0.0f));
     add_products(gs, G, s);
     add_values(gsum, G);
+    if (WITH_LOSS) add_values(lsum, vsel(vlanes_below<wf>(k), vsoftplus(a), vsplat<wf>(0.0f)));
     vstore_n(x + j, G * scale, k);
   }
-  return {total(gs), total(gsum)};
+  return {total(gs), total(gsum), WITH_LOSS ? total(lsum) : 0.0};
+}
+
+CPU_MATH_MULTIVERSION
+GradSums grad_segment(float* x, int64_t n, int64_t pos, float scale, float bias, float g) {
+  return grad_segment_impl<false>(x, n, pos, scale, bias, g);
+}
+
+CPU_MATH_MULTIVERSION
+GradSums grad_loss_segment(float* x, int64_t n, int64_t pos, float scale, float bias, float g) {
+  return grad_segment_impl<true>(x, n, pos, scale, bias, g);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,7 +233,7 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // Forward.
 
 at::Tensor siglip_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-                       const at::Tensor& bias, const at::Tensor& targets) {
+                       const at::Tensor& bias, const at::Tensor& targets, bool bf16_gemm) {
   const Inputs in = check_inputs(q, k, targets);
   const int64_t N = in.N, M = in.M;
   if (q.scalar_type() == at::kDouble) {
@@ -227,8 +245,9 @@ at::Tensor siglip_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor row_loss = at::empty({N}, f32);
-  const at::Tensor qf = to_f32_contiguous(q);
-  const at::Tensor kT = to_f32_contiguous(k).t();
+  const bool native = bf16_gemm && q.scalar_type() == at::kBFloat16;
+  const at::Tensor qf = native ? q.contiguous() : to_f32_contiguous(q);
+  const at::Tensor kT = (native ? k.contiguous() : to_f32_contiguous(k)).t();
   const int64_t* tp = in.tgt.data_ptr<int64_t>();
   float* out = row_loss.data_ptr<float>();
 
@@ -239,7 +258,11 @@ at::Tensor siglip_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rc = std::min(R, N - r0);
     at::Tensor chunk = buf.narrow(0, 0, rc).narrow(1, 0, M);  // contiguous [rc, M]
-    at::mm_out(chunk, qf.narrow(0, r0, rc), kT);
+    if (native) {
+      chunk.copy_(at::mm(qf.narrow(0, r0, rc), kT));
+    } else {
+      at::mm_out(chunk, qf.narrow(0, r0, rc), kT);
+    }
     const float* B = chunk.data_ptr<float>();
 
     const RowSplit sp = split_rows(rc, M);
@@ -263,23 +286,17 @@ at::Tensor siglip_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-             const at::Tensor& bias, const at::Tensor& targets, const at::Tensor& g_row) {
-  const Inputs in = check_inputs(q, k, targets);
+// The float32 chunked backward (bf16/fp16/fp32 inputs): the gradients for g_row (pg, float32
+// [N]) and, when rows is given (float32 [N]), each row's loss from the same logits.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+grads_f32(const at::Tensor& q, const at::Tensor& k, const Inputs& in, float sc, float bi,
+          const at::Tensor& gr, bool bf16_gemm, at::Tensor* rows) {
   const int64_t N = in.N, M = in.M, D = in.D;
-  const bool f64 = q.scalar_type() == at::kDouble;
-  const at::Tensor gr = read_vector(g_row, N, "g_row", f64 ? at::kDouble : at::kFloat, kSiglip);
-  if (f64) {
-    return grads_f64(q, k, read_scale_f64(scale, "scale", kSiglip),
-                     read_scale_f64(bias, "bias", kSiglip), in.tgt, gr);
-  }
-  const float sc = read_scale(scale, "scale", kSiglip);
-  const float bi = read_scale(bias, "bias", kSiglip);
 
   const auto f32 = q.options().dtype(at::kFloat);
-  const at::Tensor qf = to_f32_contiguous(q);
-  const at::Tensor kf = to_f32_contiguous(k);
+  const bool native = bf16_gemm && q.scalar_type() == at::kBFloat16;
+  const at::Tensor qf = native ? q.contiguous() : to_f32_contiguous(q);
+  const at::Tensor kf = native ? k.contiguous() : to_f32_contiguous(k);
   const at::Tensor kT = kf.t();
   // dq rows are final after their chunk: written straight into the output (through one R x D
   // float32 staging buffer when the output is bf16/fp16). dk sums over chunks: float32 throughout.
@@ -288,10 +305,11 @@ siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
   at::Tensor dk = at::zeros({M, D}, f32);
   const int64_t* tp = in.tgt.data_ptr<int64_t>();
   const float* pg = gr.data_ptr<float>();
+  float* out_rows = rows ? rows->data_ptr<float>() : nullptr;
 
   const int64_t R = chunk_rows(N, M);
   at::Tensor buf = at::empty({R, std::max<int64_t>(M, 1)}, f32);
-  at::Tensor dq_stage = dq_f32 ? at::Tensor() : at::empty({std::min(R, N), D}, f32);
+  at::Tensor dq_stage = (dq_f32 || native) ? at::Tensor() : at::empty({std::min(R, N), D}, f32);
   std::vector<GradSums> parts;
   double dscale = 0.0, dbias = 0.0;
 
@@ -299,7 +317,11 @@ siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
     const int64_t rc = std::min(R, N - r0);
     at::Tensor chunk = buf.narrow(0, 0, rc).narrow(1, 0, M);
     const at::Tensor q_rows = qf.narrow(0, r0, rc);
-    at::mm_out(chunk, q_rows, kT);
+    if (native) {
+      chunk.copy_(at::mm(q_rows, kT));
+    } else {
+      at::mm_out(chunk, q_rows, kT);
+    }
     float* B = chunk.data_ptr<float>();
 
     // S -> scale * G in place; sum(G * S) and sum(G) per work item.
@@ -310,15 +332,31 @@ siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
         const int64_t r = it / sp.segments, c0 = (it % sp.segments) * sp.width;
         const int64_t c1 = std::min(M, c0 + sp.width);
         const int64_t i = r0 + r;
-        parts[it] = grad_segment(B + r * M + c0, c1 - c0, tp[i] - c0, sc, bi, pg[i]);
+        parts[it] = out_rows
+                        ? grad_loss_segment(B + r * M + c0, c1 - c0, tp[i] - c0, sc, bi, pg[i])
+                        : grad_segment(B + r * M + c0, c1 - c0, tp[i] - c0, sc, bi, pg[i]);
       }
     });
     for (const GradSums& p : parts) {
       dscale += p.gs;
       dbias += p.g;
     }
+    if (out_rows) {
+      for (int64_t r = 0; r < rc; ++r) {
+        double l = 0.0;
+        for (int64_t c = 0; c < sp.segments; ++c) l += parts[r * sp.segments + c].loss;
+        out_rows[r0 + r] = static_cast<float>(l);
+      }
+    }
 
     // dq rows = (scale G) @ k ; dk += (scale G)^T @ q_rows.
+    if (native) {  // scale * G rounded to bf16 for the bf16 GEMMs
+      const at::Tensor g16 = chunk.to(at::kBFloat16);
+      at::Tensor dq_rows = dq.narrow(0, r0, rc);
+      at::mm_out(dq_rows, g16, kf);
+      dk.add_(at::mm(g16.t(), q_rows));
+      continue;
+    }
     at::Tensor dq_rows = dq_f32 ? dq.narrow(0, r0, rc) : dq_stage.narrow(0, 0, rc);
     at::mm_out(dq_rows, chunk, kf);
     if (!dq_f32) dq.narrow(0, r0, rc).copy_(dq_rows);
@@ -328,6 +366,42 @@ siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
   return std::make_tuple(dq, dk.to(k.scalar_type()),
                          at::scalar_tensor(static_cast<double>(static_cast<float>(dscale)), f32),
                          at::scalar_tensor(static_cast<double>(static_cast<float>(dbias)), f32));
+}
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+siglip_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+             const at::Tensor& bias, const at::Tensor& targets, const at::Tensor& g_row,
+             bool bf16_gemm) {
+  const Inputs in = check_inputs(q, k, targets);
+  const int64_t N = in.N, M = in.M, D = in.D;
+  const bool f64 = q.scalar_type() == at::kDouble;
+  const at::Tensor gr = read_vector(g_row, N, "g_row", f64 ? at::kDouble : at::kFloat, kSiglip);
+  if (f64) {
+    return grads_f64(q, k, read_scale_f64(scale, "scale", kSiglip),
+                     read_scale_f64(bias, "bias", kSiglip), in.tgt, gr);
+  }
+  return grads_f32(q, k, in, read_scale(scale, "scale", kSiglip), read_scale(bias, "bias", kSiglip),
+                   gr, bf16_gemm, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+siglip_fwd_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+               const at::Tensor& bias, const at::Tensor& targets, bool bf16_gemm) {
+  const Inputs in = check_inputs(q, k, targets);
+  if (q.scalar_type() == at::kDouble) {
+    const double sc = read_scale_f64(scale, "scale", kSiglip);
+    const double bi = read_scale_f64(bias, "bias", kSiglip);
+    const at::Tensor ones = at::ones({in.N}, q.options().dtype(at::kDouble));
+    auto g = grads_f64(q, k, sc, bi, in.tgt, ones);
+    return std::make_tuple(rows_f64(q, k, sc, bi, in.tgt), std::get<0>(g), std::get<1>(g),
+                           std::get<2>(g), std::get<3>(g));
+  }
+  at::Tensor rows = at::empty({in.N}, q.options().dtype(at::kFloat));
+  const at::Tensor ones = at::ones({in.N}, q.options().dtype(at::kFloat));
+  auto g = grads_f32(q, k, in, read_scale(scale, "scale", kSiglip), read_scale(bias, "bias", kSiglip),
+                     ones, bf16_gemm, &rows);
+  return std::make_tuple(rows, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g));
 }
 
 }  // namespace mmkernels

@@ -243,3 +243,19 @@ def test_memory_bound_no_n_by_m():
     n, d = 4096, 16
     out = peak_extra(_MEMORY_BODY, n, d)
     assert out["extra"] <= 0.5 * n * n * 4, f"used {out['extra'] / 2**20:.0f} MiB extra"
+
+
+@pytest.mark.parametrize("N,M,D", [(7, 97, 88), (97, 33, 16), (130, 130, 64)])
+def test_bf16_gemm_products(N, M, D):
+    """bf16_gemm=True (bf16 GEMMs, products rounded to bf16 as eager bf16 code rounds them)
+    against the float64 reference, within the bf16 tolerance or twice the eager bf16 error."""
+    q, k, t, g = make_inputs(N, M, D, torch.bfloat16, seed=N + M + D)
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    rows = C.siglip_rows(q, k, s, b, t, True)
+    dq, dk, ds, db = C.siglip_grads(q, k, s, b, t, g.float(), True)
+    assert dq.dtype == dk.dtype == torch.bfloat16
+    ref = dense(q, k, 10.0, -10.0, t, g, torch.float64)
+    eager = dense(q, k, 10.0, -10.0, t, g, torch.bfloat16)
+    for name, out, r, e in zip(["row_loss", "dq", "dk", "dscale", "dbias"],
+                               (rows, dq, dk, ds, db), ref, eager):
+        assert_close(out, r, torch.bfloat16, eager=e, name=f"{name} bf16_gemm")

@@ -15,7 +15,7 @@ from ... import _validation as check
 from .. import paths as contrastive_paths
 from ..api import _check_pair, _choose, _scalar_arg, _under_autocast
 from . import paths
-from .ops import siglip_rows
+from .ops import siglip_fused, siglip_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -42,18 +42,29 @@ def _check_targets(targets, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+def _wants_fused(*tensors: torch.Tensor) -> bool:
+    """Whether a backward will follow (grad mode on, an input that requires grad): then a scalar
+    loss takes its gradients from the forward's pass over the logits (``siglip_fused``)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def siglip_rows_auto(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                     targets: torch.Tensor) -> torch.Tensor:
+                     targets: torch.Tensor, *, total: bool = False) -> torch.Tensor:
     """Per-row sigmoid losses ``[N]`` (float32; float64 for float64 inputs; the features' dtype on
-    the materialized path) on the path the dispatcher chooses. Inputs already checked; ``scale``
-    and ``bias`` 0-dim tensors."""
+    the materialized path) on the path the dispatcher chooses, or with ``total`` their sum
+    (0-dim; through ``siglip_fused`` when a backward will follow). Inputs already checked;
+    ``scale`` and ``bias`` 0-dim tensors."""
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     decision = _choose("siglip_loss", q, contrastive_paths.shape_class(n, m, d),
                        paths.eligibility(q, k))
     if decision.path in (_dispatch.REFERENCE, paths.MATERIALIZED):
-        return paths.materialized_siglip(q, k, scale, bias, targets)
+        rows = paths.materialized_siglip(q, k, scale, bias, targets)
+        return rows.sum() if total else rows
     which = decision.backend if decision.path == _dispatch.KERNEL else decision.path
-    return siglip_rows(q, k, scale, bias, targets, which)
+    if total and _wants_fused(q, k, scale, bias):
+        return siglip_fused(q, k, scale, bias, targets, which)[0]
+    rows = siglip_rows(q, k, scale, bias, targets, which)
+    return rows.sum() if total else rows
 
 
 def reduce_rows(rows: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
@@ -93,8 +104,11 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     scale = _scalar_arg(logit_scale, image_features, "logit_scale")
     bias = (torch.zeros_like(scale) if logit_bias is None
             else _scalar_arg(logit_bias, image_features, "logit_bias"))
-    rows = siglip_rows_auto(image_features, text_features, scale, bias, targets)
-    return reduce_rows(rows, reduction, n).to(loss_dtype)
+    if reduction == "none":
+        rows = siglip_rows_auto(image_features, text_features, scale, bias, targets)
+        return rows.to(loss_dtype)
+    loss = siglip_rows_auto(image_features, text_features, scale, bias, targets, total=True)
+    return (loss / n if reduction == "mean" else loss).to(loss_dtype)
 
 
 class SigLipLoss(nn.Module):

@@ -140,6 +140,9 @@ def distributed_siglip_loss(image_features: torch.Tensor, text_features: torch.T
     elif dist_impl == "gather":
         all_txt = _distributed.all_gather(text_features, group, rank, world, "sum")
         targets = torch.arange(n, device=image_features.device) + rank * n
+        if reduction != "none":
+            total = siglip_rows_auto(image_features, all_txt, scale, bias, targets, total=True)
+            return (total / n if reduction == "mean" else total).to(loss_dtype)
         rows = siglip_rows_auto(image_features, all_txt, scale, bias, targets)
     else:  # reduce: rank s's texts reach every rank in turn
         own_t = torch.arange(n, device=image_features.device)

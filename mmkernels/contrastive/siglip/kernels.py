@@ -378,6 +378,24 @@ def siglip_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, b
     return dq, dk, dscale, dbias
 
 
+def siglip_fwd_bwd_triton(q: torch.Tensor, k: torch.Tensor, scale, bias, targets: torch.Tensor):
+    """``(row_loss, dq, dk, dscale, dbias)`` for ``g_row = 1`` (``ops.siglip_fused``): the forward
+    kernel then the one-grid backward; for wide features (where the backward would take the
+    blockwise GEMMs anyway) one blockwise pass computes the losses and gradients from the same
+    products."""
+    _check_inputs(q, k)
+    N, D = q.shape
+    dev = q.device
+    prec = input_precision(q.dtype)
+    cfg = resolve_config(q.dtype, D, prec, None, "siglip_grads", heuristic=grads_config)
+    if N > 0 and k.shape[0] > 0 and backward_mode(D, grad_block_d(D, cfg)) == "blocks":
+        from .paths import blockwise_siglip_fwd_bwd
+        return blockwise_siglip_fwd_bwd(q, k, _scale_f32(scale, dev), _bias_f32(bias, dev),
+                                        targets, exact=True)
+    rows = siglip_rows_triton(q, k, scale, bias, targets)
+    return (rows, *siglip_grads_triton(q, k, scale, bias, targets, torch.ones_like(rows)))
+
+
 # ---------------------------------------------------------------------------
 # the sm_90 compile tier's view
 # ---------------------------------------------------------------------------

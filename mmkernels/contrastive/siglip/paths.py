@@ -79,13 +79,23 @@ def blockwise_siglip_rows(q, k, scale, bias, targets, *, rows: int | None = None
     return out
 
 
+def blockwise_siglip_fwd_bwd(q, k, scale, bias, targets, *, exact: bool = False):
+    """``(row_loss, dq, dk, dscale, dbias)`` for ``g_row = 1`` from one pass over the blocks."""
+    n = q.shape[0]
+    g = torch.ones(n, dtype=stats_dtype(q.dtype), device=q.device)
+    row_loss = torch.zeros_like(g)
+    return (row_loss, *blockwise_siglip_grads(q, k, scale, bias, targets, g, row_loss=row_loss,
+                                              exact=exact))
+
+
 def blockwise_siglip_grads(q, k, scale, bias, targets, g_row, *, rows: int | None = None,
-                           exact: bool = False):
+                           exact: bool = False, row_loss: torch.Tensor | None = None):
     """``(dq, dk, dscale, dbias)`` of ``ops.siglip_grads`` from row blocks of the logits.
 
     Per block: ``S`` (a GEMM), ``G = g * (sigmoid(L) - onehot(targets))``, then ``dq = scale *
     G @ k`` and ``dk += scale * G.T @ q`` (GEMMs); ``dscale`` and ``dbias`` are sums over G.
     ``exact``: fp32 products for bf16 features on the CPU too (``contrastive.paths._Operands``).
+    ``row_loss``: a ``[N]`` buffer that also receives each row's loss from the same logits.
     """
     N, D = q.shape
     M = k.shape[0]
@@ -109,6 +119,10 @@ def blockwise_siglip_grads(q, k, scale, bias, targets, g_row, *, rows: int | Non
         idx = t.clamp_min(0)[:, None]
         g = g_row[r0:r1]
         S = ops.product(r0, r1, out=buf[: r1 - r0])
+        if row_loss is not None:
+            L = _flip_positives(S * scale + bias, t)
+            row_loss[r0:r1] = F.softplus(L, threshold=40.0 if sd == torch.float64 else 20.0).sum(1)
+            del L
         G = torch.sigmoid(S * scale + bias).mul_(g[:, None])
         # the positive's -g (z = +1: G = -g * sigmoid(-L) = g * (sigmoid(L) - 1))
         G.scatter_add_(1, idx, torch.where(has, -g, torch.zeros_like(g))[:, None])
