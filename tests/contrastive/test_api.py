@@ -179,8 +179,11 @@ def test_module_matches_function():
     out = mmkernels.ContrastiveLoss(False, False, True, 0, 1)(img, txt, 9.0, output_dict=True)
     assert set(out) == {"contrastive_loss"}
     assert_close(out["contrastive_loss"], reference.contrastive_loss_reference(img.double(), txt.double(), 9.0))
-    with pytest.raises(ValueError, match="one process"):
-        mmkernels.ContrastiveLoss(world_size=2, rank=1)
+    # several processes need torch.distributed: a clear error when it is not initialised
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mmkernels.ContrastiveLoss(world_size=2, rank=1)(img, txt, 9.0)
+    with pytest.raises(ValueError, match="rank"):
+        mmkernels.ContrastiveLoss(world_size=2, rank=2)
 
 
 # ---------------------------------------------------------------------------
