@@ -7,6 +7,9 @@ Public API::
     mmkernels.ContrastiveLoss(local_loss, gather_with_grad, ..., ring=False)   # OpenCLIP ClipLoss, any world size
     mmkernels.siglip_loss(image_features, text_features, logit_scale, logit_bias=None, ...)
     mmkernels.SigLipLoss(rank=0, world_size=1, dist_impl=None)          # OpenCLIP SigLipLoss
+    mmkernels.momentum_itc_loss(img, txt, img_m, txt_m, logit_scale, alpha=0.4, image_queue=...)  # ALBEF/BLIP
+    mmkernels.blip2_itc_loss(image_feats, text_feat, logit_scale)       # BLIP-2 ITC, max over queries
+    mmkernels.itm_hard_negatives(image_feats, text_feat, logit_scale)   # ITM negatives, no [B, B] weights
     mmkernels.multimodal_attention(q, k, v, mask=mmkernels.MultimodalMask.blip2(...), ...)
     mmkernels.MultimodalSelfAttention(hidden_size, num_heads, ...)
     mmkernels.cross_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, generator=None)
@@ -28,9 +31,10 @@ from ._backend import backend
 from ._dispatch import explain, use_path
 from .attention import MultimodalMask, MultimodalSelfAttention, multimodal_attention
 from .cross_attention import cross_attention, fused_kv_projection, share_kv_storage
-from .contrastive import (ContrastiveLoss, ContrastiveStats, SigLipLoss, contrastive_loss,
-                          distributed_contrastive_loss, distributed_siglip_loss, infonce_loss,
-                          siglip_loss)
+from .contrastive import (ContrastiveLoss, ContrastiveStats, SigLipLoss, blip2_itc_loss,
+                          contrastive_loss, distributed_contrastive_loss, distributed_siglip_loss,
+                          infonce_loss, itc_rows_loss, itm_hard_negatives, momentum_itc_loss,
+                          sample_hard_negatives, siglip_loss)
 from .experts import (MultiwayFFN, MultiwayLayerNorm, MultiwayLinear, modality_ffn, modality_ffn_subln,
                       modality_layer_norm, modality_linear)
 from .models import QFormer
@@ -39,6 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = ["backend", "explain", "use_path", "ContrastiveLoss", "ContrastiveStats", "contrastive_loss", "infonce_loss",
            "SigLipLoss", "siglip_loss", "distributed_contrastive_loss", "distributed_siglip_loss",
+           "blip2_itc_loss", "itc_rows_loss", "itm_hard_negatives", "momentum_itc_loss",
+           "sample_hard_negatives",
            "cross_attention", "fused_kv_projection", "share_kv_storage", "QFormer",
            "MultimodalMask", "MultimodalSelfAttention", "multimodal_attention",
            "MultiwayFFN", "MultiwayLayerNorm", "MultiwayLinear", "modality_ffn", "modality_ffn_subln",

@@ -107,7 +107,8 @@ def _cross_entropy(lse, pos, total, classes: int, label_smoothing: float):
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                      logit_bias=None, *, label_smoothing: float = 0.0, reduction: str = "mean",
-                     return_stats: bool = False):
+                     return_stats: bool = False, positive_ids=None, teacher_image_features=None,
+                     teacher_text_features=None, alpha: float = 0.0):
     """Symmetric CLIP loss without the ``[N, N]`` logits: OpenCLIP ``ClipLoss`` on one process.
 
     Args:
@@ -121,6 +122,16 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         reduction: ``"mean"`` (default), ``"sum"``, or ``"none"`` (``[N]``, the mean of
             pair i's image-to-text and text-to-image terms).
         return_stats: also return ``ContrastiveStats(i2t_accuracy, t2i_accuracy)``.
+        positive_ids: ``[N]`` int64 ids: image i and text j are a positive pair when their ids
+            are equal (several captions of one image); the hard targets are uniform over them.
+        teacher_image_features, teacher_text_features, alpha: momentum distillation (ALBEF,
+            BLIP): the targets are ``alpha * softmax(teacher logits) + (1 - alpha) * hard
+            targets`` in both directions, the teacher logits ``logit_scale * teacher_image @
+            teacher_text.T`` (no gradient reaches the teacher).
+        ``image_features`` may be ``[N, Q, D]`` token features (BLIP-2's query embeddings): the
+        similarity is then the max over the ``Q`` tokens. These options run the two directions
+        through :func:`mmkernels.contrastive.itc.itc_rows_loss` (``return_stats`` is not
+        available with them).
 
     Returns:
         The loss in the features' dtype (0-dim, or ``[N]`` for ``"none"``), and the
@@ -132,6 +143,12 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     image_features @ text_features.T + logit_bias``; memory O(N * D) on the ``cpu``/``triton``
     backends.
     """
+    if (positive_ids is not None or alpha != 0.0 or teacher_image_features is not None
+            or teacher_text_features is not None
+            or (isinstance(image_features, torch.Tensor) and image_features.dim() == 3)):
+        return _itc_contrastive(image_features, text_features, logit_scale, logit_bias,
+                                positive_ids, teacher_image_features, teacher_text_features, alpha,
+                                label_smoothing, reduction, return_stats)
     image_features, text_features, loss_dtype = _under_autocast(image_features, text_features)
     _check_pair(image_features, text_features, "image_features", "text_features")
     if image_features.shape[0] != text_features.shape[0]:
@@ -180,8 +197,41 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return loss, ContrastiveStats(i2t, t2i)
 
 
+def _itc_contrastive(image, text, logit_scale, logit_bias, positive_ids, teacher_image, teacher_text,
+                     alpha, label_smoothing, reduction, return_stats):
+    """:func:`contrastive_loss` with ids, a teacher or token features: its two directions as
+    one-direction ``itc`` losses."""
+    from .itc.api import itc_rows_loss
+    if return_stats:
+        raise ValueError("return_stats is not available with positive_ids, a teacher or token "
+                         "features: compute the accuracies from the similarities")
+    if alpha != 0.0 and (teacher_image is None or teacher_text is None):
+        raise ValueError("alpha > 0 distils from a teacher: pass teacher_image_features and "
+                         "teacher_text_features")
+    for name, x in (("image_features", image), ("text_features", text)):
+        check.tensor(x, name)
+    if text.dim() != 2:
+        raise ValueError(f"text_features must be [N, D], got shape {tuple(text.shape)}")
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(f"image_features has {image.shape[0]} rows but text_features has "
+                         f"{text.shape[0]}; the symmetric loss needs one text per image")
+    _check_options(label_smoothing, reduction)
+    common = dict(positive_ids=positive_ids, alpha=alpha, label_smoothing=label_smoothing,
+                  reduction="none")
+    i2t = itc_rows_loss(image, text, logit_scale, teacher_queries=teacher_image,
+                        teacher_keys=teacher_text, **common)
+    t2i = itc_rows_loss(text, image, logit_scale, teacher_queries=teacher_text,
+                        teacher_keys=teacher_image, **common)
+    loss = reference.reduce(0.5 * (i2t + t2i), reduction)
+    if logit_bias is not None:
+        loss = loss + _scalar_arg(logit_bias, image, "logit_bias") * 0
+    return loss
+
+
 def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targets=None,
-                 label_smoothing: float = 0.0, reduction: str = "mean"):
+                 label_smoothing: float = 0.0, reduction: str = "mean", positive_ids=None,
+                 key_ids=None, teacher_queries=None, teacher_keys=None, teacher_scale=None,
+                 alpha: float = 0.0):
     """One-direction InfoNCE over a rectangular ``[N, M]`` similarity, never materialised.
 
     Args:
@@ -194,10 +244,24 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
         label_smoothing: as in ``torch.nn.functional.cross_entropy`` (over the M classes).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``).
 
+    ``positive_ids`` / ``key_ids`` (multiple positives by id), ``teacher_queries`` /
+    ``teacher_keys`` / ``teacher_scale`` / ``alpha`` (momentum-distilled soft targets, ALBEF's
+    queue form with ``keys = [text_m; queue]``) and ``[N, Q, D]`` / ``[M, P, D]`` token features
+    (the max over tokens, BLIP-2) are those of :func:`mmkernels.contrastive.itc.itc_rows_loss`,
+    which computes the loss when any of them is given.
+
     Returns ``CE(logit_scale * queries @ keys.T, targets)`` in the queries' dtype (under
     ``torch.autocast``: the features cast to the autocast dtype, the loss in float32).
     On CUDA the range check of ``targets`` is an asynchronous device assert (no host sync).
     """
+    if (positive_ids is not None or key_ids is not None or alpha != 0.0
+            or teacher_queries is not None or teacher_keys is not None
+            or any(isinstance(x, torch.Tensor) and x.dim() == 3 for x in (queries, keys))):
+        from .itc.api import itc_rows_loss
+        return itc_rows_loss(queries, keys, logit_scale, targets=targets, positive_ids=positive_ids,
+                             key_ids=key_ids, teacher_queries=teacher_queries,
+                             teacher_keys=teacher_keys, teacher_scale=teacher_scale, alpha=alpha,
+                             label_smoothing=label_smoothing, reduction=reduction)
     queries, keys, loss_dtype = _under_autocast(queries, keys)
     _check_pair(queries, keys, "queries", "keys")
     _check_options(label_smoothing, reduction)
@@ -279,19 +343,24 @@ class ContrastiveLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
-                output_dict: bool = False):
+                output_dict: bool = False, *, positive_ids=None, teacher_image_features=None,
+                teacher_text_features=None, alpha: float = 0.0):
         """``image_features``, ``text_features`` ``[N, D]`` (this rank's rows); ``logit_scale``
-        and ``logit_bias`` as in :func:`contrastive_loss`."""
+        and ``logit_bias`` as in :func:`contrastive_loss`; ``positive_ids`` and the teacher
+        (``alpha > 0``) as there, this rank's rows (gathered across ranks)."""
+        extra = dict(positive_ids=positive_ids, teacher_image_features=teacher_image_features,
+                     teacher_text_features=teacher_text_features, alpha=alpha)
         if self.world_size == 1:
             loss = contrastive_loss(image_features, text_features, logit_scale, logit_bias,
-                                    label_smoothing=self.label_smoothing, reduction=self.reduction)
+                                    label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                    **extra)
         else:
             from .distributed import distributed_contrastive_loss
             loss = distributed_contrastive_loss(
                 image_features, text_features, logit_scale, logit_bias, local_loss=self.local_loss,
                 gather_with_grad=self.gather_with_grad, ring=self.ring, group=self.group,
                 rank=self.rank, world_size=self.world_size, label_smoothing=self.label_smoothing,
-                reduction=self.reduction)
+                reduction=self.reduction, **extra)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:

@@ -143,12 +143,53 @@ class _RingStats(torch.autograd.Function):
         return d_img.to(img.dtype), d_txt.to(txt.dtype), dscale.to(scale.dtype), None, None
 
 
+def _itc_distributed(img, txt, scale, bias, ids, t_img, t_txt, alpha, local_loss, gather_with_grad,
+                     group, rank, world, label_smoothing, reduction, return_stats, loss_dtype):
+    """The modes of :func:`distributed_contrastive_loss` with positive ids and / or a teacher:
+    ids and teacher features gathered without gradient, the losses from the ``itc`` unit."""
+    from .itc.api import check_ids, itc_rows_loss
+    if return_stats:
+        raise ValueError("return_stats is not available with positive_ids or a teacher")
+    if alpha != 0.0 and (t_img is None or t_txt is None):
+        raise ValueError("alpha > 0 distils from a teacher: pass teacher_image_features and "
+                         "teacher_text_features")
+    n = img.shape[0]
+    gather = lambda x, grad="none": None if x is None else _distributed.all_gather(x, group, rank, world, grad)
+    if ids is not None:
+        check_ids(ids, "positive_ids", n, img)
+    t_img = None if alpha == 0.0 else t_img.to(img.dtype).detach()
+    t_txt = None if alpha == 0.0 else t_txt.to(img.dtype).detach()
+    all_ids, all_t_img, all_t_txt = gather(ids), gather(t_img), gather(t_txt)
+    targets = None if ids is not None else torch.arange(n, device=img.device) + rank * n
+    if not local_loss:
+        grad = "sum" if gather_with_grad else "local"
+        loss = contrastive_loss(gather(img, grad), gather(txt, grad), scale, bias,
+                                label_smoothing=label_smoothing, reduction=reduction,
+                                positive_ids=(all_ids if ids is not None
+                                              else torch.arange(world * n, device=img.device)),
+                                teacher_image_features=all_t_img, teacher_text_features=all_t_txt,
+                                alpha=alpha)
+        return loss.to(loss_dtype)
+    grad = "sum" if gather_with_grad else "none"
+    all_img, all_txt = gather(img, grad), gather(txt, grad)
+    common = dict(targets=targets, positive_ids=ids, key_ids=all_ids, alpha=alpha,
+                  label_smoothing=label_smoothing, reduction="none")
+    per_i = itc_rows_loss(img, all_txt, scale, teacher_queries=t_img, teacher_keys=all_t_txt, **common)
+    per_t = itc_rows_loss(txt, all_img, scale, teacher_queries=t_txt, teacher_keys=all_t_img, **common)
+    loss = reference.reduce(0.5 * (per_i + per_t), reduction)
+    if bias is not None:
+        loss = loss + bias * 0
+    return loss.to(loss_dtype)
+
+
 def distributed_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                                  logit_scale, logit_bias=None, *, local_loss: bool = False,
                                  gather_with_grad: bool = False, ring: bool = False, group=None,
                                  rank: int | None = None, world_size: int | None = None,
                                  label_smoothing: float = 0.0, reduction: str = "mean",
-                                 return_stats: bool = False):
+                                 return_stats: bool = False, positive_ids=None,
+                                 teacher_image_features=None, teacher_text_features=None,
+                                 alpha: float = 0.0):
     """OpenCLIP ``ClipLoss(local_loss, gather_with_grad)`` on ``torch.distributed``, fused.
 
     Args:
@@ -164,6 +205,10 @@ def distributed_contrastive_loss(image_features: torch.Tensor, text_features: to
         label_smoothing, reduction: as in :func:`mmkernels.contrastive_loss`; ``"none"`` gives
             ``[W n]`` pairs (global modes) or this rank's ``[n]`` (local modes).
         return_stats: also return ``ContrastiveStats`` of the global batch.
+        positive_ids, teacher_image_features, teacher_text_features, alpha: this rank's ``[n]``
+            ids and ``[n, D]`` momentum features, as in :func:`mmkernels.contrastive_loss`;
+            they are gathered (no gradient) with the features, so the targets are those of the
+            global batch, in every mode but ``ring`` (and without ``return_stats``).
 
     This rank's loss (the number OpenCLIP's ``ClipLoss`` returns on it), whose backward gives this
     rank's features exactly OpenCLIP's gradients.
@@ -183,6 +228,14 @@ def distributed_contrastive_loss(image_features: torch.Tensor, text_features: to
     scale = _scalar_arg(logit_scale, image_features, "logit_scale")
     bias = None if logit_bias is None else _scalar_arg(logit_bias, image_features, "logit_bias")
     n = image_features.shape[0]
+    if positive_ids is not None or alpha != 0.0:
+        if ring:
+            raise ValueError("ring=True does not take positive_ids or a teacher; use "
+                             "ring=False (the gathered local loss computes the same)")
+        return _itc_distributed(image_features, text_features, scale, bias, positive_ids,
+                                teacher_image_features, teacher_text_features, alpha, local_loss,
+                                gather_with_grad, group, rank, world, label_smoothing, reduction,
+                                return_stats, loss_dtype)
 
     if not local_loss:
         grad = "sum" if gather_with_grad else "local"
