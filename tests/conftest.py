@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 # Tiers that are not about the CPU backends: each test compiles a kernel configuration for
 # sm_90 (seconds each, hundreds of configurations), installs into a fresh environment, or
 # spawns several processes joined by torch.distributed (tens of seconds per run of the ranks).
-QUICK_EXCLUDED = ("sm90", "test_install.py", "test_distributed")
+QUICK_EXCLUDED = ("sm90", "test_install.py", "test_distributed", "test_itc_distributed")
 
 
 def _quick_key(item):
