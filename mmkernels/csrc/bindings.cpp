@@ -7,6 +7,7 @@
 #include "cross_attention.h"
 #include "experts.h"
 #include "experts_layer_norm.h"
+#include "itc.h"
 #include "siglip.h"
 
 namespace py = pybind11;
@@ -45,6 +46,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "forward and backward). Returns (row_loss, dq, dk, dscale, dbias).",
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("bias"), py::arg("targets"),
         py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
+
+  m.def("itc_rows", &mmkernels::itc_rows,
+        "ITC per-row cross-entropy of L = scale * max-over-token-pairs similarity against soft targets\n"
+        "(teacher softmax weight alpha, positives by ids, label smoothing eps), without materialising L.\n"
+        "tq None when alpha == 0; tk None: k. Returns (loss, lse, tlse, count) [N], float32/float64.",
+        py::arg("q"), py::arg("k"), py::arg("tq"), py::arg("tk"), py::arg("scale"), py::arg("tscale"),
+        py::arg("row_ids"), py::arg("col_ids"), py::arg("alpha"), py::arg("eps"),
+        py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
+
+  m.def("itc_grads", &mmkernels::itc_grads,
+        "Gradients (dq, dk, dscale) of sum_i g[i] * loss[i] of itc_rows, recomputing L chunk by chunk;\n"
+        "dk is an empty [0] tensor when need_dk is False.",
+        py::arg("g"), py::arg("q"), py::arg("k"), py::arg("tq"), py::arg("tk"), py::arg("scale"),
+        py::arg("tscale"), py::arg("row_ids"), py::arg("col_ids"), py::arg("lse"), py::arg("tlse"),
+        py::arg("count"), py::arg("alpha"), py::arg("eps"), py::arg("need_dk"),
+        py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
+
+  m.def("itc_negatives", &mmkernels::itc_negatives,
+        "ITM hard negatives: per row the first argmax_j of float32(L_ij) + Gumbel(seed, i, j) over the\n"
+        "non-positive j (-1 if none). Returns [N] int64.",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("row_ids"), py::arg("col_ids"),
+        py::arg("seed"), py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_fwd", &mmkernels::attention_fwd,
         "Blockwise multimodal masked attention forward. meta: [] (no mask) or [q_mod, k_mod, q_seg,\n"
