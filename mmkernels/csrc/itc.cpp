@@ -755,7 +755,7 @@ inline uint32_t fmix32(uint32_t x) {
   return x;
 }
 
-// u[r, j] = ((h(seed, r0 + r, j) >> 8) + 0.5) * 2^-24 in float32 for a chunk [rc, M] (random.py).
+// u[r, j] = ((h(seed, r0 + r, j) >> 9) + 0.5) * 2^-23 in float32 (exact, below 1) for a chunk [rc, M] (random.py).
 void fill_uniform(float* u, uint32_t seed, int64_t r0, int64_t rc, int64_t M) {
   const uint32_t s = fmix32(seed);
   at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / M), [&](int64_t begin, int64_t end) {
@@ -764,7 +764,7 @@ void fill_uniform(float* u, uint32_t seed, int64_t r0, int64_t rc, int64_t M) {
       float* ur = u + r * M;
       for (int64_t j = 0; j < M; ++j) {
         const uint32_t h = fmix32(row ^ (static_cast<uint32_t>(j) * 0x9E3779B9u));
-        ur[j] = (static_cast<float>(h >> 8) + 0.5f) * 5.9604644775390625e-8f;  // 2^-24
+        ur[j] = (static_cast<float>(h >> 9) + 0.5f) * 1.1920928955078125e-7f;  // 2^-23
       }
     }
   });

@@ -454,15 +454,16 @@ def run(state):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["cpu", "blockwise"])
 def test_memory_bound_no_n_by_m(path):
-    """ALBEF's form with a 16,384-row queue and 512 rows: the extra memory stays far below the
-    ``[B, B + K]`` float32 logits, targets and teacher the materialised code holds (the
-    blockwise path under a 4 MiB memory budget)."""
+    """ALBEF's form with a 65,536-row queue and 1024 rows: the extra memory (the kernels' fixed
+    chunk buffers and O((N + K) * D)) stays below a fifth of one ``[B, B + K]`` float32 matrix,
+    of which the materialised code holds about ten (logits, targets, teacher, gradients); the
+    blockwise path under a 4 MiB memory budget."""
     if path == "cpu" and not _have("cpu"):
         pytest.skip("C++ itc kernels unavailable")
-    n, m, d = 512, 16384, 64
+    n, m, d = 1024, 65536, 64
     body = _MEMORY_BODY
     if path == "blockwise":
         body = body.replace("import mmkernels\n", "import mmkernels\nmmkernels.tuning.set_option('memory_budget', 4 << 20)\n")
     out = peak_extra(body, n, m, d, path)
     one_nm = n * (n + m) * 4
-    assert out["extra"] <= 0.5 * one_nm, f"used {out['extra'] / 2**20:.1f} MiB extra"
+    assert out["extra"] <= 0.2 * one_nm, f"used {out['extra'] / 2**20:.1f} MiB extra"

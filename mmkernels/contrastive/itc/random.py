@@ -6,7 +6,7 @@ is kept between tiles. With ``fmix32`` MurmurHash3's 32-bit finaliser (``x ^= x 
 x *= 0x85EBCA6B; x ^= x >> 13; x *= 0xC2B2AE35; x ^= x >> 16``, arithmetic mod 2**32):
 
     h(seed, i, j) = fmix32(fmix32(fmix32(seed) ^ i) ^ (j * 0x9E3779B9))
-    u = ((h >> 8) + 0.5) * 2**-24            # float32, exactly representable, in (0, 1)
+    u = ((h >> 9) + 0.5) * 2**-23            # float32: 24 significant bits, exact, in (0, 1)
     gumbel = -log(-log(u))                   # float32
 
 ``argmax_j (logit_ij + gumbel_ij)`` is then a draw from ``softmax_j(logit_ij)`` (the Gumbel-max
@@ -39,8 +39,9 @@ def hash32(seed, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seed, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """``u`` in (0, 1), float32."""
-    return ((hash32(seed, i, j) >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    """``u`` in (0, 1), float32: ``(h >> 9) + 0.5`` needs 24 significant bits, so it and ``u``
+    are exact (``u <= 1 - 2**-24``) and the Gumbel noise is always finite."""
+    return ((hash32(seed, i, j) >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
 def gumbel(seed, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

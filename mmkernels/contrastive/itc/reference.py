@@ -10,7 +10,7 @@ One direction of every objective is :func:`itc_rows_reference`: queries ``q [N, 
 
 where ``TS`` is the same similarity of the teacher (momentum) features, ``pos_ij = (row_ids_i ==
 col_ids_j)`` and ``c_i = sum_j pos_ij`` (a row without a positive gives NaN, as the papers' code
-does). ``eps`` is label smoothing as ``torch.nn.functional.cross_entropy`` applies it to
+does, unless ``alpha == 1``: then the hard targets have no weight and are left out). ``eps`` is label smoothing as ``torch.nn.functional.cross_entropy`` applies it to
 probability targets. The per-row loss is ``-sum_j T_ij log_softmax_j(L_ij)``.
 
 The papers' forms (:func:`momentum_itc_reference`, :func:`blip2_itc_reference`,
@@ -51,7 +51,10 @@ def targets_reference(tlogits, pos, *, alpha: float, label_smoothing: float) -> 
     and the positive mask, in the teacher logits' (or the mask's float) dtype."""
     hard = pos.to(tlogits.dtype if tlogits is not None else torch.float64)
     hard = hard / hard.sum(1, keepdim=True)
-    t = hard if alpha == 0.0 else alpha * F.softmax(tlogits, dim=1) + (1.0 - alpha) * hard
+    if alpha == 1.0:  # pure distillation: the hard targets (NaN for a row without positive) drop out
+        t = F.softmax(tlogits, dim=1)
+    else:
+        t = hard if alpha == 0.0 else alpha * F.softmax(tlogits, dim=1) + (1.0 - alpha) * hard
     if label_smoothing:
         t = (1.0 - label_smoothing) * t + label_smoothing / t.shape[1]
     return t
