@@ -120,6 +120,42 @@ def test_momentum_itc_with_ids_equals_blip_retrieval(path):
     _compare(path, ours, theirs, ins, grads_of=(0, 1, 6))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_queue_as_strided_view_is_used_without_a_copy(path):
+    """ALBEF keeps its queues as ``[D, K]`` buffers: ``queue.T`` goes in as it is, and the keys
+    ``[feat_m; queue]`` are never concatenated (on the kernels' paths)."""
+    b, k, d = 6, 13, 16
+    iq_buf, tq_buf = features(k, d, seed=17).T.contiguous(), features(k, d, seed=18).T.contiguous()
+    ins = [features(b, d, seed=1), features(b, d, seed=2), features(b, d, seed=3),
+           features(b, d, seed=4), torch.tensor(SCALE)]
+
+    def ours(i, t, im, tm, s):
+        return mmkernels.momentum_itc_loss(i, t, im, tm, s, alpha=0.4, image_queue=iq_buf.T,
+                                           text_queue=tq_buf.T)
+
+    def theirs(i, t, im, tm, s):
+        return R.momentum_itc_reference(i, t, im, tm, iq_buf.T.double(), tq_buf.T.double(), 1 / s, 0.4)
+
+    _compare(path, ours, theirs, ins, grads_of=(0, 1, 4))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_key_queue_with_key_gradients(path):
+    """``itc_rows_loss(keys=..., key_queue=...)``: the keys get their gradient, the queue none."""
+    q, k, kq = tokens(5, 2, 8, seed=19), features(7, 8, seed=20), features(4, 8, seed=21)
+    rid = torch.tensor([0, 1, 2, 2, 9])
+    cid = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2, 9, 0, 8])
+
+    def ours(q, k, s):
+        return mmkernels.itc_rows_loss(q, k, s, key_queue=kq, positive_ids=rid, key_ids=cid,
+                                       label_smoothing=0.1, reduction="none")
+
+    def theirs(q, k, s):
+        return _rows_ref(q, torch.cat([k, kq.to(k.dtype)]), s, rid, cid, eps=0.1)
+
+    _compare(path, ours, theirs, [q, k, torch.tensor(6.0)], grads_of=(0, 1, 2))
+
+
 # ----------------------------------------------------------------------------- BLIP-2
 
 
@@ -376,6 +412,12 @@ def test_itm_hard_negatives_both_directions():
                                               image_queue=k[:, 0], text_queue=k[:, 0],
                                               idx=torch.arange(4)), ValueError, "idx_queue"),
     (lambda q, k: mmkernels.contrastive_loss(q, q[:, 0], 1.0, alpha=0.4), ValueError, "teacher"),
+    (lambda q, k: mmkernels.itc_rows_loss(q, k, 1.0, key_queue=k[..., :3]), ValueError, "key_queue"),
+    (lambda q, k: mmkernels.itc_rows_loss(q, k, 1.0, key_queue=k, alpha=0.4, teacher_queries=q,
+                                          teacher_keys=k), ValueError, "teacher_keys=None"),
+    (lambda q, k: mmkernels.momentum_itc_loss(q[:, 0], q[:, 0], q[:, 0], q[:, 0], 1.0, alpha=0.4,
+                                              image_queue=k[:, 0], text_queue=k[:3, 0]),
+     ValueError, "same number"),
     (lambda q, k: mmkernels.contrastive_loss(q, q[:, 0], 1.0, return_stats=True,
                                              positive_ids=torch.arange(4)), ValueError, "return_stats"),
 ])
@@ -396,13 +438,15 @@ def test_opcheck(backend):
     tq = tokens(5, 2, 6, seed=102)
     rid, cid = torch.tensor([0, 1, 1, 3, 4]), torch.tensor([0, 1, 2, 3, 4, 1, 6])
     s, ts = torch.tensor(3.0, requires_grad=True), torch.tensor(2.0)
-    args = (q.requires_grad_(), k.requires_grad_(), tq, None, s, ts, rid, cid, 0.4, 0.1, backend)
+    kq = tokens(3, 1, 6, seed=103)
+    cid = torch.cat([cid, torch.tensor([1, 9, 4])])
+    args = (q.requires_grad_(), k.requires_grad_(), kq, tq, None, s, ts, rid, cid, 0.4, 0.1, backend)
     torch.library.opcheck(ops.itc_rows, args)
     loss, lse, tlse, cnt = ops.itc_rows(*[a.detach() if torch.is_tensor(a) else a for a in args])
     g = torch.linspace(0.1, 1.0, 5)
-    torch.library.opcheck(ops.itc_grads, (g, q.detach(), k.detach(), tq, None, s.detach(), ts, rid,
+    torch.library.opcheck(ops.itc_grads, (g, q.detach(), k.detach(), kq, tq, None, s.detach(), ts, rid,
                                           cid, lse, tlse, cnt, 0.4, 0.1, True, backend))
-    torch.library.opcheck(ops.itc_negatives, (q.detach(), k.detach(), s.detach(), rid, cid,
+    torch.library.opcheck(ops.itc_negatives, (q.detach(), k.detach(), s.detach(), rid, cid[:7],
                                               torch.tensor(9), backend))
 
 

@@ -93,21 +93,21 @@ def _positive_ids(n: int, m: int, targets, positive_ids, key_ids, like: torch.Te
 
 # ----------------------------------------------------------------------------- one direction
 
-def _rows(q, k, scale, row_ids, col_ids, tq, tk, tscale, alpha: float, eps: float) -> torch.Tensor:
+def _rows(q, k, kq, scale, row_ids, col_ids, tq, tk, tscale, alpha: float, eps: float) -> torch.Tensor:
     """Per-row losses ``[N]`` on the path the dispatcher chooses (inputs checked, 3-D)."""
-    n, m = q.shape[0], k.shape[0]
+    n, m = q.shape[0], col_ids.shape[0]
     decision = _choose("itc_loss", q, shape_class(n, m, q.shape[2] * q.shape[1] * k.shape[1]),
-                       paths.eligibility(q, k, teacher=alpha != 0.0))
+                       paths.eligibility(q, k, teacher=alpha != 0.0, m=m))
     if decision.path in (_dispatch.REFERENCE, paths.MATERIALIZED):
-        return paths.materialized_itc_rows(q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps)
+        return paths.materialized_itc_rows(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps)
     which = decision.backend if decision.path == _dispatch.KERNEL else decision.path
-    return itc_rows(q, k, tq, tk, scale, tscale, row_ids, col_ids, float(alpha), float(eps), which)[0]
+    return itc_rows(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, float(alpha), float(eps), which)[0]
 
 
 def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targets=None,
                   positive_ids=None, key_ids=None, teacher_queries=None, teacher_keys=None,
                   teacher_scale=None, alpha: float = 0.0, label_smoothing: float = 0.0,
-                  reduction: str = "mean"):
+                  reduction: str = "mean", key_queue=None):
     """One direction of the ALBEF / BLIP / BLIP-2 objectives, never materialising ``N x M``.
 
     Args:
@@ -131,6 +131,11 @@ def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, tar
         label_smoothing: ``eps``; the targets become ``(1 - eps) * T + eps / M``, as
             ``torch.nn.functional.cross_entropy`` smooths probability targets.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``).
+        key_queue: ``[K, D]`` (or ``[K, P, D]``) keys that continue ``keys`` without a copy (the
+            keys are ``[keys; key_queue]``, ``M = len(keys) + K``; ``targets`` / ``key_ids``
+            index and label them all), e.g. ALBEF's queue (``queue.T`` of a ``[D, K]`` buffer
+            works as it is). It receives no gradient; with a queue the teacher keys are the keys
+            (``teacher_keys`` must be None).
 
     Returns the cross-entropy of ``logit_scale * S`` against the targets, in the queries' dtype
     (float32 under ``torch.autocast``, which casts the features to its dtype). Memory O((N + M)
@@ -144,7 +149,17 @@ def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, tar
     check.same_device(("queries", q), ("keys", k))
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"queries have feature size {q.shape[2]} but keys have {k.shape[2]}")
-    n, m = q.shape[0], k.shape[0]
+    kq = None
+    if key_queue is not None and key_queue.shape[0] > 0:
+        kq = check_features(_under_autocast(key_queue, keys)[0], "key_queue").detach()
+        check.same_dtype(("keys", k), ("key_queue", kq))
+        check.same_device(("keys", k), ("key_queue", kq))
+        if kq.shape[1:] != k.shape[1:]:
+            raise ValueError(f"key_queue has rows of shape {tuple(kq.shape[1:])} but keys have "
+                             f"{tuple(k.shape[1:])}")
+        if teacher_keys is not None and alpha != 0.0:
+            raise ValueError("with key_queue the teacher keys are the keys: pass teacher_keys=None")
+    n, m = q.shape[0], k.shape[0] + (0 if kq is None else kq.shape[0])
     row_ids, col_ids = _positive_ids(n, m, targets, positive_ids, key_ids, q)
     scale = _scalar_arg(logit_scale, q, "logit_scale")
     tq = tk = None
@@ -167,7 +182,7 @@ def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, tar
                              f"keys have {tkd.shape[2]}")
         tq, tk = tq.detach(), None if tk is None else tk.detach()
     tscale = (scale if teacher_scale is None else _scalar_arg(teacher_scale, q, "teacher_scale")).detach()
-    rows = _rows(q, k, scale, row_ids, col_ids, tq, tk, tscale, float(alpha), float(label_smoothing))
+    rows = _rows(q, k, kq, scale, row_ids, col_ids, tq, tk, tscale, float(alpha), float(label_smoothing))
     return reduce_rows(rows, reduction).to(loss_dtype)
 
 
@@ -192,30 +207,31 @@ def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_f
         logit_scale: ``1 / temp``, float or 0-dim tensor (receives its gradient).
         alpha: distillation weight in ``[0, 1]``.
         image_queue, text_queue: ``[K, D]`` queues as rows (the papers store ``[D, K]``: pass
-            ``queue.T``); None or ``K = 0`` for none.
+            ``queue.T``, used as it is: the queues are never copied or concatenated); None or
+            ``K = 0`` for none.
         idx, idx_queue: ``[B]``, ``[K]`` int64 ids for multiple positives.
         label_smoothing, reduction: as in :func:`itc_rows_loss` (``"none"`` gives ``[B]``, the
             mean of each pair's two directions).
     """
-    image_keys = image_feat_m if image_queue is None else torch.cat([image_feat_m, image_queue], 0)
-    text_keys = text_feat_m if text_queue is None else torch.cat([text_feat_m, text_queue], 0)
     b = image_feat.shape[0] if isinstance(image_feat, torch.Tensor) else 0
+    k = 0 if text_queue is None else text_queue.shape[0]
+    if (0 if image_queue is None else image_queue.shape[0]) != k:
+        raise ValueError("image_queue and text_queue need the same number of rows")
     if idx is None:
         if idx_queue is not None:
             raise ValueError("idx_queue needs idx (the batch's ids)")
         kwargs = {"targets": None}
     else:
         queue_ids = idx_queue
-        k_extra = text_keys.shape[0] - b
         if queue_ids is None:
-            if k_extra:
+            if k:
                 raise ValueError("with a queue and idx, pass idx_queue (the queue's ids)")
             queue_ids = idx.new_empty(0)
         kwargs = {"positive_ids": idx, "key_ids": torch.cat([idx, queue_ids], 0)}
     common = dict(alpha=alpha, label_smoothing=label_smoothing, reduction="none")
-    i2t = itc_rows_loss(image_feat, text_keys.detach(), logit_scale,
+    i2t = itc_rows_loss(image_feat, text_feat_m.detach(), logit_scale, key_queue=text_queue,
                         teacher_queries=image_feat_m if alpha else None, **kwargs, **common)
-    t2i = itc_rows_loss(text_feat, image_keys.detach(), logit_scale,
+    t2i = itc_rows_loss(text_feat, image_feat_m.detach(), logit_scale, key_queue=image_queue,
                         teacher_queries=text_feat_m if alpha else None, **kwargs, **common)
     return reduce_rows(0.5 * (i2t + t2i), reduction)
 

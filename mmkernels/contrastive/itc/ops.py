@@ -9,7 +9,12 @@ pair ``tq [N, Q', D']``, ``tk [M, P', D']`` (``tk`` None: ``k``) gives ``TL = ts
 same way. ``pos_ij = row_ids[i] == col_ids[j]`` (int64 ``[N]``, ``[M]``), ``c_i = sum_j pos_ij``.
 ``scale``, ``tscale``: 0-dim, the statistics dtype (float32; float64 for float64 inputs).
 
-``mmkernels::itc_rows(q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, backend)`` returns
+A queue: ``kq [K, P, D]`` (or None) continues the keys without a copy: the keys are ``[k; kq]``
+(``M = len(k) + K`` columns, ``col_ids`` has ``M`` entries), as ALBEF's ``[feat_m; queue]``;
+``kq`` receives no gradient, and with a queue the teacher keys are the keys (``tk`` None).
+Any strides are accepted (e.g. ``queue.T`` of a ``[D, K]`` queue).
+
+``mmkernels::itc_rows(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, backend)`` returns
 ``(loss, lse, tlse, count)``, each ``[N]`` in the statistics dtype:
 
     lse_i   = log sum_j exp(L_ij)
@@ -24,12 +29,12 @@ term is omitted when ``alpha == 0`` and the positive term when ``alpha == 1``). 
 teacher's softmax-weighted sum is kept online (running max, sum of exponentials and their
 weighted sum of ``L``, rescaled when the max grows).
 
-``mmkernels::itc_grads(g, q, k, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count, alpha,
-eps, need_dk, backend)`` returns ``(dq [N, Q, D] in q's dtype, dk, dscale [])``: with ``dL_ij =
+``mmkernels::itc_grads(g, q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count,
+alpha, eps, need_dk, backend)`` returns ``(dq [N, Q, D] in q's dtype, dk, dscale [])``: with ``dL_ij =
 g_i * (exp(L_ij - lse_i) - T_ij)`` (``T`` recomputed from ``TL``, ``tlse`` and ``count``),
 ``dq[i, a*] += scale * dL_ij * k[j, b*]``, ``dk[j, b*] += scale * dL_ij * q[i, a*]`` for the
-arg-max pair ``(a*, b*)`` of ``S_ij``, ``dscale = sum_ij dL_ij * S_ij``. ``dk`` is ``[M, P, D]``
-in k's dtype, or an empty ``[0]`` tensor when ``need_dk`` is False (keys from a queue or a
+arg-max pair ``(a*, b*)`` of ``S_ij``, ``dscale = sum_ij dL_ij * S_ij``. ``dk`` is k's
+gradient (``[len(k), P, D]`` in k's dtype; the queue gets none), or an empty ``[0]`` tensor when ``need_dk`` is False (keys from a queue or a
 momentum encoder need none). No gradient reaches the teacher or ``tscale``.
 
 ``mmkernels::itc_negatives(q, k, scale, row_ids, col_ids, seed, backend)`` returns ``[N]`` int64:
@@ -52,7 +57,8 @@ from ..ops import stats_dtype
 
 
 def _backend_fns(backend: str):
-    """``(rows, grads, negatives)`` of ``backend``, each taking the op's arguments but ``backend``."""
+    """``(rows, grads, negatives)`` of ``backend``, each taking the op's arguments but ``backend``
+    (``rows(q, k, kq, tq, tk, ...)``, ``grads(g, q, k, kq, tq, tk, ...)``)."""
     if backend == "cpu":
         from ..._backend import cpu_bf16_gemm
         fast = cpu_bf16_gemm()
@@ -69,52 +75,52 @@ def _backend_fns(backend: str):
 
 
 @torch.library.custom_op("mmkernels::itc_rows", mutates_args=())
-def itc_rows(q: torch.Tensor, k: torch.Tensor, tq: Optional[torch.Tensor], tk: Optional[torch.Tensor],
-             scale: torch.Tensor, tscale: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor,
+def itc_rows(q: torch.Tensor, k: torch.Tensor, kq: Optional[torch.Tensor], tq: Optional[torch.Tensor],
+             tk: Optional[torch.Tensor], scale: torch.Tensor, tscale: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor,
              alpha: float, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_backend_fns(backend)[0](q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps))
+    return tuple(_backend_fns(backend)[0](q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps))
 
 
 @itc_rows.register_fake
-def _(q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, backend):
+def _(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, backend):
     sd = stats_dtype(q.dtype)
     return tuple(q.new_empty(q.shape[0], dtype=sd) for _ in range(4))
 
 
 @torch.library.custom_op("mmkernels::itc_grads", mutates_args=())
-def itc_grads(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, tq: Optional[torch.Tensor],
+def itc_grads(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kq: Optional[torch.Tensor],
+              tq: Optional[torch.Tensor],
               tk: Optional[torch.Tensor], scale: torch.Tensor, tscale: torch.Tensor,
               row_ids: torch.Tensor, col_ids: torch.Tensor, lse: torch.Tensor, tlse: torch.Tensor,
               count: torch.Tensor, alpha: float, eps: float, need_dk: bool, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_backend_fns(backend)[1](g, q, k, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse,
-                                          count, alpha, eps, need_dk))
+    return tuple(_backend_fns(backend)[1](g, q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, lse,
+                                          tlse, count, alpha, eps, need_dk))
 
 
 @itc_grads.register_fake
-def _(g, q, k, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count, alpha, eps, need_dk, backend):
+def _(g, q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count, alpha, eps, need_dk, backend):
     dk = torch.empty_like(k) if need_dk else k.new_empty(0)
     return torch.empty_like(q), dk, q.new_empty((), dtype=stats_dtype(q.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, backend = inputs
+    q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, backend = inputs
     _, lse, tlse, count = output
-    ctx.save_for_backward(q, k, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count)
+    ctx.save_for_backward(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count)
     ctx.mark_non_differentiable(lse, tlse, count)
     ctx.args = (alpha, eps, backend)
 
 
 def _backward(ctx, g_loss, _g_lse, _g_tlse, _g_count):
-    q, k, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count = ctx.saved_tensors
+    q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, count = ctx.saved_tensors
     alpha, eps, backend = ctx.args
-    nones = (None,) * 8
     if g_loss is None:
-        return (None, None) + nones + (None,)
-    dq, dk, dscale = itc_grads(g_loss.to(lse.dtype), q, k, tq, tk, scale, tscale, row_ids, col_ids,
+        return (None,) * 12
+    dq, dk, dscale = itc_grads(g_loss.to(lse.dtype), q, k, kq, tq, tk, scale, tscale, row_ids, col_ids,
                                lse, tlse, count, alpha, eps, ctx.needs_input_grad[1], backend)
-    return (dq, dk if ctx.needs_input_grad[1] else None, None, None, dscale.to(scale.dtype),
+    return (dq, dk if ctx.needs_input_grad[1] else None, None, None, None, dscale.to(scale.dtype),
             None, None, None, None, None, None)
 
 

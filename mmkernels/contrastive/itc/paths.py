@@ -35,9 +35,11 @@ def materialized_bytes(n: int, m: int, tokens: int, dtype: torch.dtype, *, teach
     return per * nm * torch.empty((), dtype=dtype).element_size()
 
 
-def eligibility(q: torch.Tensor, k: torch.Tensor, *, teacher: bool) -> dict[str, str | None]:
-    """``{path: None if it can run this call, else why not}`` for ``q [N, Q, D]``, ``k [M, P, D]``."""
-    n, m = q.shape[0], k.shape[0]
+def eligibility(q: torch.Tensor, k: torch.Tensor, *, teacher: bool,
+                m: int | None = None) -> dict[str, str | None]:
+    """``{path: None if it can run this call, else why not}`` for ``q [N, Q, D]`` against ``m``
+    keys of ``k``'s token count (default ``len(k)``)."""
+    n, m = q.shape[0], k.shape[0] if m is None else m
     tokens = q.shape[1] * k.shape[1]
     budget = _dispatch.memory_budget()
     need = materialized_bytes(n, m, tokens, q.dtype, teacher=teacher)
@@ -49,21 +51,38 @@ def eligibility(q: torch.Tensor, k: torch.Tensor, *, teacher: bool) -> dict[str,
 
 
 class TokenOperands:
-    """``q [N, Q, D]`` and ``k [M, P, D]`` as the block GEMMs take them (``contrastive.paths.
-    _Operands`` on the flattened ``[N * Q, D]``, ``[M * P, D]``), and the max over token pairs."""
+    """``q [N, Q, D]`` and the keys ``[k; kq]`` (each ``[*, P, D]``, ``kq`` a queue or None) as the
+    block GEMMs take them (``contrastive.paths._Operands`` per key segment on the flattened
+    ``[N * Q, D]``, ``[M * P, D]``; nothing is concatenated), and the max over token pairs."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, *, exact: bool = False):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor | None = None, *,
+                 exact: bool = False):
         self.n, self.qt, self.d = q.shape
-        self.m, self.pt, _ = k.shape
-        self.ops = _Operands(q.reshape(self.n * self.qt, self.d), k.reshape(self.m * self.pt, k.shape[2]),
-                             exact=exact)
-        self.sd = self.ops.sd
+        self.pt = k.shape[1]
+        segments = [k] if kq is None else [k, kq]
+        self.sizes = [s.shape[0] for s in segments]
+        self.m = sum(self.sizes)
+        q2 = q.reshape(self.n * self.qt, self.d)
+        self.ops = [_Operands(q2, s.reshape(s.shape[0] * self.pt, s.shape[2]), exact=exact)
+                    for s in segments]
+        self.sd = self.ops[0].sd
+
+    def _product(self, r0: int, r1: int) -> torch.Tensor:
+        if len(self.ops) == 1:
+            return self.ops[0].product(r0 * self.qt, r1 * self.qt)
+        out = torch.empty((r1 - r0) * self.qt, self.m * self.pt, dtype=self.sd, device=self.ops[0].q.device)
+        c0 = 0
+        for ops, size in zip(self.ops, self.sizes):
+            c1 = c0 + size * self.pt
+            out[:, c0:c1] = ops.product(r0 * self.qt, r1 * self.qt)
+            c0 = c1
+        return out
 
     def similarity(self, r0: int, r1: int):
         """``(S [rows, M], idx)`` in the statistics dtype: the max over token pairs of rows
         ``r0:r1``, and the flat index ``a * P + b`` of the first maximal pair ``[rows, M]`` int64
         (None for one token pair)."""
-        prod = self.ops.product(r0 * self.qt, r1 * self.qt)
+        prod = self._product(r0, r1)
         if self.qt == 1 and self.pt == 1:
             return prod, None
         b = r1 - r0
@@ -73,35 +92,48 @@ class TokenOperands:
 
     def grad_products(self, dS: torch.Tensor, idx, r0: int, r1: int, dq: torch.Tensor,
                       dk_acc: torch.Tensor | None) -> None:
-        """``dq[r0:r1]`` and ``dk_acc += ...`` for one block's ``dS = scale * dL`` ``[rows, M]``
-        routed through the arg-max token pairs ``idx`` (``dq [N, Q, D]``, ``dk_acc [M * P, D]``
-        in the statistics dtype or None)."""
+        """``dq[r0:r1]`` and ``dk_acc += ...`` (the first key segment's gradient) for one block's
+        ``dS = scale * dL`` ``[rows, M]`` routed through the arg-max token pairs ``idx`` (``dq
+        [N, Q, D]``, ``dk_acc [len(k) * P, D]`` in the statistics dtype, or None)."""
         b = r1 - r0
         if idx is not None:
             full = torch.zeros(b, self.m, self.qt * self.pt, dtype=dS.dtype, device=dS.device)
             full.scatter_(2, idx[..., None], dS[..., None])
             dS = full.view(b, self.m, self.qt, self.pt).permute(0, 2, 1, 3).reshape(b * self.qt, -1)
-        ops = self.ops
-        qrows = ops.q[r0 * self.qt: r1 * self.qt]
-        G = dS.to(ops.q.dtype) if ops.rounded else dS
-        k = ops.k if G.dtype == ops.k.dtype else ops.k.to(G.dtype)
-        dq.view(-1, self.d)[r0 * self.qt: r1 * self.qt] = torch.mm(G, k).to(dq.dtype)
-        if dk_acc is not None:
-            qr = qrows if G.dtype == qrows.dtype else qrows.to(G.dtype)
-            dk_acc.add_(torch.mm(G.t(), qr).to(dk_acc.dtype))
+        rows = slice(r0 * self.qt, r1 * self.qt)
+        acc = None
+        c0 = 0
+        for n_seg, (ops, size) in enumerate(zip(self.ops, self.sizes)):
+            c1 = c0 + size * self.pt
+            G = dS[:, c0:c1]
+            G = G.to(ops.q.dtype) if ops.rounded else G
+            k = ops.k if G.dtype == ops.k.dtype else ops.k.to(G.dtype)
+            part = torch.mm(G, k)
+            acc = part if acc is None else acc.add_(part)
+            if n_seg == 0 and dk_acc is not None:
+                qrows = ops.q[rows]
+                qr = qrows if G.dtype == qrows.dtype else qrows.to(G.dtype)
+                dk_acc.add_(torch.mm(G.t(), qr).to(dk_acc.dtype))
+            c0 = c1
+        dq.view(-1, self.d)[rows] = acc.to(dq.dtype)
 
 
-def _rows_per_block(q, k, teacher: bool) -> int:
+def _rows_per_block(q, k, m: int, teacher: bool) -> int:
+    """Rows per block for ``m`` keys: the products of the token pairs and their permuted copy,
+    and about six ``[rows, m]`` temporaries, twice with a teacher, within ``memory_budget``."""
     sd = torch.empty((), dtype=stats_dtype(q.dtype)).element_size()
     tokens = q.shape[1] * k.shape[1]
     per_logit = (3 * tokens + 6) * sd * (2 if teacher else 1)
-    return block_rows(q.shape[0], k.shape[0], per_logit)
+    return block_rows(q.shape[0], m, per_logit)
 
 
-def _teacher(q, k, tq, tk, alpha: float, exact: bool):
+def _teacher(k, kq, tq, tk, alpha: float, exact: bool):
+    """The teacher's operands: ``tq`` against ``tk``, or against the keys ``[k; kq]``."""
     if alpha == 0.0:
         return None
-    return TokenOperands(tq, k if tk is None else tk, exact=exact)
+    if tk is None:
+        return TokenOperands(tq, k, kq, exact=exact)
+    return TokenOperands(tq, tk, exact=exact)
 
 
 def _targets_parts(TL, tlse, pos, cnt, alpha: float, eps: float, m: int):
@@ -114,16 +146,16 @@ def _targets_parts(TL, tlse, pos, cnt, alpha: float, eps: float, m: int):
     return (1.0 - eps) * T + eps / m
 
 
-def blockwise_itc_rows(q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, *, exact=False):
+def blockwise_itc_rows(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps, *, exact=False):
     """``(loss, lse, tlse, count)`` of ``ops.itc_rows`` from row blocks of the similarities."""
-    N, M = q.shape[0], k.shape[0]
+    N, M = q.shape[0], col_ids.shape[0]
     dev, sd = q.device, stats_dtype(q.dtype)
     loss, lse, tlse, cnt = (torch.zeros(N, dtype=sd, device=dev) for _ in range(4))
     scale = scale.detach().to(device=dev, dtype=sd).reshape(())
     tscale = tscale.detach().to(device=dev, dtype=sd).reshape(())
-    ops = TokenOperands(q, k, exact=exact)
-    tops = _teacher(q, k, tq, tk, alpha, exact)
-    B = _rows_per_block(q, k, tops is not None)
+    ops = TokenOperands(q, k, kq, exact=exact)
+    tops = _teacher(k, kq, tq, tk, alpha, exact)
+    B = _rows_per_block(q, k, M, tops is not None)
     for r0 in range(0, N, B):
         r1 = min(N, r0 + B)
         L = ops.similarity(r0, r1)[0] * scale
@@ -145,20 +177,20 @@ def blockwise_itc_rows(q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha, eps
     return loss, lse, tlse, cnt
 
 
-def blockwise_itc_grads(g, q, k, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, cnt, alpha, eps,
+def blockwise_itc_grads(g, q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, lse, tlse, cnt, alpha, eps,
                         need_dk, *, exact=False):
     """``(dq, dk, dscale)`` of ``ops.itc_grads`` from row blocks of the similarities."""
-    N, M = q.shape[0], k.shape[0]
+    N, M = q.shape[0], col_ids.shape[0]
     dev, sd = q.device, stats_dtype(q.dtype)
     dq = torch.zeros_like(q)
-    dk_acc = torch.zeros(M * k.shape[1], k.shape[2], dtype=sd, device=dev) if need_dk else None
+    dk_acc = torch.zeros(k.shape[0] * k.shape[1], k.shape[2], dtype=sd, device=dev) if need_dk else None
     ds = torch.zeros((), dtype=sd, device=dev)
     scale = scale.detach().to(device=dev, dtype=sd).reshape(())
     tscale = tscale.detach().to(device=dev, dtype=sd).reshape(())
     g = g.to(device=dev, dtype=sd)
-    ops = TokenOperands(q, k, exact=exact)
-    tops = _teacher(q, k, tq, tk, alpha, exact)
-    B = _rows_per_block(q, k, tops is not None)
+    ops = TokenOperands(q, k, kq, exact=exact)
+    tops = _teacher(k, kq, tq, tk, alpha, exact)
+    B = _rows_per_block(q, k, M, tops is not None)
     for r0 in range(0, N, B):
         r1 = min(N, r0 + B)
         S, idx = ops.similarity(r0, r1)
@@ -179,7 +211,7 @@ def blockwise_itc_negatives(q, k, scale, row_ids, col_ids, seed, *, exact=False)
     out = torch.empty(N, dtype=torch.int64, device=dev)
     scale = scale.detach().to(device=dev, dtype=sd).reshape(())
     ops = TokenOperands(q, k, exact=exact)
-    B = _rows_per_block(q, k, False)
+    B = _rows_per_block(q, k, M, False)
     cols = torch.arange(M, device=dev)
     for r0 in range(0, N, B):
         r1 = min(N, r0 + B)
@@ -192,9 +224,12 @@ def blockwise_itc_negatives(q, k, scale, row_ids, col_ids, seed, *, exact=False)
     return out
 
 
-def materialized_itc_rows(q, k, tq, tk, scale, tscale, row_ids, col_ids, alpha: float, eps: float):
-    """Per-row losses ``[N]`` as the papers' code computes them (the features' dtype, autograd)."""
+def materialized_itc_rows(q, k, kq, tq, tk, scale, tscale, row_ids, col_ids, alpha: float, eps: float):
+    """Per-row losses ``[N]`` as the papers' code computes them (the keys concatenated with the
+    queue, the features' dtype, autograd)."""
     from .reference import itc_rows_reference
     dt = q.dtype
+    if kq is not None:
+        k = torch.cat([k, kq], 0)
     return itc_rows_reference(q, k, scale.to(dt), row_ids, col_ids, teacher_q=tq, teacher_k=tk,
                               teacher_scale=tscale.to(dt), alpha=alpha, label_smoothing=eps)
