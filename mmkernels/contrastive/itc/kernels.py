@@ -25,18 +25,16 @@ import triton
 import triton.language as tl
 
 from ... import _triton  # noqa: F401  (fixes the interpreter before any kernel is defined)
-from ... import tuning
 from ..._triton import DTYPES, PTR, check_device, dot_upcast, input_precision
-from ..kernels.configs import TileConfig, _block_k, resolve_config
+from ..kernels.configs import ITC_KINDS, TileConfig, _block_k, resolve_config
 from ..kernels.jit import _fp16_multiplier, _similarity_tile
 from ..kernels.launch import _scale_f32
 
-#: launch kinds (tuning family "contrastive"): ``tuning.set_config("contrastive", "itc_rows" |
-#: "itc_grads" | "itc_negatives", TileConfig(...), dtype=..., dim=..., input_precision=...)``.
-#: ``BLOCK_M`` counts product rows: items times the tokens flattened per item.
-KINDS = ("itc_rows", "itc_grads", "itc_negatives")
-for _kind in KINDS:
-    tuning.register_kind("contrastive", _kind, TileConfig, keys=("dtype", "dim", "input_precision"))
+#: launch kinds (tuning family "contrastive", registered in ``kernels/configs.py``):
+#: ``tuning.set_config("contrastive", "itc_rows" | "itc_grads" | "itc_negatives",
+#: TileConfig(...), dtype=..., dim=..., input_precision=...)``. ``BLOCK_M`` counts product rows:
+#: items times the tokens flattened per item.
+KINDS = ITC_KINDS
 
 #: the smallest side of a ``tl.dot`` operand
 _MIN_DOT = 16

@@ -22,6 +22,9 @@ FINALIZE_BLOCK = 1024
 KERNEL_KINDS = ("stats", "grad")
 #: the SigLIP unit's launch kinds (contrastive/siglip/kernels.py): tuned through this family
 SIGLIP_KINDS = ("siglip_rows", "siglip_grads")
+#: the itc unit's launch kinds (contrastive/itc/kernels.py; ``BLOCK_M`` counts product rows,
+#: items times their tokens)
+ITC_KINDS = ("itc_rows", "itc_grads", "itc_negatives")
 FORWARD_MODES = ("one_pass", "two_pass")
 
 
@@ -48,7 +51,7 @@ def _check_flag(value) -> bool:
     return value
 
 
-for _kind in KERNEL_KINDS + SIGLIP_KINDS:
+for _kind in KERNEL_KINDS + SIGLIP_KINDS + ITC_KINDS:
     tuning.register_kind("contrastive", _kind, TileConfig, keys=("dtype", "dim", "input_precision"))
 tuning.register_option(
     "contrastive.forward", "one_pass", _check_forward,
