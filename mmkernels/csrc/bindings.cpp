@@ -50,15 +50,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("itc_rows", &mmkernels::itc_rows,
         "ITC per-row cross-entropy of L = scale * max-over-token-pairs similarity against soft targets\n"
         "(teacher softmax weight alpha, positives by ids, label smoothing eps), without materialising L.\n"
-        "tq None when alpha == 0; tk None: k. Returns (loss, lse, tlse, count) [N], float32/float64.",
-        py::arg("q"), py::arg("k"), py::arg("tq"), py::arg("tk"), py::arg("scale"), py::arg("tscale"),
+        "kq: a queue continuing the keys [k; kq] (or None); tq None when alpha == 0; tk None: the keys.\n"
+        "Returns (loss, lse, tlse, count) [N], float32/float64.",
+        py::arg("q"), py::arg("k"), py::arg("kq"), py::arg("tq"), py::arg("tk"), py::arg("scale"), py::arg("tscale"),
         py::arg("row_ids"), py::arg("col_ids"), py::arg("alpha"), py::arg("eps"),
         py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
 
   m.def("itc_grads", &mmkernels::itc_grads,
-        "Gradients (dq, dk, dscale) of sum_i g[i] * loss[i] of itc_rows, recomputing L chunk by chunk;\n"
-        "dk is an empty [0] tensor when need_dk is False.",
-        py::arg("g"), py::arg("q"), py::arg("k"), py::arg("tq"), py::arg("tk"), py::arg("scale"),
+        "Gradients (dq, dk, dscale) of sum_i g[i] * loss[i] of itc_rows, recomputing L tile by tile;\n"
+        "dk covers k only (the queue kq gets none), an empty [0] tensor when need_dk is False.",
+        py::arg("g"), py::arg("q"), py::arg("k"), py::arg("kq"), py::arg("tq"), py::arg("tk"), py::arg("scale"),
         py::arg("tscale"), py::arg("row_ids"), py::arg("col_ids"), py::arg("lse"), py::arg("tlse"),
         py::arg("count"), py::arg("alpha"), py::arg("eps"), py::arg("need_dk"),
         py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());

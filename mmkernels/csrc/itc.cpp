@@ -1,18 +1,29 @@
 // mmkernels: the ALBEF / BLIP / BLIP-2 contrastive objectives (the itc unit) on the CPU: per-row
 // losses against soft targets (forward), their gradients (backward) and Gumbel-max hard negatives.
 //
-// The N x M similarities are never materialised: rows are processed in chunks of R rows, each chunk
-// multiplies its [R * Q, D] query tokens by the [M * P, D] key tokens with one BLAS GEMM into a
-// reused float32 buffer (R * Q * M * P <= BUDGET floats, the contrastive kernels' chunking), and
-// fused, vectorised loops reduce it to the max over token pairs (with its arg-max in the backward)
-// and then to the row statistics: log-sum-exp, the positives' count and sum, the teacher's
-// log-sum-exp and softmax-weighted sum of the logits (row segments merged online, rescaled to the
-// larger max). The backward recomputes a chunk, forms scale * dL in place, places it at the arg-max
-// token pairs of a zeroed [R * Q, M * P] buffer (the chunk itself for one token pair) and feeds it
-// to two GEMMs: the chunk's dq rows and its share of dk, accumulated serially across chunks.
-// bf16/fp16 inputs are converted to float32 once (O(N*D)), or multiplied with bf16 GEMMs when the
-// caller asks (bf16_gemm); float64 inputs (gradcheck) take a plain ATen float64 version of the same
-// chunked algorithm. The exact contract is in mmkernels/contrastive/itc/ops.py.
+// The N x M similarities are never materialised, and the extra memory does not grow with M: rows
+// are processed in chunks of R rows and the keys in column tiles of C columns (R * C * tokens <=
+// TILE floats, a buffer of 1 MiB per thread). The keys are segments, k and the queue kq (ALBEF's
+// [feat_m; queue]), each used as it is stored: a tile is a row range of a segment's [rows * P, D]
+// matrix, strided views included (queue.T of a [D, K] buffer), which BLAS multiplies directly; only
+// a dtype conversion or a token layout that no 2-D view describes makes a copy. A tile's GEMM puts
+// the chunk's query tokens (and, when the teacher's keys are the keys, the teacher's query tokens
+// stacked under them: one GEMM for both) against the tile's key tokens into a float32 buffer;
+// vectorised loops reduce it to the max over token pairs (with its arg-max in the backward) and
+// then to per-row statistics: log-sum-exp, the positives' count and sum, the teacher's
+// log-sum-exp and softmax-weighted sum of the logits, merged online across tiles (rescaled to the
+// larger max). One query token against several key tokens (BLIP-2's text -> image) takes the
+// products transposed, key tokens in rows, so that the max over a key's tokens is vectorised over
+// the queries. The column tiles are split into one contiguous range per thread; each thread keeps
+// its own row statistics (and dq partial sums), merged in range order, so results are
+// deterministic. With a single range the GEMMs and loops are multithreaded instead.
+// The backward recomputes a tile and forms scale * dL in place. With one token pair it feeds two
+// GEMMs: dq_chunk += dL_tile @ k_tile and dk_tile += dL_tile^T @ q_chunk (each thread owns its
+// tiles' dk rows). With several token pairs only the arg-max pair of each (i, j) gets a gradient,
+// so it is gathered and scattered with D-length axpys instead of dense GEMMs over mostly zeros.
+// bf16/fp16 inputs are converted to float32 (O((N + M) * D)), or multiplied with bf16 GEMMs when
+// the caller asks (bf16_gemm); float64 inputs (gradcheck) take a plain ATen float64 version of a
+// row-chunked algorithm. The exact contract is in mmkernels/contrastive/itc/ops.py.
 
 #include "itc.h"
 
@@ -39,13 +50,26 @@ constexpr const char* kItc = "mmkernels itc";
 // ---------------------------------------------------------------------------------------------
 // Vector helpers.
 
-typedef int64_t wl __attribute__((vector_size(WL * sizeof(int64_t))));
+// GCC compares a vector wider than the widest register lane by lane, and so it does a float
+// comparison mask combined with | or & before it selects: the hot loops below compare 8 int64
+// lanes at a time and feed each float comparison straight into a select.
+static_assert(WL == 16, "the int64 comparisons below assume 16 float lanes");
+typedef int64_t wl8 __attribute__((vector_size(8 * sizeof(int64_t))));
 
 // The lanes j where ids[j] == id (a comparison mask of wi lanes).
 CPU_MATH_INLINE wi equal_lanes(const int64_t* ids, int64_t id) {
-  wl c;
-  __builtin_memcpy(&c, ids, sizeof(c));
-  return __builtin_convertvector(c == (wl{} + id), wi);
+  wl8 a, b;
+  __builtin_memcpy(&a, ids, sizeof(a));
+  __builtin_memcpy(&b, ids + 8, sizeof(b));
+  const wl8 ma = a == (wl8{} + id), mb = b == (wl8{} + id);  // all-ones or zero int64 lanes
+  return __builtin_shufflevector(vbits<wi>(ma), vbits<wi>(mb), 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                 20, 22, 24, 26, 28, 30);
+}
+// Whether any lane is NaN (once per row segment or block: lane by lane is fine).
+CPU_MATH_INLINE bool any_nan(const wf& v) {
+  bool r = false;
+  for (int i = 0; i < WL; ++i) r |= v[i] != v[i];
+  return r;
 }
 // The same for the first n (< WL) entries; the other lanes are false.
 CPU_MATH_INLINE wi equal_lanes_n(const int64_t* ids, int64_t n, int64_t id) {
@@ -57,24 +81,11 @@ CPU_MATH_INLINE wi equal_lanes_n(const int64_t* ids, int64_t n, int64_t id) {
 // ---------------------------------------------------------------------------------------------
 // The max over token pairs (multiversioned hot loops).
 
-// out[j] = max_{a < Q} x[a * ld + j] for j < n and, when idx is given, idx[j] = the first maximal a
-// (a later a wins only when strictly greater; a NaN wins, as torch.max). out may be x itself.
-CPU_MATH_MULTIVERSION
-void reduce_rows(const float* x, int64_t ld, int64_t Q, int64_t n, float* out, int32_t* idx) {
-  int64_t j = 0;
-  for (; j + WL <= n; j += WL) {
-    wf best = vload<wf>(x + j);
-    wi arg = wi{};
-    for (int64_t a = 1; a < Q; ++a) {
-      const wf v = vload<wf>(x + a * ld + j);
-      const wi up = (v > best) | ((v != v) & (best == best));
-      best = vsel(up, v, best);
-      arg = vsel(up, wi{} + static_cast<int32_t>(a), arg);
-    }
-    vstore(out + j, best);
-    if (idx) __builtin_memcpy(idx + j, &arg, sizeof(arg));
-  }
-  for (; j < n; ++j) {
+// out[j] = max_{a < Q} x[a * ld + j] for j0 <= j < j1 and, when idx is given, idx[j] = the first
+// maximal a (a later a wins only when strictly greater; a NaN wins, as torch.max).
+CPU_MATH_INLINE void reduce_rows_scalar(const float* x, int64_t ld, int64_t Q, int64_t j0,
+                                        int64_t j1, float* out, int32_t* idx) {
+  for (int64_t j = j0; j < j1; ++j) {
     float best = x[j];
     int32_t arg = 0;
     for (int64_t a = 1; a < Q; ++a) {
@@ -87,6 +98,32 @@ void reduce_rows(const float* x, int64_t ld, int64_t Q, int64_t n, float* out, i
     out[j] = best;
     if (idx) idx[j] = arg;
   }
+}
+
+// The same for j < n, out possibly x itself: vectorised over j, a block holding a NaN redone by
+// the scalar loop (before anything of it is stored).
+CPU_MATH_MULTIVERSION
+void reduce_rows(const float* x, int64_t ld, int64_t Q, int64_t n, float* out, int32_t* idx) {
+  int64_t j = 0;
+  for (; j + WL <= n; j += WL) {
+    wf best = vload<wf>(x + j);
+    wf nan = best;  // NaN in the lanes where any candidate is NaN
+    wi arg = wi{};
+    for (int64_t a = 1; a < Q; ++a) {
+      const wf v = vload<wf>(x + a * ld + j);
+      const wi up = v > best;
+      best = vsel(up, v, best);
+      arg = vsel(up, wi{} + static_cast<int32_t>(a), arg);
+      nan = vsel(v != v, v, nan);
+    }
+    if (any_nan(nan)) {
+      reduce_rows_scalar(x, ld, Q, j, j + WL, out, idx);
+      continue;
+    }
+    vstore(out + j, best);
+    if (idx) __builtin_memcpy(idx + j, &arg, sizeof(arg));
+  }
+  reduce_rows_scalar(x, ld, Q, j, n, out, idx);
 }
 
 // Groups of P consecutive entries v[j * P + b], b < P, whose query token is ta[j * P + b] (0 when
@@ -167,7 +204,7 @@ FwdPart fwd_segment(float* s, float* ts, const int64_t* cid, int64_t rid, int64_
                     float tscale) {
   const wf zero = vsplat<wf>(0.0f), one = vsplat<wf>(1.0f), ninf = vsplat<wf>(-kInf);
   FwdPart p{-kInf, 0.0, 0.0, 0.0, 0.0, -kInf, 0.0, 0.0};
-  wf vmax = ninf, vtmax = ninf;
+  wf vmax = ninf, vtmax = ninf, vnan = zero, vtnan = zero;  // vnan, vtnan: NaN where one was
   int64_t j = 0;
   // Pass 1: logits in place, their max and sum, the positives; the teacher logits and their max.
   while (j < n) {
@@ -176,7 +213,8 @@ FwdPart fwd_segment(float* s, float* ts, const int64_t* cid, int64_t rid, int64_
     for (; j + WL <= stop; j += WL) {
       const wf l = logit(scale, vload<wf>(s + j));
       vstore(s + j, l);
-      vmax = vmax_nan(vmax, l);
+      vmax = vsel(l > vmax, l, vmax);
+      vnan = vsel(l != l, l, vnan);
       acc += l;
       const wi pos = equal_lanes(cid + j, rid);
       cacc += vsel(pos, one, zero);
@@ -184,7 +222,8 @@ FwdPart fwd_segment(float* s, float* ts, const int64_t* cid, int64_t rid, int64_
       if (ts) {
         const wf tl = logit(tscale, vload<wf>(ts + j));
         vstore(ts + j, tl);
-        vtmax = vmax_nan(vtmax, tl);
+        vtmax = vsel(tl > vtmax, tl, vtmax);
+        vtnan = vsel(tl != tl, tl, vtnan);
       }
     }
     if (j < stop) {  // tail of the row, fewer than WL elements
@@ -192,7 +231,9 @@ FwdPart fwd_segment(float* s, float* ts, const int64_t* cid, int64_t rid, int64_
       const wi valid = vlanes_below<wf>(k);
       const wf l = logit(scale, vload_n<wf>(s + j, k, 0.0f));
       vstore_n(s + j, l, k);
-      vmax = vmax_nan(vmax, vsel(valid, l, ninf));
+      const wf lv = vsel(valid, l, ninf);
+      vmax = vsel(lv > vmax, lv, vmax);
+      vnan = vsel(lv != lv, lv, vnan);
       acc += vsel(valid, l, zero);
       const wi pos = equal_lanes_n(cid + j, k, rid);
       cacc += vsel(pos, one, zero);
@@ -200,7 +241,9 @@ FwdPart fwd_segment(float* s, float* ts, const int64_t* cid, int64_t rid, int64_
       if (ts) {
         const wf tl = logit(tscale, vload_n<wf>(ts + j, k, 0.0f));
         vstore_n(ts + j, tl, k);
-        vtmax = vmax_nan(vtmax, vsel(valid, tl, ninf));
+        const wf tv = vsel(valid, tl, ninf);
+        vtmax = vsel(tv > vtmax, tv, vtmax);
+        vtnan = vsel(tv != tv, tv, vtnan);
       }
       j = stop;
     }
@@ -208,8 +251,8 @@ FwdPart fwd_segment(float* s, float* ts, const int64_t* cid, int64_t rid, int64_
     p.cnt += vhsum(cacc);
     p.pos += vhsum(pacc);
   }
-  p.max = vhmax_nan(vmax);
-  p.tmax = ts ? vhmax_nan(vtmax) : -kInf;
+  p.max = any_nan(vnan) ? kNaN : vhmax_nan(vmax);
+  p.tmax = !ts ? -kInf : any_nan(vtnan) ? kNaN : vhmax_nan(vtmax);
 
   // Pass 2: the sums of exponentials (and the teacher-weighted sum of the logits).
   const float shift = lse_shift(p.max), tshift = lse_shift(p.tmax);
@@ -285,13 +328,119 @@ double bwd_segment(float* s, const float* ts, const int64_t* cid, int64_t rid, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// Online merge of row statistics across column tiles.
+
+// The statistics of no columns: the identity of merge_parts.
+constexpr FwdPart kNoColumns{-kInf, 0.0, 0.0, 0.0, 0.0, -kInf, 0.0, 0.0};
+
+// The factor that moves a sum of exponentials taken at lse_shift(max) to the shift `to`.
+inline double shift_factor(float max, float to) {
+  const float from = lse_shift(max);
+  return from == to ? 1.0 : std::exp(static_cast<double>(from) - static_cast<double>(to));
+}
+
+// a := the statistics of a's columns followed by b's: the sums of exponentials (and the teacher's
+// weighted sum) are rescaled to the larger max, the plain sums and counts add.
+inline void merge_parts(FwdPart& a, const FwdPart& b) {
+  const float m = nan_max(a.max, b.max), tm = nan_max(a.tmax, b.tmax);
+  const float sh = lse_shift(m), tsh = lse_shift(tm);
+  double se = 0.0, tse = 0.0, tsw = 0.0;
+  for (const FwdPart* p : {static_cast<const FwdPart*>(&a), &b}) {
+    if (p->sexp != 0.0) se += p->sexp * shift_factor(p->max, sh);
+    if (p->tsexp != 0.0) {
+      const double f = shift_factor(p->tmax, tsh);
+      tse += p->tsexp * f;
+      tsw += p->tsw * f;
+    }
+  }
+  a.max = m;
+  a.tmax = tm;
+  a.sexp = se;
+  a.tsexp = tse;
+  a.tsw = tsw;
+  a.sum += b.sum;
+  a.cnt += b.cnt;
+  a.pos += b.pos;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The token backward: the gradient of S_ij reaches only its arg-max token pair, so it is gathered
+// and scattered with D-length axpys (multiversioned hot loops; bf16 rows are widened on load).
+
+typedef uint16_t wh __attribute__((vector_size(WL * sizeof(uint16_t))));
+
+CPU_MATH_INLINE wf load_row(const float* p) { return vload<wf>(p); }
+CPU_MATH_INLINE wf load_row(const at::BFloat16* p) {
+  wh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const wu u = __builtin_convertvector(h, wu) << 16;
+  wf f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// y[d] += a * x[d], d < n.
+template <typename T>
+CPU_MATH_INLINE void axpy(float* y, float a, const T* x, int64_t n) {
+  const wf av = vsplat<wf>(a);
+  int64_t d = 0;
+  for (; d + WL <= n; d += WL) vstore(y + d, vload<wf>(y + d) + av * load_row(x + d));
+  for (; d < n; ++d) y[d] += a * static_cast<float>(x[d]);
+}
+
+// One query row: dq_r[a*] += s[j] * k[j * P + b*] over the tile's columns j < c, (a*, b*) the
+// arg-max pair idx[j] = a* * P + b*; key rows kr + row * kld, dq_r [Q, D] contiguous.
+template <typename T>
+CPU_MATH_INLINE void scatter_dq_impl(const float* s, const int32_t* idx, int64_t c, int64_t P,
+                                     const T* kr, int64_t kld, float* dq_r, int64_t D) {
+  for (int64_t j = 0; j < c; ++j) {
+    const int64_t t = idx[j], a = t / P, b = t - a * P;
+    axpy(dq_r + a * D, s[j], kr + (j * P + b) * kld, D);
+  }
+}
+CPU_MATH_MULTIVERSION
+void scatter_dq(const float* s, const int32_t* idx, int64_t c, int64_t P, const float* kr,
+                int64_t kld, float* dq_r, int64_t D) {
+  scatter_dq_impl(s, idx, c, P, kr, kld, dq_r, D);
+}
+CPU_MATH_MULTIVERSION
+void scatter_dq(const float* s, const int32_t* idx, int64_t c, int64_t P, const at::BFloat16* kr,
+                int64_t kld, float* dq_r, int64_t D) {
+  scatter_dq_impl(s, idx, c, P, kr, kld, dq_r, D);
+}
+
+// One key column: dk_j[b*] += s[r * ls] * q[r * Q + a*] over the chunk's rows r < rc; query rows
+// qr [rc * Q, D] contiguous, dk_j [P, D] contiguous.
+template <typename T>
+CPU_MATH_INLINE void scatter_dk_impl(const float* s, int64_t ls, const int32_t* idx, int64_t rc,
+                                     int64_t Q, int64_t P, const T* qr, float* dk_j, int64_t D) {
+  for (int64_t r = 0; r < rc; ++r) {
+    const int64_t t = idx[r * ls], a = t / P, b = t - a * P;
+    axpy(dk_j + b * D, s[r * ls], qr + (r * Q + a) * D, D);
+  }
+}
+CPU_MATH_MULTIVERSION
+void scatter_dk(const float* s, int64_t ls, const int32_t* idx, int64_t rc, int64_t Q, int64_t P,
+                const float* qr, float* dk_j, int64_t D) {
+  scatter_dk_impl(s, ls, idx, rc, Q, P, qr, dk_j, D);
+}
+CPU_MATH_MULTIVERSION
+void scatter_dk(const float* s, int64_t ls, const int32_t* idx, int64_t rc, int64_t Q, int64_t P,
+                const at::BFloat16* qr, float* dk_j, int64_t D) {
+  scatter_dk_impl(s, ls, idx, rc, Q, P, qr, dk_j, D);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Inputs.
 
 struct Inputs {
   int64_t N, M, D, Q, P;
-  at::Tensor rid, cid;  // contiguous int64 [N], [M]
-  bool teacher;         // alpha != 0
-  at::Tensor tq, tk;    // the teacher pair (tk = k when absent), defined when teacher
+  at::Tensor rid, cid;                  // contiguous int64 [N], [M]
+  std::vector<at::Tensor> keys;         // k, then kq when given: the columns [k; kq]
+  bool teacher;                         // alpha != 0
+  at::Tensor tq;                        // the teacher queries, defined when teacher
+  std::vector<at::Tensor> tkeys;        // the teacher keys: tk, or the keys when tk is absent
+  bool tkeys_are_keys = true;
 };
 
 at::Tensor read_ids(const at::Tensor& ids, int64_t n, const char* name) {
@@ -315,9 +464,15 @@ void check_tokens(const at::Tensor& x, const char* name) {
               " of ", name, " (float32, bfloat16, float16; float64 for gradcheck)");
 }
 
-Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& tq,
-                    const std::optional<at::Tensor>& tk, const at::Tensor& row_ids,
-                    const at::Tensor& col_ids, double alpha) {
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The features without autograd history: the kernels' ATen calls run on worker threads too, where
+// the caller's dispatch state (below autograd) does not apply.
+inline at::Tensor detached(const at::Tensor& t) { return t.defined() ? t.detach() : t; }
+
+Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kq,
+                    const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
+                    const at::Tensor& row_ids, const at::Tensor& col_ids, double alpha) {
   check_tokens(q, "q");
   check_tokens(k, "k");
   TORCH_CHECK(q.size(2) == k.size(2), kItc, ": feature dims differ: q ", q.sizes(), ", k ",
@@ -325,199 +480,454 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const std::optiona
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), kItc, ": q and k must have the same dtype, got ",
               q.scalar_type(), " and ", k.scalar_type());
   Inputs in;
+  in.keys.push_back(k);
+  if (given(kq)) {
+    check_tokens(*kq, "kq");
+    TORCH_CHECK(kq->size(1) == k.size(1) && kq->size(2) == k.size(2), kItc,
+                ": the queue kq must have k's tokens and feature size: kq ", kq->sizes(), ", k ",
+                k.sizes());
+    TORCH_CHECK(kq->scalar_type() == k.scalar_type(), kItc,
+                ": kq and k must have the same dtype, got ", kq->scalar_type(), " and ",
+                k.scalar_type());
+    in.keys.push_back(kq->detach());
+  }
   in.N = q.size(0);
-  in.M = k.size(0);
+  in.M = k.size(0) + (given(kq) ? kq->size(0) : 0);
   in.D = q.size(2);
   in.Q = q.size(1);
   in.P = k.size(1);
-  TORCH_CHECK(in.M > 0 || in.N == 0, kItc, ": k has no rows but q has ", in.N);
+  TORCH_CHECK(in.M > 0 || in.N == 0, kItc, ": the keys have no rows but q has ", in.N);
   in.rid = read_ids(row_ids, in.N, "row_ids");
   in.cid = read_ids(col_ids, in.M, "col_ids");
   in.teacher = alpha != 0.0;
   if (in.teacher) {
-    TORCH_CHECK(tq.has_value() && tq->defined(), kItc, ": alpha = ", alpha,
-                " needs the teacher queries tq");
-    in.tq = *tq;
-    in.tk = (tk.has_value() && tk->defined()) ? *tk : k;
+    TORCH_CHECK(given(tq), kItc, ": alpha = ", alpha, " needs the teacher queries tq");
+    in.tq = tq->detach();
     check_tokens(in.tq, "tq");
-    check_tokens(in.tk, "tk");
-    TORCH_CHECK(in.tq.size(0) == in.N && in.tk.size(0) == in.M, kItc,
-                ": the teacher pair must have the rows of q and k: tq ", in.tq.sizes(), ", tk ",
-                in.tk.sizes(), " for q ", q.sizes(), ", k ", k.sizes());
-    TORCH_CHECK(in.tq.size(2) == in.tk.size(2), kItc, ": teacher feature dims differ: tq ",
-                in.tq.sizes(), ", tk ", in.tk.sizes());
+    if (given(tk)) {
+      TORCH_CHECK(!given(kq), kItc,
+                  ": with a queue kq the teacher keys are the keys: tk must be None");
+      check_tokens(*tk, "tk");
+      in.tkeys.push_back(tk->detach());
+      in.tkeys_are_keys = false;
+    } else {
+      in.tkeys = in.keys;
+    }
+    const at::Tensor& tk0 = in.tkeys[0];
+    TORCH_CHECK(in.tq.size(0) == in.N && (in.tkeys_are_keys || tk0.size(0) == in.M), kItc,
+                ": the teacher pair must have the rows of q and the keys: tq ", in.tq.sizes(),
+                ", tk ", tk0.sizes(), " for q ", q.sizes(), " and ", in.M, " keys");
+    TORCH_CHECK(in.tq.size(2) == tk0.size(2), kItc, ": teacher feature dims differ: tq ",
+                in.tq.sizes(), ", tk ", tk0.sizes());
   }
   return in;
 }
 
+// x [m, P, D] as the [m * P, D] matrix the GEMMs take, in dtype dt: a view of x when a 2-D view
+// describes it (always for one token: any strides, e.g. the transposed view of a [D, K] queue;
+// BLAS reads them as they are), else a copy (a dtype conversion, or such a token layout).
+at::Tensor key_matrix(const at::Tensor& x, at::ScalarType dt) {
+  const at::Tensor y = x.scalar_type() == dt ? x : x.to(dt);
+  if (x.size(1) == 1) return y.select(1, 0);
+  return y.reshape({x.size(0) * x.size(1), x.size(2)});
+}
+
 // ---------------------------------------------------------------------------------------------
-// float32 chunks (float32 / bfloat16 / float16 inputs).
+// float32 tiles (float32 / bfloat16 / float16 inputs).
 
-// One pair of features as the chunk GEMMs take them.
-struct Pair {
-  at::Tensor q, k;  // [N * Q, D], [M * P, D] contiguous, float32 (bfloat16 when native)
-  int64_t Q = 1, P = 1;
-  bool native = false;
-  int64_t tokens() const { return Q * P; }
+// Floats of one tile's product buffer (1 MiB): R * C * tokens <= TILE, the extra memory per
+// thread beyond O((N + M) * D) does not grow with N or M.
+constexpr int64_t TILE = int64_t(1) << 18;
+// Key tokens a tile gets (C * P) when the keys and TILE allow: GEMMs this wide run near peak.
+constexpr int64_t TILE_COLS = 512;
+
+struct Tile {
+  int seg;      // the key segment (0: k, 1: kq)
+  int64_t j0;   // first column within the segment
+  int64_t col;  // first column of the keys [k; kq]
+  int64_t c;    // columns
 };
 
-Pair make_pair(const at::Tensor& q, const at::Tensor& k, bool bf16_gemm) {
-  Pair p;
-  p.Q = q.size(1);
-  p.P = k.size(1);
-  p.native = bf16_gemm && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16;
-  const at::ScalarType dt = p.native ? at::kBFloat16 : at::kFloat;
-  p.q = to_contiguous(q, dt).view({q.size(0) * p.Q, q.size(2)});
-  p.k = to_contiguous(k, dt).view({k.size(0) * p.P, k.size(2)});
-  return p;
-}
-
-// The chunk's buffers, allocated once: S (and TS) [R, M], the arg-max token pairs [R, M], and the
-// products [R * Q, M * P] of the pairs with several tokens.
-struct Work {
-  int64_t R;
-  at::Tensor S, TS, idx, prod;  // flat
+// The row chunks and column tiles, and which thread takes which tiles.
+struct Plan {
+  int64_t R = 1;             // rows per chunk
+  int64_t C = 1;             // columns per tile at most
+  std::vector<Tile> tiles;   // in column order
+  std::vector<int64_t> part; // range p takes the tiles part[p] <= t < part[p + 1]
+  int64_t ranges() const { return static_cast<int64_t>(part.size()) - 1; }
 };
 
-// Rows per chunk: the largest product buffer stays within BUDGET floats.
-int64_t itc_chunk_rows(const Inputs& in, const Pair& sp, const Pair* tp) {
-  const int64_t tokens = std::max(sp.tokens(), tp ? tp->tokens() : int64_t(1));
-  return chunk_rows(in.N, in.M * tokens);
-}
-
-Work make_work(const Inputs& in, const Pair& sp, const Pair* tp, bool need_idx) {
-  const auto f32 = sp.q.options().dtype(at::kFloat);
-  Work w;
-  w.R = itc_chunk_rows(in, sp, tp);
-  const int64_t RM = w.R * std::max<int64_t>(in.M, 1);
-  w.S = at::empty({RM}, f32);
-  if (tp) w.TS = at::empty({RM}, f32);
-  if (need_idx && sp.tokens() > 1) w.idx = at::empty({RM}, f32.dtype(at::kInt));
-  int64_t tokens = sp.tokens() > 1 ? sp.tokens() : 0;
-  if (tp && tp->tokens() > 1) tokens = std::max(tokens, tp->tokens());
-  if (tokens > 0) w.prod = at::empty({RM * tokens}, f32);
-  return w;
-}
-
-// The first rows * cols elements of a flat buffer as a [rows, cols] matrix.
-at::Tensor matrix(const at::Tensor& buf, int64_t rows, int64_t cols) {
-  return buf.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// out [rows, M * P] = the query token rows q0 <= . < q0 + rows of p times its keys^T (float32).
-at::Tensor gemm_into(const Pair& p, int64_t q0, int64_t rows, const at::Tensor& buf) {
-  at::Tensor out = matrix(buf, rows, p.k.size(0));
-  const at::Tensor qr = p.q.narrow(0, q0, rows);
-  if (p.native) {
-    out.copy_(at::mm(qr, p.k.t()));
-  } else {
-    at::mm_out(out, qr, p.k.t());
+// tokens: the token pairs per (i, j) the product buffer holds (the student's and the teacher's).
+Plan make_plan(int64_t N, const std::vector<int64_t>& seg_cols, int64_t P, int64_t tokens) {
+  Plan pl;
+  int64_t M = 0;
+  for (const int64_t m : seg_cols) M += m;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cmin = std::max<int64_t>(1, std::min(M, ceil_div(TILE_COLS, P)));
+  pl.R = std::max<int64_t>(1, std::min(std::max<int64_t>(N, 1), TILE / (tokens * cmin)));
+  int64_t C = std::max<int64_t>(1, TILE / (tokens * pl.R));
+  // Enough tiles for every thread when the keys are long enough to split.
+  if (ceil_div(M, C) < threads) C = std::min(C, std::max<int64_t>(16, ceil_div(M, threads)));
+  if (C >= 16) C = C / 16 * 16;
+  pl.C = C;
+  int64_t col = 0;
+  for (size_t s = 0; s < seg_cols.size(); ++s) {
+    const int64_t m = seg_cols[s];
+    if (m > 0) {
+      // About equal widths within a segment, multiples of 16 where C is one.
+      const int64_t n = ceil_div(m, C);
+      const int64_t w = C >= 16 ? std::min(C, ceil_div(ceil_div(m, n), 16) * 16) : ceil_div(m, n);
+      for (int64_t j0 = 0; j0 < m; j0 += w) {
+        pl.tiles.push_back({static_cast<int>(s), j0, col + j0, std::min(w, m - j0)});
+      }
+    }
+    col += m;
   }
-  return out;
+  // One contiguous range of tiles per thread, of about M / ranges columns each.
+  const int64_t T = static_cast<int64_t>(pl.tiles.size());
+  const int64_t np = std::max<int64_t>(1, std::min(T, threads));
+  pl.part.assign(static_cast<size_t>(np + 1), T);
+  pl.part[0] = 0;
+  int64_t t = 0, cum = 0;
+  for (int64_t p = 1; p < np; ++p) {
+    const int64_t target = M * p / np;
+    // The boundary nearest to the target that leaves every range at least one tile.
+    while (t < T - (np - p) &&
+           (t < pl.part[p - 1] + 1 || cum + pl.tiles[t].c / 2 < target)) {
+      cum += pl.tiles[t].c;
+      ++t;
+    }
+    pl.part[p] = t;
+  }
+  return pl;
 }
 
-// S [rc, M] (into S_buf) of the rows r0 <= i < r0 + rc of pair p, with the flat arg-max token pair
-// idx [rc, M] when idx is given (pairs with several tokens).
-void similarity(const Pair& p, int64_t r0, int64_t rc, int64_t M, const at::Tensor& S_buf,
-                int32_t* idx, const at::Tensor& prod_buf) {
-  if (p.tokens() == 1) {
-    gemm_into(p, r0, rc, S_buf);
+// Runs body(p) for every range p: one per thread, or inline (its GEMMs and loops multithreaded)
+// for a single range.
+template <typename F>
+void for_ranges(int64_t np, const F& body) {
+  if (np == 1) {
+    body(int64_t(0));
     return;
   }
-  float* prod = gemm_into(p, r0 * p.Q, rc * p.Q, prod_buf).data_ptr<float>();
-  float* S = S_buf.data_ptr<float>();
-  const int64_t Q = p.Q, P = p.P, MP = M * P;
-  const RowSplit sp = split_rows(rc, M);
-  const int64_t grain = std::max<int64_t>(1, sp.grain / (Q * P));
-  at::parallel_for(0, rc * sp.segments, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> ta;
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t r = it / sp.segments, c0 = (it % sp.segments) * sp.width;
-      const int64_t c1 = std::min(M, c0 + sp.width);
-      reduce_tokens(prod + r * Q * MP, Q, M, P, c0, c1, S + r * M, idx ? idx + r * M : nullptr, ta);
-    }
+  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inputs carry no autograd history
+    for (int64_t p = begin; p < end; ++p) body(p);
   });
 }
 
+// The operands of the tile GEMMs.
+struct Ctx {
+  int64_t N = 0, M = 0, D = 0, Q = 1, P = 1, TQ = 1, TP = 1;
+  bool teacher = false;
+  bool stacked = false;  // the teacher's query rows are stacked under the queries: one GEMM
+  Plan plan;
+  // The query token rows, chunk by chunk: the rc * Q rows of q of the chunk at row r0 start at row
+  // r0 * xper, followed (stacked) by its rc * TQ rows of tq. GEMM dtype, contiguous.
+  at::Tensor x;
+  int64_t xper = 1;
+  at::Tensor tx;                 // the teacher's query rows [N * TQ, D'] (not stacked)
+  std::vector<at::Tensor> keys;  // per segment [M_s * P, D], GEMM dtype, any strides
+  at::Tensor tkeys;              // the teacher's keys [M * TP, D'] (not stacked)
+  bool bf16 = false;             // some GEMM multiplies bfloat16
+  // Several key tokens against one query token: the products are computed transposed (key
+  // tokens in rows; see reduce_transposed), for the queries (and the stacked teacher queries),
+  // and for the teacher's own pair.
+  bool transposed = false, ttransposed = false;
+};
+
+// The [n * T, D] token rows of x [n, T, D], contiguous in dtype dt.
+at::Tensor token_rows(const at::Tensor& x, at::ScalarType dt) {
+  return to_contiguous(x, dt).view({x.size(0) * x.size(1), x.size(2)});
+}
+
+Ctx make_ctx(const at::Tensor& q, const Inputs& in, bool bf16_gemm, bool teacher) {
+  Ctx cx;
+  cx.N = in.N;
+  cx.M = in.M;
+  cx.D = in.D;
+  cx.Q = in.Q;
+  cx.P = in.P;
+  cx.teacher = teacher;
+  const bool native = bf16_gemm && q.scalar_type() == at::kBFloat16;
+  const at::ScalarType dt = native ? at::kBFloat16 : at::kFloat;
+  for (const at::Tensor& k : in.keys) cx.keys.push_back(key_matrix(k, dt));
+  cx.bf16 = native;
+  if (teacher) {
+    cx.TQ = in.tq.size(1);
+    cx.TP = in.tkeys[0].size(1);
+    cx.stacked = in.tkeys_are_keys;
+  }
+  cx.transposed = cx.P > 1 && cx.Q == 1 && !(teacher && cx.stacked && cx.TQ > 1);
+  cx.ttransposed = teacher && !cx.stacked && cx.TP > 1 && cx.TQ == 1;
+  std::vector<int64_t> cols;
+  for (const at::Tensor& k : in.keys) cols.push_back(k.size(0));
+  cx.plan = make_plan(in.N, cols, in.P, in.Q * in.P + (teacher ? cx.TQ * cx.TP : 0));
+  if (cx.stacked) {
+    const int64_t R = cx.plan.R, Q = cx.Q, TQ = cx.TQ, D = cx.D;
+    cx.xper = Q + TQ;
+    cx.x = at::empty({in.N * cx.xper, D}, q.options().dtype(dt));
+    for (int64_t r0 = 0; r0 < in.N; r0 += R) {
+      const int64_t rc = std::min(R, in.N - r0), base = r0 * cx.xper;
+      cx.x.narrow(0, base, rc * Q).view({rc, Q, D}).copy_(q.narrow(0, r0, rc));
+      cx.x.narrow(0, base + rc * Q, rc * TQ).view({rc, TQ, D}).copy_(in.tq.narrow(0, r0, rc));
+    }
+  } else {
+    cx.xper = cx.Q;
+    cx.x = token_rows(q, dt);
+    if (teacher) {
+      const at::Tensor& tk = in.tkeys[0];
+      const bool tnative = native && in.tq.scalar_type() == at::kBFloat16 &&
+                           tk.scalar_type() == at::kBFloat16;
+      const at::ScalarType tdt = tnative ? at::kBFloat16 : at::kFloat;
+      cx.tx = token_rows(in.tq, tdt);
+      cx.tkeys = key_matrix(tk, tdt);
+    }
+  }
+  return cx;
+}
+
+// What one range (thread) owns: its buffers and partial results.
+struct Work {
+  at::Tensor prod;    // float32 products of the chunk's token rows with a tile's key tokens
+  at::Tensor prod16;  // bfloat16 GEMM outputs before widening (bf16 GEMMs)
+  at::Tensor S, TS;   // [R, C] similarities of pairs with several tokens (the tile's own layout)
+  at::Tensor ST, IT;  // [C, 2 * R] transposed max and arg-max (reduce_transposed)
+  at::Tensor idx;     // [R, C] int32 arg-max token pairs (backward)
+  at::Tensor kstage;  // float32 key rows of a tile whose rows are not unit-stride (token backward)
+  at::Tensor G;       // [R, C] Gumbel noise (negatives)
+  at::Tensor dq;      // [R * Q, D] float32 partial dq of the chunk (backward)
+  std::vector<FwdPart> acc;  // [R] the rows' statistics over this range's tiles (forward)
+  std::vector<double> rowd;  // [R] per-row sum(dL * S) of one tile (backward)
+  double dscale = 0.0;       // this range's sum(dL * S) over the chunk (backward)
+  std::vector<float> best;   // [R] the best key so far (negatives)
+  std::vector<int64_t> arg;  // [R] its column (negatives)
+};
+
+enum class Pass { kRows, kGrads, kNegatives };
+
+std::vector<Work> make_works(const Ctx& cx, Pass pass) {
+  const Plan& pl = cx.plan;
+  const auto f32 = cx.x.options().dtype(at::kFloat);
+  const int64_t RC = pl.R * pl.C;
+  const int64_t prod = RC * (cx.Q * cx.P + (cx.teacher ? cx.TQ * cx.TP : 0));
+  std::vector<Work> works(static_cast<size_t>(pl.ranges()));
+  for (Work& w : works) {
+    w.prod = at::empty({prod}, f32);
+    if (cx.bf16 || (pass == Pass::kGrads && cx.x.scalar_type() == at::kBFloat16)) {
+      w.prod16 = at::empty({prod}, f32.dtype(at::kBFloat16));
+    }
+    if (cx.Q * cx.P > 1) {
+      w.S = at::empty({RC}, f32);
+      if (pass == Pass::kGrads) w.idx = at::empty({RC}, f32.dtype(at::kInt));
+    }
+    if (cx.teacher && cx.TQ * cx.TP > 1) w.TS = at::empty({RC}, f32);
+    if (cx.transposed || cx.ttransposed) {
+      w.ST = at::empty({2 * RC}, f32);
+      if (pass == Pass::kGrads) w.IT = at::empty({2 * RC}, f32.dtype(at::kInt));
+    }
+    if (pass == Pass::kRows) w.acc.resize(static_cast<size_t>(pl.R));
+    if (pass == Pass::kGrads) {
+      w.dq = at::empty({pl.R * cx.Q, cx.D}, f32);
+      w.rowd.resize(static_cast<size_t>(pl.R));
+    }
+    if (pass == Pass::kNegatives) {
+      w.G = at::empty({RC}, f32);
+      w.best.resize(static_cast<size_t>(pl.R));
+      w.arg.resize(static_cast<size_t>(pl.R));
+    }
+  }
+  return works;
+}
+
+// out [rows, cols] float32 (w.prod from element off) = a [rows, D] @ b [cols, D]^T.
+float* tile_gemm(Work& w, int64_t off, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t rows = a.size(0), cols = b.size(0);
+  at::Tensor out = w.prod.narrow(0, off, rows * cols).view({rows, cols});
+  if (a.scalar_type() == at::kBFloat16) {  // bf16 GEMM, its products rounded to bf16
+    at::Tensor o16 = w.prod16.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(o16, a, b.t());
+    out.copy_(o16);
+  } else {
+    at::mm_out(out, a, b.t());
+  }
+  return out.data_ptr<float>();
+}
+
+// A tile's similarities of the chunk's rows: S [rc, c] (row stride c), the teacher's TS [rc, c]
+// (null without a teacher), and the arg-max token pairs idx [rc, c] when asked and the pairs have
+// several tokens (else null).
+struct TileView {
+  float* S;
+  float* TS;
+  int32_t* idx;
+};
+
+// Several key tokens against one query token: the GEMM puts the key tokens in rows (prodT
+// [c * P, rows], rows the query columns), so that the max over a key's P tokens is a vertical
+// max over P rows, vectorised over the queries; the [c, rows] result is then transposed.
+// outs[g] [rows_g, c] receives the query rows q0[g] <= r < q0[g] + rows_g; idx (when given) the
+// arg-max token b of outs[0]'s rows.
+struct TransposedOut {
+  float* out;
+  int64_t q0, rows;
+};
+void reduce_transposed(const float* prodT, int64_t rows, int64_t c, int64_t P, Work& w,
+                       std::initializer_list<TransposedOut> outs, int32_t* idx) {
+  float* ST = w.ST.data_ptr<float>();
+  int32_t* IT = idx ? w.IT.data_ptr<int32_t>() : nullptr;
+  at::parallel_for(0, c, std::max<int64_t>(1, GRAIN_ELEMS / (P * rows)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      reduce_rows(prodT + j * P * rows, rows, P, rows, ST + j * rows, IT ? IT + j * rows : nullptr);
+    }
+  });
+  for (const TransposedOut& o : outs) {
+    at::parallel_for(0, o.rows, std::max<int64_t>(1, GRAIN_ELEMS / c),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* so = o.out + r * c;
+        const float* si = ST + o.q0 + r;
+        for (int64_t j = 0; j < c; ++j) so[j] = si[j * rows];
+        if (IT && o.out == outs.begin()->out) {
+          int32_t* io = idx + r * c;
+          const int32_t* ii = IT + o.q0 + r;
+          for (int64_t j = 0; j < c; ++j) io[j] = ii[j * rows];
+        }
+      }
+    });
+  }
+}
+
+TileView compute_tile(const Ctx& cx, Work& w, int64_t r0, int64_t rc, const Tile& t,
+                      bool need_idx) {
+  const int64_t c = t.c, Q = cx.Q, P = cx.P, TQ = cx.TQ, TP = cx.TP;
+  const at::Tensor kt = cx.keys[static_cast<size_t>(t.seg)].narrow(0, t.j0 * P, c * P);
+  const at::Tensor xr = cx.x.narrow(0, r0 * cx.xper, rc * cx.xper);
+  const bool st = Q * P > 1, tt = cx.teacher && TQ * TP > 1;
+  TileView v{nullptr, nullptr, nullptr};
+  if (st) {
+    v.S = w.S.data_ptr<float>();
+    if (need_idx) v.idx = w.idx.data_ptr<int32_t>();
+  }
+  if (tt) v.TS = w.TS.data_ptr<float>();
+
+  // The queries' (and stacked teacher queries') products with the tile's keys.
+  if (cx.transposed) {
+    const float* prodT = tile_gemm(w, 0, kt, xr);
+    if (cx.teacher && cx.stacked) {
+      reduce_transposed(prodT, rc * 2, c, P, w, {{v.S, 0, rc}, {v.TS, rc, rc}}, v.idx);
+    } else {
+      reduce_transposed(prodT, rc, c, P, w, {{v.S, 0, rc}}, v.idx);
+    }
+  } else {
+    float* prod = tile_gemm(w, 0, xr, kt);
+    if (!st) v.S = prod;
+    if (cx.teacher && cx.stacked && !tt) v.TS = prod + rc * Q * c * P;
+    const bool tred = cx.teacher && cx.stacked && tt;
+    if (st || tred) {
+      float* tprod = prod + rc * Q * c * P;
+      const int64_t grain = std::max<int64_t>(1, GRAIN_ELEMS / (c * std::max(Q * P, TQ * TP)));
+      at::parallel_for(0, rc, grain, [&](int64_t begin, int64_t end) {
+        std::vector<int32_t> ta;
+        for (int64_t r = begin; r < end; ++r) {
+          if (st) {
+            reduce_tokens(prod + r * Q * c * P, Q, c, P, 0, c, v.S + r * c,
+                          v.idx ? v.idx + r * c : nullptr, ta);
+          }
+          if (tred) {
+            reduce_tokens(tprod + r * TQ * c * TP, TQ, c, TP, 0, c, v.TS + r * c, nullptr, ta);
+          }
+        }
+      });
+    }
+  }
+  if (!cx.teacher || cx.stacked) return v;
+
+  // The teacher's own pair: its products after the queries' in the buffer.
+  const int64_t off = rc * Q * c * P;
+  const at::Tensor tkt = cx.tkeys.narrow(0, t.col * TP, c * TP);
+  const at::Tensor txr = cx.tx.narrow(0, r0 * TQ, rc * TQ);
+  if (cx.ttransposed) {
+    reduce_transposed(tile_gemm(w, off, tkt, txr), rc, c, TP, w, {{v.TS, 0, rc}}, nullptr);
+    return v;
+  }
+  float* tprod = tile_gemm(w, off, txr, tkt);
+  if (!tt) {
+    v.TS = tprod;
+    return v;
+  }
+  at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / (c * TQ * TP)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> ta;
+    for (int64_t r = begin; r < end; ++r) {
+      reduce_tokens(tprod + r * TQ * c * TP, TQ, c, TP, 0, c, v.TS + r * c, nullptr, ta);
+    }
+  });
+  return v;
+}
+
+// The rows' loss, lse, tlse and count from their statistics over all the columns.
+void finish_row(const FwdPart& p, bool teacher, double alpha, double eps, int64_t M, float* loss,
+                float* lse, float* tlse, float* cnt) {
+  const float shift = lse_shift(p.max), tshift = lse_shift(p.tmax);
+  const double row_lse = (p.max != p.max) ? static_cast<double>(p.max) : shift + std::log(p.sexp);
+  double fit = 0.0;
+  if (alpha != 1.0) fit += (1.0 - alpha) * p.pos / p.cnt;
+  if (teacher) fit += alpha * p.tsw / p.tsexp;
+  double row = row_lse - (1.0 - eps) * fit;
+  if (eps != 0.0) row -= eps / static_cast<double>(M) * p.sum;
+  *loss = static_cast<float>(row);
+  *lse = static_cast<float>(row_lse);
+  *cnt = static_cast<float>(p.cnt);
+  if (teacher) *tlse = (p.tmax != p.tmax) ? p.tmax : static_cast<float>(tshift + std::log(p.tsexp));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-rows_f32(const at::Tensor& q, const at::Tensor& k, const Inputs& in, float sc, float tsc,
-         double alpha, double eps, bool bf16_gemm) {
+rows_f32(const at::Tensor& q, const Inputs& in, float sc, float tsc, double alpha, double eps,
+         bool bf16_gemm) {
   const int64_t N = in.N, M = in.M;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({N}, f32), lse = at::empty({N}, f32), tlse = at::zeros({N}, f32),
              count = at::empty({N}, f32);
   if (N == 0) return std::make_tuple(loss, lse, tlse, count);
 
-  const Pair sp = make_pair(q, k, bf16_gemm);
-  Pair tpair;
-  if (in.teacher) tpair = make_pair(in.tq, in.tk, bf16_gemm);
-  const Pair* tp = in.teacher ? &tpair : nullptr;
-  const Work w = make_work(in, sp, tp, /*need_idx=*/false);
+  const Ctx cx = make_ctx(q, in, bf16_gemm, in.teacher);
+  const Plan& pl = cx.plan;
+  std::vector<Work> works = make_works(cx, Pass::kRows);
   const int64_t* rid = in.rid.data_ptr<int64_t>();
   const int64_t* cid = in.cid.data_ptr<int64_t>();
   float* o_loss = loss.data_ptr<float>();
   float* o_lse = lse.data_ptr<float>();
   float* o_tlse = tlse.data_ptr<float>();
   float* o_cnt = count.data_ptr<float>();
-  std::vector<FwdPart> parts;
 
-  for (int64_t r0 = 0; r0 < N; r0 += w.R) {
-    const int64_t rc = std::min(w.R, N - r0);
-    similarity(sp, r0, rc, M, w.S, nullptr, w.prod);
-    if (tp) similarity(*tp, r0, rc, M, w.TS, nullptr, w.prod);
-    float* S = w.S.data_ptr<float>();
-    float* TS = tp ? w.TS.data_ptr<float>() : nullptr;
-
-    const RowSplit split = split_rows(rc, M);
-    parts.resize(static_cast<size_t>(rc * split.segments));
-    at::parallel_for(0, rc * split.segments, split.grain, [&](int64_t begin, int64_t end) {
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t r = it / split.segments, c0 = (it % split.segments) * split.width;
-        const int64_t c1 = std::min(M, c0 + split.width);
-        parts[it] = fwd_segment(S + r * M + c0, TS ? TS + r * M + c0 : nullptr, cid + c0,
-                                rid[r0 + r], c1 - c0, sc, tsc);
+  for (int64_t r0 = 0; r0 < N; r0 += pl.R) {
+    const int64_t rc = std::min(pl.R, N - r0);
+    for_ranges(pl.ranges(), [&](int64_t p) {
+      Work& w = works[static_cast<size_t>(p)];
+      std::fill(w.acc.begin(), w.acc.begin() + rc, kNoColumns);
+      for (int64_t ti = pl.part[p]; ti < pl.part[p + 1]; ++ti) {
+        const Tile& t = pl.tiles[static_cast<size_t>(ti)];
+        const TileView v = compute_tile(cx, w, r0, rc, t, /*need_idx=*/false);
+        at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / t.c),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const FwdPart part = fwd_segment(v.S + r * t.c, v.TS ? v.TS + r * t.c : nullptr,
+                                             cid + t.col, rid[r0 + r], t.c, sc, tsc);
+            merge_parts(w.acc[static_cast<size_t>(r)], part);
+          }
+        });
       }
     });
-
+    // The ranges' statistics merged in column order.
     for (int64_t r = 0; r < rc; ++r) {
-      const FwdPart* p = parts.data() + r * split.segments;
-      float m = -kInf, tm = -kInf;
-      double sum = 0.0, cnt = 0.0, pos = 0.0;
-      for (int64_t c = 0; c < split.segments; ++c) {
-        m = nan_max(m, p[c].max);
-        tm = nan_max(tm, p[c].tmax);
-        sum += p[c].sum;
-        cnt += p[c].cnt;
-        pos += p[c].pos;
+      FwdPart a = works[0].acc[static_cast<size_t>(r)];
+      for (size_t p = 1; p < works.size(); ++p) {
+        merge_parts(a, works[p].acc[static_cast<size_t>(r)]);
       }
-      // Merge the segments' sums of exponentials at the row's max.
-      const float shift = lse_shift(m), tshift = lse_shift(tm);
-      double se = 0.0, tse = 0.0, tsw = 0.0;
-      for (int64_t c = 0; c < split.segments; ++c) {
-        if (p[c].sexp != 0.0) {
-          se += split.segments == 1
-                    ? p[c].sexp
-                    : p[c].sexp * std::exp(static_cast<double>(lse_shift(p[c].max)) - shift);
-        }
-        if (tp && p[c].tsexp != 0.0) {
-          const double f = split.segments == 1
-                               ? 1.0
-                               : std::exp(static_cast<double>(lse_shift(p[c].tmax)) - tshift);
-          tse += p[c].tsexp * f;
-          tsw += p[c].tsw * f;
-        }
-      }
-      const double row_lse = (m != m) ? static_cast<double>(m) : shift + std::log(se);
-      double fit = 0.0;
-      if (alpha != 1.0) fit += (1.0 - alpha) * pos / cnt;
-      if (tp) fit += alpha * tsw / tse;
-      double row = row_lse - (1.0 - eps) * fit;
-      if (eps != 0.0) row -= eps / static_cast<double>(M) * sum;
       const int64_t i = r0 + r;
-      o_loss[i] = static_cast<float>(row);
-      o_lse[i] = static_cast<float>(row_lse);
-      o_cnt[i] = static_cast<float>(cnt);
-      if (tp) o_tlse[i] = (tm != tm) ? tm : static_cast<float>(tshift + std::log(tse));
+      finish_row(a, in.teacher, alpha, eps, M, o_loss + i, o_lse + i, o_tlse + i, o_cnt + i);
     }
   }
   return std::make_tuple(loss, lse, tlse, count);
@@ -527,126 +937,164 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor>
 grads_f32(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const Inputs& in,
           float sc, float tsc, const at::Tensor& lse, const at::Tensor& tlse,
           const at::Tensor& count, double alpha, double eps, bool need_dk, bool bf16_gemm) {
-  const int64_t N = in.N, M = in.M, D = in.D, Q = in.Q, P = in.P;
+  const int64_t N = in.N, M = in.M, D = in.D, Q = in.Q, P = in.P, M0 = k.size(0);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty({N * Q, D}, q.options());
-  at::Tensor dk = need_dk ? at::zeros({M * P, D}, f32) : at::Tensor();
+  // dk accumulates in float32 (k's own dk for float32 keys).
+  at::Tensor dk = need_dk ? at::zeros({M0 * P, D}, f32) : at::Tensor();
   double dscale = 0.0;
   auto finish = [&]() {
     return std::make_tuple(dq.view({N, Q, D}),
-                           need_dk ? dk.to(k.scalar_type()).view({M, P, D}) : k.new_empty({0}),
+                           need_dk ? dk.to(k.scalar_type()).view({M0, P, D}) : k.new_empty({0}),
                            at::scalar_tensor(static_cast<double>(static_cast<float>(dscale)), f32));
   };
   if (N == 0) return finish();
 
-  const Pair sp = make_pair(q, k, bf16_gemm);
-  Pair tpair;
-  if (in.teacher) tpair = make_pair(in.tq, in.tk, bf16_gemm);
-  const Pair* tp = in.teacher ? &tpair : nullptr;
-  const Work w = make_work(in, sp, tp, /*need_idx=*/true);
+  const Ctx cx = make_ctx(q, in, bf16_gemm, in.teacher);
+  const Plan& pl = cx.plan;
+  std::vector<Work> works = make_works(cx, Pass::kGrads);
   const int64_t* rid = in.rid.data_ptr<int64_t>();
   const int64_t* cid = in.cid.data_ptr<int64_t>();
   const float* pg = g.data_ptr<float>();
   const float* plse = lse.data_ptr<float>();
   const float* ptlse = tlse.data_ptr<float>();
   const float* pcnt = count.data_ptr<float>();
-  const bool dq_f32 = q.scalar_type() == at::kFloat;
-  const int64_t tokens = sp.tokens(), MP = M * P;
-  at::Tensor dq_stage =
-      (dq_f32 || sp.native) ? at::Tensor() : at::empty({std::min(w.R, N) * Q, D}, f32);
-  int32_t* idx = tokens > 1 ? w.idx.data_ptr<int32_t>() : nullptr;
-  std::vector<double> parts;
+  const bool tokens = Q * P > 1;
+  const bool x16 = cx.x.scalar_type() == at::kBFloat16;
+  float* dkp = need_dk ? dk.data_ptr<float>() : nullptr;
 
-  for (int64_t r0 = 0; r0 < N; r0 += w.R) {
-    const int64_t rc = std::min(w.R, N - r0);
-    similarity(sp, r0, rc, M, w.S, idx, w.prod);
-    if (tp) similarity(*tp, r0, rc, M, w.TS, nullptr, w.prod);
-    float* S = w.S.data_ptr<float>();
-    const float* TS = tp ? w.TS.data_ptr<float>() : nullptr;
+  for (int64_t r0 = 0; r0 < N; r0 += pl.R) {
+    const int64_t rc = std::min(pl.R, N - r0);
+    // The chunk's query token rows (GEMM dtype, contiguous).
+    const at::Tensor xq = cx.x.narrow(0, r0 * cx.xper, rc * Q);
+    for_ranges(pl.ranges(), [&](int64_t p) {
+      Work& w = works[static_cast<size_t>(p)];
+      at::Tensor dqp = w.dq.narrow(0, 0, rc * Q);
+      dqp.zero_();
+      w.dscale = 0.0;
+      for (int64_t ti = pl.part[p]; ti < pl.part[p + 1]; ++ti) {
+        const Tile& t = pl.tiles[static_cast<size_t>(ti)];
+        const int64_t c = t.c;
+        const TileView v = compute_tile(cx, w, r0, rc, t, /*need_idx=*/tokens);
 
-    // S -> scale * dL in place; sum(dL * S) per work item.
-    const RowSplit split = split_rows(rc, M);
-    parts.resize(static_cast<size_t>(rc * split.segments));
-    at::parallel_for(0, rc * split.segments, split.grain, [&](int64_t begin, int64_t end) {
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t r = it / split.segments, c0 = (it % split.segments) * split.width;
-        const int64_t c1 = std::min(M, c0 + split.width);
-        const int64_t i = r0 + r;
-        Targets t;
-        t.use_soft = tp != nullptr;
-        t.use_hard = alpha != 1.0;
-        t.soft = static_cast<float>((1.0 - eps) * alpha);
-        t.hard = static_cast<float>((1.0 - eps) * (1.0 - alpha) / static_cast<double>(pcnt[i]));
-        t.flat = static_cast<float>(eps / static_cast<double>(M));
-        parts[it] = bwd_segment(S + r * M + c0, TS ? TS + r * M + c0 : nullptr, cid + c0, rid[i],
-                                c1 - c0, sc, tsc, plse[i], tp ? ptlse[i] : 0.0f, pg[i], t);
+        // S -> scale * dL in place; sum(dL * S) per row, added in row order.
+        at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / c),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t i = r0 + r;
+            Targets tg;
+            tg.use_soft = cx.teacher;
+            tg.use_hard = alpha != 1.0;
+            tg.soft = static_cast<float>((1.0 - eps) * alpha);
+            tg.hard =
+                static_cast<float>((1.0 - eps) * (1.0 - alpha) / static_cast<double>(pcnt[i]));
+            tg.flat = static_cast<float>(eps / static_cast<double>(M));
+            w.rowd[static_cast<size_t>(r)] =
+                bwd_segment(v.S + r * c, v.TS ? v.TS + r * c : nullptr, cid + t.col, rid[i], c,
+                            sc, tsc, plse[i], cx.teacher ? ptlse[i] : 0.0f, pg[i], tg);
+          }
+        });
+        for (int64_t r = 0; r < rc; ++r) w.dscale += w.rowd[static_cast<size_t>(r)];
+
+        const bool dk_tile = need_dk && t.seg == 0;
+        const at::Tensor kt = cx.keys[static_cast<size_t>(t.seg)].narrow(0, t.j0 * P, c * P);
+        if (!tokens) {
+          // dq_chunk += Z @ k_tile, dk_tile += Z^T @ q_chunk (Z = scale * dL, the tile itself).
+          const at::Tensor Z = w.prod.narrow(0, 0, rc * c).view({rc, c});
+          if (x16) {  // scale * dL rounded to bf16 for the bf16 GEMMs
+            at::Tensor z16 = w.prod16.narrow(0, 0, rc * c).view({rc, c});
+            z16.copy_(Z);
+            dqp.add_(at::mm(z16, kt));
+            if (dk_tile) dk.narrow(0, t.j0, c).add_(at::mm(z16.t(), xq));
+          } else {
+            dqp.addmm_(Z, kt);
+            if (dk_tile) dk.narrow(0, t.j0, c).addmm_(Z.t(), xq);
+          }
+          continue;
+        }
+        // Several token pairs: gather / scatter at the arg-max pairs.
+        float* dq_rows = dqp.data_ptr<float>();
+        const float* kf = nullptr;
+        const at::BFloat16* kb = nullptr;
+        int64_t kld = D;
+        if (kt.stride(1) == 1 && kt.scalar_type() == at::kFloat) {
+          kf = kt.data_ptr<float>();
+          kld = kt.stride(0);
+        } else if (kt.stride(1) == 1 && kt.scalar_type() == at::kBFloat16) {
+          kb = kt.data_ptr<at::BFloat16>();
+          kld = kt.stride(0);
+        } else {  // feature-strided key rows: staged as float32 rows
+          if (!w.kstage.defined() || w.kstage.numel() < c * P * D) {
+            w.kstage = at::empty({pl.C * P * D}, f32);
+          }
+          at::Tensor st = w.kstage.narrow(0, 0, c * P * D).view({c * P, D});
+          st.copy_(kt);
+          kf = st.data_ptr<float>();
+        }
+        at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / (c * D)),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            if (kf) {
+              scatter_dq(v.S + r * c, v.idx + r * c, c, P, kf, kld, dq_rows + r * Q * D, D);
+            } else {
+              scatter_dq(v.S + r * c, v.idx + r * c, c, P, kb, kld, dq_rows + r * Q * D, D);
+            }
+          }
+        });
+        if (dk_tile) {
+          at::parallel_for(0, c, std::max<int64_t>(1, GRAIN_ELEMS / (rc * D)),
+                           [&](int64_t begin, int64_t end) {
+            for (int64_t j = begin; j < end; ++j) {
+              float* dk_j = dkp + (t.j0 + j) * P * D;
+              if (x16) {
+                scatter_dk(v.S + j, c, v.idx + j, rc, Q, P, xq.data_ptr<at::BFloat16>(), dk_j, D);
+              } else {
+                scatter_dk(v.S + j, c, v.idx + j, rc, Q, P, xq.data_ptr<float>(), dk_j, D);
+              }
+            }
+          });
+        }
       }
     });
-    for (const double p : parts) dscale += p;
-
-    // The matrix the two GEMMs take: scale * dL itself, or placed at the arg-max token pairs.
-    at::Tensor Z;
-    if (tokens == 1) {
-      Z = matrix(w.S, rc, M);
-    } else {
-      Z = matrix(w.prod, rc * Q, MP);
-      float* z = Z.data_ptr<float>();
-      at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / (Q * MP)),
-                       [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          float* zr = z + r * Q * MP;
-          std::fill(zr, zr + Q * MP, 0.0f);
-          const float* sr = S + r * M;
-          const int32_t* ir = idx + r * M;
-          for (int64_t j = 0; j < M; ++j) {
-            const int64_t a = ir[j] / P, b = ir[j] - a * P;
-            zr[a * MP + j * P + b] = sr[j];
-          }
-        }
-      });
-    }
-
-    // dq rows = Z @ k ; dk += Z^T @ q_rows.
-    const at::Tensor q_rows = sp.q.narrow(0, r0 * Q, rc * Q);
-    if (sp.native) {  // scale * dL rounded to bf16 for the bf16 GEMMs
-      const at::Tensor z16 = Z.to(at::kBFloat16);
-      at::Tensor dq_rows = dq.narrow(0, r0 * Q, rc * Q);
-      at::mm_out(dq_rows, z16, sp.k);
-      if (need_dk) dk.add_(at::mm(z16.t(), q_rows));
-      continue;
-    }
-    at::Tensor dq_rows = dq_f32 ? dq.narrow(0, r0 * Q, rc * Q) : dq_stage.narrow(0, 0, rc * Q);
-    at::mm_out(dq_rows, Z, sp.k);
-    if (!dq_f32) dq.narrow(0, r0 * Q, rc * Q).copy_(dq_rows);
-    if (need_dk) dk.addmm_(Z.t(), q_rows);
+    // The ranges' dq partials and dscale, added in column order.
+    at::Tensor acc = works[0].dq.narrow(0, 0, rc * Q);
+    for (size_t p = 1; p < works.size(); ++p) acc.add_(works[p].dq.narrow(0, 0, rc * Q));
+    dq.narrow(0, r0 * Q, rc * Q).copy_(acc);
+    for (const Work& w : works) dscale += w.dscale;
   }
   return finish();
 }
 
 // ---------------------------------------------------------------------------------------------
-// float64 inputs (gradcheck): the same chunked algorithm written with ATen ops in float64.
-// Correctness only; chunks still bound the memory (a few R x M float64 temporaries).
+// float64 inputs (gradcheck): a row-chunked version of the same algorithm written with ATen ops
+// in float64. Correctness only; chunks still bound the memory (a few R x M float64 temporaries).
 
 struct PairF64 {
-  at::Tensor q, k;  // [N * Q, D], [M * P, D] contiguous float64
+  at::Tensor q;                // [N * Q, D] contiguous float64
+  std::vector<at::Tensor> k;   // key segments [M_s * P, D] float64
   int64_t Q = 1, P = 1;
 };
 
-PairF64 make_pair_f64(const at::Tensor& q, const at::Tensor& k) {
+PairF64 make_pair_f64(const at::Tensor& q, const std::vector<at::Tensor>& keys) {
   PairF64 p;
   p.Q = q.size(1);
-  p.P = k.size(1);
-  p.q = to_contiguous(q, at::kDouble).view({q.size(0) * p.Q, q.size(2)});
-  p.k = to_contiguous(k, at::kDouble).view({k.size(0) * p.P, k.size(2)});
+  p.P = keys[0].size(1);
+  p.q = token_rows(q, at::kDouble);
+  for (const at::Tensor& k : keys) p.k.push_back(key_matrix(k, at::kDouble));
   return p;
 }
 
 // (S [rc, M], the flat arg-max token pair [rc, M] int64 or undefined for one token pair) of the rows
 // r0 <= i < r0 + rc; torch.max picks the first maximal pair, as the reference's does.
 std::pair<at::Tensor, at::Tensor> similarity_f64(const PairF64& p, int64_t r0, int64_t rc) {
-  const at::Tensor prod = at::mm(p.q.narrow(0, r0 * p.Q, rc * p.Q), p.k.t());
+  const at::Tensor qr = p.q.narrow(0, r0 * p.Q, rc * p.Q);
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& k : p.k) {
+    if (k.size(0) > 0) parts.push_back(at::mm(qr, k.t()));
+  }
+  const at::Tensor prod = parts.size() == 1 ? parts[0] : at::cat(parts, 1);  // [rc * Q, M * P]
   if (p.Q * p.P == 1) return {prod, at::Tensor()};
-  const int64_t M = p.k.size(0) / p.P;
+  const int64_t M = prod.size(1) / p.P;
   const auto mx = prod.view({rc, p.Q, M, p.P}).permute({0, 2, 1, 3}).reshape({rc, M, p.Q * p.P})
                       .max(-1);
   return {std::get<0>(mx), std::get<1>(mx)};
@@ -658,21 +1106,20 @@ at::Tensor positives_f64(const Inputs& in, int64_t r0, int64_t rc) {
 }
 
 int64_t chunk_rows_f64(const Inputs& in) {
-  const int64_t tokens = std::max(in.Q * in.P, in.teacher ? in.tq.size(1) * in.tk.size(1)
+  const int64_t tokens = std::max(in.Q * in.P, in.teacher ? in.tq.size(1) * in.tkeys[0].size(1)
                                                            : int64_t(1));
   return chunk_rows(in.N, in.M * tokens);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-rows_f64(const at::Tensor& q, const at::Tensor& k, const Inputs& in, double sc, double tsc,
-         double alpha, double eps) {
+rows_f64(const at::Tensor& q, const Inputs& in, double sc, double tsc, double alpha, double eps) {
   const int64_t N = in.N, M = in.M;
   const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor loss = at::empty({N}, f64), lse = at::empty({N}, f64), tlse = at::zeros({N}, f64),
              count = at::empty({N}, f64);
-  const PairF64 sp = make_pair_f64(q, k);
+  const PairF64 sp = make_pair_f64(q, in.keys);
   PairF64 tp;
-  if (in.teacher) tp = make_pair_f64(in.tq, in.tk);
+  if (in.teacher) tp = make_pair_f64(in.tq, in.tkeys);
   const int64_t R = chunk_rows_f64(in);
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rc = std::min(R, N - r0);
@@ -701,13 +1148,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor>
 grads_f64(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const Inputs& in,
           double sc, double tsc, const at::Tensor& lse, const at::Tensor& tlse,
           const at::Tensor& count, double alpha, double eps, bool need_dk) {
-  const int64_t N = in.N, M = in.M, D = in.D, Q = in.Q, P = in.P;
+  const int64_t N = in.N, M = in.M, D = in.D, Q = in.Q, P = in.P, M0 = k.size(0);
   const auto f64 = q.options().dtype(at::kDouble);
-  const PairF64 sp = make_pair_f64(q, k);
+  const PairF64 sp = make_pair_f64(q, in.keys);
   PairF64 tp;
-  if (in.teacher) tp = make_pair_f64(in.tq, in.tk);
+  if (in.teacher) tp = make_pair_f64(in.tq, in.tkeys);
   at::Tensor dq = at::empty({N * Q, D}, f64);
-  at::Tensor dk = need_dk ? at::zeros({M * P, D}, f64) : at::Tensor();
+  at::Tensor dk = need_dk ? at::zeros({M0 * P, D}, f64) : at::Tensor();
   at::Tensor dscale = at::zeros({}, f64);
   const int64_t R = chunk_rows_f64(in);
   for (int64_t r0 = 0; r0 < N; r0 += R) {
@@ -734,11 +1181,20 @@ grads_f64(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const I
               .permute({0, 2, 1, 3})
               .reshape({rc * Q, M * P});
     }
+    // dq rows = Z @ [k; kq] segment by segment; dk += Z[:, k's columns]^T @ q_rows.
     at::Tensor dq_rows = dq.narrow(0, r0 * Q, rc * Q);
-    at::mm_out(dq_rows, Z, sp.k);
-    if (need_dk) dk.addmm_(Z.t(), sp.q.narrow(0, r0 * Q, rc * Q));
+    dq_rows.zero_();
+    int64_t off = 0;
+    for (size_t s = 0; s < sp.k.size(); ++s) {
+      const int64_t cols = sp.k[s].size(0);
+      if (cols > 0) dq_rows.addmm_(Z.narrow(1, off, cols), sp.k[s]);
+      off += cols;
+    }
+    if (need_dk && M0 > 0) {
+      dk.addmm_(Z.narrow(1, 0, M0 * P).t(), sp.q.narrow(0, r0 * Q, rc * Q));
+    }
   }
-  return std::make_tuple(dq.view({N, Q, D}), need_dk ? dk.view({M, P, D}) : k.new_empty({0}),
+  return std::make_tuple(dq.view({N, Q, D}), need_dk ? dk.view({M0, P, D}) : k.new_empty({0}),
                          dscale);
 }
 
@@ -755,44 +1211,123 @@ inline uint32_t fmix32(uint32_t x) {
   return x;
 }
 
-// u[r, j] = ((h(seed, r0 + r, j) >> 9) + 0.5) * 2^-23 in float32 (exact, below 1) for a chunk [rc, M] (random.py).
-void fill_uniform(float* u, uint32_t seed, int64_t r0, int64_t rc, int64_t M) {
+// u[r, j] = ((h(seed, r0 + r, col + j) >> 9) + 0.5) * 2^-23 in float32 (exact, below 1) for the
+// rows r0 <= i < r0 + rc and the columns col <= j < col + c ([rc, c], random.py).
+void fill_uniform(float* u, uint32_t seed, int64_t r0, int64_t rc, int64_t col, int64_t c) {
   const uint32_t s = fmix32(seed);
-  at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / M), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / c), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint32_t row = fmix32(s ^ static_cast<uint32_t>(r0 + r));
-      float* ur = u + r * M;
-      for (int64_t j = 0; j < M; ++j) {
-        const uint32_t h = fmix32(row ^ (static_cast<uint32_t>(j) * 0x9E3779B9u));
+      float* ur = u + r * c;
+      for (int64_t j = 0; j < c; ++j) {
+        const uint32_t h = fmix32(row ^ (static_cast<uint32_t>(col + j) * 0x9E3779B9u));
         ur[j] = (static_cast<float>(h >> 9) + 0.5f) * 1.1920928955078125e-7f;  // 2^-23
       }
     }
   });
 }
 
-// out[i] for the rows of a chunk from their float32 logits L [rc, M] and Gumbel noise G [rc, M]:
-// the first j maximising L + G among the non-positive j (a NaN key wins, as torch.argmax), -1
-// when there is none or the best key is infinite (as the reference reads its masked max).
-void pick_negatives(const float* L, const float* G, const int64_t* rid, const int64_t* cid,
-                    int64_t r0, int64_t rc, int64_t M, int64_t* out) {
-  at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / M), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* lr = L + r * M;
-      const float* gr = G + r * M;
-      const int64_t id = rid[r0 + r];
-      float best = -kInf;
-      int64_t arg = -1;
-      for (int64_t j = 0; j < M; ++j) {
-        if (cid[j] == id) continue;
-        const float key = lr[j] + gr[j];
-        if (best == best && (key > best || key != key)) {
-          best = key;
-          arg = j;
-        }
-      }
-      out[r0 + r] = std::isinf(best) ? -1 : arg;
+// Gumbel noise -log(-log(u)) of a [rc, c] block in place, with torch's own log, so that it is
+// bitwise the reference's.
+void fill_gumbel(const at::Tensor& buf, uint32_t seed, int64_t r0, int64_t rc, int64_t col,
+                 int64_t c) {
+  at::Tensor g = buf.narrow(0, 0, rc * c);
+  fill_uniform(g.data_ptr<float>(), seed, r0, rc, col, c);
+  g.log_().neg_().log_().neg_();
+}
+
+// The running pick of one row over columns col <= j < col + c: the first j maximising L + G among
+// the non-positive j (a NaN key wins and stays, as torch.argmax).
+void pick_columns(const float* L, const float* G, const int64_t* cid, int64_t id, int64_t col,
+                  int64_t c, float& best, int64_t& arg) {
+  for (int64_t j = 0; j < c; ++j) {
+    if (cid[col + j] == id) continue;
+    const float key = L[j] + G[j];
+    if (best == best && (key > best || key != key)) {
+      best = key;
+      arg = col + j;
     }
-  });
+  }
+}
+
+// a := the pick over a's columns followed by b's.
+inline void merge_picks(float& best, int64_t& arg, float b_best, int64_t b_arg) {
+  if (best == best && (b_best > best || b_best != b_best)) {
+    best = b_best;
+    arg = b_arg;
+  }
+}
+
+// out[i]: the pick, or -1 when there is none or the best key is infinite (as the reference reads
+// its masked max).
+inline int64_t final_pick(float best, int64_t arg) { return std::isinf(best) ? -1 : arg; }
+
+void negatives_f32(const at::Tensor& q, const Inputs& in, float sc, uint32_t seed, bool bf16_gemm,
+                   int64_t* out) {
+  const int64_t N = in.N;
+  const Ctx cx = make_ctx(q, in, bf16_gemm, /*teacher=*/false);
+  const Plan& pl = cx.plan;
+  std::vector<Work> works = make_works(cx, Pass::kNegatives);
+  const int64_t* rid = in.rid.data_ptr<int64_t>();
+  const int64_t* cid = in.cid.data_ptr<int64_t>();
+  for (int64_t r0 = 0; r0 < N; r0 += pl.R) {
+    const int64_t rc = std::min(pl.R, N - r0);
+    for_ranges(pl.ranges(), [&](int64_t p) {
+      Work& w = works[static_cast<size_t>(p)];
+      std::fill(w.best.begin(), w.best.begin() + rc, -kInf);
+      std::fill(w.arg.begin(), w.arg.begin() + rc, int64_t(-1));
+      for (int64_t ti = pl.part[p]; ti < pl.part[p + 1]; ++ti) {
+        const Tile& t = pl.tiles[static_cast<size_t>(ti)];
+        const int64_t c = t.c;
+        float* L = compute_tile(cx, w, r0, rc, t, /*need_idx=*/false).S;
+        fill_gumbel(w.G, seed, r0, rc, t.col, c);
+        const float* G = w.G.data_ptr<float>();
+        at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / c),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            float* lr = L + r * c;
+            for (int64_t j = 0; j < c; ++j) lr[j] = lr[j] * sc;  // the float32 logits
+            pick_columns(lr, G + r * c, cid, rid[r0 + r], t.col, c,
+                         w.best[static_cast<size_t>(r)], w.arg[static_cast<size_t>(r)]);
+          }
+        });
+      }
+    });
+    for (int64_t r = 0; r < rc; ++r) {
+      float best = works[0].best[static_cast<size_t>(r)];
+      int64_t arg = works[0].arg[static_cast<size_t>(r)];
+      for (size_t p = 1; p < works.size(); ++p) {
+        merge_picks(best, arg, works[p].best[static_cast<size_t>(r)],
+                    works[p].arg[static_cast<size_t>(r)]);
+      }
+      out[r0 + r] = final_pick(best, arg);
+    }
+  }
+}
+
+void negatives_f64(const at::Tensor& q, const Inputs& in, double sc, uint32_t seed, int64_t* out) {
+  const int64_t N = in.N, M = in.M;
+  const auto f32 = q.options().dtype(at::kFloat);
+  const PairF64 sp = make_pair_f64(q, in.keys);
+  const int64_t R = chunk_rows_f64(in);
+  at::Tensor G = at::empty({std::min(R, N) * M}, f32);
+  const int64_t* rid = in.rid.data_ptr<int64_t>();
+  const int64_t* cid = in.cid.data_ptr<int64_t>();
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rc = std::min(R, N - r0);
+    const at::Tensor L = (similarity_f64(sp, r0, rc).first * sc).to(at::kFloat).contiguous();
+    fill_gumbel(G, seed, r0, rc, 0, M);
+    const float* l = L.data_ptr<float>();
+    const float* gp = G.data_ptr<float>();
+    at::parallel_for(0, rc, std::max<int64_t>(1, GRAIN_ELEMS / M), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float best = -kInf;
+        int64_t arg = -1;
+        pick_columns(l + r * M, gp + r * M, cid, rid[r0 + r], 0, M, best, arg);
+        out[r0 + r] = final_pick(best, arg);
+      }
+    });
+  }
 }
 
 }  // namespace
@@ -801,26 +1336,29 @@ void pick_negatives(const float* L, const float* G, const int64_t* rid, const in
 // Entry points.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-itc_rows(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& tq,
-         const std::optional<at::Tensor>& tk, const at::Tensor& scale, const at::Tensor& tscale,
-         const at::Tensor& row_ids, const at::Tensor& col_ids, double alpha, double eps,
-         bool bf16_gemm) {
-  const Inputs in = check_inputs(q, k, tq, tk, row_ids, col_ids, alpha);
+itc_rows(const at::Tensor& q_, const at::Tensor& k_, const std::optional<at::Tensor>& kq,
+         const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
+         const at::Tensor& scale, const at::Tensor& tscale, const at::Tensor& row_ids,
+         const at::Tensor& col_ids, double alpha, double eps, bool bf16_gemm) {
+  const at::Tensor q = detached(q_), k = detached(k_);
+  const Inputs in = check_inputs(q, k, kq, tq, tk, row_ids, col_ids, alpha);
   if (q.scalar_type() == at::kDouble) {
-    return rows_f64(q, k, in, read_scale_f64(scale, "scale", kItc),
+    return rows_f64(q, in, read_scale_f64(scale, "scale", kItc),
                     read_scale_f64(tscale, "tscale", kItc), alpha, eps);
   }
-  return rows_f32(q, k, in, read_scale(scale, "scale", kItc), read_scale(tscale, "tscale", kItc),
+  return rows_f32(q, in, read_scale(scale, "scale", kItc), read_scale(tscale, "tscale", kItc),
                   alpha, eps, bf16_gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
-itc_grads(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
-          const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
-          const at::Tensor& scale, const at::Tensor& tscale, const at::Tensor& row_ids,
-          const at::Tensor& col_ids, const at::Tensor& lse, const at::Tensor& tlse,
-          const at::Tensor& count, double alpha, double eps, bool need_dk, bool bf16_gemm) {
-  const Inputs in = check_inputs(q, k, tq, tk, row_ids, col_ids, alpha);
+itc_grads(const at::Tensor& g, const at::Tensor& q_, const at::Tensor& k_,
+          const std::optional<at::Tensor>& kq, const std::optional<at::Tensor>& tq,
+          const std::optional<at::Tensor>& tk, const at::Tensor& scale, const at::Tensor& tscale,
+          const at::Tensor& row_ids, const at::Tensor& col_ids, const at::Tensor& lse,
+          const at::Tensor& tlse, const at::Tensor& count, double alpha, double eps, bool need_dk,
+          bool bf16_gemm) {
+  const at::Tensor q = detached(q_), k = detached(k_);
+  const Inputs in = check_inputs(q, k, kq, tq, tk, row_ids, col_ids, alpha);
   const bool f64 = q.scalar_type() == at::kDouble;
   const at::ScalarType sd = f64 ? at::kDouble : at::kFloat;
   const at::Tensor gv = read_vector(g, in.N, "g", sd, kItc);
@@ -835,57 +1373,22 @@ itc_grads(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                    read_scale(tscale, "tscale", kItc), lv, tv, cv, alpha, eps, need_dk, bf16_gemm);
 }
 
-at::Tensor itc_negatives(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+at::Tensor itc_negatives(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& scale,
                          const at::Tensor& row_ids, const at::Tensor& col_ids,
                          const at::Tensor& seed, bool bf16_gemm) {
-  const Inputs in = check_inputs(q, k, std::nullopt, std::nullopt, row_ids, col_ids, 0.0);
+  const at::Tensor q = detached(q_), k = detached(k_);
+  const Inputs in =
+      check_inputs(q, k, std::nullopt, std::nullopt, std::nullopt, row_ids, col_ids, 0.0);
   TORCH_CHECK(seed.defined() && seed.device().is_cpu() && seed.numel() == 1 &&
                   at::isIntegralType(seed.scalar_type(), /*includeBool=*/false),
               kItc, ": seed must be a one-element integer CPU tensor");
   const uint32_t s = static_cast<uint32_t>(seed.to(at::kLong).item<int64_t>());
-  const int64_t N = in.N, M = in.M;
-  at::Tensor out = at::empty({N}, q.options().dtype(at::kLong));
-  if (N == 0) return out;
-  const bool f64 = q.scalar_type() == at::kDouble;
-  const int64_t* rid = in.rid.data_ptr<int64_t>();
-  const int64_t* cid = in.cid.data_ptr<int64_t>();
-  int64_t* o = out.data_ptr<int64_t>();
-  const auto f32 = q.options().dtype(at::kFloat);
-
-  Pair sp;
-  PairF64 sp64;
-  Work w;
-  double sc64 = 0.0;
-  float sc = 0.0f;
-  if (f64) {
-    sp64 = make_pair_f64(q, k);
-    sc64 = read_scale_f64(scale, "scale", kItc);
-    w.R = chunk_rows_f64(in);
-    w.S = at::empty({w.R * M}, f32);
+  at::Tensor out = at::empty({in.N}, q.options().dtype(at::kLong));
+  if (in.N == 0) return out;
+  if (q.scalar_type() == at::kDouble) {
+    negatives_f64(q, in, read_scale_f64(scale, "scale", kItc), s, out.data_ptr<int64_t>());
   } else {
-    sp = make_pair(q, k, bf16_gemm);
-    sc = read_scale(scale, "scale", kItc);
-    w = make_work(in, sp, nullptr, /*need_idx=*/false);
-  }
-  at::Tensor G = at::empty({w.R * M}, f32);
-
-  for (int64_t r0 = 0; r0 < N; r0 += w.R) {
-    const int64_t rc = std::min(w.R, N - r0);
-    // The float32 logits of the chunk.
-    if (f64) {
-      matrix(w.S, rc, M).copy_(similarity_f64(sp64, r0, rc).first * sc64);
-    } else {
-      similarity(sp, r0, rc, M, w.S, nullptr, w.prod);
-      float* S = w.S.data_ptr<float>();
-      at::parallel_for(0, rc * M, GRAIN_ELEMS, [&](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e) S[e] = S[e] * sc;
-      });
-    }
-    // Gumbel noise -log(-log(u)) with torch's own log, so that it is bitwise the reference's.
-    at::Tensor g = matrix(G, rc, M);
-    fill_uniform(g.data_ptr<float>(), s, r0, rc, M);
-    g.log_().neg_().log_().neg_();
-    pick_negatives(w.S.data_ptr<float>(), g.data_ptr<float>(), rid, cid, r0, rc, M, o);
+    negatives_f32(q, in, read_scale(scale, "scale", kItc), s, bf16_gemm, out.data_ptr<int64_t>());
   }
   return out;
 }
