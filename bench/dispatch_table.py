@@ -36,6 +36,9 @@ DISPATCHED = {
     "siglip_loss": ("contrastive", "siglip_loss"),
     # one rank's local loss: two infonce_loss calls of n queries against W * n keys
     "clip_local_loss": ("contrastive", "infonce_loss"),
+    "albef_itc": ("contrastive", "itc_loss"),
+    "blip2_itc": ("contrastive", "itc_loss"),
+    "itm_negatives": ("contrastive", "itc_negatives"),
     "attention_fwd_bwd": ("attention", "multimodal_attention"),
     "attention_fwd": ("attention", "multimodal_attention"),
     "cross_attention": ("cross_attention", "cross_attention"),
@@ -69,6 +72,9 @@ def shape_class(op: str, shape: dict) -> str:
         return cls(shape["n"], shape["n"] * shape["W"], shape["D"])
     if family == "contrastive":
         from mmkernels.contrastive.paths import shape_class as cls
+        if DISPATCHED[op][1].startswith("itc_"):  # bench/cases/itc.py names their sizes
+            from bench.cases.itc import dispatch_dims
+            return cls(*dispatch_dims(op, shape))
         return cls(shape["N"], shape.get("M", shape["N"]), shape["D"])
     if family == "attention":
         from mmkernels.attention.paths import shape_class as cls

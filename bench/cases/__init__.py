@@ -27,6 +27,7 @@ FAMILIES = {
     "cross_attention": "bench.cases.cross_attention",
     "siglip": "bench.cases.siglip",
     "contrastive_dist": "bench.cases.contrastive_dist",
+    "itc": "bench.cases.itc",
 }
 PROFILES = ("full", "quick", "pytest")
 
