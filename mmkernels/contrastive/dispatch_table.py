@@ -16,6 +16,14 @@ TABLE = {
         (('materialized', 'blockwise', 'kernel'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
     ('infonce_loss', 'cpu', 'float32', 'nm<=2^24'):
         (('materialized', 'kernel', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
+    ('itc_loss', 'cpu', 'bfloat16', 'nm<=2^24'):
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-itc: 3 case(s)'),
+    ('itc_loss', 'cpu', 'float32', 'nm<=2^24'):
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-itc: 3 case(s)'),
+    ('itc_negatives', 'cpu', 'bfloat16', 'nm<=2^24'):
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-itc: 1 case(s)'),
+    ('itc_negatives', 'cpu', 'float32', 'nm<=2^24'):
+        (('kernel', 'materialized', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-itc: 1 case(s)'),
     ('siglip_loss', 'cpu', 'bfloat16', 'nm<=2^24'):
         (('materialized', 'kernel', 'blockwise'), '2026-12-06-cpu-epyc-2core-quick-siglip-dist: 2 case(s)'),
     ('siglip_loss', 'cpu', 'bfloat16', 'nm<=2^28'):
