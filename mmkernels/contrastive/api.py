@@ -72,6 +72,25 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> N
         raise ValueError(f"{a_name} has feature size {a.shape[1]} but {b_name} has {b.shape[1]}")
 
 
+def check_targets(targets, n: int, m: int, like: torch.Tensor, *, rows: str = "queries",
+                  keys: str = "keys", lower: int = 0, hint: str = "pass targets") -> torch.Tensor:
+    """``targets [N]`` int64 in ``[lower, M)`` on ``like``'s device, or the default ``arange(N)``
+    (which needs ``M >= N``). ``rows`` / ``keys`` name the two sides in the messages; on CUDA the
+    range check is an asynchronous device assert (no host sync)."""
+    if targets is None:
+        if m < n:
+            raise ValueError(f"default targets arange({n}) need at least {n} {keys}, got {m}; {hint}")
+        return torch.arange(n, device=like.device)
+    check.tensor(targets, "targets", 1)
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be int64, got {targets.dtype}")
+    if targets.shape[0] != n:
+        raise ValueError(f"targets has {targets.shape[0]} entries but {rows} has {n} rows")
+    check.same_device((rows, like), ("targets", targets))
+    check.index_range(targets, "targets", m, lower=lower)
+    return targets
+
+
 def _under_autocast(a: torch.Tensor, b: torch.Tensor):
     """Autocast's rule for ``CE(logit_scale * a @ b.T)``: the matmul's inputs in the autocast
     dtype, the loss in float32 (cross-entropy is an fp32 op under autocast). Returns the
@@ -266,18 +285,7 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
     _check_pair(queries, keys, "queries", "keys")
     _check_options(label_smoothing, reduction)
     n, m = queries.shape[0], keys.shape[0]
-    if targets is None:
-        if m < n:
-            raise ValueError(f"default targets arange({n}) need at least {n} keys, got {m}; pass targets")
-        targets = torch.arange(n, device=queries.device)
-    else:
-        check.tensor(targets, "targets", 1)
-        if targets.dtype != torch.int64:
-            raise TypeError(f"targets must be int64, got {targets.dtype}")
-        if targets.shape[0] != n:
-            raise ValueError(f"targets has {targets.shape[0]} entries but queries has {n} rows")
-        check.same_device(("queries", queries), ("targets", targets))
-        check.index_range(targets, "targets", m)
+    targets = check_targets(targets, n, m, queries)
     scale = _scalar_arg(logit_scale, queries, "logit_scale")
     decision = _choose(
         "infonce_loss", queries, paths.shape_class(n, m, queries.shape[1]),

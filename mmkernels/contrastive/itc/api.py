@@ -20,13 +20,13 @@ import torch
 
 from ... import _dispatch, _distributed
 from ... import _validation as check
-from ..api import _choose, _scalar_arg, _under_autocast
+from ..api import _check_options as _check_clip_options
+from ..api import _choose, _scalar_arg, _under_autocast, check_targets
 from ..paths import shape_class
 from ..reference import reduce as reduce_rows
 from . import paths, random as itc_random
 from .ops import itc_negatives, itc_rows
 
-REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -53,10 +53,7 @@ def check_ids(ids, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_options(alpha: float, label_smoothing: float, reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    _check_clip_options(label_smoothing, reduction)
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
 
@@ -75,20 +72,8 @@ def _positive_ids(n: int, m: int, targets, positive_ids, key_ids, like: torch.Te
                 raise ValueError(f"there are {m} keys but {n} queries: pass key_ids, the ids of the keys")
             key_ids = positive_ids
         return rows, check_ids(key_ids, "key_ids", m, like)
-    cols = torch.arange(m, device=like.device)
-    if targets is None:
-        if m < n:
-            raise ValueError(f"default targets arange({n}) need at least {n} keys, got {m}; pass "
-                             "targets or positive_ids")
-        return torch.arange(n, device=like.device), cols
-    check.tensor(targets, "targets", 1)
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64, got {targets.dtype}")
-    if targets.shape[0] != n:
-        raise ValueError(f"targets has {targets.shape[0]} entries but queries has {n} rows")
-    check.same_device(("queries", like), ("targets", targets))
-    check.index_range(targets, "targets", m)
-    return targets, cols
+    targets = check_targets(targets, n, m, like, hint="pass targets or positive_ids")
+    return targets, torch.arange(m, device=like.device)
 
 
 # ----------------------------------------------------------------------------- one direction

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from ... import _dispatch
-from ... import _validation as check
 from .. import paths as contrastive_paths
-from ..api import _check_pair, _choose, _scalar_arg, _under_autocast
+from ..api import _check_pair, _choose, _scalar_arg, _under_autocast, check_targets
 from . import paths
 from .ops import siglip_fused, siglip_rows
 
@@ -27,19 +26,8 @@ def _check_reduction(reduction: str) -> None:
 
 def _check_targets(targets, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
     """``targets [N]`` int64 in ``[-1, M)`` (default ``arange(N)``, which needs ``M >= N``)."""
-    if targets is None:
-        if m < n:
-            raise ValueError(f"default targets arange({n}) need at least {n} text rows, got {m}; "
-                             "pass targets (-1 for a row without a positive)")
-        return torch.arange(n, device=like.device)
-    check.tensor(targets, "targets", 1)
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64, got {targets.dtype}")
-    if targets.shape[0] != n:
-        raise ValueError(f"targets has {targets.shape[0]} entries but image_features has {n} rows")
-    check.same_device(("image_features", like), ("targets", targets))
-    check.index_range(targets, "targets", m, lower=-1)
-    return targets
+    return check_targets(targets, n, m, like, rows="image_features", keys="text rows", lower=-1,
+                         hint="pass targets (-1 for a row without a positive)")
 
 
 def _wants_fused(*tensors: torch.Tensor) -> bool:
