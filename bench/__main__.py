@@ -7,6 +7,7 @@ Examples::
     python -m bench --family contrastive --device cpu --out /tmp/b
     python -m bench --providers reference,mmkernels --size N=4096,8192 --size D=512
     python -m bench --list                  # the plan, without running it
+    python -m bench --family models --op train_clip --quick --device cpu   # one model's training step
     python -m bench --family experts --profile pytest --device cpu   # one family at tiny sizes
     python -m bench --dispatch-table bench/results/RUN --write       # regenerate the dispatch tables
 
@@ -46,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--family", action="append", default=None, help=f"op family, repeatable or comma-separated (default: all of {', '.join(FAMILIES)})")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
+    ap.add_argument("--op", default=None, help="comma-separated ops to run (e.g. train_clip); default: all of the families'")
     ap.add_argument("--providers", default=None, help="comma-separated providers to run (torch.mm probes always run)")
     ap.add_argument("--size", action="append", default=None, metavar="KEY=V1,V2", help="override a shape list, e.g. N=4096,8192 or D=768")
     ap.add_argument("--time-budget", type=float, default=None, metavar="S", help="start no new measurement after S seconds (results so far are kept)")
@@ -71,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"unknown family {f!r}; known: {', '.join(FAMILIES)}")
     args.family = fams
     args.providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    args.op = {o.strip() for o in args.op.split(",") if o.strip()} if args.op else None
     try:
         args.size = _sizes(args.size)
     except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -99,6 +102,12 @@ def main(argv=None) -> int:
         return dispatch_table.main(argv[1:])
     args = parse_args(argv)
     cases = collect(args.family, args.device, args.profile, args.size)
+    if args.op is not None:
+        unknown = args.op - {c.op for c in cases}
+        if unknown:
+            print(f"--op: no case of the chosen families and profile is {sorted(unknown)}", file=sys.stderr)
+            return 2
+        cases = [c for c in cases if c.op in args.op]
     pairs = harness.plan(cases, args.providers)
     notes = family_notes(args.family, args.device, args.profile)
 

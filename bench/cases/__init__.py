@@ -28,6 +28,7 @@ FAMILIES = {
     "siglip": "bench.cases.siglip",
     "contrastive_dist": "bench.cases.contrastive_dist",
     "itc": "bench.cases.itc",
+    "models": "bench.cases.models",  # one training step of each reference model of mmkernels.models
 }
 PROFILES = ("full", "quick", "pytest")
 
