@@ -48,11 +48,12 @@ def load(name: str):
     return importlib.import_module(f"mmkernels.models.{name}")
 
 
-def build(name: str, config, impl: str = "mmkernels", *, seed: int = 0, device="cpu",
+def build(name, config, impl: str = "mmkernels", *, seed: int = 0, device="cpu",
           dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """``Model(config, impl)`` of the reference model ``name``, initialised from ``seed`` (the same
-    parameters for both forms), on ``device`` in ``dtype``."""
-    module = load(name)
+    """``Model(config, impl)`` of the reference model ``name`` (or of a module following the
+    interface above), initialised from ``seed`` (the same parameters for both forms), on ``device``
+    in ``dtype``."""
+    module = load(name) if isinstance(name, str) else name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = module.Model(config, impl=check_impl(impl))

@@ -55,10 +55,11 @@ def _train(model: torch.nn.Module, batches: list, steps: int, dtype: torch.dtype
     return torch.stack(losses), state
 
 
-def train_side_by_side(name: str, config, *, batch_size: int, steps: int = 30, dtype=torch.float32,
+def train_side_by_side(name, config, *, batch_size: int, steps: int = 30, dtype=torch.float32,
                        num_batches: int = 4, lr: float = 1e-3, weight_decay: float = 0.01,
                        backend: str | None = None, seed: int = 0) -> TrainRun:
-    """Train the reference model ``name`` (``mmkernels.models.<name>``) at ``config``.
+    """Train the reference model ``name`` (``mmkernels.models.<name>``, or a module following the
+    interface of :mod:`mmkernels.models.common`) at ``config``.
 
     ``num_batches`` batches of ``synthetic_batch(config, batch_size, seed=seed + i)`` (made in
     float64 and cast) are cycled through for ``steps`` AdamW steps. ``backend`` forces the
@@ -66,7 +67,7 @@ def train_side_by_side(name: str, config, *, batch_size: int, steps: int = 30, d
     (they call no mmkernels op). Returns the losses and final states of ``truth`` (plain, float64),
     ``mmkernels`` (``dtype``) and, when ``dtype`` is not float64, ``plain`` (``dtype``).
     """
-    module = common.load(name)
+    module = common.load(name) if isinstance(name, str) else name
     batches = [module.synthetic_batch(config, batch_size, seed=seed + i, dtype=torch.float64)
                for i in range(num_batches)]
     run = TrainRun(dtype=dtype)
@@ -74,7 +75,7 @@ def train_side_by_side(name: str, config, *, batch_size: int, steps: int = 30, d
     if dtype != torch.float64:
         forms.append(("plain", "plain", dtype))
     for label, impl, dt in forms:
-        model = common.build(name, config, impl, seed=seed, dtype=dt)
+        model = common.build(module, config, impl, seed=seed, dtype=dt)
         run.losses[label], run.states[label] = _train(model, batches, steps, dt, lr, weight_decay,
                                                       backend if impl == "mmkernels" else None)
     return run

@@ -134,6 +134,24 @@ def _agree_qformer(case, provider) -> None:
     XA.agree(case, provider.name)
 
 
+def _agree_models(case, provider) -> None:
+    """A reference model's training step (the mmkernels form) against its plain form evaluated in
+    float64 on the same parameters and batch: the loss and the gradient of every parameter."""
+    inputs = _inputs(case)
+    torch.manual_seed(case.seed)
+    out = provider.fn(**inputs)
+    out.backward()
+    ref_inputs = _float64(inputs)
+    torch.manual_seed(case.seed)
+    ref = case.provider("reference").fn(**ref_inputs)
+    ref.backward()
+    tol = EXPERTS_TOL[case.dtype]
+    assert abs(out.item() - ref.item()) <= tol * max(abs(ref.item()), 1.0), (out.item(), ref.item())
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            _close(v.grad, ref_inputs[name].grad, tol, f"grad of {name}")
+
+
 def _check(case, provider):
     """The agreement check of a pair, or None where the pair has none (the oracle itself, the
     torch.mm rate probes, the attention mask's construction)."""
@@ -143,6 +161,8 @@ def _check(case, provider):
         return _agree_attention if case.op != A.OP_MASK and provider.name != "reference" else None
     if case.family == "experts":
         return _agree_experts
+    if case.family == "models":
+        return _agree_models if provider.name != "reference" else None
     if case.family == XA.FAMILY and case.op == XA.OP_QFORMER:
         return _agree_qformer if provider.name != XA.oracle_name(case) else None
     if provider.name != "reference" and any(p.name == "reference" for p in case.providers):
