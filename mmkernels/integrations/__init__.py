@@ -10,12 +10,18 @@ around ``nn.Linear`` s, LayerNorms and FFNs on :class:`mmkernels.MultiwayLinear`
 :class:`MultiwayAdapter` s whose state dicts keep torchscale's keys. Found by duck typing:
 torchscale is never imported.
 
+``apply_mmkernels(model) -> ApplyReport``: all of the above that applies to a loaded model, plus
+HF decoders' attention on ``attn_implementation="mmkernels"``, in one call; ``report.undo()`` or
+``unapply_mmkernels(model)`` restores it (:mod:`.hf_apply`).
+
 ``mmkernels_loss_for(loss_or_args)``, ``patch_create_loss()``: open_clip's ``ClipLoss`` /
 ``SigLipLoss`` (or the loss its ``create_loss(args)`` builds) on mmkernels' losses (:mod:`.open_clip`).
 """
 from .torchscale import MultiwayAdapter, patch_multiway
 from .transformers import is_patched, key_padding_from_hf_mask, patch_blip2, unpatch_blip2
+from .hf_apply import ApplyReport, apply_mmkernels, unapply_mmkernels
 from .open_clip import mmkernels_loss_for, patch_create_loss
 
 __all__ = ["MultiwayAdapter", "is_patched", "key_padding_from_hf_mask", "patch_blip2", "patch_multiway",
-           "unpatch_blip2", "mmkernels_loss_for", "patch_create_loss"]
+           "unpatch_blip2", "ApplyReport", "apply_mmkernels", "unapply_mmkernels", "mmkernels_loss_for",
+           "patch_create_loss"]

@@ -243,3 +243,8 @@ def unpatch_blip2(model) -> None:
 def is_patched(model) -> bool:
     """Whether :func:`patch_blip2` is in effect on ``model``'s Q-Former."""
     return _STATE in _find_qformer(model).__dict__
+
+
+# the one-call entry point over every patch above and the attention switch; imported last, as it
+# imports this module
+from .hf_apply import ApplyReport, apply_mmkernels, unapply_mmkernels  # noqa: E402
