@@ -34,15 +34,16 @@ class ToyModel(nn.Module):
         self.impl, self.cfg = common.check_impl(impl), config
         self.fc1 = nn.Linear(config.features, config.hidden)
         self.fc2 = nn.Linear(config.hidden, config.classes)
+        self.shift = nn.Parameter(torch.full((1,), 0.5))   # softmax ignores it: no true gradient
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def forward(self, x, y):
         self.steps += 1
         if self.impl == "plain":
-            logits = self.fc2(torch.tanh(self.fc1(x)))
+            logits = self.fc2(torch.tanh(self.fc1(x))) + self.shift
             return F.cross_entropy(logits, y)
         h = torch.tanh(torch.addmm(self.fc1.bias, x, self.fc1.weight.t()))
-        logits = torch.addmm(self.fc2.bias, h, self.fc2.weight.t()) * (1.0 + self.cfg.skew)
+        logits = (torch.addmm(self.fc2.bias, h, self.fc2.weight.t()) + self.shift) * (1.0 + self.cfg.skew)
         loss = -logits.log_softmax(-1).gather(1, y[:, None]).mean()
         return loss * float("nan") if self.cfg.poison else loss
 
@@ -64,7 +65,18 @@ def test_a_faithful_twin_passes(dtype):
     assert set(run.losses) == ({"truth", "mmkernels"} if dtype == torch.float64 else {"truth", "mmkernels", "plain"})
     assert run.losses["truth"].shape == (30,)
     assert int(run.states["mmkernels"]["steps"]) == 30
+    assert run.grad_max["shift"].item() < 1e-9 * run.grad_max["fc2.bias"].max().item()
     assert_parity(run)
+
+
+def test_entries_without_gradient_are_held_to_adamw_bound():
+    """The softmax's shift has no true gradient: in float32 it drifts by rounding noise (passes);
+    moved further than steps * lr, it fails."""
+    run = train_side_by_side(TOY, ToyConfig(), batch_size=32, steps=30, dtype=torch.float32, lr=1e-2)
+    assert_parity(run)
+    run.states["mmkernels"]["shift"] = run.states["mmkernels"]["shift"] + 1.0
+    with pytest.raises(AssertionError, match="entries without gradient moved"):
+        assert_parity(run)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
