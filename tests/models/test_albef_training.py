@@ -53,11 +53,14 @@ def _step_no_grad(model, batch, seed=0):
 
 # ----------------------------------------------------------------------------- parity in training
 
-def key_bias_entries(state: dict) -> dict:
+def key_bias_entries(state: dict, *, momentum: bool = False) -> dict:
     """``{name: slice}``: the attention key biases (the middle third of each fused ``qkv`` bias,
-    every cross-attention ``key`` bias, of the online and momentum encoders)."""
+    every cross-attention ``key`` bias), of the online encoders or (``momentum``) of their
+    momentum copies."""
     out = {}
     for name, t in state.items():
+        if name.split(".")[0].endswith("_m") != momentum:
+            continue
         if name.endswith("attn.qkv.bias"):
             w = t.shape[0] // 3
             out[name] = slice(w, 2 * w)
@@ -67,27 +70,24 @@ def key_bias_entries(state: dict) -> dict:
 
 
 def assert_albef_parity(run: TrainRun) -> None:
-    """``assert_parity``, but below float64 the attention key biases are left out of the final
-    state comparison. Their exact gradient is zero (adding ``q . b_k`` to every score of a row
-    leaves its softmax unchanged), so their float32 gradient is rounding noise, which AdamW
-    normalises into steps of about ``lr``: they random-walk away from the float64 truth (whose
-    noise stays below AdamW's ``eps``) in eager PyTorch as in the kernels, and twice eager's
-    error is a coin toss. Float64 runs compare them; test_one_step_gradients checks that their
-    gradients vanish in both forms."""
-    if run.dtype == torch.float64:
-        assert_parity(run)
-        return
-    truth = run.states["truth"]
-    keys = key_bias_entries(truth)
-    assert keys, "no attention key bias found"
-    states = {form: dict(state) for form, state in run.states.items()}
-    for form in ("mmkernels", "plain"):
+    """``assert_parity``, which below float64 holds the entries without gradient (the attention
+    key biases: adding ``q . b_k`` to a row of scores leaves its softmax unchanged) to AdamW's
+    bound ``steps * lr`` instead of twice eager's error. The momentum encoders' key biases are
+    EMAs of those entries, so they drift alike, but they have no gradient of their own for the
+    trainer to see: they are held to the same bound here, then left out of its comparison."""
+    if run.dtype != torch.float64:
+        truth, bound = run.states["truth"], len(run.losses["truth"]) * run.lr
+        keys = key_bias_entries(truth, momentum=True)
+        assert keys, "no momentum key bias found"
+        states = {form: dict(state) for form, state in run.states.items()}
         for name, part in keys.items():
-            assert torch.isfinite(states[form][name]).all(), name
-            t = states[form][name].clone()
-            t[part] = truth[name][part]
-            states[form][name] = t
-    assert_parity(TrainRun(dtype=run.dtype, losses=run.losses, states=states))
+            drift = (states["mmkernels"][name][part] - truth[name][part]).abs().max().item()
+            assert drift <= bound, f"{name}: key bias moved {drift:.3g} > steps * lr = {bound:.3g}"
+            for form in ("mmkernels", "plain"):
+                states[form][name] = states[form][name].clone()
+                states[form][name][part] = truth[name][part]
+        run = dataclasses.replace(run, states=states)
+    assert_parity(run)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -114,7 +114,7 @@ def test_one_step_gradients():
     assert list(grads["plain"]) == list(grads["mmkernels"])
     for name, ref in grads["plain"].items():
         torch.testing.assert_close(grads["mmkernels"][name], ref, rtol=1e-9, atol=1e-12, msg=name)
-    keys = key_bias_entries(grads["plain"])              # online encoders only: momentum ones have no grad
+    keys = key_bias_entries(grads["plain"])
     assert len(keys) == TINY.vision_layers + TINY.text_layers + 2 * TINY.fusion_layers
     for impl in common.IMPLS:
         for name, part in keys.items():
