@@ -33,15 +33,13 @@ def test_training_parity(dtype):
     assert_parity(run)
 
 
+@pytest.mark.slow
 def test_training_parity_triton():
-    # Each step runs 8 self-attention and 4 cross-attention kernels forward and backward (several
-    # launches each) through Triton's interpreter, whose cost grows with every program and
-    # launch: a few steps at batch 4 keep the file within its time budget. The loss drop over 30
-    # steps is checked on this config above; here the kernels must track the truth step by step.
-    steps = 4
-    run = train_side_by_side("blip2", TINY, batch_size=4, steps=steps, dtype=torch.float32, lr=LR,
+    # Each step runs 8 self-attention and 4 cross-attention kernels forward and backward through
+    # Triton's interpreter: batch 2 keeps the 30 steps within a CI-sized budget.
+    run = train_side_by_side("blip2", TINY, batch_size=2, steps=30, dtype=torch.float32, lr=LR,
                              backend="triton")
-    assert_parity(run, min_drop=0.0)
+    assert_parity(run)
 
 
 # ----------------------------------------------------------------------------- the ops that run
