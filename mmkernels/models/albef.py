@@ -215,10 +215,10 @@ class Model(nn.Module):
     (:func:`~mmkernels.contrastive.itc.reference.negatives_reference`). That is the distribution
     ALBEF's ``torch.multinomial(softmax(sim) with the positive zeroed)`` samples from.
 
-    The mmkernels form enqueues out of place (a new queue tensor): ``momentum_itc_loss`` reads the
-    queue in place and keeps it for its backward, which ALBEF's in-place enqueue before the
-    backward would invalidate. The plain form enqueues in place, as ALBEF does (it concatenates a
-    copy of the queue).
+    Both forms enqueue in place before the backward, as ALBEF does: the plain form's
+    concatenation copies the queue, ``momentum_itc_loss`` keeps its own copy for the backward
+    (``queue_snapshot``). The mmkernels form writes at ``queue_ptr`` without a host
+    synchronisation.
     """
 
     def __init__(self, config: Config, impl: str = "mmkernels"):
@@ -376,12 +376,11 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m, text_feat_m) -> None:
-        """Write the momentum features at ``queue_ptr`` without host synchronisation, into new
-        queue tensors (the ITC backward still reads the old ones)."""
+        """Write the momentum features at ``queue_ptr`` in place, without host synchronisation."""
         b, k = image_feat_m.shape[0], self.config.queue_size
         cols = (self.queue_ptr + torch.arange(b, device=self.queue_ptr.device)) % k
-        self.image_queue = self.image_queue.index_copy(1, cols, image_feat_m.T)
-        self.text_queue = self.text_queue.index_copy(1, cols, text_feat_m.T)
+        self.image_queue.index_copy_(1, cols, image_feat_m.T)
+        self.text_queue.index_copy_(1, cols, text_feat_m.T)
         self.queue_ptr.copy_((self.queue_ptr + b) % k)
 
     def _itm(self, image_embeds, text_embeds, lengths, neg_text, neg_image) -> torch.Tensor:

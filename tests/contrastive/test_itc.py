@@ -140,6 +140,40 @@ def test_queue_as_strided_view_is_used_without_a_copy(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_queue_updated_in_place_before_backward(path):
+    """ALBEF and BLIP enqueue inside ``forward``, before ``backward()``: by default the loss keeps
+    its own copy of the queues, so the gradients are those of the queues it was given; with
+    ``queue_snapshot=False`` autograd refuses the overwritten queue (never a silent change)."""
+    if not _have(path):
+        pytest.skip(f"{path} unavailable")
+    b, k, d = 6, 10, 16
+    feats = [features(b, d, seed=s) for s in (31, 32, 33, 34)]
+    grads = {}
+    for mode in ("after", "before"):
+        iq_buf, tq_buf = features(k, d, seed=35).T.contiguous(), features(k, d, seed=36).T.contiguous()
+        i, t = leaf(feats[0]), leaf(feats[1])
+        with mmkernels.use_path("kernel" if path in ("cpu", "triton") else path), \
+                mmkernels.backend(path if path in ("cpu", "triton") else "auto"):
+            loss = mmkernels.momentum_itc_loss(i, t, feats[2], feats[3], SCALE, alpha=0.4,
+                                               image_queue=iq_buf.T, text_queue=tq_buf.T)
+            if mode == "before":                     # ALBEF's _dequeue_and_enqueue
+                iq_buf[:, :b] = feats[2].T
+                tq_buf[:, :b] = feats[3].T
+            loss.backward()
+        grads[mode] = (i.grad, t.grad)
+    assert torch.equal(grads["after"][0], grads["before"][0]) and torch.equal(grads["after"][1], grads["before"][1])
+    if path in ("cpu", "triton"):
+        iq_buf, tq_buf = features(k, d, seed=35).T.contiguous(), features(k, d, seed=36).T.contiguous()
+        i, t = leaf(feats[0]), leaf(feats[1])
+        with mmkernels.use_path("kernel"), mmkernels.backend(path):
+            loss = mmkernels.momentum_itc_loss(i, t, feats[2], feats[3], SCALE, alpha=0.4, image_queue=iq_buf.T,
+                                               text_queue=tq_buf.T, queue_snapshot=False)
+            iq_buf[:, :b] = feats[2].T
+            with pytest.raises(RuntimeError, match="inplace"):
+                loss.backward()
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_key_queue_with_key_gradients(path):
     """``itc_rows_loss(keys=..., key_queue=...)``: the keys get their gradient, the queue none."""
     q, k, kq = tokens(5, 2, 8, seed=19), features(7, 8, seed=20), features(4, 8, seed=21)

@@ -92,7 +92,7 @@ def _rows(q, k, kq, scale, row_ids, col_ids, tq, tk, tscale, alpha: float, eps: 
 def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targets=None,
                   positive_ids=None, key_ids=None, teacher_queries=None, teacher_keys=None,
                   teacher_scale=None, alpha: float = 0.0, label_smoothing: float = 0.0,
-                  reduction: str = "mean", key_queue=None):
+                  reduction: str = "mean", key_queue=None, queue_snapshot: bool = True):
     """One direction of the ALBEF / BLIP / BLIP-2 objectives, never materialising ``N x M``.
 
     Args:
@@ -121,6 +121,12 @@ def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, tar
             index and label them all), e.g. ALBEF's queue (``queue.T`` of a ``[D, K]`` buffer
             works as it is). It receives no gradient; with a queue the teacher keys are the keys
             (``teacher_keys`` must be None).
+        queue_snapshot: when a backward will follow, keep a private copy of ``key_queue`` for it
+            (default), so the queue may be updated in place before ``backward()``, as ALBEF and
+            BLIP enqueue inside ``forward`` (their code copies the queue too, ``queue.clone()``).
+            ``False`` reads the queue in place in the backward as well, saving ``K * D``
+            elements: then the queue must not be written before ``backward()`` (autograd raises
+            if it is).
 
     Returns the cross-entropy of ``logit_scale * S`` against the targets, in the queries' dtype
     (float32 under ``torch.autocast``, which casts the features to its dtype). Memory O((N + M)
@@ -144,6 +150,10 @@ def itc_rows_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, tar
                              f"{tuple(k.shape[1:])}")
         if teacher_keys is not None and alpha != 0.0:
             raise ValueError("with key_queue the teacher keys are the keys: pass teacher_keys=None")
+        if queue_snapshot and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad
+                or (isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad)):
+            kq = kq.clone()
     n, m = q.shape[0], k.shape[0] + (0 if kq is None else kq.shape[0])
     row_ids, col_ids = _positive_ids(n, m, targets, positive_ids, key_ids, q)
     scale = _scalar_arg(logit_scale, q, "logit_scale")
@@ -177,7 +187,7 @@ def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_f
                       text_feat_m: torch.Tensor, logit_scale, *, alpha: float,
                       image_queue: torch.Tensor | None = None, text_queue: torch.Tensor | None = None,
                       idx: torch.Tensor | None = None, idx_queue: torch.Tensor | None = None,
-                      label_smoothing: float = 0.0, reduction: str = "mean"):
+                      label_smoothing: float = 0.0, reduction: str = "mean", queue_snapshot: bool = True):
     """ALBEF / BLIP image-text contrastive loss with momentum distillation and feature queues.
 
     ``loss = (i2t + t2i) / 2`` with ``i2t`` the cross-entropy of ``logit_scale * image_feat @
@@ -197,6 +207,8 @@ def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_f
         idx, idx_queue: ``[B]``, ``[K]`` int64 ids for multiple positives.
         label_smoothing, reduction: as in :func:`itc_rows_loss` (``"none"`` gives ``[B]``, the
             mean of each pair's two directions).
+        queue_snapshot: as in :func:`itc_rows_loss`: by default the queues may be updated in
+            place (ALBEF's ``_dequeue_and_enqueue`` in ``forward``) before ``backward()``.
     """
     b = image_feat.shape[0] if isinstance(image_feat, torch.Tensor) else 0
     k = 0 if text_queue is None else text_queue.shape[0]
@@ -213,7 +225,7 @@ def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_f
                 raise ValueError("with a queue and idx, pass idx_queue (the queue's ids)")
             queue_ids = idx.new_empty(0)
         kwargs = {"positive_ids": idx, "key_ids": torch.cat([idx, queue_ids], 0)}
-    common = dict(alpha=alpha, label_smoothing=label_smoothing, reduction="none")
+    common = dict(alpha=alpha, label_smoothing=label_smoothing, reduction="none", queue_snapshot=queue_snapshot)
     i2t = itc_rows_loss(image_feat, text_feat_m.detach(), logit_scale, key_queue=text_queue,
                         teacher_queries=image_feat_m if alpha else None, **kwargs, **common)
     t2i = itc_rows_loss(text_feat, image_feat_m.detach(), logit_scale, key_queue=image_queue,
