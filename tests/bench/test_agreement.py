@@ -134,22 +134,47 @@ def _agree_qformer(case, provider) -> None:
     XA.agree(case, provider.name)
 
 
+def _copy(inputs: dict, dtype=None) -> dict:
+    """Detached copies of the tensors (floating ones in ``dtype`` when given), keeping requires_grad."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            c = v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach().clone()
+            out[k] = c.requires_grad_(v.requires_grad)
+        else:
+            out[k] = v
+    return out
+
+
 def _agree_models(case, provider) -> None:
     """A reference model's training step (the mmkernels form) against its plain form evaluated in
-    float64 on the same parameters and batch: the loss and the gradient of every parameter."""
+    float64 on the same parameters and batch: the loss and the gradient of every parameter, within
+    the tolerance or (the project's rule) twice the plain form's own error in the case's dtype."""
     inputs = _inputs(case)
-    torch.manual_seed(case.seed)
-    out = provider.fn(**inputs)
-    out.backward()
-    ref_inputs = _float64(inputs)
-    torch.manual_seed(case.seed)
-    ref = case.provider("reference").fn(**ref_inputs)
-    ref.backward()
+    ref_inputs = _copy(inputs, torch.float64)   # copies before any call: a forward may update
+    eager_inputs = _copy(inputs)                # state (ALBEF's momentum encoders and queues)
+    results = []
+    for fn, ins in ((provider.fn, inputs), (case.provider("reference").fn, ref_inputs),
+                    (case.provider("reference").fn, eager_inputs)):
+        torch.manual_seed(case.seed)
+        loss = fn(**ins)
+        loss.backward()
+        results.append(loss.item())
+    out, ref, eager = results
     tol = EXPERTS_TOL[case.dtype]
-    assert abs(out.item() - ref.item()) <= tol * max(abs(ref.item()), 1.0), (out.item(), ref.item())
-    for name, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            _close(v.grad, ref_inputs[name].grad, tol, f"grad of {name}")
+    assert abs(out - ref) <= max(tol * max(abs(ref), 1.0), 2 * abs(eager - ref)), (out, ref, eager)
+    names = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    # a gradient that is zero in exact arithmetic (an attention's key bias) is rounding noise in
+    # float32: each tensor is compared at no finer a scale than 1e-3 of the largest gradient
+    floor = 1e-3 * max(ref_inputs[n].grad.abs().max().item() for n in names)
+    for name in names:
+        got, want = inputs[name].grad.double(), ref_inputs[name].grad
+        assert torch.isfinite(got).all(), f"grad of {name}: non-finite values"
+        err = (got - want).abs().max().item()
+        eager_err = (eager_inputs[name].grad.double() - want).abs().max().item()
+        scale = max(want.abs().max().item(), floor)
+        assert err <= max(tol * scale, 2 * eager_err), \
+            f"grad of {name}: max error {err:.3g} > {tol} x {scale:.3g} and > twice eager's {eager_err:.3g}"
 
 
 def _check(case, provider):
