@@ -122,7 +122,9 @@ def modality_ffn(x: torch.Tensor, modality_ids, w_in: torch.Tensor, b_in: torch.
 
     Returns:
         ``[..., H_out]`` in x's dtype; gradients flow to x and every weight and bias. The
-        backward reuses the pre-activation saved by the forward (``T x Fi`` elements).
+        backward reuses the pre-activation saved by the forward (``T x Fi`` elements); the
+        kernel path also keeps the activation (``T x F``), the ``batched`` and ``grouped_mm``
+        paths recompute it.
 
     Under ``torch.autocast`` the tensors are cast to the autocast dtype first, as for the
     ``nn.Linear`` layers this replaces.
