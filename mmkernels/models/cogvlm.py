@@ -268,10 +268,8 @@ def structure(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """What every synthetic batch shares: an image prototype per class (float64
     ``[NUM_CLASSES, image_feature_dim]``) and a text template per class (int64
     ``[NUM_CLASSES, seq_len]``, ids at least ``FIRST_TEXT_TOKEN``)."""
-    g = torch.Generator().manual_seed(_STRUCTURE_SEED)
-    protos = torch.randn(NUM_CLASSES, config.image_feature_dim, generator=g, dtype=torch.float64)
-    templates = torch.randint(FIRST_TEXT_TOKEN, config.vocab_size, (NUM_CLASSES, config.seq_len), generator=g)
-    return protos, templates
+    return decoder.class_structure(NUM_CLASSES, config.image_feature_dim, config.vocab_size, config.seq_len,
+                                   FIRST_TEXT_TOKEN, _STRUCTURE_SEED)
 
 
 def synthetic_batch(config: Config, batch_size: int, *, seed: int, device="cpu",

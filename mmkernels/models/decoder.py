@@ -191,3 +191,14 @@ def check_ids(x, name: str, shape: tuple[int, ...] | None = None) -> torch.Tenso
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     return x
+
+
+def class_structure(num_classes: int, image_feature_dim: int, vocab_size: int, length: int,
+                    first_token: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every synthetic batch of a decoder model shares: an image prototype per class (float64
+    ``[num_classes, image_feature_dim]``) and a text template per class (int64
+    ``[num_classes, length]``, ids in ``[first_token, vocab_size)``), drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(num_classes, image_feature_dim, generator=g, dtype=torch.float64)
+    templates = torch.randint(first_token, vocab_size, (num_classes, length), generator=g)
+    return protos, templates

@@ -214,10 +214,8 @@ def structure(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """What every synthetic batch shares: an image prototype per class (float64
     ``[NUM_CLASSES, image_feature_dim]``) and a text template per class (int64
     ``[NUM_CLASSES, max_text]``, ids at least ``FIRST_TEXT_TOKEN``)."""
-    g = torch.Generator().manual_seed(_STRUCTURE_SEED)
-    protos = torch.randn(NUM_CLASSES, config.image_feature_dim, generator=g, dtype=torch.float64)
-    templates = torch.randint(FIRST_TEXT_TOKEN, config.vocab_size, (NUM_CLASSES, config.max_text), generator=g)
-    return protos, templates
+    return decoder.class_structure(NUM_CLASSES, config.image_feature_dim, config.vocab_size, config.max_text,
+                                   FIRST_TEXT_TOKEN, _STRUCTURE_SEED)
 
 
 def _row(config: Config, g: torch.Generator, templates: torch.Tensor) -> tuple[list, list, list, list, list]:

@@ -14,6 +14,7 @@ from .. import _validation as check
 from ..attention import MultimodalMask, multimodal_attention
 from ..cross_attention import cross_attention, fused_kv_projection, share_kv_storage
 from ..cross_attention.reference import MAX_HEAD_DIM
+from .layers import merge_heads, split_heads
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -101,18 +102,6 @@ def _check_config(config, text_embeddings: bool) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"config.layer_norm_eps must be a positive float, got {eps!r}")
     _activation(config.hidden_act)
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, S, heads * D]`` -> ``[B, heads, S, D]`` as a view (the kernels take strides)."""
-    b, s, width = x.shape
-    return x.view(b, s, heads, width // heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``[B, heads, S, D]`` -> ``[B, S, heads * D]``."""
-    b, h, s, d = x.shape
-    return x.transpose(1, 2).reshape(b, s, h * d)
 
 
 def _padding_mask(mask, shape: tuple[int, int], name: str, device) -> torch.Tensor | None:
@@ -522,9 +511,9 @@ class QFormer(nn.Module):
 
     def _self_attention(self, block: _AttentionBlock, x, key_padding_mask, mm_mask):
         att = block.attention
-        q = _split_heads(att.query(x), att.num_heads)
-        k = _split_heads(att.key(x), att.num_heads)
-        v = _split_heads(att.value(x), att.num_heads)
+        q = split_heads(att.query(x), att.num_heads)
+        k = split_heads(att.key(x), att.num_heads)
+        v = split_heads(att.value(x), att.num_heads)
         if mm_mask is not None:
             if self._attention_dropout(block) > 0 and not self._warned_no_dropout:
                 self._warned_no_dropout = True
@@ -536,11 +525,11 @@ class QFormer(nn.Module):
         else:
             out = cross_attention(q, k, v, key_padding_mask=key_padding_mask,
                                   dropout_p=self._attention_dropout(block))
-        return block.output(_merge_heads(out), x)
+        return block.output(merge_heads(out), x)
 
     def _cross_attention(self, block: _AttentionBlock, xq, kv, key_padding_mask):
         att = block.attention
-        q = _split_heads(att.query(xq), att.num_heads)
+        q = split_heads(att.query(xq), att.num_heads)
         k, v = kv
         out = cross_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=self._attention_dropout(block))
-        return block.output(_merge_heads(out), xq)
+        return block.output(merge_heads(out), xq)

@@ -24,15 +24,6 @@ TRITON_CONFIG = dataclasses.replace(TINY, vision_heads=1, text_heads=1, fusion_l
 TRITON_BATCH = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models' ops are far too small for intra-op threads: one thread runs them faster
-    (much faster when other processes share the cores), and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _batch(config=TINY, batch=BATCH, seed=0, dtype=torch.float32):
     return albef.synthetic_batch(config, batch, seed=seed, dtype=dtype)

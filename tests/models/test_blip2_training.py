@@ -17,15 +17,6 @@ TINY = blip2.Config.tiny()
 LR, STEPS = 1e-3, 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from intra-op threads; on shared cores the
-    threads' synchronisation makes them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_training_parity(dtype):

@@ -17,15 +17,6 @@ STEPS, LR = 30, 1e-3
 LOSSES = ("clip", "siglip")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The model's tensors are tiny: intra-op threads only add synchronisation, which stalls
-    when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def assert_clip_parity(run: TrainRun) -> None:
     """:func:`assert_parity`; the key third of each attention ``qkv.bias`` has no true gradient

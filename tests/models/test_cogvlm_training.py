@@ -15,14 +15,6 @@ CONFIG = cogvlm.Config.tiny()
 BATCH = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def batch64(seed: int = 0, batch: int = BATCH) -> dict:
     return cogvlm.synthetic_batch(CONFIG, batch, seed=seed, dtype=torch.float64)

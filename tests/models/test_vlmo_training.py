@@ -15,14 +15,6 @@ from mmkernels.testing.training import assert_parity, train_side_by_side
 TINY = vlmo.Config.tiny()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors are tiny: one thread avoids OpenMP's hand-offs on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- parity in training
 
