@@ -4,7 +4,9 @@
   for CPU tensors, ``reference`` for CPU tensors when the C++ kernels are not
   built.
 * ``MMKERNELS_BACKEND=reference|cpu|triton`` (read at import) or the
-  ``mmkernels.backend(name)`` context manager forces one.
+  ``mmkernels.backend(name)`` context manager forces one. The context manager's choice is
+  context-local (a ``contextvars.ContextVar``): it holds for the thread or asyncio task that
+  entered the block and nowhere else, so two threads may force different backends at once.
 * With ``TRITON_INTERPRET=1`` (read at import, as Triton itself does) the
   ``triton`` backend also accepts CPU tensors and runs the same Triton
   kernels through Triton's interpreter.
@@ -18,6 +20,7 @@ import importlib.util
 import torch
 
 from . import _ext, _settings
+from ._context import ContextStack
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -31,22 +34,27 @@ def _checked(name: str) -> str:
     return name
 
 
-_forced = [_checked(_settings.backend())]
+#: The process-wide default: ``MMKERNELS_BACKEND`` as read at import.
+DEFAULT = _checked(_settings.backend())
+
+# The backends forced by the open ``backend(...)`` blocks of this thread / asyncio task.
+_forced: ContextStack[str] = ContextStack("mmkernels_backend")
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Force a backend inside a ``with`` block: ``with mmkernels.backend("triton"): ...``."""
-    _forced.append(_checked(name))
-    try:
+    """Force a backend inside a ``with`` block: ``with mmkernels.backend("triton"): ...``.
+
+    Context-local (see ``mmkernels/_context.py``): other threads and asyncio tasks keep their
+    own choice, and blocks left out of order leave nothing behind."""
+    with _forced.pushed(_checked(name)):
         yield
-    finally:
-        _forced.pop()
 
 
 def current() -> str:
-    """The backend asked for now (``auto`` unless forced)."""
-    return _forced[-1]
+    """The backend asked for now in this thread / task (``MMKERNELS_BACKEND``, default
+    ``auto``, unless a ``backend(...)`` block forces one)."""
+    return _forced.top(DEFAULT)
 
 
 def available_backends() -> dict:
@@ -67,7 +75,7 @@ def resolve(device: torch.device) -> str:
 
     Raises ``RuntimeError`` when a forced backend cannot serve that device.
     """
-    name = _forced[-1]
+    name = current()
     if name == "auto":
         if device.type == "cuda":
             if not TRITON_AVAILABLE:

@@ -33,6 +33,7 @@ from typing import Iterator, Mapping, NamedTuple
 import torch
 
 from . import _backend, _ext, tuning
+from ._context import ContextStack
 
 KERNEL = "kernel"
 REFERENCE = "reference"
@@ -70,7 +71,7 @@ def memory_budget() -> int:
 
 # ----------------------------------------------------------------------------- device kinds
 
-_pretend: list[str] = []
+_pretend: ContextStack[str] = ContextStack("mmkernels_pretend_device")
 
 
 @contextlib.contextmanager
@@ -79,17 +80,14 @@ def pretend_device(kind: str) -> Iterator[None]:
     ``DEVICE_KINDS``). Only the table lookup changes: paths still run on the real device."""
     if kind not in DEVICE_KINDS:
         raise ValueError(f"unknown device kind {kind!r}; choose one of {DEVICE_KINDS}")
-    _pretend.append(kind)
-    try:
+    with _pretend.pushed(kind):
         yield
-    finally:
-        _pretend.pop()
 
 
 def device_kind(device: torch.device) -> str:
     """``"cpu"``, ``"cuda-sm90"`` (compute capability 9.x: H100, H200) or ``"cuda"``."""
     if _pretend:
-        return _pretend[-1]
+        return _pretend.top()
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return "cuda-sm90" if major == 9 else "cuda"
@@ -166,8 +164,8 @@ class Explanation(list):
         return [d.path for d in self]
 
 
-_recorders: list[Explanation] = []
-_forced_paths: list[str] = []
+_recorders: ContextStack[Explanation] = ContextStack("mmkernels_explain")
+_forced_paths: ContextStack[str] = ContextStack("mmkernels_use_path")
 
 
 @contextlib.contextmanager
@@ -178,12 +176,8 @@ def explain() -> Iterator[Explanation]:
             loss = mmkernels.contrastive_loss(img, txt, scale)
         print(log)   # contrastive_loss [cuda-sm90, bfloat16, ...] -> blockwise: table row ...
     """
-    rec = Explanation()
-    _recorders.append(rec)
-    try:
+    with _recorders.pushed(Explanation()) as rec:
         yield rec
-    finally:  # by identity: two recorders holding equal decisions compare equal
-        del _recorders[next(i for i, r in enumerate(_recorders) if r is rec)]
 
 
 @contextlib.contextmanager
@@ -192,15 +186,12 @@ def use_path(name: str) -> Iterator[None]:
     backend ``auto``); an op that has it but cannot run the call raises :class:`PathUnavailable`."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"use_path needs a path name, got {name!r}")
-    _forced_paths.append(name)
-    try:
+    with _forced_paths.pushed(name):
         yield
-    finally:
-        _forced_paths.pop()
 
 
 def _record(decision: Decision) -> Decision:
-    for rec in _recorders:
+    for rec in _recorders.values():
         rec.append(decision)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s", decision)
@@ -271,8 +262,8 @@ def _choose_eager(family: str, op: str, x: torch.Tensor, shape_class: str,
     kb, kb_why = kernel_backend(x.device, x.dtype)
     can = dict(paths)
     can[KERNEL] = kb_why
-    if _forced_paths and _forced_paths[-1] in can:
-        name = _forced_paths[-1]
+    if _forced_paths and _forced_paths.top() in can:
+        name = _forced_paths.top()
         if can[name] is not None:
             raise PathUnavailable(f"mmkernels: path {name!r} of {op} cannot run this call: {can[name]}")
         return _record(Decision(family, op, case, name, kb if name == KERNEL else None,

@@ -12,6 +12,10 @@ and without an override it uses its family's heuristic table in code::
     with tuning.scope():               # everything set inside is undone on exit
         ...
 
+Settings made outside any ``scope()`` are process-wide (every thread sees them). A ``scope()``
+is context-local: it starts from the settings visible where it is entered, and what is set
+inside it is seen only by the thread or asyncio task that entered it, until it exits.
+
 ``kinds()`` and ``options()`` list what can be set; ``MMKERNELS_TUNING_FILE`` names a file
 loaded before the first launch.
 """
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import _settings
+from ._context import ContextStack
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "float64": torch.float64}
@@ -53,8 +58,26 @@ class OptionSpec:
 
 _KINDS: dict[tuple[str, str], KindSpec] = {}
 _OPTIONS: dict[str, OptionSpec] = {}
-_configs: dict[tuple[str, str], list[tuple[dict, Any]]] = {}
-_values: dict[str, Any] = {}
+
+
+@dataclass
+class _State:
+    """Overrides (``(family, kind) -> [(match, config)]``, newest last) and option values."""
+
+    configs: dict[tuple[str, str], list[tuple[dict, Any]]]
+    values: dict[str, Any]
+
+    def copy(self) -> "_State":
+        return _State({k: list(v) for k, v in self.configs.items()}, dict(self.values))
+
+
+_PROCESS = _State({}, {})  # what is set outside any scope()
+_scopes: ContextStack[_State] = ContextStack("mmkernels_tuning_scope")
+
+
+def _state() -> _State:
+    """The settings this thread / task reads and writes: its innermost scope's, else the process's."""
+    return _scopes.top(_PROCESS)
 
 
 def register_kind(family: str, kind: str, config_type: type, keys: tuple[str, ...]) -> None:
@@ -143,12 +166,16 @@ def set_config(family: str, kind: str, config: Any, **match: Any) -> None:
     ``match`` keys are among the kind's case keys (``kinds()``), dtypes as ``torch.dtype`` or
     their names. No ``match``: every launch of the kind.
     """
+    _set_config(_state(), family, kind, config, match)
+
+
+def _set_config(state: _State, family: str, kind: str, config: Any, match: dict) -> None:
     spec = _spec(family, kind)
     bad = set(match) - set(spec.keys)
     if bad:
         raise ValueError(f"{family}/{kind} matches on {spec.keys}, not {sorted(bad)}")
     match = {k: _match_value(k, v) for k, v in match.items()}
-    entries = _configs.setdefault((family, kind), [])
+    entries = state.configs.setdefault((family, kind), [])
     entries[:] = [e for e in entries if e[0] != match]
     entries.append((match, _as_config(spec, config)))
 
@@ -160,7 +187,7 @@ def lookup(family: str, kind: str, **case: Any):
     most keys wins, the newest among equals."""
     if not _environment_loaded:
         _load_environment_file()
-    entries = _configs.get((family, kind))
+    entries = _state().configs.get((family, kind))
     if not entries:
         return None
     best, best_n = None, -1
@@ -172,11 +199,15 @@ def lookup(family: str, kind: str, **case: Any):
 
 def set_option(name: str, value: Any) -> None:
     """Set a named option (``options()`` lists them); ``None`` restores its default."""
+    _set_option(_state(), name, value)
+
+
+def _set_option(state: _State, name: str, value: Any) -> None:
     spec = _option_spec(name)
     if value is None:
-        _values.pop(name, None)
+        state.values.pop(name, None)
     else:
-        _values[name] = spec.check(value)
+        state.values[name] = spec.check(value)
 
 
 def option(name: str) -> Any:
@@ -184,7 +215,7 @@ def option(name: str) -> Any:
     if not _environment_loaded:
         _load_environment_file()
     spec = _OPTIONS.get(name) or _option_spec(name)
-    return _values.get(name, spec.default)
+    return _state().values.get(name, spec.default)
 
 
 def _load_all() -> None:
@@ -203,30 +234,27 @@ def kinds() -> dict[str, dict]:
 def options() -> dict[str, dict]:
     """Every option: ``name -> {"default": ..., "value": ..., "doc": ...}`` (needs triton)."""
     _load_all()
-    return {n: {"default": s.default, "value": _values.get(n, s.default), "doc": s.doc}
+    return {n: {"default": s.default, "value": _state().values.get(n, s.default), "doc": s.doc}
             for n, s in _OPTIONS.items()}
 
 
 def reset() -> None:
-    """Drop every override and option value."""
-    _configs.clear()
-    _values.clear()
+    """Drop every override and option value (those of the innermost scope, inside one)."""
+    state = _state()
+    state.configs.clear()
+    state.values.clear()
 
 
 @contextlib.contextmanager
 def scope() -> Iterator[None]:
-    """Undo, on exit, every override and option set inside the block."""
+    """Undo, on exit, every override and option set inside the block.
+
+    The block starts from the settings visible here; what it sets is private to this thread /
+    asyncio task (other threads keep reading the process-wide settings)."""
     if not _environment_loaded:  # else a first lookup inside would load it and the exit drop it
         _load_environment_file()
-    saved_configs = {k: list(v) for k, v in _configs.items()}
-    saved_values = dict(_values)
-    try:
+    with _scopes.pushed(_state().copy()):
         yield
-    finally:
-        _configs.clear()
-        _configs.update(saved_configs)
-        _values.clear()
-        _values.update(saved_values)
 
 
 def _json_value(v: Any) -> Any:
@@ -239,8 +267,8 @@ def to_dict() -> dict:
     """The overrides and options set now, in the form :func:`save` writes."""
     configs = [{"family": f, "kind": k, "match": {mk: _json_value(mv) for mk, mv in match.items()},
                 "config": config._asdict()}
-               for (f, k), entries in _configs.items() for match, config in entries]
-    return {"version": 1, "configs": configs, "options": dict(_values)}
+               for (f, k), entries in _state().configs.items() for match, config in entries]
+    return {"version": 1, "configs": configs, "options": dict(_state().values)}
 
 
 def save(path: str) -> None:
@@ -252,6 +280,10 @@ def save(path: str) -> None:
 
 def load(path_or_dict: str | dict) -> None:
     """Apply the overrides and options of a file written by :func:`save` (or its dict)."""
+    _load(_state(), path_or_dict)
+
+
+def _load(state: _State, path_or_dict: str | dict) -> None:
     if isinstance(path_or_dict, dict):
         data = path_or_dict
     else:
@@ -260,18 +292,20 @@ def load(path_or_dict: str | dict) -> None:
     if data.get("version") != 1:
         raise ValueError(f"mmkernels.tuning: unsupported file version {data.get('version')!r}")
     for entry in data.get("configs", []):
-        set_config(entry["family"], entry["kind"], entry["config"], **entry.get("match", {}))
+        _set_config(state, entry["family"], entry["kind"], entry["config"], entry.get("match", {}))
     for name, value in data.get("options", {}).items():
-        set_option(name, value)
+        _set_option(state, name, value)
 
 
 _environment_loaded = False
 
 
 def _load_environment_file() -> None:
-    """Load the file ``MMKERNELS_TUNING_FILE`` names, once, at the first lookup."""
+    """Load the file ``MMKERNELS_TUNING_FILE`` names, once, at the first lookup, into the
+    process-wide settings (whichever thread or scope looks up first; two threads racing here
+    load the same file twice, which sets the same values)."""
     global _environment_loaded
-    _environment_loaded = True
+    _environment_loaded = True  # first: loading imports families, which may look up options
     path = _settings.tuning_file()
     if path:
-        load(path)
+        _load(_PROCESS, path)
