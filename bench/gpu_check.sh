@@ -30,9 +30,15 @@
 #   7. only with GPU_CHECK_TUNE=1, when the experts sweep finished: python3 -m bench --quick --family
 #      experts with the fastest settings it found (limit GPU_CHECK_TUNED_BENCH_TIMEOUT s, 120)
 #      -> appended to $OUT/tune.md
+#   8. only with GPU_CHECK_SANITIZE=1 (and not GPU_CHECK_TUNE=1: no time, and a ninth file):
+#      bash bench/gpu_sanitize.sh, compute-sanitizer memcheck and racecheck over one small case of
+#      every Triton kernel, with what is left of GPU_CHECK_TOTAL s (550) up to 115 s; skipped when
+#      under 60 s are left (then lower GPU_CHECK_BENCH_TIMEOUT, set GPU_CHECK_FAMILIES, or run
+#      bench/gpu_sanitize.sh alone, about 2 minutes)              -> $OUT/sanitizer.md
 # The bench runs even when the tests fail. Exit status, a sum of: 1 GPU tests
 # failed or timed out; 2 bench failed (an mmkernels measurement errored, or the
-# bench crashed); 4 a bench provider disagrees with the reference.
+# bench crashed); 4 a bench provider disagrees with the reference; 8 the sanitizer
+# found an error, a sanitized case failed or a step timed out (an unavailable sanitizer is not).
 # Commit what it wrote under bench/results/<date>-<gpu>/.
 #
 # Outside the device tool, OUT defaults to bench/out/gpu_check. For a dry run
@@ -186,10 +192,28 @@ if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
   rm -f "$TUNED_FILE"
 fi
 
+# 8. optional (GPU_CHECK_SANITIZE=1): compute-sanitizer over every Triton kernel -> $OUT/sanitizer.md
+SAN_RC=0
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then
+  SAN_LEFT=$(( ${GPU_CHECK_TOTAL:-550} - $(elapsed) ))
+  [ "$SAN_LEFT" -gt 115 ] && SAN_LEFT=115
+  if [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
+    echo "== gpu_sanitize skipped: not beside GPU_CHECK_TUNE=1 (run bash bench/gpu_sanitize.sh alone)"
+  elif [ "$SAN_LEFT" -lt 60 ]; then
+    echo "== gpu_sanitize skipped: ${SAN_LEFT} s left of GPU_CHECK_TOTAL (run bash bench/gpu_sanitize.sh alone)"
+  else
+    echo "== [$(elapsed) s] bash bench/gpu_sanitize.sh (budget ${SAN_LEFT} s)"
+    OUT="$OUT" GPU_SANITIZE_DEVICE="$DEVICE" GPU_SANITIZE_BUDGET="$SAN_LEFT" PYTHON="$PY" bash bench/gpu_sanitize.sh
+    SAN_RC=$?
+  fi
+fi
+
 RC=0
 [ "$TEST_RC" -ne 0 ] && RC=1
 [ "$BENCH_RC" -ne 0 ] && RC=$((RC + 2))
 [ "$AGREE_RC" -ne 0 ] && RC=$((RC + 4))
-echo "== gpu_check done in $(elapsed) s: tests exit $TEST_RC, providers-agree exit $AGREE_RC, bench exit $BENCH_RC -> exit $RC"
+[ "$SAN_RC" -ne 0 ] && RC=$((RC + 8))
+echo "== gpu_check done in $(elapsed) s: tests exit $TEST_RC, providers-agree exit $AGREE_RC, bench exit $BENCH_RC," \
+  "sanitizer exit $SAN_RC -> exit $RC"
 echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $RC

@@ -132,11 +132,13 @@ for tool in $TOOLS; do
 done
 
 # the record
+MODE=cuda
+[ "$DEVICE" = cpu ] && MODE="dry run: the cases on the CPU through TRITON_INTERPRET=1, no sanitizer"
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 COMMIT=${BENCH_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 "$PY" -m bench.sanitize_report --work "$WORK" --out "$OUT/sanitizer.md" --steps "$STEPS" \
   --header "date=$(date -u +%FT%TZ)" --header "commit=$COMMIT" \
-  --header "mode=$([ "$DEVICE" = cpu ] && echo 'dry run: the cases on the CPU through TRITON_INTERPRET=1, no sanitizer' || echo cuda)" \
+  --header "mode=$MODE" \
   --header "GPU=${GPU:-none (nvidia-smi gave nothing)}" --header "kernel=$(uname -r)" \
   --header "compute-sanitizer=${CS:-not found}${CS_VERSION:+ ($CS_VERSION)}" \
   --header "budget=$BUDGET s, used $(elapsed) s"

@@ -148,7 +148,9 @@ def _status(step: Step, log: str, reports: list[str], driver: dict) -> str:
         why.append(f"cases failed: {', '.join(step.failed_cases)}")
     if step.never_launched:
         why.append(f"never launched: {', '.join(step.never_launched)}")
-    if not driver:
+    if driver.get("error"):
+        why.append(f"driver: {driver['error']}")
+    elif not driver:
         why.append("the driver wrote no summary")
     if step.rc != 0 and not why:
         why.append(f"exit status {step.rc}")
