@@ -106,7 +106,7 @@ def _tile_map_kernel(
     empty = seg_none | ((~has_full) & ((~has_causal) | causal_none) & ((~has_span) | span_none))
     full = seg_all & (~has_blocked) & ((~has_causal) | causal_all) & ((~has_span) | span_all)
     kind = tl.where(empty, T_EMPTY, tl.where(full, T_FULL, T_PARTIAL)).to(tl.int8)
-    tl.store(out_ptr + b * stride_ob + tm * stride_om + tn, kind, mask=tn < n_tn)
+    tl.store(out_ptr + b * stride_ob + tm.to(tl.int64) * stride_om + tn, kind, mask=tn < n_tn)
 
 
 def _tn_chunk(block_n: int, n_tn: int) -> int:

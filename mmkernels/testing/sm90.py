@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .. import _settings
+from .ttir_offsets import int32_offset_products
 
 SMEM_LIMIT_BYTES = 232448  # 227 KB: the most one H100/H200 block can use
 TARGET_ARCH = 90
@@ -76,6 +77,7 @@ class Sm90Report:
     cp_async_pending: int = -1
     ptxas_log: str = field(default="", repr=False)
     ptx: str = field(default="", repr=False)
+    ttir: str = field(default="", repr=False)
     sass: str = field(default="", repr=False)
 
     @property
@@ -270,6 +272,7 @@ def _compile_in_process(job: CompileJob) -> Sm90Report:
         ptx = compiled.asm["ptx"]
         cubin = compiled.asm["cubin"]
         rep.ptx = ptx
+        rep.ttir = compiled.asm.get("ttir", "")
         rep.shared_bytes = int(getattr(compiled.metadata, "shared", 0) or 0)
         with tempfile.TemporaryDirectory(prefix="mmk_sm90_") as td:
             if not re.search(r"Used \d+ registers", rep.ptxas_log):
@@ -466,6 +469,34 @@ def assert_pipelined(rep: Sm90Report, min_pending: int = 1) -> None:
     assert rep.cp_async_pending >= min_pending, (
         f"{rep.summary()}: loads are not pipelined (cp.async.wait_group leaves at most "
         f"{rep.cp_async_pending} groups in flight, need {min_pending})")
+
+
+def assert_int64_offsets(rep: Sm90Report) -> None:
+    """Every address offset that grows with a tensor (row index times row stride, batch or head
+    index times its stride, a grid coordinate times a stride) is multiplied in 64 bits.
+
+    Reads the kernel's TTIR (:func:`mmkernels.testing.ttir_offsets.int32_offset_products`): a
+    32-bit ``arith.muli`` of such factors that reaches a ``tt.addptr`` offset fails, naming the
+    kernel, the TTIR operation and its source line. Past 2**31 elements such a product wraps.
+    """
+    assert_compiled(rep)
+    assert rep.ttir, f"{rep.label or rep.kernel_name}: no TTIR in the report"
+    found = int32_offset_products(rep.ttir)
+    assert not found, (
+        f"{rep.kernel_name} ({rep.label}): address offsets multiplied in int32 (they wrap past "
+        f"2**31 elements; cast the index to tl.int64 before the multiply):\n"
+        + "\n".join(f"  {f.ttir.strip()}  at {f.source}" for f in found))
+
+
+def one_job_per_kernel(jobs: Iterable[CompileJob], keep=None) -> list[CompileJob]:
+    """The first job of each kernel among ``jobs`` (``keep(job)`` False: passed over)."""
+    out: dict[str, CompileJob] = {}
+    for job in jobs:
+        if keep is not None and not keep(job):
+            continue
+        f = _python_fn(job.kernel)
+        out.setdefault(f"{f.__module__}.{f.__qualname__}", job)
+    return list(out.values())
 
 
 def assert_sm90_ok(rep: Sm90Report, *, tensor_cores: bool = False, wgmma: bool = False,

@@ -1,7 +1,9 @@
 """The part every family's sm_90 compile tier shares (see mmkernels.testing.sm90).
 
 A tier module defines its compile jobs as ``JOBS`` and a subclass of :class:`Sm90Tier` that says
-what each job's report must show (:meth:`Sm90Tier.check`)::
+what each job's report must show (:meth:`Sm90Tier.check`) and, where a kernel has a
+specialisation meant for small tensors only, which jobs the int64 address check reads
+(:meth:`Sm90Tier.int64_jobs`)::
 
     from tests.helpers.sm90_tier import Sm90Tier, reports  # noqa: F401  (the fixture)
 
@@ -46,6 +48,12 @@ class Sm90Tier:
         """What the report of ``job`` must show (default: compiles, no spills, smem <= 227 KB)."""
         sm90.assert_sm90_ok(rep)
 
+    def int64_jobs(self) -> list[sm90.CompileJob]:
+        """The jobs whose address arithmetic must be 64-bit: one per kernel (the default); a
+        tier overrides it to pass over specialisations the launcher picks only when every
+        offset fits in int32."""
+        return sm90.one_job_per_kernel(self._jobs())
+
     def pytest_generate_tests(self, metafunc):
         if "job" in metafunc.fixturenames:
             jobs = metafunc.module.JOBS
@@ -65,6 +73,19 @@ class Sm90Tier:
         rep = reports[job.label]
         print(rep.summary())
         self.check(rep, job)
+
+    def test_int64_offsets(self):
+        """Each kernel (one configuration each) multiplies size-scaled offsets in 64 bits."""
+        jobs = self.int64_jobs()
+        assert jobs
+        failures = []
+        reps = sm90.compile_reports(jobs)
+        for job in jobs:
+            try:
+                sm90.assert_int64_offsets(reps[job.label])
+            except AssertionError as exc:
+                failures.append(str(exc))
+        assert not failures, "\n".join(failures)
 
     def _jobs(self):
         import sys
