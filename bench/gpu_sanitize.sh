@@ -10,9 +10,10 @@
 # Steps, each under `timeout`, all within GPU_SANITIZE_BUDGET s (115; a step gets at most what
 # is left after 15 s for each later step), run from this checkout with PYTHONPATH=$PWD and
 # MMKERNELS_NO_EXT=1:
-#   1. plain: python3 -m bench.sanitize_cases --all (limit GPU_SANITIZE_PLAIN_TIMEOUT s, 50): the
-#      cases pass and every kernel launches without the sanitizer; this compiles the kernels into
-#      Triton's cache, so the sanitized runs load them rather than compile under the sanitizer
+#   1. plain: python3 -m bench.sanitize_cases --all --jobs GPU_SANITIZE_JOBS (8, 1 in a dry run:
+#      each case in its own process) (limit GPU_SANITIZE_PLAIN_TIMEOUT s, 50): the cases pass and
+#      every kernel launches without the sanitizer; this compiles the kernels into Triton's cache
+#      side by side, so the sanitized runs load them rather than compile under the sanitizer
 #   2. compute-sanitizer --tool memcheck (limit GPU_SANITIZE_MEMCHECK_TIMEOUT s, 40), with
 #      PYTORCH_NO_CUDA_MEMORY_CACHING=1 (each tensor its own allocation, so an access past a
 #      tensor's end is outside every allocation) and --padding where the sanitizer has it
@@ -48,10 +49,12 @@ if [ "$DEVICE" = cpu ]; then
   # the interpreter runs the kernels on the CPU: minutes, not seconds
   BUDGET=${GPU_SANITIZE_BUDGET:-600}
   PLAIN_T=${GPU_SANITIZE_PLAIN_TIMEOUT:-400}
+  JOBS=${GPU_SANITIZE_JOBS:-1}  # one process: importing torch nine times costs more than it saves
   export TRITON_INTERPRET=1
 else
   BUDGET=${GPU_SANITIZE_BUDGET:-115}
   PLAIN_T=${GPU_SANITIZE_PLAIN_TIMEOUT:-50}
+  JOBS=${GPU_SANITIZE_JOBS:-8}
 fi
 export PYTHONUNBUFFERED=1 MMKERNELS_NO_EXT=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -98,7 +101,7 @@ has_option() { grep -q -- "$1" <<<"$CS_HELP"; }
 
 # 1. the cases without the sanitizer (the dry run's one step)
 LIM=$(limit "$PLAIN_T" "$(echo $TOOLS | wc -w)")
-run_step plain "$LIM" "${DRIVER[@]}" --json "$WORK/plain.json"
+run_step plain "$LIM" "${DRIVER[@]}" --jobs "$JOBS" --json "$WORK/plain.json"
 
 # 2-3. each tool over every case in one process
 STEPS="plain"

@@ -6,6 +6,7 @@
     python -m bench.sanitize_cases --case attention,siglip
     python -m bench.sanitize_cases --all --json run.json  # every case, then the coverage check
     python -m bench.sanitize_cases --all --device cpu     # through Triton's interpreter
+    python -m bench.sanitize_cases --all --jobs 8         # each case in its own process
 
 Each case calls a public op forward and backward under ``mmkernels.backend("triton")`` (the
 blockwise contrastive path under ``use_path("blockwise")``) on shapes that are not multiples
@@ -28,11 +29,14 @@ import inspect
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -436,6 +440,43 @@ def run(names: list[str], device: torch.device, json_path: str | None = None, *,
     return data
 
 
+def run_parallel(names: list[str], device: torch.device, jobs: int, json_path: str | None = None, *,
+                 check_coverage: bool = False, log=print) -> dict:
+    """:func:`run` with each case in its own process, ``jobs`` at a time, merged into one summary.
+
+    For the plain run before the sanitized ones: the processes compile their kernels into
+    Triton's cache side by side, so the sanitized runs (one process each) load them instead.
+    """
+    kernels = find_kernels()
+    results: dict[str, CaseResult] = {}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent),
+                                                                    os.environ.get("PYTHONPATH")])))
+
+    def one(name: str, tmp: str) -> CaseResult:
+        out = Path(tmp) / f"{name}.json"
+        proc = subprocess.run([sys.executable, "-m", "bench.sanitize_cases", "--case", name,
+                               "--device", device.type, "--json", str(out)],
+                              capture_output=True, text=True, env=env)
+        cases = json.loads(out.read_text()).get("cases", []) if out.exists() else []
+        if cases:
+            return CaseResult(**cases[0])
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+        return CaseResult(name, "error", 0.0, {}, f"the case's process exited {proc.returncode}:\n{tail}")
+
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = {pool.submit(one, name, tmp): name for name in names}
+        for future in as_completed(futures):
+            r = future.result()
+            results[r.name] = r
+            log(f"case {r.name}: {r.status} in {r.seconds:.1f} s, "
+                f"{sum(r.launches.values())} launches of {len(r.launches)} kernels", flush=True)
+            if r.error:
+                log(r.error, flush=True)
+    data = summary([results[n] for n in names], kernels, device, checked=check_coverage)
+    _write(json_path, data)
+    return data
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.sanitize_cases", description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
@@ -445,6 +486,8 @@ def _parse(argv):
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default cuda when available; cpu runs the kernels through TRITON_INTERPRET=1")
     p.add_argument("--json", help="write the run's summary here (rewritten after each case)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the cases in this many processes at a time (compiles in parallel)")
     return p.parse_args(argv)
 
 
@@ -476,7 +519,10 @@ def main(argv=None) -> int:
         print(f"unknown case(s) {unknown}; the cases are {list(CASES)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    data = run(names, device, args.json, check_coverage=args.all)
+    if args.jobs > 1:
+        data = run_parallel(names, device, args.jobs, args.json, check_coverage=args.all)
+    else:
+        data = run(names, device, args.json, check_coverage=args.all)
     failed = [c["name"] for c in data["cases"] if c["status"] != "ok"]
     rc = 0
     if failed:

@@ -49,6 +49,16 @@ def test_a_failing_case_is_recorded_and_the_rest_run(monkeypatch):
     assert "planted failure" in data["cases"][0]["error"]
 
 
+def test_cases_in_parallel_processes_merge_into_one_summary(tmp_path):
+    out = tmp_path / "run.json"
+    data = sanitize_cases.run_parallel(["siglip", "layer_norm"], _device(), 2, str(out),
+                                       check_coverage=True, log=lambda *a, **k: None)
+    assert [(c["name"], c["status"]) for c in data["cases"]] == [("siglip", "ok"), ("layer_norm", "ok")]
+    assert {"siglip_rows_kernel", "siglip_grads_kernel", "siglip_sum_kernel", "_ln_fwd_kernel"} <= set(data["launches"])
+    assert "attn_fwd_kernel" in data["never_launched"]
+    assert json.loads(out.read_text())["launches"] == data["launches"]
+
+
 @pytest.mark.slow
 def test_every_kernel_is_launched_by_the_case_list():
     data = sanitize_cases.run(list(sanitize_cases.CASES), _device(), check_coverage=True,
