@@ -11,10 +11,11 @@
 Each case calls a public op forward and backward under ``mmkernels.backend("triton")`` (the
 blockwise contrastive path under ``use_path("blockwise")``) on shapes that are not multiples
 of any tile size, so every kernel's edge masks run. The shapes are small: under
-compute-sanitizer a kernel runs 10-100x slower and every Triton compile happens inside it.
+compute-sanitizer a kernel runs many times slower and every Triton compile happens inside it.
 
 The kernels are found by reading the sources: every ``@triton.jit`` function of ``mmkernels``
-that no other jitted function calls is a kernel (the rest are device helpers). ``--all``
+that no other jitted function names (calls, or passes to ``tl.reduce``) is a kernel; the rest
+are device helpers. ``--all``
 fails, naming them, when a kernel was never launched, so a new kernel cannot escape the
 sanitizer without a case here. Launches are counted with
 :func:`mmkernels.testing.launches.count_launches`.
