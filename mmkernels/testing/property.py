@@ -27,7 +27,7 @@ CASE_VARIABLE = "MMKERNELS_PROPERTY_CASE"
 BUDGET_VARIABLE = "MMKERNELS_PROPERTY_BUDGET"
 
 #: tier -> seconds of drawing per test (per op group and backend)
-TIER_BUDGETS = {"quick": 1.0, "ci": 5.0}
+TIER_BUDGETS = {"quick": 0.75, "ci": 5.0}
 
 #: fp16's largest value is 65504: magnitudes are drawn so that a computation's intermediates
 #: (logits, scores, activations) stay below this, with room for sums of a few of them
