@@ -4,10 +4,10 @@ Under backend ``auto`` each call runs the path the dispatch table orders first a
 that can run it (``paths.py``, ``dispatch_table.py``): the kernels, ``blockwise`` or
 ``materialized``. The kernels and ``blockwise`` never hold the ``[N, M]`` logits (beyond one
 block within ``memory_budget``): the registered op ``mmkernels::contrastive_stats`` returns
-per-row and per-column log-sum-exp, sums and positive logits, and the loss is an O(N)
-expression of them. With label smoothing ``eps`` (as in
+per-row and per-column log-sum-exp, sums and positive logits (each relative to the row's or
+column's max), and the loss is an O(N) expression of them. With label smoothing ``eps`` (as in
 ``torch.nn.functional.cross_entropy``) the cross-entropy of row ``i`` is
-``lse_i - (1 - eps) * L[i, t_i] - eps * mean_j L[i, j]``.
+``lse_i - (1 - eps) * L[i, t_i] - eps * mean_j L[i, j]``, formed relative to the row max.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 from .. import _autocast, _backend, _dispatch
 from .. import _validation as check
 from . import paths, reference
-from .epilogue import contrastive_loss_epilogue
+from .epilogue import contrastive_loss_epilogue, cross_entropy
 from .ops import contrastive_stats, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -117,13 +117,6 @@ def _fused_epilogue(which: str, x: torch.Tensor) -> bool:
     return which == paths.BLOCKWISE and paths.default_arith(x.device, x.dtype) == "triton"
 
 
-def _cross_entropy(lse, pos, total, classes: int, label_smoothing: float):
-    """Per-row cross-entropy from the stats (float32 ``[N]``)."""
-    if label_smoothing == 0.0:
-        return lse - pos
-    return lse - (1.0 - label_smoothing) * pos - (label_smoothing / classes) * total
-
-
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                      logit_bias=None, *, label_smoothing: float = 0.0, reduction: str = "mean",
                      return_stats: bool = False, positive_ids=None, teacher_image_features=None,
@@ -195,9 +188,9 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         loss, i2t, t2i = contrastive_loss_epilogue(*stats, n, float(label_smoothing), reduction,
                                                    loss_dtype, "triton")
     else:
-        row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum = stats
-        per_pair = 0.5 * (_cross_entropy(row_lse, pos, row_sum, n, label_smoothing)
-                          + _cross_entropy(col_lse, pos, col_sum, n, label_smoothing))
+        row_logsum, row_max, row_sum, pos, col_logsum, col_max, col_sum = stats
+        per_pair = 0.5 * (cross_entropy(row_logsum, row_max, row_sum, pos, n, label_smoothing)
+                          + cross_entropy(col_logsum, col_max, col_sum, pos, n, label_smoothing))
         loss = reference.reduce(per_pair, reduction)
         i2t = t2i = None
     if bias is not None:
@@ -299,8 +292,8 @@ def infonce_loss(queries: torch.Tensor, keys: torch.Tensor, logit_scale, *, targ
     if _fused_epilogue(which, queries):
         return contrastive_loss_epilogue(*stats, m, float(label_smoothing), reduction, loss_dtype,
                                          "triton")[0]
-    row_lse, _, row_sum, pos, _, _, _ = stats
-    per_row = _cross_entropy(row_lse, pos, row_sum, m, label_smoothing)
+    row_logsum, row_max, row_sum, pos, _, _, _ = stats
+    per_row = cross_entropy(row_logsum, row_max, row_sum, pos, m, label_smoothing)
     return reference.reduce(per_row, reduction).to(loss_dtype)
 
 

@@ -27,8 +27,9 @@ import torch
 
 from .. import _dispatch, _distributed
 from . import paths, reference
-from .api import (ContrastiveStats, _check_options, _check_pair, _choose, _cross_entropy,
-                  _scalar_arg, _under_autocast, contrastive_loss)
+from .api import (ContrastiveStats, _check_options, _check_pair, _choose, _scalar_arg,
+                  _under_autocast, contrastive_loss)
+from .epilogue import cross_entropy, shift
 from .ops import contrastive_grads, contrastive_stats, stats_dtype
 
 
@@ -59,8 +60,8 @@ def _one_direction(q, k, scale, targets, *, label_smoothing: float, want_acc: bo
                 correct = reference.top1(logits, targets, 1) * n
         return per_row, correct
     which = decision.backend if decision.path == _dispatch.KERNEL else decision.path
-    row_lse, row_max, row_sum, pos, _, _, _ = contrastive_stats(q, k, scale, targets, False, which)
-    per_row = _cross_entropy(row_lse, pos, row_sum, m, label_smoothing)
+    row_logsum, row_max, row_sum, pos, _, _, _ = contrastive_stats(q, k, scale, targets, False, which)
+    per_row = cross_entropy(row_logsum, row_max, row_sum, pos, m, label_smoothing)
     correct = None
     if want_acc:
         with torch.no_grad():
@@ -68,11 +69,24 @@ def _one_direction(q, k, scale, targets, *, label_smoothing: float, want_acc: bo
     return per_row, correct
 
 
+def merge_row_stats(a, b, count_a: int, count_b: int):
+    """``(logsum, max, ssum)`` of the union of two column sets from each one's statistics
+    (``ops.contrastive_stats``: relative to their own maxima; ``count_*`` columns each), moved
+    to the shared max without forming a log-sum-exp."""
+    (la, ma, sa), (lb, mb, sb) = a, b
+    m = torch.maximum(ma, mb)
+    s, da, db = shift(m), shift(ma), shift(mb)
+    da, db = da - s, db - s
+    return torch.logaddexp(la + da, lb + db), m, sa + count_a * da + sb + count_b * db
+
+
 class _RingStats(torch.autograd.Function):
     """Row statistics of this rank's images against every rank's texts and of its texts against
     every rank's images, the blocks travelling around the ring (see ``_distributed.ring_forward``).
 
-    Returns ``(lse_i, max_i, sum_i, pos_i, lse_t, max_t, sum_t, pos_t)``, each ``[n]`` float32.
+    Returns ``(logsum_i, max_i, sum_i, pos_i, logsum_t, max_t, sum_t, pos_t)``, each ``[n]``
+    float32, as ``ops.contrastive_stats`` defines them (relative to the row max); the maxima are
+    not differentiable.
     """
 
     @staticmethod
@@ -84,25 +98,24 @@ class _RingStats(torch.autograd.Function):
 
         def visit(direction, step, block):
             for side, (q, k) in (("i", (img, block[n:])), ("t", (txt, block[:n]))):
-                lse, mx, sm, pos, _, _, _ = contrastive_stats(q, k, scale, targets, False, which)
+                ls, mx, sm, pos, _, _, _ = contrastive_stats(q, k, scale, targets, False, which)
                 if step == 0:
-                    acc[side] = [lse, mx, sm, pos]
+                    acc[side] = [ls, mx, sm, pos]
                 else:
                     a = acc[side]
-                    a[0] = torch.logaddexp(a[0], lse)
-                    a[1] = torch.maximum(a[1], mx)
-                    a[2] = a[2] + sm
+                    a[0], a[1], a[2] = merge_row_stats(a[:3], (ls, mx, sm), step * n, n)
         last = _distributed.ring_forward(ring, torch.cat([img, txt]), {1: ring.size - 1}, visit,
                                          block_is_scratch=True)
         ctx.ring, ctx.which = ring, which
-        ctx.save_for_backward(img, txt, scale, acc["i"][0], acc["t"][0], last[1])
+        ctx.save_for_backward(img, txt, scale, acc["i"][0], acc["i"][1], acc["t"][0],
+                              acc["t"][1], last[1])
         ctx.mark_non_differentiable(acc["i"][1], acc["t"][1])
         ctx.set_materialize_grads(False)
         return (*[v.to(sd) for v in acc["i"]], *[v.to(sd) for v in acc["t"]])
 
     @staticmethod
     def backward(ctx, g_lse_i, _gm_i, g_sum_i, g_pos_i, g_lse_t, _gm_t, g_sum_t, g_pos_t):
-        img, txt, scale, lse_i, lse_t, last = ctx.saved_tensors
+        img, txt, scale, lse_i, max_i, lse_t, max_t, last = ctx.saved_tensors
         ring, which = ctx.ring, ctx.which
         n = img.shape[0]
         targets = torch.arange(n, device=img.device)
@@ -110,8 +123,8 @@ class _RingStats(torch.autograd.Function):
 
         def filled(g):
             return torch.zeros_like(lse_i) if g is None else g.to(lse_i.dtype)
-        g = {"i": (lse_i, filled(g_lse_i), filled(g_sum_i), filled(g_pos_i)),
-             "t": (lse_t, filled(g_lse_t), filled(g_sum_t), filled(g_pos_t))}
+        g = {"i": (max_i, lse_i, filled(g_lse_i), filled(g_sum_i), filled(g_pos_i)),
+             "t": (max_t, lse_t, filled(g_lse_t), filled(g_sum_t), filled(g_pos_t))}
         zeros = torch.zeros_like(lse_i)
         dq = {"i": torch.zeros(img.shape, dtype=torch.float32, device=img.device),
               "t": torch.zeros(txt.shape, dtype=torch.float32, device=txt.device)}
@@ -123,9 +136,10 @@ class _RingStats(torch.autograd.Function):
             nonlocal dscale
             dks = {}
             for side, (q, k) in (("i", (img, k_txt)), ("t", (txt, k_img))):
-                lse, gl, gs, gp = g[side]
-                dq_s, dk_s, ds_s = contrastive_grads(q, k, scale, targets, lse, empty, gl, gs,
-                                                     gp if step == 0 else zeros, empty, empty, which)
+                mx, ls, gl, gs, gp = g[side]
+                dq_s, dk_s, ds_s = contrastive_grads(q, k, scale, targets, mx, ls, empty, empty,
+                                                     gl, gs, gp if step == 0 else zeros, empty,
+                                                     empty, which)
                 dq[side].add_(dq_s)
                 dks[side] = dk_s.float()
                 dscale = dscale + ds_s
@@ -249,8 +263,8 @@ def distributed_contrastive_loss(image_features: torch.Tensor, text_features: to
         which = _kernel_which(image_features, "infonce_loss", n, world * n)
         lse_i, max_i, sum_i, pos_i, lse_t, max_t, sum_t, pos_t = _RingStats.apply(
             image_features, text_features, scale, _distributed.Ring(group, rank, world), which)
-        per_i = _cross_entropy(lse_i, pos_i, sum_i, world * n, label_smoothing)
-        per_t = _cross_entropy(lse_t, pos_t, sum_t, world * n, label_smoothing)
+        per_i = cross_entropy(lse_i, max_i, sum_i, pos_i, world * n, label_smoothing)
+        per_t = cross_entropy(lse_t, max_t, sum_t, pos_t, world * n, label_smoothing)
         if return_stats:
             with torch.no_grad():
                 counts = torch.stack([(pos_i >= max_i).float().sum(), (pos_t >= max_t).float().sum()])

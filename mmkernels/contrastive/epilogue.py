@@ -5,13 +5,16 @@ arithmetic. Done with torch ops that is a dozen launches forward and as many bac
 op does it in one Triton launch each way (``backend="triton"``), and the same arithmetic with
 torch ops (``backend="torch"``) serves CPU tensors and the registration tests.
 
-``contrastive_loss_epilogue(row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum,
-n_classes, label_smoothing, reduction, out_dtype, backend) -> (loss, i2t_acc, t2i_acc)``:
-the per-row cross-entropy ``lse - (1 - eps) * pos - eps / n_classes * row_sum`` (with column
-statistics, averaged with the per-column one over N classes), reduced by ``reduction``, in
-``out_dtype``; the accuracies are the shares of rows (columns) whose positive logit is their
-maximum (0 without columns). Gradients reach ``row_lse``, ``row_sum``, ``pos``, ``col_lse``,
-``col_sum``.
+``contrastive_loss_epilogue(row_logsum, row_max, row_sum, pos, col_logsum, col_max, col_sum,
+n_classes, label_smoothing, reduction, out_dtype, backend) -> (loss, i2t_acc, t2i_acc)`` (the
+statistics of ``ops.contrastive_stats``; ``*_sum`` the sums relative to the max): the per-row
+cross-entropy ``logsum + (1 - eps) * (shift - pos) - eps / n_classes * row_sum``, with
+``shift`` the max (0 where not finite), which is ``lse - (1 - eps) * pos - eps * mean_j L``
+formed without cancelling large logits against each other (with column statistics, averaged
+with the per-column one over N classes), reduced by ``reduction``, in ``out_dtype``; the
+accuracies are the shares of rows (columns) whose positive logit is their maximum (0 without
+columns). Gradients reach ``row_logsum``, ``row_sum``, ``pos``, ``col_logsum``, ``col_sum``
+(the max cancels: it gets none).
 """
 from __future__ import annotations
 
@@ -22,18 +25,30 @@ from .reference import reduce
 BACKENDS = ("torch", "triton")
 
 
+def shift(m: torch.Tensor) -> torch.Tensor:
+    """The maxima where finite, else 0: what the statistics are taken relative to."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def cross_entropy(logsum, mx, ssum, pos, n_classes: int, label_smoothing: float) -> torch.Tensor:
+    """Per-row cross-entropy from the statistics: ``logsum + (1 - eps) * (shift - pos) - eps /
+    n_classes * ssum`` (every term relative to the row max, so nothing large cancels)."""
+    eps = float(label_smoothing)
+    gap = shift(mx) - pos
+    per = logsum + (gap if eps == 0.0 else (1.0 - eps) * gap)
+    if eps != 0.0:
+        per = per - (eps / n_classes) * ssum
+    return per
+
+
 def _torch_forward(row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum, n_classes,
                    label_smoothing, reduction, out_dtype):
     eps = float(label_smoothing)
-    per = row_lse - (1.0 - eps) * pos
-    if eps != 0.0:
-        per = per - (eps / n_classes) * row_sum
+    per = cross_entropy(row_lse, row_max, row_sum, pos, n_classes, eps)
     n = row_lse.shape[0]
     acc_c = torch.zeros((), dtype=torch.float32, device=row_lse.device)
     if col_lse.numel() > 0:
-        per_c = col_lse - (1.0 - eps) * pos
-        if eps != 0.0:
-            per_c = per_c - (eps / n) * col_sum
+        per_c = cross_entropy(col_lse, col_max, col_sum, pos, n, eps)
         per = 0.5 * (per + per_c)
         acc_c = (pos >= col_max).to(torch.float32).mean()
     acc_r = (pos >= row_max).to(torch.float32).mean()

@@ -181,6 +181,11 @@ class _Operands:
         dk_acc.addmm_(G.t(), self.q[r0:r1])
 
 
+def _shift(m: torch.Tensor) -> torch.Tensor:
+    """The maxima where finite, else 0: what the statistics are relative to."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     """``x`` with -inf (an empty maximum) replaced by 0, so ``x - max`` never is -inf - -inf."""
     return torch.where(x == _NEG_INF, torch.zeros_like(x), x)
@@ -188,7 +193,8 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 def blockwise_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor,
                     with_columns: bool, *, arith: str | None = None, rows: int | None = None):
-    """The seven statistics of ``ops.contrastive_stats`` from row blocks of the logits.
+    """The seven statistics of ``ops.contrastive_stats`` from row blocks of the logits (each row
+    and column relative to its max).
 
     ``arith``: ``"torch"`` or ``"triton"`` (default :func:`default_arith`); ``rows`` forces the
     rows per block (default :func:`block_rows` under the option ``memory_budget``).
@@ -216,32 +222,41 @@ def blockwise_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targe
     buf = torch.empty(min(B, N), M, dtype=sd, device=dev)
     if arith == "triton":
         from .kernels import blockwise as bk
+    col_shift = 0.0  # the shift before any row is merged
     for r0 in range(0, N, B):
         r1 = min(N, r0 + B)
         S = ops.product(r0, r1, out=buf[: r1 - r0])
         if arith == "triton":
             bk.block_stats(S, scale, targets[r0:r1], row_lse[r0:r1], row_max[r0:r1],
-                           row_sum[r0:r1], pos[r0:r1], col_max, col_d, col_sum, with_columns)
+                           row_sum[r0:r1], pos[r0:r1], col_max, col_d, col_sum, with_columns,
+                           rows_before=r0)
             continue
         L = S.mul_(scale)
         rmax = L.amax(1)
         use = _finite_or_zero(rmax)
         row_max[r0:r1] = rmax
-        row_lse[r0:r1] = use + torch.exp(L - use[:, None]).sum(1).log()
-        row_sum[r0:r1] = L.sum(1)
         pos[r0:r1] = L.gather(1, targets[r0:r1, None])[:, 0]
         if with_columns:
             new_max = torch.maximum(col_max, L.amax(0))
             cuse = _finite_or_zero(new_max)
-            col_d.mul_(torch.exp(col_max - cuse)).add_(torch.exp(L - cuse[None, :]).sum(0))
-            col_sum.add_(L.sum(0))
+            col_d.mul_(torch.exp(col_max - cuse))
+            # the running sum of L - max moves with the max: r0 rows were merged before
+            col_sum.add_(col_shift - cuse, alpha=r0)
+            col_shift = cuse
             col_max.copy_(new_max)
-    col_lse = _finite_or_zero(col_max) + col_d.log()
+            shifted = L - cuse[None, :]
+            col_d.add_(torch.exp(shifted).sum(0))
+            col_sum.add_(shifted.sum(0))
+        shifted = L.sub_(use[:, None])
+        row_sum[r0:r1] = shifted.sum(1)
+        row_lse[r0:r1] = shifted.exp_().sum(1).log()
+    col_lse = col_d.log()
     return row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum
 
 
-def blockwise_grads(q, k, scale, targets, row_lse, col_lse, g_row_lse, g_row_sum, g_pos,
-                    g_col_lse, g_col_sum, *, arith: str | None = None, rows: int | None = None):
+def blockwise_grads(q, k, scale, targets, row_max, row_lse, col_max, col_lse, g_row_lse, g_row_sum,
+                    g_pos, g_col_lse, g_col_sum, *, arith: str | None = None,
+                    rows: int | None = None):
     """``(dq, dk, dscale)`` of ``ops.contrastive_grads`` from row blocks of the logits.
 
     Per block: the product ``S`` (a GEMM), then ``G`` and ``scale * G`` (one light kernel, or
@@ -258,10 +273,11 @@ def blockwise_grads(q, k, scale, targets, row_lse, col_lse, g_row_lse, g_row_sum
     scale = scale.detach().to(device=dev, dtype=sd).reshape(())
     # incoming gradients are often expanded (stride 0): the light kernels index them
     # contiguously, so make them so (O(N + M))
-    row_lse, g_row_lse, g_row_sum, g_pos = (
-        v.to(sd).contiguous() for v in (row_lse, g_row_lse, g_row_sum, g_pos))
+    row_max, row_lse, g_row_lse, g_row_sum, g_pos = (
+        v.to(sd).contiguous() for v in (row_max, row_lse, g_row_lse, g_row_sum, g_pos))
     if with_columns:
-        col_lse, g_col_lse, g_col_sum = (v.to(sd).contiguous() for v in (col_lse, g_col_lse, g_col_sum))
+        col_max, col_lse, g_col_lse, g_col_sum = (
+            v.to(sd).contiguous() for v in (col_max, col_lse, g_col_lse, g_col_sum))
     dq = torch.empty(N, D, dtype=q.dtype, device=dev)
     dk_acc = torch.zeros(M, D, dtype=sd, device=dev)
     if N == 0 or M == 0:
@@ -282,23 +298,28 @@ def blockwise_grads(q, k, scale, targets, row_lse, col_lse, g_row_lse, g_row_sum
     else:
         ds = torch.zeros((), dtype=sd, device=dev)
     cols = slice(None) if with_columns else None
+    if arith != "triton":
+        row_shift = _shift(row_max)
+        col_shift = _shift(col_max) if with_columns else None
     for r0 in range(0, N, B):
         r1 = min(N, r0 + B)
         S = ops.product(r0, r1, out=buf[: r1 - r0])
         if arith == "triton":
             G = g_buf[: r1 - r0]
-            bk.block_grad(S, G, scale, targets[r0:r1], row_lse[r0:r1], g_row_lse[r0:r1],
-                          g_row_sum[r0:r1], g_pos[r0:r1],
-                          col_lse if with_columns else None, g_col_lse if with_columns else None,
+            bk.block_grad(S, G, scale, targets[r0:r1], row_max[r0:r1], row_lse[r0:r1],
+                          g_row_lse[r0:r1], g_row_sum[r0:r1], g_pos[r0:r1],
+                          col_max if with_columns else None, col_lse if with_columns else None,
+                          g_col_lse if with_columns else None,
                           g_col_sum if with_columns else None, ds_rows[r0:r1])
             _dq_dk(G, qg, kg, r0, r1, dq, dk_acc)
             continue
         b = r1 - r0
-        G = torch.exp(S * scale - row_lse[r0:r1, None]).mul_(g_row_lse[r0:r1, None])
+        L = S * scale
+        G = torch.exp((L - row_shift[r0:r1, None]) - row_lse[r0:r1, None]).mul_(g_row_lse[r0:r1, None])
         G.add_(g_row_sum[r0:r1, None])
         G[torch.arange(b, device=dev), targets[r0:r1]] += g_pos[r0:r1]
         if cols is not None:
-            G.add_(torch.exp(S * scale - col_lse[None, :]).mul_(g_col_lse[None, :]))
+            G.add_(torch.exp((L - col_shift[None, :]) - col_lse[None, :]).mul_(g_col_lse[None, :]))
             G.add_(g_col_sum[None, :])
         ds += torch.sum(S.mul_(G))
         G.mul_(scale)

@@ -17,16 +17,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("contrastive_stats", &mmkernels::contrastive_stats,
         "Row (and column) statistics of L = scale * q @ k^T without materialising L.\n"
-        "Returns (row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum), float32;\n"
+        "Returns (row_logsum, row_max, row_ssum, pos, col_logsum, col_max, col_ssum), float32:\n"
+        "logsum = log sum exp(L - max), ssum = sum (L - max) (max taken as 0 where not finite);\n"
         "col_* are empty [0] when with_columns is False.",
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("targets"),
         py::arg("with_columns"), py::call_guard<py::gil_scoped_release>());
 
   m.def("contrastive_grads", &mmkernels::contrastive_grads,
         "Gradients (dq, dk, dscale) of the contrastive statistics, recomputing L chunk by chunk.\n"
-        "col_lse, g_col_lse, g_col_sum are empty [0] tensors when there are no column terms.",
-        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("targets"), py::arg("row_lse"),
-        py::arg("col_lse"), py::arg("g_row_lse"), py::arg("g_row_sum"), py::arg("g_pos"),
+        "col_max, col_logsum, g_col_lse, g_col_sum are empty [0] tensors when there are no\n"
+        "column terms.",
+        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("targets"), py::arg("row_max"),
+        py::arg("row_logsum"), py::arg("col_max"), py::arg("col_logsum"), py::arg("g_row_lse"), py::arg("g_row_sum"), py::arg("g_pos"),
         py::arg("g_col_lse"), py::arg("g_col_sum"), py::call_guard<py::gil_scoped_release>());
 
   m.def("siglip_rows", &mmkernels::siglip_rows,

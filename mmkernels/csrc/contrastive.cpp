@@ -31,130 +31,134 @@ using namespace contrastive_detail;
 // The hot loops (multiversioned).
 
 // One row segment of the forward: x <- scale * x in place; returns its max (NaN if any element
-// is NaN) and its sum.
+// is NaN).
 CPU_MATH_MULTIVERSION
-void scale_max_sum(float* x, int64_t n, float scale, float* out_max, double* out_sum) {
+void scale_max(float* x, int64_t n, float scale, float* out_max) {
   wf vmax = vsplat<wf>(-kInf);
-  double sum = 0.0;
   int64_t j = 0;
-  while (j < n) {
-    wf acc = vsplat<wf>(0.0f);
-    const int64_t stop = std::min(n, j + FLUSH * WL);
-    for (; j + WL <= stop; j += WL) {
-      const wf v = logit(scale, vload<wf>(x + j));
-      vstore(x + j, v);
-      vmax = vmax_nan(vmax, v);
-      acc += v;
-    }
-    if (j < stop) {  // tail of the row, fewer than WL elements
-      const int64_t k = stop - j;
-      const wi valid = vlanes_below<wf>(k);
-      const wf v = logit(scale, vload_n<wf>(x + j, k, 0.0f));
-      vstore_n(x + j, v, k);
-      vmax = vmax_nan(vmax, vsel(valid, v, vsplat<wf>(-kInf)));
-      acc += vsel(valid, v, vsplat<wf>(0.0f));
-      j = stop;
-    }
-    sum += vhsum(acc);
+  for (; j + WL <= n; j += WL) {
+    const wf v = logit(scale, vload<wf>(x + j));
+    vstore(x + j, v);
+    vmax = vmax_nan(vmax, v);
+  }
+  if (j < n) {  // tail of the row, fewer than WL elements
+    const int64_t k = n - j;
+    const wf v = logit(scale, vload_n<wf>(x + j, k, 0.0f));
+    vstore_n(x + j, v, k);
+    vmax = vmax_nan(vmax, vsel(vlanes_below<wf>(k), v, vsplat<wf>(-kInf)));
   }
   *out_max = vhmax_nan(vmax);
-  *out_sum = sum;
 }
 
-// sum_j exp(x[j] - shift) for a finite shift.
+// sum_j exp(x[j] - shift) and sum_j (x[j] - shift) for a finite shift (the second is the plain
+// sum taken relative to the max: label smoothing needs it without cancellation).
 CPU_MATH_MULTIVERSION
-double sum_exp(const float* x, int64_t n, float shift) {
-  double total = 0.0;
+void sum_exp(const float* x, int64_t n, float shift, double* out_sexp, double* out_ssum) {
+  double total = 0.0, shifted = 0.0;
   int64_t j = 0;
   while (j < n) {
-    wf acc = vsplat<wf>(0.0f);
+    wf acc = vsplat<wf>(0.0f), acc_s = vsplat<wf>(0.0f);
     const int64_t stop = std::min(n, j + FLUSH * WL);
-    for (; j + WL <= stop; j += WL) acc += vexp(vload<wf>(x + j) - shift);
+    for (; j + WL <= stop; j += WL) {
+      const wf d = vload<wf>(x + j) - shift;
+      acc += vexp(d);
+      acc_s += d;
+    }
     if (j < stop) {  // padded lanes are -inf: exp gives 0
-      acc += vexp(vload_n<wf>(x + j, stop - j, -kInf) - shift);
+      const int64_t k = stop - j;
+      const wf d = vload_n<wf>(x + j, k, -kInf) - shift;
+      acc += vexp(d);
+      acc_s += vsel(vlanes_below<wf>(k), d, vsplat<wf>(0.0f));
       j = stop;
     }
     total += vhsum(acc);
+    shifted += vhsum(acc_s);
   }
-  return total;
+  *out_sexp = total;
+  *out_ssum = shifted;
 }
 
 // Column statistics of one block of cw (<= COL_BLOCK) columns over `rows` rows of the chunk
-// (row stride ld), merged into the running per-column (max, sum exp(L - shift(max)), sum).
+// (row stride ld), merged into the running per-column (max, sum exp(L - shift(max)),
+// sum (L - shift(max))); `seen` rows were merged before (their shifted sums move with the shift).
 CPU_MATH_MULTIVERSION
-void column_block(const float* b, int64_t rows, int64_t ld, int64_t cw, float* run_max,
-                  double* run_sexp, double* run_sum) {
+void column_block(const float* b, int64_t rows, int64_t ld, int64_t cw, int64_t seen,
+                  float* run_max, double* run_sexp, double* run_sum) {
   constexpr int64_t G = COL_BLOCK / WL;
   static_assert(COL_BLOCK % WL == 0, "COL_BLOCK must be a multiple of the SIMD width");
   const int64_t full = cw / WL, tail = cw - full * WL, groups = full + (tail ? 1 : 0);
-  wf cmax[G], acc[G], shift[G];
+  wf cmax[G], acc[G], acc_s[G], shift[G];
   float lanes[COL_BLOCK];
   double csum[COL_BLOCK], cexp[COL_BLOCK];
   for (int64_t g = 0; g < groups; ++g) cmax[g] = vsplat<wf>(-kInf);
   for (int64_t j = 0; j < cw; ++j) csum[j] = cexp[j] = 0.0;
 
-  // Pass 1: column max (NaN-propagating) and sum. Lanes past cw are never read back.
-  for (int64_t r0 = 0; r0 < rows; r0 += FLUSH) {
-    const int64_t r1 = std::min(rows, r0 + FLUSH);
-    for (int64_t g = 0; g < groups; ++g) acc[g] = vsplat<wf>(0.0f);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = b + r * ld;
-      for (int64_t g = 0; g < full; ++g) {
-        const wf v = vload<wf>(xr + g * WL);
-        cmax[g] = vmax_nan(cmax[g], v);
-        acc[g] += v;
-      }
-      if (tail) {
-        const wf v = vload_n<wf>(xr + full * WL, tail, 0.0f);
-        cmax[full] = vmax_nan(cmax[full], v);
-        acc[full] += v;
-      }
-    }
-    for (int64_t g = 0; g < groups; ++g)
-      for (int i = 0; i < WL && g * WL + i < cw; ++i) csum[g * WL + i] += acc[g][i];
+  // Pass 1: column max (NaN-propagating). Lanes past cw are never read back.
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = b + r * ld;
+    for (int64_t g = 0; g < full; ++g) cmax[g] = vmax_nan(cmax[g], vload<wf>(xr + g * WL));
+    if (tail) cmax[full] = vmax_nan(cmax[full], vload_n<wf>(xr + full * WL, tail, 0.0f));
   }
 
-  // Merge into the running statistics: rescale the running sum of exponentials to the new max.
+  // Merge into the running statistics: rescale the running sum of exponentials to the new max,
+  // and move the running shifted sum of the `seen` rows to the new shift.
   for (int64_t g = 0; g < groups; ++g) vstore(lanes + g * WL, cmax[g]);
   for (int64_t j = 0; j < cw; ++j) {
     const float old_max = run_max[j];
     const float new_max = nan_max(old_max, lanes[j]);
     const float new_shift = lse_shift(new_max);
-    if (run_sexp[j] != 0.0) {
-      run_sexp[j] *= std::exp(static_cast<double>(lse_shift(old_max)) - new_shift);
-    }
+    const double delta = static_cast<double>(lse_shift(old_max)) - new_shift;
+    if (run_sexp[j] != 0.0) run_sexp[j] *= std::exp(delta);
+    if (seen > 0) run_sum[j] += static_cast<double>(seen) * delta;
     run_max[j] = new_max;
-    run_sum[j] += csum[j];
     lanes[j] = new_shift;
   }
   for (int64_t j = cw; j < groups * WL; ++j) lanes[j] = 0.0f;
   for (int64_t g = 0; g < groups; ++g) shift[g] = vload<wf>(lanes + g * WL);
 
-  // Pass 2: sum of exp(L - shift) per column.
+  // Pass 2: sums of exp(L - shift) and of L - shift per column.
   for (int64_t r0 = 0; r0 < rows; r0 += FLUSH) {
     const int64_t r1 = std::min(rows, r0 + FLUSH);
-    for (int64_t g = 0; g < groups; ++g) acc[g] = vsplat<wf>(0.0f);
+    for (int64_t g = 0; g < groups; ++g) acc[g] = acc_s[g] = vsplat<wf>(0.0f);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = b + r * ld;
-      for (int64_t g = 0; g < full; ++g) acc[g] += vexp(vload<wf>(xr + g * WL) - shift[g]);
-      if (tail) acc[full] += vexp(vload_n<wf>(xr + full * WL, tail, -kInf) - shift[full]);
+      for (int64_t g = 0; g < full; ++g) {
+        const wf d = vload<wf>(xr + g * WL) - shift[g];
+        acc[g] += vexp(d);
+        acc_s[g] += d;
+      }
+      if (tail) {
+        const wf d = vload_n<wf>(xr + full * WL, tail, -kInf) - shift[full];
+        acc[full] += vexp(d);
+        acc_s[full] += vsel(vlanes_below<wf>(tail), d, vsplat<wf>(0.0f));
+      }
     }
     for (int64_t g = 0; g < groups; ++g)
-      for (int i = 0; i < WL && g * WL + i < cw; ++i) cexp[g * WL + i] += acc[g][i];
+      for (int i = 0; i < WL && g * WL + i < cw; ++i) {
+        cexp[g * WL + i] += acc[g][i];
+        csum[g * WL + i] += acc_s[g][i];
+      }
   }
-  for (int64_t j = 0; j < cw; ++j) run_sexp[j] += cexp[j];
+  for (int64_t j = 0; j < cw; ++j) {
+    run_sexp[j] += cexp[j];
+    run_sum[j] += csum[j];
+  }
 }
 
 struct RowPartial {
   float max;
-  double sum;
+  double sum;     // sum (x - lse_shift(max))
   double sumexp;  // sum exp(x - lse_shift(max))
 };
 
 RowPartial row_partial(float* x, int64_t n, float scale) {
   RowPartial p;
-  scale_max_sum(x, n, scale, &p.max, &p.sum);
-  p.sumexp = (p.max != p.max) ? static_cast<double>(kNaN) : sum_exp(x, n, lse_shift(p.max));
+  scale_max(x, n, scale, &p.max);
+  if (p.max != p.max) {
+    p.sumexp = p.sum = static_cast<double>(kNaN);
+  } else {
+    sum_exp(x, n, lse_shift(p.max), &p.sumexp, &p.sum);
+  }
   return p;
 }
 
@@ -162,18 +166,14 @@ RowPartial row_partial(float* x, int64_t n, float scale) {
 // float64 inputs (gradcheck): the same chunked algorithm written with ATen ops in float64.
 // Correctness only; chunks still bound the memory (a few R x M float64 temporaries).
 
-at::Tensor lse_shift_t(const at::Tensor& m) {
-  return at::where(at::isfinite(m), m, at::zeros_like(m));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 stats_f64(const at::Tensor& q, const at::Tensor& k, double sc, const at::Tensor& tgt,
           bool with_columns) {
   const int64_t N = q.size(0), M = k.size(0);
   const auto f64 = q.options().dtype(at::kDouble);
   const at::Tensor qd = q.contiguous(), kT = k.contiguous().t();
-  at::Tensor row_lse = at::empty({N}, f64), row_max = at::empty({N}, f64),
-             row_sum = at::empty({N}, f64), pos = at::empty({N}, f64);
+  at::Tensor row_logsum = at::empty({N}, f64), row_max = at::empty({N}, f64),
+             row_ssum = at::empty({N}, f64), pos = at::empty({N}, f64);
   const int64_t MC = with_columns ? M : 0;
   at::Tensor run_max = at::full({MC}, -std::numeric_limits<double>::infinity(), f64);
   at::Tensor run_sexp = at::zeros({MC}, f64), run_sum = at::zeros({MC}, f64);
@@ -181,9 +181,11 @@ stats_f64(const at::Tensor& q, const at::Tensor& k, double sc, const at::Tensor&
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rc = std::min(R, N - r0);
     const at::Tensor L = at::mm(qd.narrow(0, r0, rc), kT).mul_(sc);
-    row_max.narrow(0, r0, rc).copy_(std::get<0>(L.max(1)));  // max propagates NaN
-    row_sum.narrow(0, r0, rc).copy_(L.sum(1));
-    row_lse.narrow(0, r0, rc).copy_(at::logsumexp(L, {1}));
+    const at::Tensor mx = std::get<0>(L.max(1));  // max propagates NaN
+    const at::Tensor shifted = L - lse_shift_t(mx).unsqueeze(1);
+    row_max.narrow(0, r0, rc).copy_(mx);
+    row_ssum.narrow(0, r0, rc).copy_(shifted.sum(1));
+    row_logsum.narrow(0, r0, rc).copy_(at::exp(shifted).sum(1).log());
     pos.narrow(0, r0, rc).copy_(L.gather(1, tgt.narrow(0, r0, rc).unsqueeze(1)).squeeze(1));
     if (with_columns) {
       const at::Tensor new_max = at::maximum(run_max, std::get<0>(L.max(0)));
@@ -195,8 +197,9 @@ stats_f64(const at::Tensor& q, const at::Tensor& k, double sc, const at::Tensor&
       run_max = new_max;
     }
   }
-  at::Tensor col_lse = at::where(at::isnan(run_max), run_max, lse_shift_t(run_max) + at::log(run_sexp));
-  return std::make_tuple(row_lse, row_max, row_sum, pos, col_lse, run_max, run_sum);
+  at::Tensor col_logsum = at::where(at::isnan(run_max), run_max, at::log(run_sexp));
+  at::Tensor col_ssum = run_sum - static_cast<double>(N) * lse_shift_t(run_max);
+  return std::make_tuple(row_logsum, row_max, row_ssum, pos, col_logsum, run_max, col_ssum);
 }
 
 }  // namespace
@@ -259,14 +262,12 @@ contrastive_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& sc
     for (int64_t r = 0; r < rc; ++r) {
       const RowPartial* p = parts.data() + r * sp.segments;
       float m = p[0].max;
-      double s = p[0].sum;
-      for (int64_t c = 1; c < sp.segments; ++c) {
-        m = nan_max(m, p[c].max);
-        s += p[c].sum;
-      }
+      for (int64_t c = 1; c < sp.segments; ++c) m = nan_max(m, p[c].max);
       const float shift = lse_shift(m);
-      double se = 0.0;
+      double se = 0.0, s = 0.0;
       for (int64_t c = 0; c < sp.segments; ++c) {
+        const int64_t width = std::min(sp.width, M - c * sp.width);
+        s += p[c].sum + static_cast<double>(width) * (static_cast<double>(lse_shift(p[c].max)) - shift);
         if (p[c].sumexp != 0.0) {
           se += sp.segments == 1
                     ? p[c].sumexp
@@ -276,7 +277,7 @@ contrastive_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& sc
       const int64_t i = r0 + r;
       o_max[i] = m;
       o_sum[i] = static_cast<float>(s);
-      o_lse[i] = (m != m) ? m : static_cast<float>(shift + std::log(se));
+      o_lse[i] = (m != m) ? m : static_cast<float>(std::log(se));
       o_pos[i] = B[r * M + tp[i]];  // the same computed logit that fed row_max / col_max
     }
 
@@ -287,7 +288,7 @@ contrastive_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& sc
       at::parallel_for(0, nblk, grain, [&](int64_t begin, int64_t end) {
         for (int64_t blk = begin; blk < end; ++blk) {
           const int64_t c0 = blk * COL_BLOCK, cw = std::min(COL_BLOCK, M - c0);
-          column_block(B + c0, rc, M, cw, run_max.data() + c0, run_sexp.data() + c0,
+          column_block(B + c0, rc, M, cw, r0, run_max.data() + c0, run_sexp.data() + c0,
                        run_sum.data() + c0);
         }
       });
@@ -302,7 +303,7 @@ contrastive_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& sc
       const float m = run_max[j];
       c_max[j] = m;
       c_sum[j] = static_cast<float>(run_sum[j]);
-      c_lse[j] = (m != m) ? m : static_cast<float>(lse_shift(m) + std::log(run_sexp[j]));
+      c_lse[j] = (m != m) ? m : static_cast<float>(std::log(run_sexp[j]));
     }
   }
   return std::make_tuple(row_lse, row_max, row_sum, pos, col_lse, col_max, col_sum);

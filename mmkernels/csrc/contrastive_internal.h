@@ -44,6 +44,9 @@ inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 // The offset used for a log-sum-exp: the max when it is finite, else 0 (as torch.logsumexp),
 // so that all -inf gives -inf and any +inf gives +inf.
 inline float lse_shift(float m) { return std::isfinite(m) ? m : 0.0f; }
+inline at::Tensor lse_shift_t(const at::Tensor& m) {
+  return at::where(at::isfinite(m), m, at::zeros_like(m));
+}
 
 // The logit round(scale * s). Written so that it is never fused into a following subtraction
 // (FMA contraction would skip this rounding, so the backward's exp(L - lse) would no longer see

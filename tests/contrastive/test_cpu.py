@@ -21,15 +21,25 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def dense_stats(q, k, scale, targets, with_columns, dtype=torch.float64):
-    """All seven statistics from a materialised L, with autograd enabled on q, k, scale."""
+    """All seven statistics from a materialised L, with autograd enabled on q, k, scale: the
+    log-sum and sum of each row (column) relative to its max, which is held fixed for autograd
+    (the op's contract)."""
     L = scale * (q @ k.T)
     rows = torch.arange(q.shape[0])
-    out = [L.logsumexp(1), L.max(1).values, L.sum(1), L[rows, targets]]
-    if with_columns:
-        out += [L.logsumexp(0), L.max(0).values, L.sum(0)]
-    else:
+    out = []
+    for dim in ((1, 0) if with_columns else (1,)):
+        mx = L.amax(dim)
+        sh = L - shift(mx).detach().unsqueeze(dim)
+        out += [sh.exp().sum(dim).log(), mx, sh.sum(dim)]
+        if dim == 1:
+            out.append(L[rows, targets])
+    if not with_columns:
         out += [L.new_zeros(0)] * 3
     return out
+
+
+def shift(m):
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 def dense_grads(q, k, scale, targets, with_columns, g, dtype):
@@ -93,7 +103,7 @@ def run_and_compare(q, k, scale, targets, with_columns, g):
 
     ref = dense_stats(q.double(), k.double(), scale.double(), targets, with_columns)
     eager = dense_stats(q.float(), k.float(), scale.float(), targets, with_columns)
-    names = ["row_lse", "row_max", "row_sum", "pos", "col_lse", "col_max", "col_sum"]
+    names = ["row_logsum", "row_max", "row_sum", "pos", "col_logsum", "col_max", "col_sum"]
     for name, o, r, e in zip(names, stats, ref, eager):
         check(name, o, r.detach(), e.detach())
     # pos is read from the same logits as row_max: the top-1 test is exact.
@@ -104,9 +114,9 @@ def run_and_compare(q, k, scale, targets, with_columns, g):
     if (L32.max(1).values - L32[torch.arange(len(targets)), targets]).abs().min() > 1e-3:
         assert torch.equal(pos >= row_max, top1)
 
-    row_lse, col_lse = stats[0], stats[4]
-    dq, dk, ds = C.contrastive_grads(q, k, scale, targets, row_lse, col_lse, g["g_row_lse"], g["g_row_sum"],
-                                     g["g_pos"], g["g_col_lse"], g["g_col_sum"])
+    dq, dk, ds = C.contrastive_grads(q, k, scale, targets, stats[1], stats[0], stats[5], stats[4],
+                                     g["g_row_lse"], g["g_row_sum"], g["g_pos"], g["g_col_lse"],
+                                     g["g_col_sum"])
     assert dq.dtype == dtype and dk.dtype == dtype and dq.shape == q.shape and dk.shape == k.shape
     assert ds.dtype == torch.float32 and ds.dim() == 0
     rq, rk, rs = dense_grads(q, k, scale, targets, with_columns, g, torch.float64)
@@ -170,8 +180,8 @@ def test_non_contiguous_inputs(dtype, with_columns):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     run_and_compare(q_nc, k_nc, scale, t_nc, with_columns, g_nc)
-    ga = C.contrastive_grads(q, k, scale, t, a[0], a[4], *g.values())
-    gb = C.contrastive_grads(q_nc, k_nc, scale, t_nc, b[0], b[4], *g_nc.values())
+    ga = C.contrastive_grads(q, k, scale, t, a[1], a[0], a[5], a[4], *g.values())
+    gb = C.contrastive_grads(q_nc, k_nc, scale, t_nc, b[1], b[0], b[5], b[4], *g_nc.values())
     for x, y in zip(ga, gb):
         # Not bitwise: BLAS may take another path for differently aligned copies.
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
@@ -200,7 +210,7 @@ def test_float64_path(N, M, D, with_columns):
         assert o.dtype == torch.float64
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
     g64 = {name: v.double() for name, v in g.items()}
-    dq, dk, ds = C.contrastive_grads(q, k, scale, t, st[0], st[4], *g64.values())
+    dq, dk, ds = C.contrastive_grads(q, k, scale, t, st[1], st[0], st[5], st[4], *g64.values())
     assert dq.dtype == dk.dtype == ds.dtype == torch.float64 and ds.dim() == 0
     rq, rk, rs = dense_grads(q, k, scale, t, with_columns, g64, torch.float64)
     for o, r in [(dq, rq), (dk, rk), (ds, rs)]:
@@ -230,8 +240,8 @@ def test_infinite_logits_follow_logsumexp():
     k = torch.tensor([[float("inf")], [1.0]])
     st = C.contrastive_stats(q, k, torch.tensor(1.0), torch.tensor([1, 1]), True)
     L = q @ k.T
-    torch.testing.assert_close(st[0], L.logsumexp(1))
-    torch.testing.assert_close(st[4], L.logsumexp(0))
+    torch.testing.assert_close(st[0] + shift(st[1]), L.logsumexp(1))
+    torch.testing.assert_close(st[4] + shift(st[5]), L.logsumexp(0))
 
 
 def test_bad_inputs_raise():
@@ -252,4 +262,4 @@ def test_bad_inputs_raise():
     st = C.contrastive_stats(q, k, s, t, False)
     z = torch.zeros(5)
     with pytest.raises(RuntimeError, match="g_pos"):
-        C.contrastive_grads(q, k, s, t, st[0], st[4], z, z, z[:4], st[4], st[4])
+        C.contrastive_grads(q, k, s, t, st[1], st[0], st[5], st[4], z, z, z[:4], st[4], st[4])

@@ -27,7 +27,8 @@ def test_opcheck(with_columns):
     stats = torch.ops.mmkernels.contrastive_stats(q.detach(), k.detach(), scale.detach(), targets, with_columns, "cpu")
     g = [torch.randn_like(t) for t in (stats[0], stats[2], stats[3], stats[4], stats[6])]
     torch.library.opcheck(torch.ops.mmkernels.contrastive_grads.default,
-                          (q.detach(), k.detach(), scale.detach(), targets, stats[0], stats[4], *g, "cpu"))
+                          (q.detach(), k.detach(), scale.detach(), targets, stats[1], stats[0], stats[5],
+                           stats[4], *g, "cpu"))
 
 
 @pytest.mark.slow

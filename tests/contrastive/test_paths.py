@@ -238,7 +238,8 @@ def test_opcheck_blockwise(with_columns):
                                                   with_columns, "blockwise")
     g = [torch.randn_like(t) for t in (stats[0], stats[2], stats[3], stats[4], stats[6])]
     torch.library.opcheck(torch.ops.mmkernels.contrastive_grads.default,
-                          (q.detach(), k.detach(), scale.detach(), targets, stats[0], stats[4], *g,
+                          (q.detach(), k.detach(), scale.detach(), targets, stats[1], stats[0], stats[5],
+                           stats[4], *g,
                            "blockwise"))
 
 

@@ -64,26 +64,38 @@ def make_inputs(N, M, D, dtype, *, seed=0, scale=10.0, magnitude=None):
 
 
 def dense_stats(q, k, scale, targets, with_columns, dtype=torch.float64):
-    """The contract's stats evaluated densely in ``dtype`` (float64: the reference)."""
+    """The contract's stats evaluated densely in ``dtype`` (float64: the reference): log-sum and
+    sum relative to the max, the max, the positive logit (rows, then columns)."""
     L = scale.to(dtype) * (q.to(dtype) @ k.to(dtype).T)
-    out = [L.logsumexp(1), L.max(1).values, L.sum(1), L.gather(1, targets[:, None])[:, 0]]
-    if with_columns:
-        out += [L.logsumexp(0), L.max(0).values, L.sum(0)]
+    out = []
+    for dim in ((1, 0) if with_columns else (1,)):
+        mx = L.amax(dim)
+        sh = L - shift(mx).unsqueeze(dim)
+        out += [sh.exp().sum(dim).log(), mx, sh.sum(dim)]
+        if dim == 1:
+            out.append(L.gather(1, targets[:, None])[:, 0])
     return out
 
 
-def dense_grads(q, k, scale, targets, row_lse, col_lse, v, with_columns, dtype=torch.float64):
-    """dq, dk, dscale of the contract evaluated densely in ``dtype``; also |G| for magnitudes."""
+def shift(m):
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def dense_grads(q, k, scale, targets, row, col, v, with_columns, dtype=torch.float64):
+    """dq, dk, dscale of the contract evaluated densely in ``dtype``; also |G| for magnitudes.
+    ``row``/``col``: (max, log-sum relative to it) of the rows / columns."""
     qd, kd, s = q.to(dtype), k.to(dtype), scale.to(dtype)
     S = qd @ kd.T
     L = s * S
-    G = v["g_row_lse"].to(dtype)[:, None] * torch.exp(L - row_lse.to(dtype)[:, None])
+    G = v["g_row_lse"].to(dtype)[:, None] * torch.exp(
+        (L - shift(row[0].to(dtype))[:, None]) - row[1].to(dtype)[:, None])
     G = G + v["g_row_sum"].to(dtype)[:, None]
     onehot = torch.zeros_like(G)
     onehot[torch.arange(G.shape[0], device=G.device), targets] = 1
     G = G + v["g_pos"].to(dtype)[:, None] * onehot
     if with_columns:
-        G = G + v["g_col_lse"].to(dtype)[None, :] * torch.exp(L - col_lse.to(dtype)[None, :])
+        G = G + v["g_col_lse"].to(dtype)[None, :] * torch.exp(
+            (L - shift(col[0].to(dtype))[None, :]) - col[1].to(dtype)[None, :])
         G = G + v["g_col_sum"].to(dtype)[None, :]
     return s * G @ kd, s * G.T @ qd, (G * S).sum(), G
 
@@ -107,7 +119,7 @@ def close(out, ref, dtype, mag, name):
 def check_stats(out, ref, q, k, scale, with_columns, name=""):
     """Stats are computed in fp32 from exactly representable inputs: fp32 tolerance for every dtype."""
     lmag, rsum, csum = magnitudes(q, k, scale)
-    names = ["row_lse", "row_max", "row_sum", "pos", "col_lse", "col_max", "col_sum"]
+    names = ["row_logsum", "row_max", "row_sum", "pos", "col_logsum", "col_max", "col_sum"]
     mags = [lmag, lmag, rsum, lmag, lmag, lmag, csum]
     assert len(out) == 7
     for o in out:
@@ -137,18 +149,27 @@ def check_grads(res, ref, q, k, scale, dtype, name=""):
     close(ds, rds, torch.float32, mag_ds, f"{name} dscale")
 
 
+def ref_pairs(stats, with_columns=True, device=DEVICE):
+    """``(row_max, row_logsum), (col_max, col_logsum)`` of ``dense_stats`` as float32 (the
+    column pair empty without columns)."""
+    row = (stats[1].float(), stats[0].float())
+    if not with_columns:
+        e = torch.empty(0, device=device)
+        return row, (e, e)
+    return row, (stats[5].float(), stats[4].float())
+
+
 def run_both(q, k, scale, targets, v, with_columns, **kw):
     stats = K.contrastive_stats_triton(q, k, scale, targets, with_columns,
                                        **({"config": kw["config"]} if "config" in kw else {}))
     ref_stats = dense_stats(q, k, scale, targets, with_columns)
-    # grads take the (fp32) reference lse as inputs, so they are tested on their own
-    row_lse = ref_stats[0].float()
-    col_lse = ref_stats[4].float() if with_columns else torch.empty(0, device=q.device)
+    # grads take the (fp32) reference statistics as inputs, so they are tested on their own
+    row, col = ref_pairs(ref_stats, with_columns, q.device)
     gcl = v["g_col_lse"] if with_columns else torch.empty(0, device=q.device)
     gcs = v["g_col_sum"] if with_columns else torch.empty(0, device=q.device)
-    grads = K.contrastive_grads_triton(q, k, scale, targets, row_lse, col_lse,
+    grads = K.contrastive_grads_triton(q, k, scale, targets, *row, *col,
                                        v["g_row_lse"], v["g_row_sum"], v["g_pos"], gcl, gcs, **kw)
-    ref_grads = dense_grads(q, k, scale, targets, row_lse, col_lse, v, with_columns)
+    ref_grads = dense_grads(q, k, scale, targets, row, col, v, with_columns)
     return stats, ref_stats, grads, ref_grads
 
 
@@ -207,9 +228,8 @@ def test_scale_100_unnormalised_features():
         err = (o.double() - r).abs().max().item()
         eerr = (e.double() - r).abs().max().item()
         assert err <= 2 * eerr + 1e-5 * r.abs().max().item(), (err, eerr)
-    row_lse = ref_stats[0].float()
-    col_lse = ref_stats[4].float()
-    eager_grads = dense_grads(q, k, scale, targets, row_lse, col_lse, v, True, dtype=torch.float32)
+    row, col = ref_pairs(ref_stats)
+    eager_grads = dense_grads(q, k, scale, targets, row, col, v, True, dtype=torch.float32)
     # dscale is one number whose error is dominated by a few rounded logits
     # (exp amplifies their ~1e-3 absolute error): one sample, so allow 4x there
     for name, factor, o, r, e in zip(("dq", "dk", "dscale"), (2, 2, 4), grads, ref_grads[:3],
@@ -239,7 +259,7 @@ def test_nan_propagates(dtype):
     assert torch.isfinite(torch.cat([stats[4][:11], stats[4][12:]])).all()
     # backward: a NaN row of q poisons its dq row, every dk row and dscale
     ref = dense_stats(q, k, scale, targets, True)
-    dq, dk, ds = K.contrastive_grads_triton(qn, k, scale, targets, ref[0].float(), ref[4].float(),
+    dq, dk, ds = K.contrastive_grads_triton(qn, k, scale, targets, *ref_pairs(ref)[0], *ref_pairs(ref)[1],
                                             v["g_row_lse"], v["g_row_sum"], v["g_pos"],
                                             v["g_col_lse"], v["g_col_sum"])
     assert torch.isnan(dq[3]).all()
@@ -371,8 +391,9 @@ def test_empty_and_single():
     q, k, scale, targets, v = make_inputs(1, 1, 1, torch.float32, seed=10)
     out = K.contrastive_stats_triton(q, k, scale, targets, True)
     L = float(scale) * q[0, 0].double() * k[0, 0].double()
-    for i in (0, 1, 2, 3, 4, 5, 6):
-        assert abs(out[i].item() - L) <= 1e-5 * max(1.0, abs(L))
+    # one logit: it is the max, its log-sum and sum relative to the max are 0
+    for i, want in enumerate((0.0, L, 0.0, L, 0.0, L, 0.0)):
+        assert abs(out[i].item() - want) <= 1e-5 * max(1.0, abs(want))
     e = torch.empty(0, 4, device=DEVICE)
     out = K.contrastive_stats_triton(e, torch.randn(3, 4, device=DEVICE), scale,
                                      torch.empty(0, dtype=torch.long, device=DEVICE), False)
@@ -384,14 +405,14 @@ def test_expanded_and_strided_gradient_vectors():
     N, M, D = 29, 87, 24
     q, k, scale, targets, v = make_inputs(N, M, D, torch.float32, seed=11)
     ref_stats = dense_stats(q, k, scale, targets, True)
-    row_lse, col_lse = ref_stats[0].float(), ref_stats[4].float()
+    row, col = ref_pairs(ref_stats)
     v = dict(v)
     v["g_row_lse"] = torch.full((), 0.5, device=DEVICE).expand(N)
     v["g_row_sum"] = torch.randn(2 * N, device=DEVICE)[::2]
     v["g_col_sum"] = torch.full((1,), -0.25, device=DEVICE).expand(M)
-    got = K.contrastive_grads_triton(q, k, scale, targets, row_lse, col_lse, v["g_row_lse"],
+    got = K.contrastive_grads_triton(q, k, scale, targets, *row, *col, v["g_row_lse"],
                                      v["g_row_sum"], v["g_pos"], v["g_col_lse"], v["g_col_sum"])
-    ref = dense_grads(q, k, scale, targets, row_lse, col_lse, v, True)
+    ref = dense_grads(q, k, scale, targets, row, col, v, True)
     check_grads(got, ref, q, k, scale, torch.float32, name="expanded")
 
 
@@ -410,10 +431,10 @@ def test_fp16_small_gradients_keep_their_precision():
          "g_pos": zeros_n, "g_col_lse": (1e-4 * torch.rand(M, generator=g)).to(DEVICE),
          "g_col_sum": zeros_m}
     ref_stats = dense_stats(q, k, scale, targets, True)
-    row_lse, col_lse = ref_stats[0].float(), ref_stats[4].float()
-    dq, dk, ds = K.contrastive_grads_triton(q, k, scale, targets, row_lse, col_lse, v["g_row_lse"],
+    row, col = ref_pairs(ref_stats)
+    dq, dk, ds = K.contrastive_grads_triton(q, k, scale, targets, *row, *col, v["g_row_lse"],
                                             v["g_row_sum"], v["g_pos"], v["g_col_lse"], v["g_col_sum"])
-    rdq, rdk, rds, G = dense_grads(q, k, scale, targets, row_lse, col_lse, v, True)
+    rdq, rdk, rds, G = dense_grads(q, k, scale, targets, row, col, v, True)
     s = float(scale)
     assert (s * G).abs().max() < 6e-5  # every stored element would be subnormal in fp16
     assert rdq.abs().max() > 1e-4  # while dq is a normal fp16 number

@@ -24,15 +24,25 @@ REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 
 
 @triton.jit
+def _row_loss(logsum, mx, ssum, p, eps, n_classes, SMOOTH: tl.constexpr):
+    """One cross-entropy from the statistics relative to the max (nothing large cancels)."""
+    gap = tl.where((mx == mx) & (tl.abs(mx) < float("inf")), mx, 0.0) - p
+    if SMOOTH:
+        return logsum + (1.0 - eps) * gap - eps / n_classes * ssum
+    return logsum + gap
+
+
+@triton.jit
 def epilogue_fwd_kernel(
     row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr, col_lse_ptr, col_max_ptr, col_sum_ptr,
     loss_ptr, acc_r_ptr, acc_c_ptr, N, n_classes, eps,
     WITH_COLUMNS: tl.constexpr, SMOOTH: tl.constexpr, REDUCTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per row ``lse - (1 - eps) * pos - eps / classes * sum`` (and the same per column, the
-    two averaged), reduced by REDUCTION (0 mean, 1 sum, 2 none); ``acc_r`` / ``acc_c``: the
-    shares of rows / columns whose positive logit is their maximum."""
+    """Per row ``logsum + (1 - eps) * (max - pos) - eps / classes * sum`` (the statistics
+    relative to the max, see ``ops.py``; the max taken as 0 where not finite), and the same per
+    column, the two averaged, reduced by REDUCTION (0 mean, 1 sum, 2 none); ``acc_r`` /
+    ``acc_c``: the shares of rows / columns whose positive logit is their maximum."""
     offs0 = tl.arange(0, BLOCK)
     tot = tl.zeros([BLOCK], tl.float32)
     hit_r = tl.zeros([BLOCK], tl.float32)
@@ -41,16 +51,17 @@ def epilogue_fwd_kernel(
         offs = n0 + offs0
         ok = offs < N
         p = tl.load(pos_ptr + offs, mask=ok, other=0.0)
-        per = tl.load(row_lse_ptr + offs, mask=ok, other=0.0) - (1.0 - eps) * p
-        if SMOOTH:
-            per -= eps / n_classes * tl.load(row_sum_ptr + offs, mask=ok, other=0.0)
-        hit_r += tl.where(ok & (p >= tl.load(row_max_ptr + offs, mask=ok, other=0.0)), 1.0, 0.0)
+        r_max = tl.load(row_max_ptr + offs, mask=ok, other=0.0)
+        per = _row_loss(tl.load(row_lse_ptr + offs, mask=ok, other=0.0), r_max,
+                        tl.load(row_sum_ptr + offs, mask=ok, other=0.0), p, eps, n_classes,
+                        SMOOTH)
+        hit_r += tl.where(ok & (p >= r_max), 1.0, 0.0)
         if WITH_COLUMNS:
-            per_c = tl.load(col_lse_ptr + offs, mask=ok, other=0.0) - (1.0 - eps) * p
-            if SMOOTH:
-                per_c -= eps / N * tl.load(col_sum_ptr + offs, mask=ok, other=0.0)
+            c_max = tl.load(col_max_ptr + offs, mask=ok, other=0.0)
+            per_c = _row_loss(tl.load(col_lse_ptr + offs, mask=ok, other=0.0), c_max,
+                              tl.load(col_sum_ptr + offs, mask=ok, other=0.0), p, eps, N, SMOOTH)
             per = 0.5 * (per + per_c)
-            hit_c += tl.where(ok & (p >= tl.load(col_max_ptr + offs, mask=ok, other=0.0)), 1.0, 0.0)
+            hit_c += tl.where(ok & (p >= c_max), 1.0, 0.0)
         if REDUCTION == 2:
             tl.store(loss_ptr + offs, per.to(loss_ptr.dtype.element_ty), mask=ok)
         else:

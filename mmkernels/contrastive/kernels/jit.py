@@ -46,7 +46,7 @@ def _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, strid
 def stats_kernel(
     q_ptr, k_ptr, scale_ptr, tgt_ptr,
     row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr,
-    col_max_ptr, col_sumexp_ptr, col_sum_ptr, lock_ptr, col_tmp_ptr, row_part_ptr,
+    col_max_ptr, col_sumexp_ptr, col_sum_ptr, col_count_ptr, lock_ptr, col_tmp_ptr, row_part_ptr,
     N, M, D, cols_per_split,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_t,
     WITH_COLUMNS: tl.constexpr,
@@ -59,12 +59,16 @@ def stats_kernel(
     """Row (and column) statistics of ``L = scale * q @ k^T``, grid ``(row blocks, splits)``.
 
     ``q [N, D]``, ``k [M, D]`` (fp32/bf16/fp16, any strides), ``scale`` one fp32,
-    ``tgt [N]`` int64. With one split, writes the fp32 ``[N]`` row outputs; with several,
-    the partial row statistics ``row_part [4, splits, N]``. Column statistics are merged
-    into ``col_max``/``col_sumexp``/``col_sum [M]`` (zero-filled: a sum-exp of 0 marks a
-    column nothing was merged into yet) under ``lock [column blocks]``, bounced through
-    ``col_tmp`` (3 * BLOCK_N floats per program). ``finalize_kernel`` merges the splits
-    and turns the column sums into log-sum-exps.
+    ``tgt [N]`` int64. With one split, writes the fp32 ``[N]`` row outputs (``row_lse``:
+    the log-sum-exp relative to the max, ``row_sum``: the sum of ``l - max``; see ``ops.py``);
+    with several, the partial row statistics ``row_part [4, splits, N]``, each relative to its
+    own max. Column statistics are merged into ``col_max``/``col_sumexp``/``col_sum``/
+    ``col_count [M]`` (zero-filled: a sum-exp of 0 marks a column nothing was merged into
+    yet; ``col_sum`` relative to ``col_max``, ``col_count`` the rows merged) under
+    ``lock [column blocks]``, bounced through ``col_tmp`` (3 * BLOCK_N floats per program).
+    ``finalize_kernel`` merges the splits and turns the column sums into log-sums.
+    Every sum of logits is kept relative to the running max and moved with it (``count *
+    (old max - new max)``), so label smoothing never cancels logits in the thousands.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -78,12 +82,14 @@ def stats_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max
     d_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(l - m_i)
-    s_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of logits
+    s_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of (l - m_i)
+    c_i = 0.0  # columns folded in so far
     p_i = tl.zeros([BLOCK_M], tl.float32)  # positive logit
     tgt = tgt.to(tl.int32)  # targets < M < 2**31
     offs_n = tl.arange(0, BLOCK_N)
     if WITH_COLUMNS:
         offs_n_c = tl.arange(0, BLOCK_N)  # separate range: gets its own compact layout
+        t_rows = tl.sum(row_ok.to(tl.float32), 0)  # this block's rows, merged into every column
         tmp_row_ptr = col_tmp_ptr + (pid * n_splits + split).to(tl.int64) * (3 * BLOCK_N)
 
     # this program's column blocks: split `split` of the columns (cols_per_split is a multiple
@@ -106,21 +112,23 @@ def stats_kernel(
         # plain sums over the tile only see valid logits (non-finite inputs
         # give NaN there, which only ever lands in rows/columns that are NaN).
         logits = acc * scale
-        s_i += tl.sum(logits, 1)
         p_i += tl.sum(tl.where(offs_n[None, :] == (tgt - n0)[:, None], logits, 0.0), 1)
         if WITH_COLUMNS:
-            c_s = tl.sum(logits, 0)
             # one masked tile for both directions: padded rows are never
             # stored as row stats, padded columns never merged as column stats
             l = tl.where(row_ok[:, None] & col_ok[None, :], logits, float("-inf"))
         else:
             l = tl.where(col_ok[None, :], logits, float("-inf"))
 
-        # ---- rows: online log-sum-exp
+        # ---- rows: online log-sum-exp, and the sum of l - max moved with the max
         m_new = tl.maximum(m_i, tl.max(l, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+        m_old = tl.where(m_i == float("-inf"), 0.0, m_i)
         alpha = tl.exp(m_i - m_use)
         d_i = d_i * alpha + tl.sum(tl.exp(l - m_use[:, None]), 1)
+        s_i = s_i + c_i * (m_old - m_use) \
+            + tl.sum(tl.where(col_ok[None, :], logits - m_use[:, None], 0.0), 1)
+        c_i += tl.sum(col_ok.to(tl.float32), 0)
         m_i = m_new
 
         # ---- columns: tile stats over this block's rows, merged under a lock
@@ -128,6 +136,7 @@ def stats_kernel(
             c_max = tl.max(l, 0)
             c_use = tl.where(c_max == float("-inf"), 0.0, c_max)
             c_d = tl.sum(tl.exp(l - c_use[None, :]), 0)
+            c_s = tl.sum(tl.where(row_ok[:, None], logits - c_use[None, :], 0.0), 0)
             # The column reductions come out in the MMA accumulator's slice
             # layout: every thread holds a quarter of the BLOCK_N columns,
             # replicated across warps, and a merge done in that layout needs
@@ -154,13 +163,18 @@ def stats_kernel(
             g_max = tl.load(col_max_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             g_d = tl.load(col_sumexp_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             g_s = tl.load(col_sum_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
+            g_c = tl.load(col_count_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             empty = g_d == 0.0
             n_max = tl.where(empty, t_max, tl.maximum(g_max, t_max))
             n_use = tl.where(n_max == float("-inf"), 0.0, n_max)
+            g_use = tl.where(g_max == float("-inf"), 0.0, g_max)
+            t_use = tl.where(t_max == float("-inf"), 0.0, t_max)
             n_d = tl.where(empty, 0.0, g_d * tl.exp(g_max - n_use)) + t_d * tl.exp(t_max - n_use)
+            n_s = tl.where(empty, 0.0, g_s + g_c * (g_use - n_use)) + t_s + t_rows * (t_use - n_use)
             tl.store(col_max_ptr + cols_c64, n_max, mask=ok_c)
             tl.store(col_sumexp_ptr + cols_c64, n_d, mask=ok_c)
-            tl.store(col_sum_ptr + cols_c64, g_s + t_s, mask=ok_c)
+            tl.store(col_sum_ptr + cols_c64, n_s, mask=ok_c)
+            tl.store(col_count_ptr + cols_c64, tl.where(empty, 0.0, g_c) + t_rows, mask=ok_c)
             # every thread's stores are issued before the (single-thread)
             # release; also keeps the scratch row from being overwritten by
             # the next tile before everyone has read it
@@ -168,9 +182,8 @@ def stats_kernel(
             tl.atomic_xchg(lock, 0)
 
     if n_splits == 1:
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
         d_fin = tl.where(row_ok, d_i, 1.0)  # padded rows: no log(0)
-        tl.store(row_lse_ptr + rows64, m_fin + tl.log(d_fin), mask=row_ok)
+        tl.store(row_lse_ptr + rows64, tl.log(d_fin), mask=row_ok)
         tl.store(row_max_ptr + rows64, m_i, mask=row_ok)
         tl.store(row_sum_ptr + rows64, s_i, mask=row_ok)
         tl.store(pos_ptr + rows64, p_i, mask=row_ok)
@@ -187,12 +200,13 @@ def stats_kernel(
 def finalize_kernel(
     row_part_ptr, row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr,
     col_buf_ptr, col_lse_ptr, col_max_ptr, col_sum_ptr,
-    N, M, n_splits,
+    N, M, n_splits, cols_per_split,
     MERGE_ROWS: tl.constexpr, WITH_COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One launch after ``stats_kernel``: program ``p`` merges the split row statistics of rows
-    ``[p * BLOCK, (p + 1) * BLOCK)`` (``MERGE_ROWS``) and writes the column outputs of the same
-    range of columns from ``col_buf [3, M]`` (max, sum-exp, sum)."""
+    ``[p * BLOCK, (p + 1) * BLOCK)`` (``MERGE_ROWS``; split ``s`` covers ``cols_per_split``
+    columns from ``s * cols_per_split``) and writes the column outputs of the same range of
+    columns from ``col_buf [4, M]`` (max, sum-exp, sum relative to the max, rows merged)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     offs64 = offs.to(tl.int64)
@@ -209,11 +223,13 @@ def finalize_kernel(
         for sp in range(0, n_splits):
             base = row_part_ptr + sp * N + offs64
             m_s = tl.load(base, mask=ok, other=0.0)
+            s_use = tl.where(m_s == float("-inf"), 0.0, m_s)
+            width = tl.minimum(cols_per_split, M - sp * cols_per_split).to(tl.float32)
             d += tl.load(base + part_stride, mask=ok, other=0.0) * tl.exp(m_s - m_use)
-            s += tl.load(base + 2 * part_stride, mask=ok, other=0.0)
+            s += tl.load(base + 2 * part_stride, mask=ok, other=0.0) + width * (s_use - m_use)
             p += tl.load(base + 3 * part_stride, mask=ok, other=0.0)
         d = tl.where(ok, d, 1.0)
-        tl.store(row_lse_ptr + offs64, m_use + tl.log(d), mask=ok)
+        tl.store(row_lse_ptr + offs64, tl.log(d), mask=ok)
         tl.store(row_max_ptr + offs64, m, mask=ok)
         tl.store(row_sum_ptr + offs64, s, mask=ok)
         tl.store(pos_ptr + offs64, p, mask=ok)
@@ -222,10 +238,15 @@ def finalize_kernel(
         c_max = tl.load(col_buf_ptr + offs64, mask=ok_c, other=0.0)
         c_d = tl.load(col_buf_ptr + M + offs64, mask=ok_c, other=1.0)
         c_s = tl.load(col_buf_ptr + 2 * M + offs64, mask=ok_c, other=0.0)
-        c_use = tl.where(c_max == float("-inf"), 0.0, c_max)
-        tl.store(col_lse_ptr + offs64, c_use + tl.log(c_d), mask=ok_c)
+        tl.store(col_lse_ptr + offs64, tl.log(c_d), mask=ok_c)
         tl.store(col_max_ptr + offs64, c_max, mask=ok_c)
         tl.store(col_sum_ptr + offs64, c_s, mask=ok_c)
+
+
+@triton.jit
+def _shift(m):
+    """The maxima where finite, else 0: what the forward's statistics are relative to."""
+    return tl.where((m == m) & (tl.abs(m) < float("inf")), m, 0.0)
 
 
 @triton.jit
@@ -242,8 +263,8 @@ def _fp16_multiplier(bound, scale):
 @triton.jit
 def grad_kernel(
     q_ptr, k_ptr, scale_ptr, tgt_ptr,
-    row_lse_ptr, g_row_lse_ptr, g_row_sum_ptr, g_pos_ptr,
-    col_lse_ptr, g_col_lse_ptr, g_col_sum_ptr,
+    row_max_ptr, row_lse_ptr, g_row_lse_ptr, g_row_sum_ptr, g_pos_ptr,
+    col_max_ptr, col_lse_ptr, g_col_lse_ptr, g_col_sum_ptr,
     dq_ptr, dk_ptr, ds_part_ptr,
     N, M, D, n_dq_progs, n_d_chunks,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_t,
@@ -264,7 +285,8 @@ def grad_kernel(
     ``dscale = sum(G * S)`` to ``ds_part``. The other programs do the same for BLOCK_M rows of
     k over blocks of BLOCK_N rows of q (``G.T``), writing ``dk``. Every output element has one
     owner: no atomics, no zero fills. D beyond BLOCK_D costs a recomputation of the logits per
-    feature chunk.
+    feature chunk. The softmax is ``exp((L - max) - logsum)`` (``row_max``/``row_lse``: the
+    forward's max and log-sum relative to it; see ``ops.py``).
     """
     pid = tl.program_id(0)
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -278,6 +300,7 @@ def grad_kernel(
         rows64 = rows.to(tl.int64)
         q_rows_ptr = q_ptr + rows64[:, None] * stride_qn
         r_lse = tl.load(row_lse_ptr + rows64, mask=row_ok, other=0.0)
+        r_max = _shift(tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0))
         g_rl = tl.load(g_row_lse_ptr + rows64, mask=row_ok, other=0.0)
         g_rs = tl.load(g_row_sum_ptr + rows64, mask=row_ok, other=0.0)
         g_p = tl.load(g_pos_ptr + rows64, mask=row_ok, other=0.0)
@@ -305,13 +328,14 @@ def grad_kernel(
             S = _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, stride_kd,
                                  INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             L = S * scale
-            g = g_rl[:, None] * tl.exp(L - r_lse[:, None]) + g_rs[:, None]
+            g = g_rl[:, None] * tl.exp((L - r_max[:, None]) - r_lse[:, None]) + g_rs[:, None]
             g += tl.where(cols[None, :] == tgt[:, None], g_p[:, None], 0.0)
             if WITH_COLUMNS:
                 c_lse = tl.load(col_lse_ptr + cols64, mask=col_ok, other=0.0)
+                c_max = _shift(tl.load(col_max_ptr + cols64, mask=col_ok, other=0.0))
                 g_cl = tl.load(g_col_lse_ptr + cols64, mask=col_ok, other=0.0)
                 g_cs = tl.load(g_col_sum_ptr + cols64, mask=col_ok, other=0.0)
-                g += g_cl[None, :] * tl.exp(L - c_lse[None, :]) + g_cs[None, :]
+                g += g_cl[None, :] * tl.exp((L - c_max[None, :]) - c_lse[None, :]) + g_cs[None, :]
             g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
             ds += tl.sum(g * S, 1)
             kc = tl.load(k_cols_ptr + dd.to(tl.int64)[None, :] * stride_kd,
@@ -338,8 +362,10 @@ def grad_kernel(
         g_cl = tl.zeros([BLOCK_M], tl.float32)
         g_cs = tl.zeros([BLOCK_M], tl.float32)
         c_lse = tl.zeros([BLOCK_M], tl.float32)
+        c_max = tl.zeros([BLOCK_M], tl.float32)
         if WITH_COLUMNS:
             c_lse = tl.load(col_lse_ptr + cols64, mask=col_ok, other=0.0)
+            c_max = _shift(tl.load(col_max_ptr + cols64, mask=col_ok, other=0.0))
             g_cl = tl.load(g_col_lse_ptr + cols64, mask=col_ok, other=0.0)
             g_cs = tl.load(g_col_sum_ptr + cols64, mask=col_ok, other=0.0)
         mul = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -364,14 +390,15 @@ def grad_kernel(
                                   INPUT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             Lt = St * scale
             r_lse = tl.load(row_lse_ptr + rows64, mask=row_ok, other=0.0)
+            r_max = _shift(tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0))
             g_rl = tl.load(g_row_lse_ptr + rows64, mask=row_ok, other=0.0)
             g_rs = tl.load(g_row_sum_ptr + rows64, mask=row_ok, other=0.0)
             g_p = tl.load(g_pos_ptr + rows64, mask=row_ok, other=0.0)
             tgt = tl.load(tgt_ptr + rows64 * stride_t, mask=row_ok, other=-1).to(tl.int32)
-            g = g_rl[None, :] * tl.exp(Lt - r_lse[None, :]) + g_rs[None, :]
+            g = g_rl[None, :] * tl.exp((Lt - r_max[None, :]) - r_lse[None, :]) + g_rs[None, :]
             g += tl.where(cols[:, None] == tgt[None, :], g_p[None, :], 0.0)
             if WITH_COLUMNS:
-                g += g_cl[:, None] * tl.exp(Lt - c_lse[:, None]) + g_cs[:, None]
+                g += g_cl[:, None] * tl.exp((Lt - c_max[:, None]) - c_lse[:, None]) + g_cs[:, None]
             g = tl.where(col_ok[:, None] & row_ok[None, :], g, 0.0)
             qc = tl.load(q_rows_ptr + dd.to(tl.int64)[None, :] * stride_qd,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)

@@ -95,8 +95,9 @@ def _stats_two_pass(q, k, scale, targets, **kw):
 def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                              targets: torch.Tensor, with_columns: bool, *,
                              config: TileConfig | None = None, col_splits: int | None = None):
-    """Statistics of ``L = scale * q @ k^T``: ``(row_lse, row_max, row_sum, pos [N], col_lse,
-    col_max, col_sum [M] or [0])``, all float32.
+    """Statistics of ``L = scale * q @ k^T``: ``(row_logsum, row_max, row_ssum, pos [N],
+    col_logsum, col_max, col_ssum [M] or [0])``, all float32, as ``ops.contrastive_stats``
+    defines them (log-sum and sum relative to the max).
 
     ``q [N, D]``, ``k [M, D]`` float32/bfloat16/float16 (any strides), ``scale`` a float or a
     one-element tensor, ``targets [N]`` int64. ``config`` forces the tiles (else see
@@ -125,17 +126,18 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     split_cols = cols_per_split(N, M, min_bm, max_bn, dev, col_splits)
     n_splits = triton.cdiv(max(M, 1), split_cols)
     if with_columns:
-        # one zero fill for the column buffers [3, M] (max, sum-exp, sum) and the locks
+        # one zero fill for the column buffers [4, M] (max, sum-exp, sum, rows merged) and the
+        # locks
         n_locks = triton.cdiv(max(M, 1), min_bn)
-        col_buf = torch.zeros(3 * M + n_locks, dtype=f32, device=dev)
-        col_max_b, col_sumexp, col_sum_b = col_buf[:M], col_buf[M:2 * M], col_buf[2 * M:3 * M]
-        locks = col_buf[3 * M:].view(torch.int32)
+        col_buf = torch.zeros(4 * M + n_locks, dtype=f32, device=dev)
+        col_max_b, col_sumexp, col_sum_b, col_count = (col_buf[i * M:(i + 1) * M] for i in range(4))
+        locks = col_buf[4 * M:].view(torch.int32)
         # one scratch row of 3 x BLOCK_N floats per program (see the kernel)
         col_tmp = torch.empty(triton.cdiv(max(N, 1), min_bm) * n_splits * 3 * max_bn, dtype=f32,
                               device=dev)
     else:
         # never dereferenced (WITH_COLUMNS is a constexpr); real buffers, not null pointers
-        col_buf = col_max_b = col_sumexp = col_sum_b = col_tmp = row_lse
+        col_buf = col_max_b = col_sumexp = col_sum_b = col_count = col_tmp = row_lse
         locks = row_lse.view(torch.int32)
     row_part = torch.empty(4 * n_splits * N if n_splits > 1 else 1, dtype=f32, device=dev)
     col_lse = torch.empty(M if with_columns else 0, dtype=f32, device=dev)
@@ -145,7 +147,7 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     if N > 0 and M > 0:
         args = (q, k, scale_t, targets,
                 row_lse, row_max, row_sum, pos,
-                col_max_b, col_sumexp, col_sum_b, locks, col_tmp, row_part,
+                col_max_b, col_sumexp, col_sum_b, col_count, locks, col_tmp, row_part,
                 N, M, D, split_cols,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), targets.stride(0))
         _launch("stats", lambda bm, bn: (triton.cdiv(N, bm), n_splits), args, q.dtype, D,
@@ -155,9 +157,9 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
             span = max(N if merge_rows else 0, M if with_columns else 0)
             finalize_kernel[(triton.cdiv(span, FINALIZE_BLOCK),)](
                 row_part, row_lse, row_max, row_sum, pos, col_buf, col_lse, col_max, col_sum,
-                N, M, n_splits, MERGE_ROWS=merge_rows, WITH_COLUMNS=with_columns,
+                N, M, n_splits, split_cols, MERGE_ROWS=merge_rows, WITH_COLUMNS=with_columns,
                 BLOCK=FINALIZE_BLOCK)
-    elif N > 0:  # M == 0: log-sum-exp of nothing
+    elif N > 0:  # M == 0: log-sum-exp of nothing (relative to a shift of 0)
         row_lse.fill_(_NEG_INF)
         row_max.fill_(_NEG_INF)
         row_sum.zero_()
@@ -171,13 +173,15 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
 
 
 def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
-                             targets: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
+                             targets: torch.Tensor, row_max: torch.Tensor, row_lse: torch.Tensor,
+                             col_max: torch.Tensor, col_lse: torch.Tensor,
                              g_row_lse: torch.Tensor, g_row_sum: torch.Tensor, g_pos: torch.Tensor,
                              g_col_lse: torch.Tensor, g_col_sum: torch.Tensor, *,
                              config: TileConfig | None = None):
     """Gradients ``(dq [N, D] q.dtype, dk [M, D] k.dtype, dscale 0-dim float32)`` for the
     incoming gradients of the statistics (float ``[N]`` row vectors, ``[M]`` or empty ``[0]``
-    column vectors; any strides).
+    column vectors; any strides); ``row_max``/``row_lse`` (``col_*``): the forward's maxima and
+    log-sums relative to them.
 
     One ``grad_kernel`` launch (dq and dk programs in one grid) and one sum of the per-block
     shares of ``dscale``; ``config`` forces the tiles (else see ``configs.resolve_config``).
@@ -191,10 +195,11 @@ def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     scale_t = _scale_f32(scale, dev)
     # incoming gradients are often expanded (stride 0) or strided views: the
     # kernel indexes the [N]/[M] vectors contiguously, so make them so (O(N+M))
-    row_lse, g_row_lse, g_row_sum, g_pos = (
-        v.to(f32).contiguous() for v in (row_lse, g_row_lse, g_row_sum, g_pos))
+    row_max, row_lse, g_row_lse, g_row_sum, g_pos = (
+        v.to(f32).contiguous() for v in (row_max, row_lse, g_row_lse, g_row_sum, g_pos))
     if with_columns:
-        col_lse, g_col_lse, g_col_sum = (v.to(f32).contiguous() for v in (col_lse, g_col_lse, g_col_sum))
+        col_max, col_lse, g_col_lse, g_col_sum = (
+            v.to(f32).contiguous() for v in (col_max, col_lse, g_col_lse, g_col_sum))
     dq = torch.empty(N, D, dtype=q.dtype, device=dev)
     dk = torch.empty(M, D, dtype=k.dtype, device=dev)
     if N == 0 or M == 0 or D == 0:
@@ -207,16 +212,16 @@ def contrastive_grads_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
         # wide features: one grid would recompute every logit once per feature chunk; cuBLAS
         # over row blocks does the 6 N M D FLOPs once (launches: 6 per block)
         from ..paths import blockwise_grads
-        return blockwise_grads(q, k, scale_t, targets, row_lse, col_lse, g_row_lse, g_row_sum, g_pos,
-                               g_col_lse, g_col_sum, arith="triton")
+        return blockwise_grads(q, k, scale_t, targets, row_max, row_lse, col_max, col_lse,
+                               g_row_lse, g_row_sum, g_pos, g_col_lse, g_col_sum, arith="triton")
     n_dc = triton.cdiv(D, bd)
     n_rb = triton.cdiv(N, cfg.BLOCK_M)
     n_cb = triton.cdiv(M, cfg.BLOCK_M)
     ds_part = torch.empty(n_rb, dtype=f32, device=dev)
     if not with_columns:
-        col_lse = g_col_lse = g_col_sum = row_lse  # never read (WITH_COLUMNS is a constexpr)
-    args = (q, k, scale_t, targets, row_lse, g_row_lse, g_row_sum, g_pos,
-            col_lse, g_col_lse, g_col_sum, dq, dk, ds_part,
+        col_max = col_lse = g_col_lse = g_col_sum = row_lse  # never read (WITH_COLUMNS: constexpr)
+    args = (q, k, scale_t, targets, row_max, row_lse, g_row_lse, g_row_sum, g_pos,
+            col_max, col_lse, g_col_lse, g_col_sum, dq, dk, ds_part,
             N, M, D, n_rb * n_dc, n_dc,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), targets.stride(0),
             dq.stride(0), dk.stride(0))

@@ -28,7 +28,8 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, with_columns: bool,
             "q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "tgt_ptr": "*i64",
             "row_lse_ptr": "*fp32", "row_max_ptr": "*fp32", "row_sum_ptr": "*fp32",
             "pos_ptr": "*fp32", "col_max_ptr": "*fp32", "col_sumexp_ptr": "*fp32",
-            "col_sum_ptr": "*fp32", "lock_ptr": "*i32", "col_tmp_ptr": "*fp32",
+            "col_sum_ptr": "*fp32", "col_count_ptr": "*fp32", "lock_ptr": "*i32",
+            "col_tmp_ptr": "*fp32",
             "row_part_ptr": "*fp32",
         }
         ints = {"N": big, "M": big, "D": D, "cols_per_split": big // 8, "stride_qn": D, "stride_qd": 1,
@@ -38,9 +39,10 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, with_columns: bool,
         kernel = grad_kernel
         sig = {
             "q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "tgt_ptr": "*i64",
-            "row_lse_ptr": "*fp32", "g_row_lse_ptr": "*fp32", "g_row_sum_ptr": "*fp32",
-            "g_pos_ptr": "*fp32", "col_lse_ptr": "*fp32", "g_col_lse_ptr": "*fp32",
-            "g_col_sum_ptr": "*fp32", "dq_ptr": ptr, "dk_ptr": ptr, "ds_part_ptr": "*fp32",
+            "row_max_ptr": "*fp32", "row_lse_ptr": "*fp32", "g_row_lse_ptr": "*fp32",
+            "g_row_sum_ptr": "*fp32", "g_pos_ptr": "*fp32", "col_max_ptr": "*fp32",
+            "col_lse_ptr": "*fp32", "g_col_lse_ptr": "*fp32", "g_col_sum_ptr": "*fp32",
+            "dq_ptr": ptr, "dk_ptr": ptr, "ds_part_ptr": "*fp32",
         }
         bd = grad_block_d(D, config)
         n_dc = -(-D // bd)
@@ -73,7 +75,7 @@ def light_specs(name: str, with_columns: bool, dtype: torch.dtype = torch.float3
         sig = {"row_part_ptr": "*fp32", "row_lse_ptr": "*fp32", "row_max_ptr": "*fp32",
                "row_sum_ptr": "*fp32", "pos_ptr": "*fp32", "col_buf_ptr": "*fp32",
                "col_lse_ptr": "*fp32", "col_max_ptr": "*fp32", "col_sum_ptr": "*fp32"}
-        ints = {"N": big, "M": big, "n_splits": 4}
+        ints = {"N": big, "M": big, "n_splits": 4, "cols_per_split": big // 4}
         constexprs = {"MERGE_ROWS": True, "WITH_COLUMNS": bool(with_columns),
                       "BLOCK": FINALIZE_BLOCK}
         return (finalize_kernel, *launch_signature(sig, ints, constexprs), 4)
@@ -85,13 +87,15 @@ def light_specs(name: str, with_columns: bool, dtype: torch.dtype = torch.float3
                    "row_lse_ptr": "*fp32", "row_max_ptr": "*fp32", "row_sum_ptr": "*fp32",
                    "pos_ptr": "*fp32", "col_max_ptr": "*fp32", "col_d_ptr": "*fp32",
                    "col_sum_ptr": "*fp32"}
-            ints = {"n_rows": big, "M": big, "stride_s": big, "stride_t": 1, "n_row_progs": 128}
+            ints = {"n_rows": big, "M": big, "stride_s": big, "stride_t": 1, "n_row_progs": 128,
+                    "rows_before": big}
         else:
             kernel = bk.block_grad_kernel
             sig = {"s_ptr": "*fp32", "g_ptr": PTR[dtype], "scale_ptr": "*fp32", "tgt_ptr": "*i64",
-                   "row_lse_ptr": "*fp32", "g_row_lse_ptr": "*fp32", "g_row_sum_ptr": "*fp32",
-                   "g_pos_ptr": "*fp32", "col_lse_ptr": "*fp32", "g_col_lse_ptr": "*fp32",
-                   "g_col_sum_ptr": "*fp32", "ds_rows_ptr": "*fp32"}
+                   "row_max_ptr": "*fp32", "row_lse_ptr": "*fp32", "g_row_lse_ptr": "*fp32",
+                   "g_row_sum_ptr": "*fp32", "g_pos_ptr": "*fp32", "col_max_ptr": "*fp32",
+                   "col_lse_ptr": "*fp32", "g_col_lse_ptr": "*fp32", "g_col_sum_ptr": "*fp32",
+                   "ds_rows_ptr": "*fp32"}
             ints = {"n_rows": big, "M": big, "stride_s": big, "stride_g": big, "stride_t": 1}
         constexprs = {"WITH_COLUMNS": bool(with_columns), "BLOCK_R": bk.BLOCK_R,
                       "BLOCK_C": bk.BLOCK_C}
