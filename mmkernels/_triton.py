@@ -266,6 +266,37 @@ def bwd_query_rows(q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok
     return qd_msk, qt, dot_, lse2, delta
 
 
+@triton.jit
+def load_row_stats(m_ptr, l_ptr, idx, ok):
+    """The saved softmax statistics of the rows at ``idx``: ``(m2, inv_l)`` fp32, where ``m2`` is
+    the row max in the kernel's score domain and ``inv_l = 1 / l`` of the row sum
+    ``l = sum exp2(s - m2)``, so a backward forms ``P = exp2(s - m2) * inv_l`` without rounding
+    the max and the sum into one lse. Rows outside ``ok`` and rows that saw no key (``l = 0``)
+    get ``m2 = +inf`` and ``inv_l = 0``: their P is 0."""
+    m = tl.load(m_ptr + idx, mask=ok, other=0.0)
+    l = tl.load(l_ptr + idx, mask=ok, other=0.0)
+    seen = l > 0.0
+    return tl.where(seen, m, float("inf")), tl.where(seen, 1.0 / tl.where(seen, l, 1.0), 0.0)
+
+
+@triton.jit
+def bwd_query_rows_stats(q_base, do_base, m_ptr, l_ptr, delta_ptr, row_base, rows64, row_ok, d_ok,
+                         offs_d64, stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST: tl.constexpr):
+    """As :func:`bwd_query_rows`, with the row statistics as :func:`load_row_stats` gives them:
+    ``(qd_msk, q, dO, m2, inv_l, delta)``."""
+    qd_msk = row_ok[:, None] & d_ok[None, :]
+    qt = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
+                 mask=qd_msk, other=0.0)
+    dot_ = tl.load(do_base + rows64[:, None] * stride_dos + offs_d64[None, :] * stride_dod,
+                   mask=qd_msk, other=0.0)
+    if DOT_UPCAST:
+        qt = qt.to(tl.float32)
+        dot_ = dot_.to(tl.float32)
+    m2, inv_l = load_row_stats(m_ptr, l_ptr, row_base + rows64, row_ok)
+    delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
+    return qd_msk, qt, dot_, m2, inv_l, delta
+
+
 def aligned_strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:
     """``(stride_b, stride_h, stride_s) // align, stride_d`` of a 4-D ``t`` (see :func:`stride_align`)."""
     sb, sh, ss, sd = t.stride()

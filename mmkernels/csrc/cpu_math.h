@@ -5,7 +5,8 @@
 // * The vector layer: GCC/Clang vectors of 8 (vf) and 16 (wf) float lanes, their helpers and
 //   one branch-free exp (vexp), for the kernel files' own hot loops; CPU_MATH_MULTIVERSION
 //   compiles such a loop for several x86-64 levels, picked at load time.
-// * The softmax row loops (row_max, row_exp_sum, row_grad): float32 on vf, float64 plain.
+// * The softmax row loops (row_max, row_exp_sum, row_grad, row_grad_norm): float32 on vf,
+//   float64 plain.
 //
 // Header-only. The multiversioned loops and gemm_rm are `static` (internal linkage): each kernel
 // file gets its own copy, compiled exactly as when the code lived in that file.
@@ -302,6 +303,15 @@ CPU_MATH_INLINE void row_grad_from(T* p, T* ds, int64_t j, int64_t n, T lse, T d
   }
 }
 
+template <typename T>
+CPU_MATH_INLINE void row_grad_norm_from(T* p, T* ds, int64_t j, int64_t n, T mx, T inv_l, T di) {
+  for (; j < n; ++j) {
+    const T e = std::exp(p[j] - mx) * inv_l;
+    p[j] = e;
+    ds[j] = e * (ds[j] - di);
+  }
+}
+
 // max(init, max_j s[j]) (the inputs have no NaN unless q/k do).
 CPU_MATH_MULTIVERSION static float row_max(const float* s, int64_t n, float init) {
   int64_t j = 0;
@@ -346,12 +356,31 @@ CPU_MATH_MULTIVERSION static void row_grad(float* p, float* ds, int64_t n, float
   row_grad_from(p, ds, j, n, lse, di);
 }
 
+// p[j] = exp(p[j] - mx) * inv_l; ds[j] = p[j] * (ds[j] - di). The row max and the inverse row sum
+// are kept apart (not one rounded lse = mx + log(l)): at large scores ulp(lse) would become a
+// relative error of every p.
+CPU_MATH_MULTIVERSION static void row_grad_norm(float* p, float* ds, int64_t n, float mx, float inv_l,
+                                                float di) {
+  int64_t j = 0;
+#if CPU_MATH_VEC
+  for (; j + VL <= n; j += VL) {
+    const vf e = vexp_neg(vload(p + j) - mx) * inv_l;
+    vstore(p + j, e);
+    vstore(ds + j, e * (vload(ds + j) - di));
+  }
+#endif
+  row_grad_norm_from(p, ds, j, n, mx, inv_l, di);
+}
+
 inline double row_max(const double* s, int64_t n, double init) { return row_max_from(s, 0, n, init); }
 inline double row_exp_sum(double* s, int64_t n, double shift) {
   return row_exp_sum_from(s, 0, n, shift, 0.0);
 }
 inline void row_grad(double* p, double* ds, int64_t n, double lse, double di) {
   row_grad_from(p, ds, 0, n, lse, di);
+}
+inline void row_grad_norm(double* p, double* ds, int64_t n, double mx, double inv_l, double di) {
+  row_grad_norm_from(p, ds, 0, n, mx, inv_l, di);
 }
 
 }  // namespace cpu_math
