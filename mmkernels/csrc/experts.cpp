@@ -136,12 +136,18 @@ struct ActMath {
     const CT pdf = std::exp(CT(-0.5) * x * x) * kAlpha;
     return cdf + x * pdf;
   }
-  // 0.5 (1 + t) + 0.5 x (1 - t^2) kBeta (1 + 3 kKappa x^2) with t = tanh(u); with s = sigmoid(2u):
-  // 0.5 (1 + t) = s and 1 - t^2 = 4 s (1 - s).
+  // 0.5 (1 + t) + 0.5 x (1 - t^2) kBeta (1 + 3 kKappa x^2) with t = tanh(u); with s = sigmoid(2u)
+  // and 1 - s = sigmoid(-2u): s (1 + 2 x sigmoid(-2u) kBeta (1 + 3 kKappa x^2)). Both sigmoids
+  // come from one exp(-|2u|), so 1 - s is never formed by cancellation (which 1 - t^2 and
+  // 1 - s suffer for moderate |u|, where it costs several ulps of the derivative).
   static inline CT dgelu_tanh(CT x) {
     const CT x2 = x * x;
-    const CT s = sigmoid(CT(2) * kBeta * (x + kKappa * x2 * x));
-    return s + CT(2) * x * s * (CT(1) - s) * kBeta * (CT(1) + CT(3) * kKappa * x2);
+    const CT z = CT(2) * kBeta * (x + kKappa * x2 * x);
+    const CT e = std::exp(-std::abs(z));
+    const CT r = CT(1) / (CT(1) + e);
+    const CT s = z >= CT(0) ? r : e * r;   // sigmoid(z)
+    const CT sm = z >= CT(0) ? e * r : r;  // sigmoid(-z) = 1 - s
+    return s * (CT(1) + CT(2) * x * sm * kBeta * (CT(1) + CT(3) * kKappa * x2));
   }
   static inline CT dsilu(CT x) {
     const CT s = sigmoid(x);

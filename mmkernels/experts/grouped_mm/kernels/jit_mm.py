@@ -49,9 +49,15 @@ def _act_grad(h, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         out = cdf + h * (0.3989422804014327 * tl.exp(-0.5 * h * h))
     elif ACT == 2:
+        # s (1 + 2 h sigmoid(-z) beta (1 + 3 kappa h^2)), s = sigmoid(z), z = 2 beta (h + kappa h^3):
+        # both sigmoids from one exp(-|z|), so 1 - s (or 1 - tanh^2) is never formed by cancellation
         h2 = h * h
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * h2 * h))
-        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 0.134145 * h2))
+        z = 1.5957691216057308 * (h + 0.044715 * h2 * h)
+        e = tl.exp(-tl.abs(z))
+        r = 1.0 / (1.0 + e)
+        s = tl.where(z >= 0.0, r, e * r)
+        sm = tl.where(z >= 0.0, e * r, r)
+        out = s * (1.0 + 2.0 * h * sm * (0.7978845608028654 * (1.0 + 0.134145 * h2)))
     elif ACT == 3:
         s = tl.sigmoid(h)
         out = s * (1.0 + h * (1.0 - s))
