@@ -101,13 +101,13 @@ def tune_attention(device: str, smoke: bool, reps: int) -> list[str]:
             rows.append((str(c), _err(exc), None, cfg(c) == heur))
     lines += _table("forward kernel (visible FLOPs)", rows, "TFLOP/s")
 
-    out, lse = K.attention_fwd_triton(q, k, v, meta, scale)
+    out, _, row_max, row_sum = K.attention_fwd_triton(q, k, v, meta, scale)
     for kind, cands in (("bwd_dkdv", DKDV_CANDIDATES), ("bwd_dq", DQ_CANDIDATES)):
         heur = K.heuristic_config(kind, dtype, d, prec, True)
         rows = []
         for c in (cands[:2] if smoke else cands):
             try:
-                ms = _time_ms(lambda: K.attention_bwd_triton(q, k, v, out, lse, dout, meta, scale,
+                ms = _time_ms(lambda: K.attention_bwd_triton(q, k, v, out, row_max, row_sum, dout, meta, scale,
                                                              config={kind: cfg(c)}), device, reps)
                 rows.append((str(c), ms, 2.5 * flop_fwd / ms / 1e9, cfg(c) == heur))
             except Exception as exc:  # noqa: BLE001
@@ -179,12 +179,13 @@ def _xattn_sweep(device: str, smoke: bool, reps: int, title: str, shape: tuple, 
     flops = {"fwd": 4 * b * h * lq * lk * d, "bwd": 2.5 * 4 * b * h * lq * lk * d}
     prec = K.input_precision(dtype)
     lines = [f"# cross_attention {title}, B={b} H={h} Lq={lq} Lk={lk} D={d} bf16, k/v strided views", ""]
-    out, lse = K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0)
+    out, _, row_max, row_sum = K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0)
 
     def launch(kind, **kw):
         if kind == "fwd":
             return lambda: K.cross_attention_fwd_triton(q, k, v, None, None, scale, 0.0, **kw)
-        return lambda: K.cross_attention_bwd_triton(q, k, v, out, lse, dout, None, None, scale, 0.0, **kw)
+        return lambda: K.cross_attention_bwd_triton(q, k, v, out, row_max, row_sum, dout, None, None, scale,
+                                                    0.0, **kw)
 
     for kind, cands in (("fwd", fwd_cands), ("bwd", bwd_cands)):
         heur = K.heuristic_config(kind, dtype, d, prec, lq)

@@ -60,5 +60,5 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return cross_attention_reference(q, k, v, key_padding_mask, scale=scale, dropout_p=dropout_p,
                                          seed=seed, return_lse=return_lse)
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    out, lse = cross_attention_fwd(q, k, v, mask, seed, scale, dropout_p, backend)
+    out, lse, _, _ = cross_attention_fwd(q, k, v, mask, seed, scale, dropout_p, backend)
     return (out, lse) if return_lse else out

@@ -85,14 +85,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("cross_attention_fwd", &mmkernels::cross_attention_fwd,
         "Cross-attention forward with key padding (bool [B, Lk], True = attend) and counter-hash\n"
-        "attention dropout (seed int64 [2]). Returns (out [B, H, Lq, D] in q.dtype, lse float32/float64).",
+        "attention dropout (seed int64 [2]). Returns (out [B, H, Lq, D] in q.dtype, lse, row_max,\n"
+        "row_sum), the last three [B, H, Lq] float32/float64: lse = row_max + log(row_sum).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("seed"),
         py::arg("scale"), py::arg("dropout_p"), py::call_guard<py::gil_scoped_release>());
 
   m.def("cross_attention_bwd", &mmkernels::cross_attention_bwd,
-        "Cross-attention backward, recomputing P from lse (and the dropout mask from the seed).\n"
-        "Returns (dq, dk, dv), contiguous in the inputs' dtype.",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
+        "Cross-attention backward, recomputing P = exp(S - row_max) / row_sum (and the dropout mask\n"
+        "from the seed). Returns (dq, dk, dv), contiguous in the inputs' dtype.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("row_max"),
+        py::arg("row_sum"), py::arg("dout"),
         py::arg("key_padding_mask"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"),
         py::call_guard<py::gil_scoped_release>());
 

@@ -1,16 +1,18 @@
 // mmkernels: cross-attention (few queries over a few hundred image tokens) on the CPU.
 //
 // The definition is mmkernels/cross_attention/reference.py: s = scale * q k^T, -inf where the key
-// is padding, lse = logsumexp_j s, P = exp(s - lse), attention dropout from the counter hash of
+// is padding, m = max_j s, l = sum_j exp(s - m), P = exp(s - m) / l, attention dropout from the counter hash of
 // the reference's dropout_hash (a pure function of (seed, b, h, i, j)), out = (P * keep / (1-p)) v.
 //
 // Forward: parallel over (batch, head, query block of <= 128 rows). Per key block (the whole of Lk when
 // Lk <= 1024, else blocks of 256 with an online softmax) S = scale * Q K^T goes through BLAS into
 // a BM x BN buffer, padded keys become -inf (blocks that are all padding are skipped), the row
 // softmax statistics use the un-dropped probabilities, then dropped entries are zeroed and P V is
-// accumulated; 1/l and 1/(1-p) are applied once at the end.
+// accumulated; 1/l and 1/(1-p) are applied once at the end. The row max m and the sum l are
+// saved separately (never as one rounded lse = m + log l, whose rounding at large scores would be
+// a relative error of every recomputed P) together with lse, which is for inspection only.
 // Backward: parallel over (batch, head) pairs; a task owns its pair's dq, dk and dv (no atomics):
-// for each query block and key block it recomputes P from lse and dP = dO V^T, forms
+// for each query block and key block it recomputes P = exp(S - m) / l and dP = dO V^T, forms
 // Pd = P * keep / (1-p) and dS = P * (dP * keep / (1-p) - delta), and accumulates dV += Pd^T dO,
 // dK += scale dS^T Q, dQ += scale dS K in per-pair buffers.
 // delta = rowsum(Pd * dP) is taken from the tile when one key block covers Lk (exact: the
@@ -99,21 +101,22 @@ CPU_MATH_INLINE void row_drop_from(T* s, int64_t j, int64_t n, uint32_t a, int64
     if (!dr.keeps(a, uint32_t(j0 + j))) s[j] = T(0);
 }
 template <typename T>
-CPU_MATH_INLINE void row_grad_drop_from(T* p, T* ds, int64_t j, int64_t n, T lse, T di, uint32_t a,
-                                        int64_t j0, const Dropout& dr, T inv) {
+CPU_MATH_INLINE void row_grad_split_from(T* p, T* ds, int64_t j, int64_t n, T m, T inv_l, T di,
+                                         bool drop, uint32_t a, int64_t j0, const Dropout& dr, T inv) {
   for (; j < n; ++j) {
-    const T e = std::exp(p[j] - lse);
-    const T f = dr.keeps(a, uint32_t(j0 + j)) ? inv : T(0);
+    const T e = std::exp(p[j] - m) * inv_l;
+    T f = T(1);
+    if (drop) f = dr.keeps(a, uint32_t(j0 + j)) ? inv : T(0);
     p[j] = e * f;
     ds[j] = e * (ds[j] * f - di);
   }
 }
 // row_grad_whole's first pass: p = e, frow = f; returns delta + sum of e * f * ds.
 template <typename T>
-CPU_MATH_INLINE T whole_delta_from(T* p, const T* ds, T* frow, int64_t j, int64_t n, T lse,
+CPU_MATH_INLINE T whole_delta_from(T* p, const T* ds, T* frow, int64_t j, int64_t n, T m, T inv_l,
                                    bool drop, uint32_t a, const Dropout& dr, T inv, T delta) {
   for (; j < n; ++j) {
-    const T e = std::exp(p[j] - lse);
+    const T e = std::exp(p[j] - m) * inv_l;
     T f = T(1);
     if (drop) f = dr.keeps(a, uint32_t(j)) ? inv : T(0);
     p[j] = e;
@@ -144,33 +147,36 @@ CPU_MATH_MULTIVERSION void row_drop(float* s, int64_t n, uint32_t a, int64_t j0,
   row_drop_from(s, j, n, a, j0, dr);
 }
 
-// With dropout: e = exp(p - lse), f = keep ? 1/(1-p) : 0; p = e * f; ds = e * (ds * f - di).
-CPU_MATH_MULTIVERSION void row_grad_drop(float* p, float* ds, int64_t n, float lse, float di,
-                                         uint32_t a, int64_t j0, const Dropout& dr, float inv) {
+// e = exp(p - m) / l (the row max m and sum l kept apart, see the top), f = keep ? 1/(1-p) : 0
+// with dropout, else 1; p = e * f; ds = e * (ds * f - di).
+CPU_MATH_MULTIVERSION void row_grad_split(float* p, float* ds, int64_t n, float m, float inv_l,
+                                          float di, bool drop, uint32_t a, int64_t j0,
+                                          const Dropout& dr, float inv) {
   int64_t j = 0;
 #if CPU_MATH_VEC
   for (; j + VL <= n; j += VL) {
-    const vf e = vexp_neg(vload(p + j) - lse);
-    const vi keep = vkeep(a, uint32_t(j0 + j), dr.s1, dr.thr);
-    const vf f = keep ? vsplat(inv) : vsplat(0.0f);
+    const vf e = vexp_neg(vload(p + j) - m) * inv_l;
+    vf f = vsplat(1.0f);
+    if (drop) f = vkeep(a, uint32_t(j0 + j), dr.s1, dr.thr) ? vsplat(inv) : vsplat(0.0f);
     vstore(p + j, e * f);
     vstore(ds + j, e * (vload(ds + j) * f - di));
   }
 #endif
-  row_grad_drop_from(p, ds, j, n, lse, di, a, j0, dr, inv);
+  row_grad_split_from(p, ds, j, n, m, inv_l, di, drop, a, j0, dr, inv);
 }
 
 // Whole-row variant (the row's keys all lie in this tile): delta = sum_j P_ij * f_ij * dP_ij from
 // the tile itself (exact, unlike rowsum(dO * O) with O rounded to 16 bits), then as row_grad(_drop).
 // f = keep ? 1/(1-p) : 0 (1 without dropout); frow: scratch of n floats.
-CPU_MATH_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int64_t n, float lse,
-                                          bool drop, uint32_t a, const Dropout& dr, float inv) {
+CPU_MATH_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int64_t n, float m,
+                                          float inv_l, bool drop, uint32_t a, const Dropout& dr,
+                                          float inv) {
   int64_t j = 0;
   float delta = 0.0f;
 #if CPU_MATH_VEC
   vf acc = vsplat(0.0f);
   for (; j + VL <= n; j += VL) {
-    const vf e = vexp_neg(vload(p + j) - lse);
+    const vf e = vexp_neg(vload(p + j) - m) * inv_l;
     vf f = vsplat(1.0f);
     if (drop) f = vkeep(a, uint32_t(j), dr.s1, dr.thr) ? vsplat(inv) : vsplat(0.0f);
     vstore(p + j, e);
@@ -179,7 +185,7 @@ CPU_MATH_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int6
   }
   for (int l = 0; l < VL; ++l) delta += acc[l];
 #endif
-  delta = whole_delta_from(p, ds, frow, j, n, lse, drop, a, dr, inv, delta);
+  delta = whole_delta_from(p, ds, frow, j, n, m, inv_l, drop, a, dr, inv, delta);
   j = 0;
 #if CPU_MATH_VEC
   for (; j + VL <= n; j += VL) {
@@ -194,13 +200,13 @@ CPU_MATH_MULTIVERSION void row_grad_whole(float* p, float* ds, float* frow, int6
 inline void row_drop(double* s, int64_t n, uint32_t a, int64_t j0, const Dropout& dr) {
   row_drop_from(s, 0, n, a, j0, dr);
 }
-inline void row_grad_drop(double* p, double* ds, int64_t n, double lse, double di, uint32_t a,
-                          int64_t j0, const Dropout& dr, double inv) {
-  row_grad_drop_from(p, ds, 0, n, lse, di, a, j0, dr, inv);
+inline void row_grad_split(double* p, double* ds, int64_t n, double m, double inv_l, double di,
+                           bool drop, uint32_t a, int64_t j0, const Dropout& dr, double inv) {
+  row_grad_split_from(p, ds, 0, n, m, inv_l, di, drop, a, j0, dr, inv);
 }
-inline void row_grad_whole(double* p, double* ds, double* frow, int64_t n, double lse, bool drop,
-                           uint32_t a, const Dropout& dr, double inv) {
-  const double delta = whole_delta_from(p, ds, frow, 0, n, lse, drop, a, dr, inv, 0.0);
+inline void row_grad_whole(double* p, double* ds, double* frow, int64_t n, double m, double inv_l,
+                           bool drop, uint32_t a, const Dropout& dr, double inv) {
+  const double delta = whole_delta_from(p, ds, frow, 0, n, m, inv_l, drop, a, dr, inv, 0.0);
   whole_apply_from(p, ds, frow, 0, n, delta);
 }
 
@@ -270,7 +276,7 @@ const acc_t* operand(const scalar_t* base, int64_t rs, int64_t cs, int64_t rows,
 template <typename scalar_t, typename acc_t>
 void fwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const scalar_t* K,
                 const Strides& ks, const scalar_t* V, const Strides& vs, scalar_t* O, acc_t* L,
-                acc_t scale) {
+                acc_t* M, acc_t* Lsum, acc_t scale) {
   const int64_t D = P.D, Lq = P.Lq, Lk = P.Lk, BM = P.BM, BN = P.BN, TQ = P.TQ, TK = P.TK, H = P.H;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const acc_t inv_keep = static_cast<acc_t>(P.drop.inv_keep);
@@ -321,15 +327,21 @@ void fwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const sc
       }
       scalar_t* o = O + (pair * Lq + i0) * D;
       acc_t* l = L + pair * Lq + i0;
+      acc_t* rmax = M + pair * Lq + i0;
+      acc_t* rsum = Lsum + pair * Lq + i0;
       for (int64_t i = 0; i < m; ++i) {
         const acc_t* ac = acc.data() + i * D;
         if (lrow[i] > acc_t(0)) {
           const acc_t inv = inv_keep / lrow[i];
           for (int64_t c = 0; c < D; ++c) o[i * D + c] = static_cast<scalar_t>(ac[c] * inv);
           l[i] = mrow[i] + std::log(lrow[i]);
+          rmax[i] = mrow[i];
+          rsum[i] = lrow[i];
         } else {
           for (int64_t c = 0; c < D; ++c) o[i * D + c] = static_cast<scalar_t>(0);
           l[i] = ninf;
+          rmax[i] = ninf;
+          rsum[i] = acc_t(0);
         }
       }
     }
@@ -341,8 +353,8 @@ void fwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const sc
 template <typename scalar_t, typename acc_t>
 void bwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const scalar_t* K,
                 const Strides& ks, const scalar_t* V, const Strides& vs, const scalar_t* O,
-                const Strides& os, const scalar_t* dO, const Strides& dos, const acc_t* L,
-                scalar_t* dQ, scalar_t* dK, scalar_t* dV, acc_t scale) {
+                const Strides& os, const scalar_t* dO, const Strides& dos, const acc_t* M,
+                const acc_t* Lsum, scalar_t* dQ, scalar_t* dK, scalar_t* dV, acc_t scale) {
   const int64_t D = P.D, Lq = P.Lq, Lk = P.Lk, BM = P.BM, BN = P.BN, TQ = P.TQ, TK = P.TK, H = P.H;
   const acc_t inv_keep = static_cast<acc_t>(P.drop.inv_keep);
   at::parallel_for(0, P.B * H, 1, [&](int64_t lo, int64_t hi) {
@@ -366,7 +378,8 @@ void bwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const sc
         const scalar_t* orow = O + b * os.s[0] + h * os.s[1] + i0 * os.s[2];
         const acc_t* qp = operand<scalar_t, acc_t>(qrow, qs.s[2], qs.s[3], m, D, qbuf, ldq);
         const acc_t* dop = operand<scalar_t, acc_t>(dorow, dos.s[2], dos.s[3], m, D, dobuf, lddo);
-        const acc_t* lse = L + pair * Lq + i0;
+        const acc_t* rmax = M + pair * Lq + i0;
+        const acc_t* rsum = Lsum + pair * Lq + i0;
         for (int64_t i = 0; i < m && TK > 1; ++i) {  // one key block: delta comes from the tile
           acc_t sum = 0;
           const scalar_t* gi = dorow + i * dos.s[2];
@@ -387,19 +400,18 @@ void bwd_kernel(const Problem& P, const scalar_t* Q, const Strides& qs, const sc
           for (int64_t i = 0; i < m; ++i) {
             acc_t* p = S.data() + i * BN;
             acc_t* ds = dS.data() + i * BN;
-            const acc_t li = lse[i];
-            if (!std::isfinite(li)) {  // the row sees no key (or a bad lse): nothing flows
+            const acc_t mi = rmax[i], li = rsum[i];
+            if (!std::isfinite(mi) || !(li > acc_t(0))) {  // the row sees no key: nothing flows
               std::fill(p, p + n, acc_t(0));
               std::fill(ds, ds + n, acc_t(0));
               continue;
             }
+            const acc_t inv_l = acc_t(1) / li;
             if (st == BLOCK_PARTIAL) row_mask(p, P.valid + b * Lk + j0, n);
             if (TK == 1) {
-              row_grad_whole(p, ds, frow.data(), n, li, P.drop.on, words[i], P.drop, inv_keep);
-            } else if (P.drop.on) {
-              row_grad_drop(p, ds, n, li, delta[i], words[i], j0, P.drop, inv_keep);
+              row_grad_whole(p, ds, frow.data(), n, mi, inv_l, P.drop.on, words[i], P.drop, inv_keep);
             } else {
-              row_grad(p, ds, n, li, delta[i]);
+              row_grad_split(p, ds, n, mi, inv_l, delta[i], P.drop.on, words[i], j0, P.drop, inv_keep);
             }
           }
           gemm_rm<acc_t>(true, false, n, D, m, acc_t(1), S.data(), BN, dop, lddo, acc_t(1),
@@ -495,7 +507,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cross_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const c10::optional<at::Tensor>& key_padding_mask,
                     const c10::optional<at::Tensor>& seed, double scale, double dropout_p) {
@@ -507,24 +519,29 @@ cross_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({P.B, P.H, P.Lq, P.D}, q.options());
   at::Tensor lse = at::empty({P.B, P.H, P.Lq}, q.options().dtype(ct));
+  at::Tensor row_max = at::empty({P.B, P.H, P.Lq}, q.options().dtype(ct));
+  at::Tensor row_sum = at::empty({P.B, P.H, P.Lq}, q.options().dtype(ct));
   if (out.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
+    row_max.fill_(-std::numeric_limits<double>::infinity());
+    row_sum.zero_();
+    return {out, lse, row_max, row_sum};
   }
   const Strides qs(q), ks(k), vs(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cross_attention_fwd", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     fwd_kernel<scalar_t, acc_t>(P, q.const_data_ptr<scalar_t>(), qs, k.const_data_ptr<scalar_t>(), ks,
                                 v.const_data_ptr<scalar_t>(), vs, out.data_ptr<scalar_t>(),
-                                lse.data_ptr<acc_t>(), static_cast<acc_t>(scale));
+                                lse.data_ptr<acc_t>(), row_max.data_ptr<acc_t>(),
+                                row_sum.data_ptr<acc_t>(), static_cast<acc_t>(scale));
   });
-  return {out, lse};
+  return {out, lse, row_max, row_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 cross_attention_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
-                    const c10::optional<at::Tensor>& key_padding_mask,
+                    const at::Tensor& out, const at::Tensor& row_max, const at::Tensor& row_sum,
+                    const at::Tensor& dout, const c10::optional<at::Tensor>& key_padding_mask,
                     const c10::optional<at::Tensor>& seed, double scale, double dropout_p) {
   const char* fn = "cross_attention_bwd";
   check_qkv(q, k, v, fn);
@@ -534,11 +551,13 @@ cross_attention_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), fn,
               ": out and dout must have q's dtype ", q.scalar_type(), ", got ", out.scalar_type(),
               " and ", dout.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2),
-              fn, ": lse must have shape [B, H, Lq], got ", lse.sizes());
-  TORCH_CHECK(out.device().is_cpu() && dout.device().is_cpu() && lse.device().is_cpu(), fn,
-              ": out, dout, lse must be CPU tensors");
+  const at::IntArrayRef rows = q.sizes().slice(0, 3);
+  TORCH_CHECK(row_max.sizes() == rows && row_sum.sizes() == rows, fn,
+              ": row_max and row_sum must have shape [B, H, Lq] = ", rows, ", got ", row_max.sizes(),
+              " and ", row_sum.sizes());
+  TORCH_CHECK(out.device().is_cpu() && dout.device().is_cpu() && row_max.device().is_cpu() &&
+                  row_sum.device().is_cpu(),
+              fn, ": out, dout, row_max, row_sum must be CPU tensors");
   at::Tensor mask_keep;
   const Problem P = make_problem(q, k, key_padding_mask, seed, dropout_p, mask_keep, fn);
   const auto st = q.scalar_type();
@@ -552,13 +571,14 @@ cross_attention_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor lc = lse.to(ct).contiguous();
+  const at::Tensor mc = row_max.to(ct).contiguous(), sc = row_sum.to(ct).contiguous();
   const Strides qs(q), ks(k), vs(v), os(out), dos(dout);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cross_attention_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     bwd_kernel<scalar_t, acc_t>(P, q.const_data_ptr<scalar_t>(), qs, k.const_data_ptr<scalar_t>(), ks,
                                 v.const_data_ptr<scalar_t>(), vs, out.const_data_ptr<scalar_t>(), os,
-                                dout.const_data_ptr<scalar_t>(), dos, lc.const_data_ptr<acc_t>(),
+                                dout.const_data_ptr<scalar_t>(), dos, mc.const_data_ptr<acc_t>(),
+                                sc.const_data_ptr<acc_t>(),
                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                 dv.data_ptr<scalar_t>(), static_cast<acc_t>(scale));
   });

@@ -1,8 +1,8 @@
 """The C++ CPU cross-attention kernels, called directly, against the float64 reference.
 
 Kernel interface: ``cross_attention_fwd(q, k, v, key_padding_mask, seed, scale, dropout_p) ->
-(out, lse)`` and ``cross_attention_bwd(q, k, v, out, lse, dout, key_padding_mask, seed, scale,
-dropout_p) -> (dq, dk, dv)``. Dropout uses the reference's seed, so the forward and every gradient
+(out, lse, row_max, row_sum)`` and ``cross_attention_bwd(q, k, v, out, row_max, row_sum, dout,
+key_padding_mask, seed, scale, dropout_p) -> (dq, dk, dv)``. Dropout uses the reference's seed, so the forward and every gradient
 must agree within mmkernels.testing.numerics.assert_close.
 """
 import math
@@ -36,13 +36,15 @@ def run_case(q, k, v, mask=None, scale=None, p=0.0, seed=None, dseed=0):
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if p > 0 and seed is None:
         seed = SEED
-    out, lse = C.cross_attention_fwd(q, k, v, mask, seed, s, p)
+    out, lse, m, l = C.cross_attention_fwd(q, k, v, mask, seed, s, p)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert lse.shape == q.shape[:3]
+    for t in (lse, m, l):
+        assert t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert t.shape == q.shape[:3]
+    torch.testing.assert_close(lse, m + l.log())
     g = torch.Generator().manual_seed(dseed + 1)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
-    dq, dk, dv = C.cross_attention_bwd(q, k, v, out, lse, dout, mask, seed, s, p)
+    dq, dk, dv = C.cross_attention_bwd(q, k, v, out, m, l, dout, mask, seed, s, p)
     assert (dq.dtype, dk.dtype, dv.dtype) == (dtype,) * 3
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
@@ -131,9 +133,9 @@ def test_dropout_seed_extremes_and_scale():
     q, k, v = rand_qkv(2, 3, 33, 70, 64, seed=9)
     seed = torch.tensor([2 ** 31 - 1, 2 ** 31 - 2], dtype=torch.int64)
     run_case(q, k, v, p=0.5, seed=seed, scale=0.3)
-    out_a, _ = C.cross_attention_fwd(q, k, v, None, seed, 0.3, 0.5)
-    out_b, _ = C.cross_attention_fwd(q, k, v, None, torch.tensor([1, 2]), 0.3, 0.5)
-    out_c, _ = C.cross_attention_fwd(q, k, v, None, seed, 0.3, 0.5)
+    out_a = C.cross_attention_fwd(q, k, v, None, seed, 0.3, 0.5)[0]
+    out_b = C.cross_attention_fwd(q, k, v, None, torch.tensor([1, 2]), 0.3, 0.5)[0]
+    out_c = C.cross_attention_fwd(q, k, v, None, seed, 0.3, 0.5)[0]
     assert not torch.equal(out_a, out_b)
     assert torch.equal(out_a, out_c)
 
@@ -145,7 +147,7 @@ def test_dropout_mask_is_the_hash():
     q = torch.randn(b, h, lq, lk, generator=g, dtype=torch.float64)
     k = torch.randn(b, h, lk, lk, generator=g, dtype=torch.float64)
     v = torch.eye(lk, dtype=torch.float64).expand(b, h, lk, lk)  # stride-0 batch/head dims
-    out, lse = C.cross_attention_fwd(q, k, v, None, SEED, 0.25, p)
+    out = C.cross_attention_fwd(q, k, v, None, SEED, 0.25, p)[0]
     probs = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1)
     keep = dropout_keep_mask(SEED, (b, h, lq, lk), p)
     assert torch.equal(out != 0, keep)
@@ -156,7 +158,7 @@ def test_dropout_zero_ignores_seed():
     q, k, v = rand_qkv(1, 2, 8, 20, 64, dtype=torch.float32)
     a = C.cross_attention_fwd(q, k, v, None, None, 0.125, 0.0)
     b = C.cross_attention_fwd(q, k, v, None, SEED, 0.125, 0.0)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------------------- padding
@@ -176,10 +178,11 @@ def test_fully_padded_rows(dtype):
         assert bool((dk[pad] == 0).all()) and bool((dv[pad] == 0).all())
     # every key of every batch row padded
     none = torch.zeros(b, lk, dtype=torch.bool)
-    out, lse = C.cross_attention_fwd(q, k, v, none, SEED, 0.125, 0.1)
+    out, lse, m, l = C.cross_attention_fwd(q, k, v, none, SEED, 0.125, 0.1)
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    assert bool(torch.isneginf(m).all()) and bool((l == 0).all())
     dout = torch.randn(q.shape, dtype=torch.float64).to(dtype)
-    for t in C.cross_attention_bwd(q, k, v, out, lse, dout, none, SEED, 0.125, 0.1):
+    for t in C.cross_attention_bwd(q, k, v, out, m, l, dout, none, SEED, 0.125, 0.1):
         assert bool((t == 0).all())
 
 
@@ -213,11 +216,11 @@ def test_strided_views(dtype):
     run_case(q, k, v2, mask)
     # out / dout handed to the backward as non-contiguous views
     s = 0.125
-    out, lse = C.cross_attention_fwd(q, k, v, mask, SEED, s, 0.1)
+    out, _, m, l = C.cross_attention_fwd(q, k, v, mask, SEED, s, 0.1)
     dout = torch.randn(b, lq, h, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
-    a = C.cross_attention_bwd(q, k, v, out.transpose(1, 2).contiguous().transpose(1, 2), lse, dout, mask,
-                              SEED, s, 0.1)
-    c = C.cross_attention_bwd(q, k, v, out, lse, dout.contiguous(), mask, SEED, s, 0.1)
+    a = C.cross_attention_bwd(q, k, v, out.transpose(1, 2).contiguous().transpose(1, 2), m, l, dout,
+                              mask, SEED, s, 0.1)
+    c = C.cross_attention_bwd(q, k, v, out, m, l, dout.contiguous(), mask, SEED, s, 0.1)
     for x, y_ in zip(a, c):
         torch.testing.assert_close(x, y_, rtol=1e-6, atol=1e-6)
 
@@ -241,15 +244,15 @@ def test_threads(threads):
 class XAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, seed, scale, p):
-        out, lse = C.cross_attention_fwd(q, k, v, mask, seed, scale, p)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, _, m, l = C.cross_attention_fwd(q, k, v, mask, seed, scale, p)
+        ctx.save_for_backward(q, k, v, out, m, l)
         ctx.args = (mask, seed, scale, p)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = C.cross_attention_bwd(q, k, v, out, lse, dout, *ctx.args)
+        q, k, v, out, m, l = ctx.saved_tensors
+        dq, dk, dv = C.cross_attention_bwd(q, k, v, out, m, l, dout, *ctx.args)
         return dq, dk, dv, None, None, None, None
 
 
@@ -288,9 +291,11 @@ def test_bad_inputs():
         C.cross_attention_fwd(q, k, v, None, SEED, 0.3, 1.0)
     with pytest.raises(RuntimeError):
         C.cross_attention_fwd(q.int(), k.int(), v.int(), None, None, 0.3, 0.0)
-    out, lse = C.cross_attention_fwd(q, k, v, None, None, 0.3, 0.0)
+    out, _, m, l = C.cross_attention_fwd(q, k, v, None, None, 0.3, 0.0)
     with pytest.raises(RuntimeError):
-        C.cross_attention_bwd(q, k, v, out, lse[:, :1], out, None, None, 0.3, 0.0)
+        C.cross_attention_bwd(q, k, v, out, m[:, :1], l, out, None, None, 0.3, 0.0)
+    with pytest.raises(RuntimeError):
+        C.cross_attention_bwd(q, k, v, out, m, l[:, :1], out, None, None, 0.3, 0.0)
 
 
 def test_aten_gemm_fallback():

@@ -86,8 +86,8 @@ def run_case(B, H, Lq, Lk, D, dtype=torch.float32, mask="none", p=0.0, *, kv_lay
     kpm = make_mask(mask, B, Lk)
     sd = make_seed(p)
     scale = D ** -0.5 if scale is None else scale
-    out, lse = K.cross_attention_fwd_triton(q, k, v, kpm, sd, scale, p, config=config, pairs=pairs)
-    dq, dk, dv = K.cross_attention_bwd_triton(q, k, v, out, lse, do, kpm, sd, scale, p,
+    out, lse, m, l = K.cross_attention_fwd_triton(q, k, v, kpm, sd, scale, p, config=config, pairs=pairs)
+    dq, dk, dv = K.cross_attention_bwd_triton(q, k, v, out, m, l, do, kpm, sd, scale, p,
                                               config=config, pairs=pairs)
     ref = reference(q, k, v, do, kpm, scale, p, sd)
     eager = None if dtype == torch.float32 else reference(q, k, v, do, kpm, scale, p, sd, dtype)
@@ -188,7 +188,7 @@ def test_dropout_keep_mask_is_the_references():
         q = torch.zeros(B, H, Lq, D, device=DEVICE)
         v = torch.eye(Lk, D, device=DEVICE).expand(B, H, Lk, D)
         k = torch.randn(B, H, Lk, D, device=DEVICE)
-        out, _ = K.cross_attention_fwd_triton(q, k, v, None, seed, 1.0, p)
+        out = K.cross_attention_fwd_triton(q, k, v, None, seed, 1.0, p)[0]
         keep = dropout_keep_mask(seed.cpu(), (B, H, Lq, Lk), p)
         assert torch.equal(out.cpu() > 0, keep)
         torch.testing.assert_close(out.cpu()[keep], torch.full_like(out.cpu()[keep], 1 / ((1 - p) * Lk)))
@@ -196,9 +196,9 @@ def test_dropout_keep_mask_is_the_references():
 
 def test_dropout_is_a_function_of_the_seed():
     q, k, v, _ = make_inputs(1, 2, 32, 64, 64, torch.float32)
-    a, _ = K.cross_attention_fwd_triton(q, k, v, None, make_seed(0.3, (1, 2)), 0.125, 0.3)
-    b, _ = K.cross_attention_fwd_triton(q, k, v, None, make_seed(0.3, (1, 2)), 0.125, 0.3)
-    c, _ = K.cross_attention_fwd_triton(q, k, v, None, make_seed(0.3, (1, 3)), 0.125, 0.3)
+    a = K.cross_attention_fwd_triton(q, k, v, None, make_seed(0.3, (1, 2)), 0.125, 0.3)[0]
+    b = K.cross_attention_fwd_triton(q, k, v, None, make_seed(0.3, (1, 2)), 0.125, 0.3)[0]
+    c = K.cross_attention_fwd_triton(q, k, v, None, make_seed(0.3, (1, 3)), 0.125, 0.3)[0]
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -221,9 +221,9 @@ def test_noncontiguous_q_and_dout():
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, Lq, D] with head stride D
     dot = do.transpose(1, 2).contiguous().transpose(1, 2)
     kpm = make_mask("pad", B, Lk)
-    out, lse = K.cross_attention_fwd_triton(qt, k, v, kpm, None, 0.2, 0.0)
+    out, _, m, l = K.cross_attention_fwd_triton(qt, k, v, kpm, None, 0.2, 0.0)
     outt = out.transpose(1, 2).contiguous().transpose(1, 2)
-    dq, dk, dv = K.cross_attention_bwd_triton(qt, k, v, outt, lse, dot, kpm, None, 0.2, 0.0)
+    dq, dk, dv = K.cross_attention_bwd_triton(qt, k, v, outt, m, l, dot, kpm, None, 0.2, 0.0)
     ref = reference(q, k, v, do, kpm, 0.2, 0.0, None)
     for name, t, r in (("out", out, ref[0]), ("dq", dq, ref[2]), ("dk", dk, ref[3]), ("dv", dv, ref[4])):
         assert_close(t, r, torch.float32, name=name)

@@ -1,8 +1,8 @@
 """Triton kernels for few-query cross-attention (contract: ``ops.py``).
 
-``cross_attention_fwd_triton(q, k, v, key_padding_mask, seed, scale, dropout_p) -> (out, lse)``
-and ``cross_attention_bwd_triton(q, k, v, out, lse, dout, key_padding_mask, seed, scale,
-dropout_p) -> (dq, dk, dv)``; the math is that of :mod:`mmkernels.cross_attention.reference`.
+``cross_attention_fwd_triton(q, k, v, key_padding_mask, seed, scale, dropout_p) -> (out, lse,
+row_max, row_sum)`` and ``cross_attention_bwd_triton(q, k, v, out, row_max, row_sum, dout,
+key_padding_mask, seed, scale, dropout_p) -> (dq, dk, dv)``; the math is that of :mod:`mmkernels.cross_attention.reference`.
 Modules: :mod:`.jit` (the kernels), :mod:`.configs` (tiles, tuning kinds), :mod:`.launch`
 (launchers), :mod:`.specs` (compile tier).
 """

@@ -1,8 +1,8 @@
 """The Triton kernels of few-query cross-attention (launched by :mod:`.launch`).
 
 ``q``/``k``/``v``/``out``/``dout`` are ``[B, H, L, D]`` with any strides (batch/head/sequence
-strides divided by ``ALIGN``, see :func:`mmkernels._triton.stride_align`); ``lse`` fp32
-``[B, H, Lq]``, dq/dk/dv contiguous; the key padding mask is read as uint8 ``[B, Lk]``, the
+strides divided by ``ALIGN``, see :func:`mmkernels._triton.stride_align`); ``lse``, ``row_max``
+(log2 domain) and ``row_sum`` fp32 ``[B, H, Lq]``, dq/dk/dv contiguous; the key padding mask is read as uint8 ``[B, Lk]``, the
 dropout seed as int64 ``[2]``. Each program owns ``pairs_per_program`` consecutive (b, h) pairs.
 """
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton import (block_range, bwd_query_rows, head_dim_range, load_rows, lse_log2, scaled_strides,
-                         softmax_lse)
+from ..._triton import block_range, head_dim_range, load_rows, scaled_strides, softmax_lse
 
 
 @triton.jit
@@ -59,8 +58,19 @@ def _key_block(cols, Lk, d_ok, mask_ptr, b64, stride_mb, stride_mk, HAS_MASK: tl
 
 
 @triton.jit
+def _row_stats(max_ptr, sum_ptr, row_off, row_ok):
+    """The saved softmax statistics of query rows ``row_off`` as the backward uses them:
+    ``(m2, inv_l)`` fp32 ``[BLOCK_M]``, so that ``P = exp2(s - m2) * inv_l``. Rows past the end
+    and rows that saw no key (``row_sum = 0``) get ``m2 = +inf`` and ``inv_l = 0``: P = 0 there."""
+    m2 = tl.load(max_ptr + row_off, mask=row_ok, other=float("inf"))
+    l = tl.load(sum_ptr + row_off, mask=row_ok, other=0.0)
+    seen = l > 0.0
+    return tl.where(seen, m2, float("inf")), tl.where(seen, 1.0 / tl.where(seen, l, 1.0), 0.0)
+
+
+@triton.jit
 def xattn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, max_ptr, sum_ptr, mask_ptr, seed_ptr,
     qk_scale, inv_keep, thr_biased,
     n_pairs, pairs_per_program, H, Lq, Lk,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -80,7 +90,9 @@ def xattn_fwd_kernel(
     """Forward, grid ``(pair groups, query blocks)``: for each pair, an online softmax over the
     key blocks (fp32, log2 domain); ``l`` sums the probabilities before dropout, ``P V`` takes
     them after (keep mask regenerated from the seed), ``1 / (1 - p)`` applied once at the end.
-    Rows whose keys are all padded: out 0, lse -inf."""
+    Saves the row max ``m`` (log2 domain) and the sum ``l`` apart for the backward, and
+    ``lse = (m + log2 l) ln 2`` for inspection. Rows whose keys are all padded: out 0, lse -inf,
+    m -inf, l 0."""
     stride_qb, stride_qh, stride_qs = scaled_strides(stride_qb, stride_qh, stride_qs, ALIGN)
     stride_kb, stride_kh, stride_ks = scaled_strides(stride_kb, stride_kh, stride_ks, ALIGN)
     stride_vb, stride_vh, stride_vs = scaled_strides(stride_vb, stride_vh, stride_vs, ALIGN)
@@ -138,10 +150,12 @@ def xattn_fwd_kernel(
         tl.store(o_ptr + row_off[:, None] * D + offs_d64[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=qd_msk)
         tl.store(lse_ptr + row_off, lse, mask=row_ok)
+        tl.store(max_ptr + row_off, m_i, mask=row_ok)
+        tl.store(sum_ptr + row_off, l_i, mask=row_ok)
 
 
 @triton.jit
-def _xattn_bwd_tile(qt, dot_, kt, vt, lse2, delta, key_ok, row_ok, keep_t, qk_scale, scale, inv_keep,
+def _xattn_bwd_tile(qt, dot_, kt, vt, m2, inv_l, delta, key_ok, row_ok, keep_t, qk_scale, scale, inv_keep,
                     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One (key block, query block) tile: returns the transposed ``(P_d^T, dS^T)`` ``[BLOCK_N, BLOCK_M]``.
 
@@ -149,8 +163,9 @@ def _xattn_bwd_tile(qt, dot_, kt, vt, lse2, delta, key_ok, row_ok, keep_t, qk_sc
     """
     st = tl.dot(kt, tl.trans(qt), input_precision=INPUT_PRECISION) * qk_scale
     ok = key_ok[:, None] & row_ok[None, :]
-    # rows past Lq and rows that see nothing have lse2 = +inf: P = 0 there
-    pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+    # P = exp2(s - m2) / l with the row max and sum kept apart (exact subtraction of the max, as
+    # eager softmax); rows past Lq and rows that see nothing have m2 = +inf, inv_l = 0: P = 0
+    pt = tl.where(ok, tl.exp2(st - m2[None, :]) * inv_l[None, :], 0.0)
     dpt = tl.dot(vt, tl.trans(dot_), input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
         pdt = tl.where(keep_t, pt * inv_keep, 0.0)
@@ -163,7 +178,7 @@ def _xattn_bwd_tile(qt, dot_, kt, vt, lse2, delta, key_ok, row_ok, keep_t, qk_sc
 
 @triton.jit
 def xattn_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, dqacc_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, max_ptr, sum_ptr, dq_ptr, dk_ptr, dv_ptr, dqacc_ptr, delta_ptr,
     mask_ptr, seed_ptr,
     qk_scale, scale, inv_keep, thr_biased,
     n_pairs, pairs_per_program, H, Lq, Lk,
@@ -186,7 +201,7 @@ def xattn_bwd_kernel(
 ):
     """Backward, grid ``(pair groups,)``: a program owns whole pairs, so dq/dk/dv need no atomics.
     Tiles are transposed (``[BLOCK_N, BLOCK_M]``). ``ONE_M`` (Lq fits one query block): q, dO,
-    lse, delta and dq stay in registers; otherwise delta goes to an fp32 scratch once per pair
+    the row statistics, delta and dq stay in registers; otherwise delta goes to an fp32 scratch once per pair
     and dq accumulates in the fp32 scratch ``dqacc`` across key blocks."""
     stride_qb, stride_qh, stride_qs = scaled_strides(stride_qb, stride_qh, stride_qs, ALIGN)
     stride_kb, stride_kh, stride_ks = scaled_strides(stride_kb, stride_kh, stride_ks, ALIGN)
@@ -217,7 +232,7 @@ def xattn_bwd_kernel(
         row_base = pair64 * Lq  # lse, delta, dq (contiguous) rows of this pair
         kv_base = pair64 * Lk  # dk, dv (contiguous) rows of this pair
         if ONE_M:
-            # one query block covers Lq: q, dO, lse, delta and dq stay in registers
+            # one query block covers Lq: q, dO, the row statistics, delta and dq stay in registers
             rows = offs_m
             row_ok = rows < Lq
             rows64 = rows.to(tl.int64)
@@ -232,8 +247,7 @@ def xattn_bwd_kernel(
             if DOT_UPCAST:
                 qt = qt.to(tl.float32)
                 dot_ = dot_.to(tl.float32)
-            lse = tl.load(lse_ptr + row_base + rows64, mask=row_ok, other=float("inf"))
-            lse2 = lse_log2(lse)
+            m2, inv_l = _row_stats(max_ptr, sum_ptr, row_base + rows64, row_ok)
             if HAS_DROPOUT:
                 a = _row_hash(seed_ptr, pair64, Lq, rows64)
             else:
@@ -249,7 +263,7 @@ def xattn_bwd_kernel(
                     keep_t = _keep_t(a, cols, s1, thr_biased)
                 else:
                     keep_t = key_ok[:, None]
-                pdt, dst = _xattn_bwd_tile(qt, dot_, kt, vt, lse2, delta, key_ok, row_ok, keep_t,
+                pdt, dst = _xattn_bwd_tile(qt, dot_, kt, vt, m2, inv_l, delta, key_ok, row_ok, keep_t,
                                            qk_scale, scale, inv_keep, HAS_DROPOUT, INPUT_PRECISION)
                 dv = tl.dot(pdt.to(dot_.dtype), dot_, input_precision=INPUT_PRECISION)
                 dk = tl.dot(dst.to(qt.dtype), qt, input_precision=INPUT_PRECISION)
@@ -285,14 +299,16 @@ def xattn_bwd_kernel(
                     rows = m0 + offs_m
                     row_ok = rows < Lq
                     rows64 = rows.to(tl.int64)
-                    qd_msk, qt, dot_, lse2, delta = bwd_query_rows(
-                        q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
-                        stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST)
+                    qd_msk = row_ok[:, None] & d_ok[None, :]
+                    qt = load_rows(q_base, rows64, stride_qs, stride_qd, offs_d64, qd_msk, DOT_UPCAST)
+                    dot_ = load_rows(do_base, rows64, stride_dos, stride_dod, offs_d64, qd_msk, DOT_UPCAST)
+                    m2, inv_l = _row_stats(max_ptr, sum_ptr, row_base + rows64, row_ok)
+                    delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
                     if HAS_DROPOUT:
                         keep_t = _keep_t(_row_hash(seed_ptr, pair64, Lq, rows64), cols, s1, thr_biased)
                     else:
                         keep_t = key_ok[:, None]
-                    pdt, dst = _xattn_bwd_tile(qt, dot_, kt, vt, lse2, delta, key_ok, row_ok, keep_t,
+                    pdt, dst = _xattn_bwd_tile(qt, dot_, kt, vt, m2, inv_l, delta, key_ok, row_ok, keep_t,
                                                qk_scale, scale, inv_keep, HAS_DROPOUT, INPUT_PRECISION)
                     dv += tl.dot(pdt.to(dot_.dtype), dot_, input_precision=INPUT_PRECISION)
                     dk += tl.dot(dst.to(qt.dtype), qt, input_precision=INPUT_PRECISION)

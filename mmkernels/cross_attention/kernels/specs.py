@@ -41,12 +41,14 @@ def compile_spec(kind: str, dtype: torch.dtype, D: int, input_precision: str, co
     if kind == "fwd":
         kernel = xattn_fwd_kernel
         sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "lse_ptr": "*fp32",
+               "max_ptr": "*fp32", "sum_ptr": "*fp32",
                "mask_ptr": "*u8" if has_mask else "*fp32", "seed_ptr": "*i64" if has_dropout else "*fp32"}
         floats = ["qk_scale", "inv_keep"]
         extra = {}
     elif kind == "bwd":
         kernel = xattn_bwd_kernel
-        sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "do_ptr": ptr, "lse_ptr": "*fp32",
+        sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "do_ptr": ptr, "max_ptr": "*fp32",
+               "sum_ptr": "*fp32",
                "dq_ptr": ptr, "dk_ptr": ptr, "dv_ptr": ptr,
                "dqacc_ptr": "*fp32", "delta_ptr": "*fp32",
                "mask_ptr": "*u8" if has_mask else "*fp32", "seed_ptr": "*i64" if has_dropout else "*fp32"}
