@@ -47,7 +47,7 @@ def multimodal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         return multimodal_attention_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
     if path == _dispatch.KERNEL:
         meta = [] if mask is None else mask.metadata()
-        out, lse = attention_fwd(q, k, v, meta, scale, backend)
+        out, lse, _, _ = attention_fwd(q, k, v, meta, scale, backend)
         return (out, lse) if return_lse else out
     return paths.run(path, q, k, v, mask, scale, return_lse)
 

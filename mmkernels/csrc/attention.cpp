@@ -11,7 +11,10 @@
 // Forward: parallel over (batch, query head, query block); per key block S = scale * Q K^T
 // goes through BLAS into a BM x BN buffer, masked entries become -inf, and an online softmax
 // (running max / sum, fp32 or fp64) accumulates P V into a BM x D accumulator.
-// Backward: D = rowsum(dout * out); P is recomputed from lse, dS = P * (dP - D). When there are
+// The forward saves each row's max m and sum l = sum_j exp(S_j - m) apart, and the backward
+// recomputes P = exp(S - m) / l from them: one rounded lse = m + log(l) would turn ulp(lse) into a
+// relative error of every P at large scores.
+// Backward: D = rowsum(dout * out); P is recomputed from (m, l), dS = P * (dP - D). When there are
 // at least two (batch, kv head) pairs per thread, one pass parallel over those pairs computes
 // dq, dk and dv (5 GEMMs per tile; the pair owns dk/dv and the dq of its query heads). Otherwise
 // two passes: dq parallel over (batch, query head, query block), then dk/dv parallel over
@@ -254,7 +257,8 @@ inline at::ScalarType compute_type(at::ScalarType st) {
 // ----------------------------------------------------------------------------- forward
 
 template <typename T>
-void fwd_kernel(const T* Q, const T* K, const T* V, T* O, T* L, const Dims& d, const Mask& mk, T scale) {
+void fwd_kernel(const T* Q, const T* K, const T* V, T* O, T* L, T* Mx, T* Sm, const Dims& d, const Mask& mk,
+                T scale) {
   const int64_t D = d.D, TQ = mk.TQ, TK = mk.TK;
   const T ninf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, d.B * d.Hq * TQ, 1, [&](int64_t lo, int64_t hi) {
@@ -296,8 +300,11 @@ void fwd_kernel(const T* Q, const T* K, const T* V, T* O, T* L, const Dims& d, c
         gemm_rm<T>(false, false, m, D, n, T(1), S.data(), BN, vh + j0 * D, D, T(1), acc.data(), D);
       }
       T* o = O + ((b * d.Hq + h) * d.Sq + i0) * D;
-      T* l = L + (b * d.Hq + h) * d.Sq + i0;
+      const int64_t roff = (b * d.Hq + h) * d.Sq + i0;
+      T* l = L + roff;
       for (int64_t i = 0; i < m; ++i) {
+        Mx[roff + i] = mrow[i];
+        Sm[roff + i] = lrow[i];
         if (lrow[i] > T(0)) {
           const T inv = T(1) / lrow[i];
           for (int64_t c = 0; c < D; ++c) o[i * D + c] = acc[i * D + c] * inv;
@@ -313,24 +320,23 @@ void fwd_kernel(const T* Q, const T* K, const T* V, T* O, T* L, const Dims& d, c
 
 // ----------------------------------------------------------------------------- backward
 
-// For one tile: P = exp(scale * q k^T - lse) (masked, 0 for rows with lse = -inf) into P, and
-// dS = P * (dout v^T - Drow) into dS. Both BM x BN buffers (ld BN).
+// For one tile: P = exp(scale * q k^T - mx) / sm (masked, 0 for rows with sm = 0, which saw no
+// key) into P, and dS = P * (dout v^T - Drow) into dS. Both BM x BN buffers (ld BN).
 template <typename T>
 inline void tile_grads(const Mask& mk, int8_t cls, int64_t b, int64_t i0, int64_t m, int64_t j0,
                        int64_t n, int64_t D, T scale, const T* q, const T* k, const T* v,
-                       const T* dout, const T* lse, const T* Drow, T* P, T* dS) {
+                       const T* dout, const T* mx, const T* sm, const T* Drow, T* P, T* dS) {
   gemm_rm<T>(false, true, m, n, D, scale, q, D, k, D, T(0), P, BN);
   if (cls == TILE_PARTIAL) apply_mask<T>(mk, b, i0, m, j0, n, P);
   gemm_rm<T>(false, true, m, n, D, T(1), dout, D, v, D, T(0), dS, BN);
   for (int64_t i = 0; i < m; ++i) {
     T* p = P + i * BN;
     T* ds = dS + i * BN;
-    const T li = lse[i];
-    if (!std::isfinite(li)) {
+    if (!(sm[i] > T(0))) {
       for (int64_t j = 0; j < n; ++j) { p[j] = T(0); ds[j] = T(0); }
       continue;
     }
-    row_grad(p, ds, n, li, Drow[i]);
+    row_grad_norm(p, ds, n, mx[i], T(1) / sm[i], Drow[i]);
   }
 }
 
@@ -352,7 +358,8 @@ struct KeyBlockScratch {
 // group's query heads, and, when dQ is not null, the tiles' dq terms too (the caller then owns
 // dq of those query heads).
 template <typename T>
-void key_block_grads(const T* Q, const T* K, const T* V, const T* dO, const T* L, const T* Dr, T* dQ,
+void key_block_grads(const T* Q, const T* K, const T* V, const T* dO, const T* Mx, const T* Sm, const T* Dr,
+                     T* dQ,
                      T* dK, T* dV, const Dims& d, const Mask& mk, T scale, int64_t b, int64_t hk,
                      int64_t kb, KeyBlockScratch<T>& w) {
   const int64_t D = d.D;
@@ -370,7 +377,7 @@ void key_block_grads(const T* Q, const T* K, const T* V, const T* dO, const T* L
       const int64_t qoff = ((b * d.Hq + h) * d.Sq + i0);
       const T* q = Q + qoff * D;
       const T* dout = dO + qoff * D;
-      tile_grads<T>(mk, cls, b, i0, m, j0, n, D, scale, q, k, v, dout, L + qoff, Dr + qoff,
+      tile_grads<T>(mk, cls, b, i0, m, j0, n, D, scale, q, k, v, dout, Mx + qoff, Sm + qoff, Dr + qoff,
                     w.P.data(), w.dS.data());
       transpose_tile(w.P.data(), m, n, w.Pt.data());
       transpose_tile(w.dS.data(), m, n, w.dSt.data());
@@ -383,7 +390,7 @@ void key_block_grads(const T* Q, const T* K, const T* V, const T* dO, const T* L
 }
 
 template <typename T>
-void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, const T* Dr, T* dQ,
+void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* Mx, const T* Sm, const T* Dr, T* dQ,
                 T* dK, T* dV, const Dims& d, const Mask& mk, T scale) {
   const int64_t D = d.D, TQ = mk.TQ, TK = mk.TK;
   if (d.B * d.Hkv >= 2 * int64_t(at::get_num_threads())) {
@@ -393,7 +400,8 @@ void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, con
       KeyBlockScratch<T> w;
       for (int64_t bh = lo; bh < hi; ++bh)
         for (int64_t kb = 0; kb < TK; ++kb)
-          key_block_grads<T>(Q, K, V, dO, L, Dr, dQ, dK, dV, d, mk, scale, bh / d.Hkv, bh % d.Hkv, kb, w);
+          key_block_grads<T>(Q, K, V, dO, Mx, Sm, Dr, dQ, dK, dV, d, mk, scale, bh / d.Hkv, bh % d.Hkv, kb,
+                             w);
     });
     return;
   }
@@ -413,7 +421,7 @@ void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, con
         const int64_t j0 = kb * BN, n = std::min(BN, d.Sk - j0);
         const T* k = K + (kvoff + j0) * D;
         tile_grads<T>(mk, cls, b, i0, m, j0, n, D, scale, Q + qoff * D, k, V + (kvoff + j0) * D,
-                      dO + qoff * D, L + qoff, Dr + qoff, P.data(), dS.data());
+                      dO + qoff * D, Mx + qoff, Sm + qoff, Dr + qoff, P.data(), dS.data());
         gemm_rm<T>(false, false, m, D, n, scale, dS.data(), BN, k, D, T(1), dq, D);
       }
     }
@@ -423,14 +431,15 @@ void bwd_kernel(const T* Q, const T* K, const T* V, const T* dO, const T* L, con
     KeyBlockScratch<T> w;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t kb = task % TK, bh = task / TK;
-      key_block_grads<T>(Q, K, V, dO, L, Dr, nullptr, dK, dV, d, mk, scale, bh / d.Hkv, bh % d.Hkv, kb, w);
+      key_block_grads<T>(Q, K, V, dO, Mx, Sm, Dr, nullptr, dK, dV, d, mk, scale, bh / d.Hkv, bh % d.Hkv,
+                         kb, w);
     }
   });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::vector<at::Tensor>& meta, double scale) {
   const Dims d = check_qkv(q, k, v);
@@ -439,45 +448,52 @@ attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   at::Tensor out = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options().dtype(ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(ct));
+  at::Tensor row_max = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(ct));
+  at::Tensor row_sum = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(ct));
   if (ct == at::kDouble) {
     fwd_kernel<double>(qc.data_ptr<double>(), kc.data_ptr<double>(), vc.data_ptr<double>(),
-                       out.data_ptr<double>(), lse.data_ptr<double>(), d, mk, scale);
+                       out.data_ptr<double>(), lse.data_ptr<double>(), row_max.data_ptr<double>(),
+                       row_sum.data_ptr<double>(), d, mk, scale);
   } else {
     fwd_kernel<float>(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
-                      out.data_ptr<float>(), lse.data_ptr<float>(), d, mk, static_cast<float>(scale));
+                      out.data_ptr<float>(), lse.data_ptr<float>(), row_max.data_ptr<float>(),
+                      row_sum.data_ptr<float>(), d, mk, static_cast<float>(scale));
   }
-  return {out.to(q.scalar_type()), lse};
+  return {out.to(q.scalar_type()), lse, row_max, row_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 attention_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-              const at::Tensor& lse, const at::Tensor& dout, const std::vector<at::Tensor>& meta,
-              double scale) {
+              const at::Tensor& row_max, const at::Tensor& row_sum, const at::Tensor& dout,
+              const std::vector<at::Tensor>& meta, double scale) {
   const Dims d = check_qkv(q, k, v);
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(),
               "attention_bwd: out and dout must have q's shape ", q.sizes(), ", got ", out.sizes(),
               " and ", dout.sizes());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.Hq && lse.size(2) == d.Sq,
-              "attention_bwd: lse must have shape [B, Hq, Sq], got ", lse.sizes());
-  TORCH_CHECK(out.device().is_cpu() && dout.device().is_cpu() && lse.device().is_cpu(),
-              "attention_bwd: out, dout, lse must be CPU tensors");
+  const std::vector<int64_t> row_shape{d.B, d.Hq, d.Sq};
+  TORCH_CHECK(row_max.sizes() == row_shape && row_sum.sizes() == row_shape,
+              "attention_bwd: row_max and row_sum must have shape [B, Hq, Sq] = ", row_shape, ", got ",
+              row_max.sizes(), " and ", row_sum.sizes());
+  TORCH_CHECK(out.device().is_cpu() && dout.device().is_cpu() && row_max.device().is_cpu() &&
+              row_sum.device().is_cpu(), "attention_bwd: out, dout, row_max, row_sum must be CPU tensors");
   const Mask mk = make_mask(meta, d.B, d.Sq, d.Sk);
   const auto ct = compute_type(q.scalar_type());
   const at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   const at::Tensor doc = dout.to(ct).contiguous();
-  const at::Tensor lc = lse.to(ct).contiguous();
+  const at::Tensor mc = row_max.to(ct).contiguous(), sc = row_sum.to(ct).contiguous();
   const at::Tensor Dr = (doc * out.to(ct)).sum(-1).contiguous();  // [B, Hq, Sq]
   at::Tensor dq = at::zeros({d.B, d.Hq, d.Sq, d.D}, q.options().dtype(ct));
   at::Tensor dk = at::zeros({d.B, d.Hkv, d.Sk, d.D}, q.options().dtype(ct));
   at::Tensor dv = at::zeros({d.B, d.Hkv, d.Sk, d.D}, q.options().dtype(ct));
   if (ct == at::kDouble) {
     bwd_kernel<double>(qc.data_ptr<double>(), kc.data_ptr<double>(), vc.data_ptr<double>(),
-                       doc.data_ptr<double>(), lc.data_ptr<double>(), Dr.data_ptr<double>(),
+                       doc.data_ptr<double>(), mc.data_ptr<double>(), sc.data_ptr<double>(),
+                       Dr.data_ptr<double>(),
                        dq.data_ptr<double>(), dk.data_ptr<double>(), dv.data_ptr<double>(), d, mk,
                        scale);
   } else {
     bwd_kernel<float>(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
-                      doc.data_ptr<float>(), lc.data_ptr<float>(), Dr.data_ptr<float>(),
+                      doc.data_ptr<float>(), mc.data_ptr<float>(), sc.data_ptr<float>(), Dr.data_ptr<float>(),
                       dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), d, mk,
                       static_cast<float>(scale));
   }

@@ -13,16 +13,19 @@ namespace mmkernels {
 // meta: [q_mod, k_mod, q_seg, k_seg, q_pos, k_pos, q_run, k_run, rules] (int32 [B, S] each, rules
 // int8/int32 [NM, NM]) or an empty list (no mask: full attention).
 
-// Returns (out [B, Hq, Sq, D] in q.dtype, lse [B, Hq, Sq] float32, float64 for float64 input).
-// Rows that see no key: out = 0, lse = -inf.
-std::tuple<at::Tensor, at::Tensor>
+// Returns (out [B, Hq, Sq, D] in q.dtype, lse, row_max, row_sum), the last three [B, Hq, Sq] float32
+// (float64 for float64 input): row_max is the max of the row's scaled scores, row_sum
+// = sum_j exp(score_j - row_max), lse = row_max + log(row_sum). Rows that see no key: out = 0,
+// lse = row_max = -inf, row_sum = 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::vector<at::Tensor>& meta, double scale);
 
+// Backward from the forward's out, row_max and row_sum (P = exp(score - row_max) / row_sum).
 // Returns (dq, dk, dv) in the input dtype; rows that see no key contribute nothing.
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 attention_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-              const at::Tensor& lse, const at::Tensor& dout, const std::vector<at::Tensor>& meta,
-              double scale);
+              const at::Tensor& row_max, const at::Tensor& row_sum, const at::Tensor& dout,
+              const std::vector<at::Tensor>& meta, double scale);
 
 }  // namespace mmkernels

@@ -74,14 +74,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("attention_fwd", &mmkernels::attention_fwd,
         "Blockwise multimodal masked attention forward. meta: [] (no mask) or [q_mod, k_mod, q_seg,\n"
-        "k_seg, q_pos, k_pos, q_run, k_run, rules]. Returns (out in q.dtype, lse float32/float64).",
+        "k_seg, q_pos, k_pos, q_run, k_run, rules]. Returns (out in q.dtype, lse, row_max, row_sum),\n"
+        "the last three [B, Hq, Sq] float32/float64: lse = row_max + log(row_sum).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("meta"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_bwd", &mmkernels::attention_bwd,
-        "Blockwise multimodal masked attention backward, recomputing P from lse. Returns (dq, dk, dv).",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
-        py::arg("meta"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+        "Blockwise multimodal masked attention backward, recomputing P = exp(S - row_max) / row_sum.\n"
+        "Returns (dq, dk, dv).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("row_max"), py::arg("row_sum"),
+        py::arg("dout"), py::arg("meta"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 
   m.def("cross_attention_fwd", &mmkernels::cross_attention_fwd,
         "Cross-attention forward with key padding (bool [B, Lk], True = attend) and counter-hash\n"

@@ -41,13 +41,17 @@ def run_case(q, k, v, mask=None, scale=None, seed=0):
     d = q.shape[-1]
     s = 1.0 / math.sqrt(d) if scale is None else scale
     meta = meta_of(mask)
-    out, lse = C.attention_fwd(q, k, v, meta, s)
+    out, lse, row_max, row_sum = C.attention_fwd(q, k, v, meta, s)
     assert out.dtype == dtype and out.shape == q.shape
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert lse.shape == q.shape[:3]
+    for t in (lse, row_max, row_sum):
+        assert t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert t.shape == q.shape[:3]
+    seen = row_sum > 0
+    assert bool(torch.equal(seen, torch.isfinite(lse)))
+    assert bool(torch.allclose(lse[seen], (row_max + torch.log(row_sum))[seen]))
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
-    dq, dk, dv = C.attention_bwd(q, k, v, out, lse, dout, meta, s)
+    dq, dk, dv = C.attention_bwd(q, k, v, out, row_max, row_sum, dout, meta, s)
     assert (dq.dtype, dk.dtype, dv.dtype) == (dtype,) * 3
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):

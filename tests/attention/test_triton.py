@@ -8,6 +8,7 @@ PARTIAL tiles and ragged last tiles; a few run the heuristic configuration.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -67,8 +68,8 @@ def run_case(mask, B, Hq, Hkv, Sq, Sk, D, dtype, *, config=SMALL, seed=0, scale=
         q, k, v, do = (layout(t) for t in (q, k, v, do))
     scale = D ** -0.5 if scale is None else scale
     meta = meta_of(mask)
-    out, lse = K.attention_fwd_triton(q, k, v, meta, scale, config=config)
-    dq, dk, dv = K.attention_bwd_triton(q, k, v, out, lse, do, meta, scale, config=config)
+    out, lse, row_max, row_sum = K.attention_fwd_triton(q, k, v, meta, scale, config=config)
+    dq, dk, dv = K.attention_bwd_triton(q, k, v, out, row_max, row_sum, do, meta, scale, config=config)
     r_out, r_lse, r_dq, r_dk, r_dv = reference(q, k, v, do, mask, scale)
     assert out.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
     assert out.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
@@ -76,6 +77,9 @@ def run_case(mask, B, Hq, Hkv, Sq, Sk, D, dtype, *, config=SMALL, seed=0, scale=
         assert torch.isfinite(t.float()).all(), f"{name} not finite"
     assert_close(out, r_out, dtype, name="out")
     check_lse_fp32(lse, r_lse)
+    seen = row_sum > 0  # the saved statistics: log2-domain row max and row sum, lse made of them
+    assert torch.equal(seen, torch.isfinite(lse))
+    assert torch.allclose(lse[seen], (row_max * math.log(2.0) + torch.log(row_sum))[seen], rtol=1e-6, atol=1e-6)
     assert_close(dq, r_dq, dtype, scale=grad_scale, name="dq")
     assert_close(dk, r_dk, dtype, scale=grad_scale, name="dk")
     assert_close(dv, r_dv, dtype, scale=grad_scale, name="dv")
@@ -254,8 +258,8 @@ def test_empty_tiles_are_never_read(dtype):
     k[:, :, 32:] = float("nan")
     v[:, :, 32:] = float("nan")
     meta = meta_of(mask)
-    out, lse = K.attention_fwd_triton(q, k, v, meta, D ** -0.5, config=SMALL)
-    dq, dk, dv = K.attention_bwd_triton(q, k, v, out, lse, do, meta, D ** -0.5, config=SMALL)
+    out, lse, row_max, row_sum = K.attention_fwd_triton(q, k, v, meta, D ** -0.5, config=SMALL)
+    dq, dk, dv = K.attention_bwd_triton(q, k, v, out, row_max, row_sum, do, meta, D ** -0.5, config=SMALL)
     for t in (out, dq, dk, dv):
         assert bool(torch.isfinite(t.float()).all())
     assert_close(out, r_out, dtype, name="out")

@@ -1,7 +1,7 @@
 """Triton kernels for multimodal masked attention (contract: ``ops.py`` and docs/architecture.md).
 
-``attention_fwd_triton(q, k, v, meta, scale) -> (out, lse)`` and
-``attention_bwd_triton(q, k, v, out, lse, dout, meta, scale) -> (dq, dk, dv)``; ``meta`` is
+``attention_fwd_triton(q, k, v, meta, scale) -> (out, lse, row_max, row_sum)`` and
+``attention_bwd_triton(q, k, v, out, row_max, row_sum, dout, meta, scale) -> (dq, dk, dv)``; ``meta`` is
 ``[]`` (full attention) or the 9 metadata tensors of a
 :class:`~mmkernels.attention.mask.MultimodalMask`. Modules: :mod:`.jit` (the kernels),
 :mod:`.configs` (tiles, tuning kinds), :mod:`.launch` (launchers), :mod:`.specs` (compile tier).

@@ -1,7 +1,10 @@
 """The Triton kernels of multimodal masked attention (launched by :mod:`.launch`).
 
 Tensors are ``[B, H, S, D]`` with any strides; batch/head/sequence strides arrive divided by
-``ALIGN`` (see :func:`mmkernels._triton.stride_align`). ``lse``/``delta`` are fp32 ``[B, Hq, Sq]``.
+``ALIGN`` (see :func:`mmkernels._triton.stride_align`). ``lse``/``delta`` are fp32 ``[B, Hq, Sq]``,
+and so are the row statistics the backward reads: ``m`` (row max of the scores in the log2
+domain, ``s * scale * log2(e)``) and ``l`` (row sum of ``exp2(s - m)``), kept apart so that
+``P = exp2(s - m) / l`` carries no rounding of a combined lse.
 The tile map is int8 ``[B, Tm, Tn]`` (0 EMPTY, 1 FULL, 2 PARTIAL) at ``BLOCK_M x BLOCK_N``; the
 mask metadata are int32 ``[B, S]`` per side and the int8 ``[NM, NM]`` rule table.
 """
@@ -10,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton import block_range, bwd_query_rows, head_dim_range, load_rows, scaled_strides, softmax_lse
+from ..._triton import (block_range, bwd_query_rows_stats, head_dim_range, load_rows, scaled_strides,
+                        softmax_lse)
 
 
 @triton.jit
@@ -80,7 +84,7 @@ def _partial_visible(ok, tcls, qm, qs, qp, qr, kmod_ptr, kseg_ptr, kpos_ptr, kru
 
 @triton.jit
 def attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tile_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, tile_ptr,
     qmod_ptr, kmod_ptr, qseg_ptr, kseg_ptr, qpos_ptr, kpos_ptr, qrun_ptr, krun_ptr, rules_ptr,
     qk_scale, Sq, Sk, Hq, GROUP, NM, n_tm, n_tn,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -96,8 +100,8 @@ def attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Forward, grid ``(query blocks, B * Hq)``: out in the input dtype and fp32 ``lse`` of one
-    query block, walking the key blocks the tile map does not mark EMPTY."""
+    """Forward, grid ``(query blocks, B * Hq)``: out in the input dtype and fp32 ``lse``, ``m``,
+    ``l`` of one query block, walking the key blocks the tile map does not mark EMPTY."""
     stride_qb, stride_qh, stride_qs = scaled_strides(stride_qb, stride_qh, stride_qs, ALIGN)
     stride_kb, stride_kh, stride_ks = scaled_strides(stride_kb, stride_kh, stride_ks, ALIGN)
     stride_vb, stride_vh, stride_vs = scaled_strides(stride_vb, stride_vh, stride_vs, ALIGN)
@@ -144,7 +148,10 @@ def attn_fwd_kernel(
     o_base = o_ptr + b64 * stride_ob + h64 * stride_oh
     tl.store(o_base + rows64[:, None] * stride_os + offs_d64[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows64, lse, mask=row_ok)
+    row_idx = pid_bh.to(tl.int64) * Sq + rows64
+    tl.store(lse_ptr + row_idx, lse, mask=row_ok)
+    tl.store(m_ptr + row_idx, m_i, mask=row_ok)
+    tl.store(l_ptr + row_idx, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -177,7 +184,7 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tile_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr, dv_ptr, tile_ptr,
     qmod_ptr, kmod_ptr, qseg_ptr, kseg_ptr, qpos_ptr, kpos_ptr, qrun_ptr, krun_ptr, rules_ptr,
     qk_scale, scale, Sq, Sk, Hq, Hkv, GROUP, NM, n_tm, n_tn,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -242,8 +249,8 @@ def attn_bwd_dkdv_kernel(
                 rows = mb * BLOCK_M + offs_m
                 row_ok = rows < Sq
                 rows64 = rows.to(tl.int64)
-                qd_msk, qt, dot_, lse2, delta = bwd_query_rows(
-                    q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
+                qd_msk, qt, dot_, m2, inv_l, delta = bwd_query_rows_stats(
+                    q_base, do_base, m_ptr, l_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
                     stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST)
                 # transposed tiles [BLOCK_N, BLOCK_M]: every product has BLOCK_N rows (wgmma M)
                 st = tl.dot(kt, tl.trans(qt), input_precision=INPUT_PRECISION) * qk_scale
@@ -253,7 +260,7 @@ def attn_bwd_dkdv_kernel(
                         qmeta = b64 * Sq + rows64
                         qm, qs, qp, qr = _token_meta(qmod_ptr, qseg_ptr, qpos_ptr, qrun_ptr, qmeta, row_ok, -1)
                         ok = ok & _visible_t(qm, qs, qp, qr, km, ks, kp, kr, rules_ptr, NM)
-                pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+                pt = tl.where(ok, tl.exp2(st - m2[None, :]) * inv_l[None, :], 0.0)
                 if PART != 2:
                     dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=INPUT_PRECISION)
                 if PART != 1:
@@ -272,7 +279,7 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr, tile_ptr,
     qmod_ptr, kmod_ptr, qseg_ptr, kseg_ptr, qpos_ptr, kpos_ptr, qrun_ptr, krun_ptr, rules_ptr,
     qk_scale, scale, Sq, Sk, Hq, GROUP, NM, n_tm, n_tn,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -297,9 +304,9 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs = scaled_strides(stride_dqb, stride_dqh, stride_dqs, ALIGN)
     pid_m, pid_bh, b64, h64, hk64, row_ok, rows64, d_ok, offs_d64, offs_n = _query_block(
         Sq, Hq, GROUP, D, BLOCK_M, BLOCK_N, BLOCK_D)
-    qd_msk, qt, dot_, lse2, delta = bwd_query_rows(
+    qd_msk, qt, dot_, m2, inv_l, delta = bwd_query_rows_stats(
         q_ptr + b64 * stride_qb + h64 * stride_qh, do_ptr + b64 * stride_dob + h64 * stride_doh,
-        lse_ptr, delta_ptr, pid_bh.to(tl.int64) * Sq, rows64, row_ok, d_ok, offs_d64,
+        m_ptr, l_ptr, delta_ptr, pid_bh.to(tl.int64) * Sq, rows64, row_ok, d_ok, offs_d64,
         stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST)
     k_base = k_ptr + b64 * stride_kb + hk64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk64 * stride_vh
@@ -322,7 +329,7 @@ def attn_bwd_dq_kernel(
             if HAS_MASK:
                 ok = _partial_visible(ok, tcls, qm, qs, qp, qr, kmod_ptr, kseg_ptr, kpos_ptr, krun_ptr,
                                       b64 * Sk + cols64, col_ok, rules_ptr, NM)
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.where(ok, tl.exp2(s - m2[:, None]) * inv_l[:, None], 0.0)
             dp = tl.dot(dot_, tl.trans(vt), input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), kt, input_precision=INPUT_PRECISION)

@@ -46,15 +46,15 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, input_precision: str, h
         if kind == "fwd":
             kernel = attn_fwd_kernel
             sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "lse_ptr": "*fp32",
-                   "tile_ptr": "*i8", **meta}
+                   "m_ptr": "*fp32", "l_ptr": "*fp32", "tile_ptr": "*i8", **meta}
             floats = ["qk_scale"]
             ints.update(Sq=S, Sk=S, Hq=Hq, GROUP=Hq // Hkv, NM=2,
                         n_tm=triton.cdiv(S, bm), n_tn=triton.cdiv(S, bn))
             groups = [("q", Hq), ("k", Hkv), ("v", Hkv), ("o", Hq)]
         elif kind == "bwd_dkdv":
             kernel = attn_bwd_dkdv_kernel
-            sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "do_ptr": ptr, "lse_ptr": "*fp32",
-                   "delta_ptr": "*fp32", "dk_ptr": ptr, "dv_ptr": ptr, "tile_ptr": "*i8", **meta}
+            sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "do_ptr": ptr, "m_ptr": "*fp32",
+                   "l_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": ptr, "dv_ptr": ptr, "tile_ptr": "*i8", **meta}
             floats = ["qk_scale", "scale"]
             ints.update(Sq=S, Sk=S, Hq=Hq, Hkv=Hkv, GROUP=Hq // Hkv, NM=2,
                         n_tm=triton.cdiv(S, bm), n_tn=triton.cdiv(S, bn))
@@ -62,8 +62,8 @@ def compile_specs(kind: str, dtype: torch.dtype, D: int, input_precision: str, h
             extra["PART"] = part
         elif kind == "bwd_dq":
             kernel = attn_bwd_dq_kernel
-            sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "do_ptr": ptr, "lse_ptr": "*fp32",
-                   "delta_ptr": "*fp32", "dq_ptr": ptr, "tile_ptr": "*i8", **meta}
+            sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "do_ptr": ptr, "m_ptr": "*fp32",
+                   "l_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": ptr, "tile_ptr": "*i8", **meta}
             floats = ["qk_scale", "scale"]
             ints.update(Sq=S, Sk=S, Hq=Hq, GROUP=Hq // Hkv, NM=2,
                         n_tm=triton.cdiv(S, bm), n_tn=triton.cdiv(S, bn))
