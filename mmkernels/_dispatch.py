@@ -48,6 +48,11 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 log = logging.getLogger("mmkernels.dispatch")
 
 
+class NotForAuto(str):
+    """A reason a path is not chosen under ``auto`` although it can run the call (it would lose
+    the numerics rule there, say). ``use_path`` still runs it; the reason shows in ``explain()``."""
+
+
 class PathUnavailable(RuntimeError):
     """A path forced by :func:`use_path` cannot run the call (the message says why)."""
 
@@ -264,7 +269,7 @@ def _choose_eager(family: str, op: str, x: torch.Tensor, shape_class: str,
     can[KERNEL] = kb_why
     if _forced_paths and _forced_paths.top() in can:
         name = _forced_paths.top()
-        if can[name] is not None:
+        if can[name] is not None and not isinstance(can[name], NotForAuto):
             raise PathUnavailable(f"mmkernels: path {name!r} of {op} cannot run this call: {can[name]}")
         return _record(Decision(family, op, case, name, kb if name == KERNEL else None,
                                 "use_path forced"))

@@ -89,9 +89,26 @@ def _math_budget_reason(q, k) -> str | None:
     return None
 
 
+def fp32_gradient_reason(q, k, v, what: str) -> str | None:
+    """Why PyTorch's fused attention (``what``: SDPA, FlexAttention) is not chosen for float32
+    inputs that need gradients, or None. Their backward recomputes the probabilities from one
+    float32 log-sum-exp, whose rounding at large scores costs many times eager's error in
+    float32 (README, "Numerics"); the kernels keep the row max and the sum apart. In 16-bit
+    dtypes eager's own rounding dominates and they keep the twice-eager rule. A
+    :class:`~mmkernels._dispatch.NotForAuto` reason: ``use_path`` still runs them."""
+    if q.dtype == torch.float32 and _needs_grad(q, k, v):
+        return _dispatch.NotForAuto(
+            f"float32 with gradients: {what}'s backward recomputes the probabilities from one "
+            "rounded log-sum-exp, beyond twice eager's error at large scores (use_path runs it)")
+    return None
+
+
 def _sdpa_reason(q, k, v, mask, scale, return_lse) -> str | None:
     if return_lse:
         return "SDPA does not return the log-sum-exp (return_lse=True)"
+    why = fp32_gradient_reason(q, k, v, "SDPA")
+    if why:
+        return why
     kind = "none" if mask is None else mask.kind
     sq, sk = q.shape[2], k.shape[2]
     if kind == "causal" and sq != sk:
@@ -137,6 +154,9 @@ def _flex_reason(q, k, v, mask, return_lse) -> str | None:
             return "compiled FlexAttention on CPU does not return the log-sum-exp"
     elif q.device.type != "cuda":
         return f"FlexAttention runs on CPU and CUDA, not on {q.device.type} tensors"
+    why = fp32_gradient_reason(q, k, v, "FlexAttention")
+    if why:
+        return why
     if _flex_key(q, k, mask, return_lse) not in _flex_shapes and len(_flex_shapes) >= _recompile_limit():
         return (f"FlexAttention is already compiled for {len(_flex_shapes)} shapes, Dynamo's "
                 "recompile limit: another shape would run it eagerly with S x S scores")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention.paths import sdpa_fallback_reason
+from ..attention.paths import fp32_gradient_reason, sdpa_fallback_reason
 
 PATHS = ("sdpa",)
 
@@ -48,6 +48,8 @@ def eligibility(q, k, v, key_padding_mask, scale: float, dropout_p: float,
         why = "SDPA does not return the log-sum-exp (return_lse=True)"
     elif dropout_p > 0 and generator is not None:
         why = "SDPA draws its dropout from the default generator, not the given one"
+    elif fp32_gradient_reason(q, k, v, "SDPA"):
+        why = fp32_gradient_reason(q, k, v, "SDPA")
     else:
         keys = None  # a probe for SDPA's selector (not consulted inside a compiled graph)
         if key_padding_mask is not None and not torch.compiler.is_compiling():
