@@ -8,6 +8,7 @@
 | ``MMKERNELS_TUNING_FILE`` | first launch | a launch-configuration file for :mod:`mmkernels.tuning` to load |
 | ``TRITON_INTERPRET`` | at import | Triton's own switch: ``1`` runs the triton backend on CPU tensors |
 | ``TRITON_PTXAS_PATH``, ``TRITON_CUOBJDUMP_PATH`` | sm_90 compile tier | Triton's own: the ptxas / cuobjdump to use |
+| ``MMKERNELS_PROPERTY_SEED``, ``_CASE``, ``_BUDGET`` | property test tier | read by :mod:`mmkernels.testing.property` only: the run's seed, one case to replay, seconds per test |
 
 Tile sizes and other launch choices are not environment variables: see :mod:`mmkernels.tuning`.
 """
