@@ -41,14 +41,27 @@ def test_exact_eager_leaves_only_the_rounding_slack():
         assert_close((ref + torch.tensor([0.0, 1e-4], dtype=torch.float64)).float(), ref, eager=eager)
 
 
-def test_eager_factor_applies_only_to_a_documented_exception(monkeypatch):
+def test_an_exception_applies_only_where_documented(monkeypatch):
     from mmkernels import _dispatch
     from mmkernels.testing import numerics
-    exc = numerics.NumericsException("op_a", "sdpa", (None,), (torch.float32,), ("dq",), 6.0, "why")
+    exc = numerics.NumericsException("op_a", "kernel", ("cpu",), (torch.float32,), ("dq",), "bound_a", "why")
     monkeypatch.setattr(numerics, "NUMERICS_EXCEPTIONS", (exc,))
-    ran = _dispatch.Decision("family", "op_a", ("cpu", "float32", "*"), "sdpa", None, "table")
-    assert numerics.eager_factor([ran], torch.float32, "dq") == 6.0
-    assert numerics.eager_factor([ran], torch.float32, "dk") == 2.0
-    assert numerics.eager_factor([ran], torch.float16, "dq") == 2.0
-    assert numerics.eager_factor([ran._replace(path="kernel", backend="cpu")], torch.float32, "dq") == 2.0
-    assert numerics.eager_factor([], torch.float32, "dq") == 2.0
+    ran = _dispatch.Decision("family", "op_a", ("cpu", "float32", "*"), "kernel", "cpu", "table")
+    bounds = lambda: {"bound_a": {"dq": 0.5}}  # noqa: E731
+    assert numerics.exception_allowance([ran], torch.float32, "dq", bounds) == 0.5
+    assert numerics.exception_allowance([ran], torch.float32, "dk", bounds) == 0.0
+    assert numerics.exception_allowance([ran], torch.float16, "dq", bounds) == 0.0
+    assert numerics.exception_allowance([ran._replace(backend="triton")], torch.float32, "dq", bounds) == 0.0
+    assert numerics.exception_allowance([ran._replace(path="sdpa", backend=None)], torch.float32, "dq",
+                                        bounds) == 0.0
+    with pytest.raises(AssertionError, match="computed no allowance"):
+        numerics.exception_allowance([ran], torch.float32, "dq", None)
+
+
+def test_the_exception_bound_widens_the_eager_rule():
+    ref = torch.tensor([1e-3], dtype=torch.float64)
+    eager = (ref + 1e-6).float()
+    bad = (ref + 1e-4).float()
+    with pytest.raises(AssertionError, match="2x eager"):
+        assert_close(bad, ref, eager=eager)
+    assert_close(bad, ref, eager=eager, extra=1e-4)

@@ -20,7 +20,7 @@ import mmkernels
 from mmkernels import MultimodalMask
 from mmkernels.testing.property_check import check_op
 
-from tests.property.common import BACKENDS, TIERS, layouts, magnitude, run
+from tests.property.common import attention_allowance, BACKENDS, TIERS, layouts, magnitude, run
 
 MASKS = ("full", "causal", "key_padding", "prefix_lm", "blip2", "instructblip", "beit3_captioning", "packed",
          "image_spans", "custom")
@@ -111,8 +111,10 @@ def _check_attention(draw, backend):
     def fn(q, k, v):
         return mmkernels.multimodal_attention(q, k, v, mask, scale=scale)
 
+    cotangent = draw.randn(b, hq, sq, d, dtype=dtype)
     check_op(fn, values, dtype=dtype, backend=backend, grads=["q", "k", "v"],
-             layouts=layouts(draw, ["q", "k", "v"], {}), cotangent=draw.randn(b, hq, sq, d, dtype=dtype))
+             layouts=layouts(draw, ["q", "k", "v"], {}), cotangent=cotangent,
+             allowances=attention_allowance(fn, values, cotangent, dtype, scale))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,7 +19,7 @@ import torch
 import mmkernels
 from mmkernels.testing.property_check import check_op
 
-from tests.property.common import BACKENDS, TIERS, layouts, magnitude, run
+from tests.property.common import attention_allowance, BACKENDS, TIERS, layouts, magnitude, run
 
 
 def _check_cross_attention(draw, backend):
@@ -46,8 +46,10 @@ def _check_cross_attention(draw, backend):
         return mmkernels.cross_attention(q, k, v, key_padding_mask=padding, scale=scale, dropout_p=dropout,
                                          generator=torch.Generator().manual_seed(state))
 
+    cotangent = draw.randn(b, h, lq, d, dtype=dtype)
     check_op(fn, values, dtype=dtype, backend=backend, grads=["q", "k", "v"],
-             layouts=layouts(draw, ["q", "k", "v"], {}), cotangent=draw.randn(b, h, lq, d, dtype=dtype))
+             layouts=layouts(draw, ["q", "k", "v"], {}), cotangent=cotangent,
+             allowances=attention_allowance(fn, values, cotangent, dtype, scale))
 
 
 def _check_fused_kv(draw, backend):
