@@ -64,8 +64,9 @@ def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str
     with --regAllocOptLevel=2, so two of the default tiles spill there; on Triton >= 3.9
     (only) they are replaced by the largest tile that compiles for sm_90a with no spills:
     the 16-bit forward with BLOCK_M = 128 and D > 64 takes one stage instead of two (same
-    tile), and the exact-fp32 backward with D > 64 and one query block (dq in registers) takes
-    8 warps instead of 4 (same tile, its state spread over twice the threads).
+    tile). The exact-fp32 backward with D > 64 and one query block (dq in registers) takes 8
+    warps on every Triton (its state spread over twice the threads; with 4 it spills once the
+    row max and sum are read apart), as does the exact-fp32 forward at D = 64.
     """
     bd = block_d(D)
     bm = _block_m(Lq, max_block_m(kind, dtype, D, input_precision))
@@ -81,7 +82,7 @@ def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str
     if kind == "bwd":
         one_m = Lq <= bm
         if fma:
-            return XAttnConfig(bm, 16, 8 if (one_m and bd > 64 and triton_at_least(3, 9)) else 4, 1)
+            return XAttnConfig(bm, 16, 8 if (one_m and bd > 64) else 4, 1)
         if tf32:
             return XAttnConfig(bm, 64 if bd <= 64 else 16, 4, 1)
         if bd <= 64:
