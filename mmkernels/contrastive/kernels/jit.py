@@ -46,7 +46,7 @@ def _similarity_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, D, stride_qd, strid
 def stats_kernel(
     q_ptr, k_ptr, scale_ptr, tgt_ptr,
     row_lse_ptr, row_max_ptr, row_sum_ptr, pos_ptr,
-    col_max_ptr, col_sumexp_ptr, col_sum_ptr, col_count_ptr, lock_ptr, col_tmp_ptr, row_part_ptr,
+    col_max_ptr, col_sumexp_ptr, col_sum_ptr, lock_ptr, col_tmp_ptr, row_part_ptr,
     N, M, D, cols_per_split,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_t,
     WITH_COLUMNS: tl.constexpr,
@@ -62,13 +62,15 @@ def stats_kernel(
     ``tgt [N]`` int64. With one split, writes the fp32 ``[N]`` row outputs (``row_lse``:
     the log-sum-exp relative to the max, ``row_sum``: the sum of ``l - max``; see ``ops.py``);
     with several, the partial row statistics ``row_part [4, splits, N]``, each relative to its
-    own max. Column statistics are merged into ``col_max``/``col_sumexp``/``col_sum``/
-    ``col_count [M]`` (zero-filled: a sum-exp of 0 marks a column nothing was merged into
-    yet; ``col_sum`` relative to ``col_max``, ``col_count`` the rows merged) under
-    ``lock [column blocks]``, bounced through ``col_tmp`` (3 * BLOCK_N floats per program).
-    ``finalize_kernel`` merges the splits and turns the column sums into log-sums.
-    Every sum of logits is kept relative to the running max and moved with it (``count *
-    (old max - new max)``), so label smoothing never cancels logits in the thousands.
+    own max. Column statistics are merged into ``col_max``/``col_sumexp``/``col_sum [M]``
+    (zero-filled: a sum-exp of 0 marks a column nothing was merged into yet; ``col_sum``
+    the plain sum) under ``lock [column blocks]``, bounced through ``col_tmp`` (3 * BLOCK_N
+    floats per program). ``finalize_kernel`` merges the splits, turns the column sum-exps
+    into log-sums and the column sums into sums relative to the max. A row's sum is kept
+    relative to its running max and moved with it (``count * (old max - new max)``), each
+    tile's plain sum made relative to the max as it is merged: label smoothing cancels
+    logits over one tile at most, not over a whole row. (The column sums stay plain: the
+    merge under the lock has no registers to spare for a count.)
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -89,7 +91,6 @@ def stats_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     if WITH_COLUMNS:
         offs_n_c = tl.arange(0, BLOCK_N)  # separate range: gets its own compact layout
-        t_rows = tl.sum(row_ok.to(tl.float32), 0)  # this block's rows, merged into every column
         tmp_row_ptr = col_tmp_ptr + (pid * n_splits + split).to(tl.int64) * (3 * BLOCK_N)
 
     # this program's column blocks: split `split` of the columns (cols_per_split is a multiple
@@ -112,8 +113,12 @@ def stats_kernel(
         # plain sums over the tile only see valid logits (non-finite inputs
         # give NaN there, which only ever lands in rows/columns that are NaN).
         logits = acc * scale
+        row_s = tl.sum(logits, 1)
         p_i += tl.sum(tl.where(offs_n[None, :] == (tgt - n0)[:, None], logits, 0.0), 1)
         if WITH_COLUMNS:
+            # plain column sums (padded rows hold exact zeros), made relative to the column
+            # max by finalize_kernel
+            c_s = tl.sum(logits, 0)
             # one masked tile for both directions: padded rows are never
             # stored as row stats, padded columns never merged as column stats
             l = tl.where(row_ok[:, None] & col_ok[None, :], logits, float("-inf"))
@@ -126,9 +131,11 @@ def stats_kernel(
         m_old = tl.where(m_i == float("-inf"), 0.0, m_i)
         alpha = tl.exp(m_i - m_use)
         d_i = d_i * alpha + tl.sum(tl.exp(l - m_use[:, None]), 1)
-        s_i = s_i + c_i * (m_old - m_use) \
-            + tl.sum(tl.where(col_ok[None, :], logits - m_use[:, None], 0.0), 1)
-        c_i += tl.sum(col_ok.to(tl.float32), 0)
+        # the tile's plain sums (padded columns hold exact zeros) made relative to the new max:
+        # the cancellation spans one tile's columns, the running sum moves with the max
+        n_ok = tl.minimum(M - n0, BLOCK_N).to(tl.float32)
+        s_i = s_i + c_i * (m_old - m_use) + (row_s - n_ok * m_use)
+        c_i += n_ok
         m_i = m_new
 
         # ---- columns: tile stats over this block's rows, merged under a lock
@@ -136,7 +143,6 @@ def stats_kernel(
             c_max = tl.max(l, 0)
             c_use = tl.where(c_max == float("-inf"), 0.0, c_max)
             c_d = tl.sum(tl.exp(l - c_use[None, :]), 0)
-            c_s = tl.sum(tl.where(row_ok[:, None], logits - c_use[None, :], 0.0), 0)
             # The column reductions come out in the MMA accumulator's slice
             # layout: every thread holds a quarter of the BLOCK_N columns,
             # replicated across warps, and a merge done in that layout needs
@@ -163,18 +169,13 @@ def stats_kernel(
             g_max = tl.load(col_max_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             g_d = tl.load(col_sumexp_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             g_s = tl.load(col_sum_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
-            g_c = tl.load(col_count_ptr + cols_c64, mask=ok_c, other=0.0, cache_modifier=".cg")
             empty = g_d == 0.0
             n_max = tl.where(empty, t_max, tl.maximum(g_max, t_max))
             n_use = tl.where(n_max == float("-inf"), 0.0, n_max)
-            g_use = tl.where(g_max == float("-inf"), 0.0, g_max)
-            t_use = tl.where(t_max == float("-inf"), 0.0, t_max)
             n_d = tl.where(empty, 0.0, g_d * tl.exp(g_max - n_use)) + t_d * tl.exp(t_max - n_use)
-            n_s = tl.where(empty, 0.0, g_s + g_c * (g_use - n_use)) + t_s + t_rows * (t_use - n_use)
             tl.store(col_max_ptr + cols_c64, n_max, mask=ok_c)
             tl.store(col_sumexp_ptr + cols_c64, n_d, mask=ok_c)
-            tl.store(col_sum_ptr + cols_c64, n_s, mask=ok_c)
-            tl.store(col_count_ptr + cols_c64, tl.where(empty, 0.0, g_c) + t_rows, mask=ok_c)
+            tl.store(col_sum_ptr + cols_c64, g_s + t_s, mask=ok_c)
             # every thread's stores are issued before the (single-thread)
             # release; also keeps the scratch row from being overwritten by
             # the next tile before everyone has read it
@@ -206,7 +207,7 @@ def finalize_kernel(
     """One launch after ``stats_kernel``: program ``p`` merges the split row statistics of rows
     ``[p * BLOCK, (p + 1) * BLOCK)`` (``MERGE_ROWS``; split ``s`` covers ``cols_per_split``
     columns from ``s * cols_per_split``) and writes the column outputs of the same range of
-    columns from ``col_buf [4, M]`` (max, sum-exp, sum relative to the max, rows merged)."""
+    columns from ``col_buf [3, M]`` (max, sum-exp, plain sum over the N rows)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     offs64 = offs.to(tl.int64)
@@ -238,9 +239,10 @@ def finalize_kernel(
         c_max = tl.load(col_buf_ptr + offs64, mask=ok_c, other=0.0)
         c_d = tl.load(col_buf_ptr + M + offs64, mask=ok_c, other=1.0)
         c_s = tl.load(col_buf_ptr + 2 * M + offs64, mask=ok_c, other=0.0)
+        c_use = tl.where(c_max == float("-inf"), 0.0, c_max)
         tl.store(col_lse_ptr + offs64, tl.log(c_d), mask=ok_c)
         tl.store(col_max_ptr + offs64, c_max, mask=ok_c)
-        tl.store(col_sum_ptr + offs64, c_s, mask=ok_c)
+        tl.store(col_sum_ptr + offs64, c_s - N * c_use, mask=ok_c)
 
 
 @triton.jit

@@ -126,18 +126,17 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     split_cols = cols_per_split(N, M, min_bm, max_bn, dev, col_splits)
     n_splits = triton.cdiv(max(M, 1), split_cols)
     if with_columns:
-        # one zero fill for the column buffers [4, M] (max, sum-exp, sum, rows merged) and the
-        # locks
+        # one zero fill for the column buffers [3, M] (max, sum-exp, sum) and the locks
         n_locks = triton.cdiv(max(M, 1), min_bn)
-        col_buf = torch.zeros(4 * M + n_locks, dtype=f32, device=dev)
-        col_max_b, col_sumexp, col_sum_b, col_count = (col_buf[i * M:(i + 1) * M] for i in range(4))
-        locks = col_buf[4 * M:].view(torch.int32)
+        col_buf = torch.zeros(3 * M + n_locks, dtype=f32, device=dev)
+        col_max_b, col_sumexp, col_sum_b = col_buf[:M], col_buf[M:2 * M], col_buf[2 * M:3 * M]
+        locks = col_buf[3 * M:].view(torch.int32)
         # one scratch row of 3 x BLOCK_N floats per program (see the kernel)
         col_tmp = torch.empty(triton.cdiv(max(N, 1), min_bm) * n_splits * 3 * max_bn, dtype=f32,
                               device=dev)
     else:
         # never dereferenced (WITH_COLUMNS is a constexpr); real buffers, not null pointers
-        col_buf = col_max_b = col_sumexp = col_sum_b = col_count = col_tmp = row_lse
+        col_buf = col_max_b = col_sumexp = col_sum_b = col_tmp = row_lse
         locks = row_lse.view(torch.int32)
     row_part = torch.empty(4 * n_splits * N if n_splits > 1 else 1, dtype=f32, device=dev)
     col_lse = torch.empty(M if with_columns else 0, dtype=f32, device=dev)
@@ -147,7 +146,7 @@ def contrastive_stats_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tens
     if N > 0 and M > 0:
         args = (q, k, scale_t, targets,
                 row_lse, row_max, row_sum, pos,
-                col_max_b, col_sumexp, col_sum_b, col_count, locks, col_tmp, row_part,
+                col_max_b, col_sumexp, col_sum_b, locks, col_tmp, row_part,
                 N, M, D, split_cols,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), targets.stride(0))
         _launch("stats", lambda bm, bn: (triton.cdiv(N, bm), n_splits), args, q.dtype, D,
