@@ -30,14 +30,26 @@ def max_similarity(q: torch.Tensor, k: torch.Tensor) -> float:
     return max(float(s.abs().max()), 1e-30)
 
 
-def scale_for(draw, dtype, similarity: float, lo: float = 1e-2, hi: float = 1e4) -> float:
+#: The largest ``|logit|`` and the range of logit scales (temperatures 1 to 0.01) the tier draws
+#: for the contrastive family: the rule holds there for every loss; beyond, README's "Numerics"
+#: lists where it does not (the ITC unit, SigLIP, token-level and distillation terms), and
+#: tests/contrastive/test_large_logits.py holds the core loss to it on fixed cases up to
+#: |logit| ~2000.
+MAX_LOGIT = 30.0
+MIN_SCALE, MAX_SCALE = 1.0, 100.0
+
+
+def scale_for(draw, dtype, similarity: float, lo: float = 1e-2, hi: float = MAX_LOGIT) -> float:
     """A logit scale that makes ``max |logit|`` log-uniform in ``[lo, hi]`` (``hi`` lowered to
-    what ``dtype`` holds), the scale itself kept representable in ``dtype`` (eager multiplies in
-    it). Rejects features whose similarities the dtype cannot hold (eager computes them in it)."""
+    what ``dtype`` holds), the scale in ``[MIN_SCALE, MAX_SCALE]`` (MAX_SCALE: CLIP's clamp) and
+    representable in ``dtype`` (eager multiplies in it). Rejects features whose similarities the
+    dtype cannot hold (eager computes them in it) or that exceed ``hi`` at ``MIN_SCALE``."""
     if similarity > safe_magnitude(dtype):
         raise Rejected(f"similarity {similarity:.3g} overflows {dtype}")
+    if similarity * MIN_SCALE > hi:
+        raise Rejected(f"similarity {similarity:.3g} gives logits beyond {hi:g} at scale {MIN_SCALE:g}")
     target = magnitude(draw, "max_logit", dtype, lo, hi)
-    return draw.note("logit_scale", min(target / similarity, safe_magnitude(dtype)))
+    return draw.note("logit_scale", max(MIN_SCALE, min(target / similarity, MAX_SCALE, safe_magnitude(dtype))))
 
 
 def logit_scale(draw, dtype, similarity: float, values: dict, grads: list, dtypes: dict):
