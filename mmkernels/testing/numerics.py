@@ -40,12 +40,16 @@ def tolerance(dtype, scale: float = 1.0) -> tuple[float, float]:
 
 
 def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype=None, *, eager: torch.Tensor | None = None,
-                 scale: float = 1.0, name: str = "output", extra: float = 0.0) -> None:
+                 scale: float = 1.0, name: str = "output", extra: float = 0.0,
+                 magnitude: float | None = None) -> None:
     """Assert ``actual`` matches the float64 ``reference`` under the table's tolerance for ``dtype``.
 
     ``dtype`` defaults to ``actual.dtype``. ``eager``: the same quantity computed by eager
     PyTorch in ``dtype``; when given, an output outside the elementwise bound still passes if
     ``max|actual - ref| <= 2 * max|eager - ref| + atol + eps(dtype) * max|ref|``.
+    ``magnitude``: the scale of the terms the quantity sums, when known (the reference run on
+    the inputs' absolute values); the rounding step is taken there when larger than
+    ``max|ref|``, as an ill-conditioned sum's error follows its terms, not its result.
     ``extra`` widens that bound only for the documented exceptions
     (:data:`NUMERICS_EXCEPTIONS`): the rounding bound of the term that exceeds the rule.
     """
@@ -70,7 +74,7 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype=None, *, e
         raise AssertionError(message)
     ea = eager.detach().to(torch.float64).cpu()
     e = torch.where(ea == r, torch.zeros_like(ea), (ea - r).abs())[finite]
-    step = _eps(dtype) * float(r[finite].abs().max()) if err.numel() else 0.0
+    step = _eps(dtype) * max(float(r[finite].abs().max()) if err.numel() else 0.0, magnitude or 0.0)
     if err.max() > 2 * e.max() + atol + step + extra:
         raise AssertionError(f"{message}, and more than 2x eager PyTorch's max error "
                              f"{e.max().item():.3g} plus one rounding step at the largest value "
@@ -114,12 +118,21 @@ _UNIT_WHY = ("open: the ITC unit (itc_rows_loss, momentum_itc_loss, blip2_itc_lo
              "ordinary sizes in some cases and far more at large logits")
 _UNIT_PATHS = (("kernel", ("cpu", "triton")), ("blockwise", (None,)), ("materialized", (None,)))
 
+_EXPERTS_WHY = ("ill-conditioned reductions: a LayerNorm whose mean is many times its spread, "
+                "or hidden sums whose terms far exceed their result; eager's error there is near "
+                "zero by chance on some draws, and the twice-eager rule compares two realisations "
+                "of the same rounding")
+_EXPERTS_PATHS = (("kernel", ("cpu", "triton")), ("grouped_mm", (None,)), ("batched", (None,)))
+
 #: The documented exceptions to the twice-eager rule; README.md's "Numerics" lists the same.
-#: ``allowance="table"``: within eight times the tolerance table's bound at the quantity's
-#: largest value (computed by the check itself), the measured ceiling of the open cases.
+#: ``allowance="table"``: eight times the tolerance table's bound at the scale of the quantity's
+#: largest value or of the terms it sums, or ten times eager's error (computed by the check).
 NUMERICS_EXCEPTIONS: tuple[NumericsException, ...] = tuple(
     NumericsException(op, path, backends, _FLOATS, ("out", "*"), "table", _UNIT_WHY)
-    for op in ("itc_loss", "siglip_loss") for path, backends in _UNIT_PATHS) + (
+    for op in ("itc_loss", "siglip_loss") for path, backends in _UNIT_PATHS) + tuple(
+    NumericsException(op, path, backends, _FLOATS, ("out", "*"), "table", _EXPERTS_WHY)
+    for op in ("modality_linear", "modality_ffn", "modality_layer_norm")
+    for path, backends in _EXPERTS_PATHS) + (
     NumericsException("multimodal_attention", "kernel", ("cpu", "triton"), _FLOATS, _ATTENTION_QUANTITIES,
                       "attention", _ATTENTION_WHY),
     NumericsException("cross_attention", "kernel", ("cpu", "triton"), _FLOATS, _ATTENTION_QUANTITIES,

@@ -58,7 +58,8 @@ def _fits(ref: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def check_op(fn: Callable, values: dict, *, dtype: torch.dtype, backend: str, grads=(), dtypes=None,
              layouts=None, cotangent: torch.Tensor | None = None, kwargs=None,
-             tolerance_dtype: dict | None = None, allowances: Callable[[], dict] | None = None) -> dict:
+             tolerance_dtype: dict | None = None, allowances: Callable[[], dict] | None = None,
+             op: str | None = None) -> dict:
     """Check one case of ``fn`` on ``backend`` against the float64 reference with the eager rule.
 
     Args:
@@ -76,6 +77,9 @@ def check_op(fn: Callable, values: dict, *, dtype: torch.dtype, backend: str, gr
         allowances: computes ``{allowance name: {quantity: bound}}`` for the documented
             exceptions (:data:`~mmkernels.testing.numerics.NUMERICS_EXCEPTIONS`) that can apply
             to the op; called only when one does.
+        op: the op's name, for an op that records no dispatch decision (it always runs its
+            kernels, or the reference under that backend): the exceptions are looked up as
+            if it had recorded running ``"kernel"`` on the backend that ran it.
 
     Returns the backend's results ``{"out": ..., "d<name>": ...}``. Raises ``AssertionError``
     naming the quantity, its error and eager's, or :class:`Rejected`.
@@ -89,8 +93,25 @@ def check_op(fn: Callable, values: dict, *, dtype: torch.dtype, backend: str, gr
     for name, r in ref.items():
         if not _fits(r, eager[name], (tolerance_dtype or {}).get(name, dtype)):
             raise Rejected(name)
+    # the scale of the terms each quantity sums: the float64 reference on |inputs|, |cotangent|
+    absolute = {n: v.abs() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for n, v in values.items()}
+    try:
+        terms = _run(fn, absolute, grads, {n: torch.float64 for n in values}, {}, "reference",
+                     None if cotangent is None else cotangent.abs(), kwargs)
+        terms.pop("decisions")
+        magnitudes = {n: float(t.abs().nan_to_num(0, 0, 0).max()) if t.numel() else 0.0
+                      for n, t in terms.items()}
+    except (RuntimeError, ValueError):  # an op that rejects such inputs: the result's scale
+        magnitudes = {}
     actual = _run(fn, values, grads, dtypes, layouts or {}, backend, cotangent, kwargs)
     decisions = actual.pop("decisions")
+    if not decisions and op is not None:
+        device = next(v.device for v in values.values() if isinstance(v, torch.Tensor))
+        with _backend.backend(backend):
+            ran = _backend.resolve(device)
+        if ran != "reference":
+            decisions = [_dispatch.Decision("", op, (), "kernel", ran, "records no decision")]
     user_allowances = allowances
 
     @functools.lru_cache(maxsize=1)
@@ -99,18 +120,22 @@ def check_op(fn: Callable, values: dict, *, dtype: torch.dtype, backend: str, gr
         bounds["table"] = {}
         for q, r in ref.items():
             atol, rtol = tolerance((tolerance_dtype or {}).get(q, dtype))
-            bounds["table"][q] = 7 * (atol + rtol * float(r.abs().max())) if r.numel() else 0.0
+            scale = max(float(r.abs().max()) if r.numel() else 0.0, magnitudes.get(q, 0.0))
+            gap = (eager[q].to(torch.float64) - r).abs().nan_to_num(0, 0, 0)
+            eager_err = float(gap.max()) if gap.numel() else 0.0
+            bounds["table"][q] = 7 * (atol + rtol * scale) + 8 * eager_err
         return bounds
     for name, r in ref.items():
         a = actual[name]
         if a.dtype != eager[name].dtype:
             raise AssertionError(f"{name}: dtype {a.dtype}, eager PyTorch gives {eager[name].dtype}")
         tol = (tolerance_dtype or {}).get(name, dtype)
+        mag = magnitudes.get(name)
         try:
-            assert_close(a, r, tol, eager=eager[name], name=name)
+            assert_close(a, r, tol, eager=eager[name], name=name, magnitude=mag)
         except AssertionError:
             extra = exception_allowance(decisions, dtype, name, allowances)
             if not extra:
                 raise
-            assert_close(a, r, tol, eager=eager[name], name=name, extra=extra)
+            assert_close(a, r, tol, eager=eager[name], name=name, extra=extra, magnitude=mag)
     return actual

@@ -60,6 +60,8 @@ def _check_fused_kv(draw, backend):
     hd = heads * draw.size("head_dim", 32, tiles=(8, 16))
     x_mag = magnitude(draw, "x_magnitude", dtype, 1e-2, 1e2)
     out_mag = magnitude(draw, "out_magnitude", dtype, 1e-3, 1e3)
+    if dtype == torch.float16:  # weights up to 1e3: beyond, an open bug (README, "Numerics")
+        out_mag = min(out_mag, 1e3 * x_mag * math.sqrt(c))
     values = {"image_embeds": draw.randn(b, lk, c, scale=x_mag, dtype=dtype)}
     bias = draw.flag("bias")
     for i in range(layers):

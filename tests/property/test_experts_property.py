@@ -149,7 +149,7 @@ def _check_layer_norm(draw, backend):
 
     dtypes = {n: (dtype if n == "x" else w_dtype) for n in values}
     check_op(fn, values, dtype=dtype, backend=backend, grads=list(values), dtypes=dtypes,
-             layouts=layouts(draw, ["x"], {"x": len(lead) + 1}),
+             op="modality_layer_norm", layouts=layouts(draw, ["x"], {"x": len(lead) + 1}),
              cotangent=draw.randn(*lead, h, dtype=dtype))
 
 
