@@ -134,8 +134,9 @@ def heuristic_config(dtype: torch.dtype, D: int, input_precision: str) -> TileCo
     bk = _block_k(dtype, D, input_precision)
     if dtype == torch.float32 and input_precision == "ieee":
         # exact fp32 products: no tensor cores, FMA dot (with 8 warps ptxas caps these kernels'
-        # registers per thread, and they spill when D % 16 != 0)
-        return TileConfig(32, 64, bk, 4, 2)
+        # registers per thread, and they spill when D % 16 != 0); Triton >= 3.9 with D % 16 != 0:
+        # one stage (two spill once the rows kernel keeps its sums relative to the max)
+        return TileConfig(32, 64, bk, 4, 1 if _triton39_unaligned(dtype, D, input_precision) else 2)
     if _triton39_unaligned(dtype, D, input_precision):
         return TileConfig(64, 64, 32, 8, 3) if dtype == torch.float32 else TileConfig(128, 64, 32, 8, 3)
     return TileConfig(128, 64, bk, 8, 3)
@@ -147,7 +148,7 @@ def autotune_configs(dtype: torch.dtype, D: int, input_precision: str) -> list[T
     if dtype == torch.float32 and input_precision == "ieee":
         # (64x32x16 and 32x32x32 spill a few bytes with Triton 3.9's ptxas)
         if _triton39_unaligned(dtype, D, input_precision):
-            return [TileConfig(32, 64, bk, 4, 2), TileConfig(32, 64, 32, 8, 2)]
+            return [TileConfig(32, 64, bk, 4, 1), TileConfig(32, 64, 32, 8, 2)]
         return [TileConfig(32, 64, bk, 4, 2), TileConfig(32, 64, 32, 4, 2)]
     if _triton39_unaligned(dtype, D, input_precision):
         if dtype == torch.float32:

@@ -73,8 +73,10 @@ def heuristic_config(kind: str, dtype: torch.dtype, D: int, input_precision: str
     fma = dtype == torch.float32 and input_precision == "ieee"  # exact fp32: FMA dot
     tf32 = dtype == torch.float32 and not fma
     if kind == "fwd":
-        if fma:  # 8 warps at D = 64: with 4, storing the row max and sum spills (with dropout)
-            return XAttnConfig(bm, 32 if bd <= 64 else 16, 8 if bd == 64 else 4, 2)
+        if fma:  # Triton < 3.9, D = 64: 8 warps (with 4, storing the row max and sum spills
+            # with dropout); Triton >= 3.9 caps 8 warps at 64 registers and spills, 4 fit there
+            return XAttnConfig(bm, 32 if bd <= 64 else 16,
+                               8 if (bd == 64 and not triton_at_least(3, 9)) else 4, 2)
         if tf32:
             return XAttnConfig(bm, 32, 4, 2)
         stages = 1 if (bm == 128 and bd > 64 and triton_at_least(3, 9)) else 2
