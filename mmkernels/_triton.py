@@ -211,13 +211,6 @@ def softmax_lse(m_i, l_i):
 
 
 @triton.jit
-def lse_log2(lse):
-    """A saved natural-log ``lse`` in the log2 domain, with ``-inf`` (rows that saw no key) turned
-    into ``+inf`` so that ``exp2(s - lse2)`` is 0 there."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-
-
-@triton.jit
 def block_range(pid, BLOCK: tl.constexpr, n):
     """Block ``pid`` of ``BLOCK`` indices along a dimension of length ``n``:
     ``(idx int32 [BLOCK], idx < n, idx int64)``."""
@@ -244,29 +237,6 @@ def load_rows(base, rows64, stride_s, stride_d, offs_d64, msk, DOT_UPCAST: tl.co
 
 
 @triton.jit
-def bwd_query_rows(q_base, do_base, lse_ptr, delta_ptr, row_base, rows64, row_ok, d_ok, offs_d64,
-                   stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST: tl.constexpr):
-    """What a flash-attention backward reads of one query block: ``(qd_msk [BLOCK_M, BLOCK_D],
-    q, dO [BLOCK_M, BLOCK_D] (input dtype, fp32 with DOT_UPCAST), lse2, delta fp32 [BLOCK_M])``.
-
-    ``row_base + rows64`` index the fp32 ``lse``/``delta`` rows. Rows past the end
-    (``~row_ok``) and rows that saw no key get ``lse2 = +inf``, so ``P = exp2(s - lse2) = 0``.
-    """
-    qd_msk = row_ok[:, None] & d_ok[None, :]
-    qt = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
-                 mask=qd_msk, other=0.0)
-    dot_ = tl.load(do_base + rows64[:, None] * stride_dos + offs_d64[None, :] * stride_dod,
-                   mask=qd_msk, other=0.0)
-    if DOT_UPCAST:
-        qt = qt.to(tl.float32)
-        dot_ = dot_.to(tl.float32)
-    lse = tl.load(lse_ptr + row_base + rows64, mask=row_ok, other=float("inf"))
-    lse2 = lse_log2(lse)
-    delta = tl.load(delta_ptr + row_base + rows64, mask=row_ok, other=0.0)
-    return qd_msk, qt, dot_, lse2, delta
-
-
-@triton.jit
 def load_row_stats(m_ptr, l_ptr, idx, ok):
     """The saved softmax statistics of the rows at ``idx``: ``(m2, inv_l)`` fp32, where ``m2`` is
     the row max in the kernel's score domain and ``inv_l = 1 / l`` of the row sum
@@ -282,8 +252,10 @@ def load_row_stats(m_ptr, l_ptr, idx, ok):
 @triton.jit
 def bwd_query_rows_stats(q_base, do_base, m_ptr, l_ptr, delta_ptr, row_base, rows64, row_ok, d_ok,
                          offs_d64, stride_qs, stride_qd, stride_dos, stride_dod, DOT_UPCAST: tl.constexpr):
-    """As :func:`bwd_query_rows`, with the row statistics as :func:`load_row_stats` gives them:
-    ``(qd_msk, q, dO, m2, inv_l, delta)``."""
+    """What a flash-attention backward reads of one query block: ``(qd_msk [BLOCK_M, BLOCK_D],
+    q, dO [BLOCK_M, BLOCK_D] (input dtype, fp32 with DOT_UPCAST), m2, inv_l, delta fp32
+    [BLOCK_M])``, the row statistics as :func:`load_row_stats` gives them (``row_base + rows64``
+    index the fp32 ``m``/``l``/``delta`` rows; rows past the end get ``P = 0``)."""
     qd_msk = row_ok[:, None] & d_ok[None, :]
     qt = tl.load(q_base + rows64[:, None] * stride_qs + offs_d64[None, :] * stride_qd,
                  mask=qd_msk, other=0.0)
