@@ -192,11 +192,7 @@ SETS = [
 # feature gradients beyond twice those of the papers' code, and so does the unit's own
 # materialised form of momentum distillation.
 _ITC_BF16 = "itc unit, bfloat16: feature gradients beyond twice eager's error"
-KNOWN = {("reference", "momentum_itc", 1.0, torch.bfloat16): _ITC_BF16,
-         ("cpu", "itc_rows", 1.0, torch.bfloat16): _ITC_BF16,
-         ("cpu", "momentum_itc", 1.0, torch.bfloat16): _ITC_BF16,
-         ("blockwise", "itc_rows", 1.0, torch.bfloat16): _ITC_BF16,
-         ("blockwise", "momentum_itc", 1.0, torch.bfloat16): _ITC_BF16}
+KNOWN = {("reference", "momentum_itc", 1.0, torch.bfloat16): _ITC_BF16}
 
 
 def _params():
