@@ -106,9 +106,6 @@ def fp32_gradient_reason(q, k, v, what: str) -> str | None:
 def _sdpa_reason(q, k, v, mask, scale, return_lse) -> str | None:
     if return_lse:
         return "SDPA does not return the log-sum-exp (return_lse=True)"
-    why = fp32_gradient_reason(q, k, v, "SDPA")
-    if why:
-        return why
     kind = "none" if mask is None else mask.kind
     sq, sk = q.shape[2], k.shape[2]
     if kind == "causal" and sq != sk:
@@ -119,7 +116,9 @@ def _sdpa_reason(q, k, v, mask, scale, return_lse) -> str | None:
     if kind == "key_padding" and not torch.compiler.is_compiling():  # a probe for the selector
         attn_mask = torch.empty((q.shape[0], 1, 1, sk), dtype=torch.bool, device=q.device)
     gqa = q.shape[1] != k.shape[1]
-    return sdpa_fallback_reason(q, k, v, attn_mask, 0.0, kind == "causal", gqa, scale)
+    # a reason it cannot run first: use_path runs past a NotForAuto reason only
+    return (sdpa_fallback_reason(q, k, v, attn_mask, 0.0, kind == "causal", gqa, scale)
+            or fp32_gradient_reason(q, k, v, "SDPA"))
 
 
 def _varlen_reason(q, k, v, mask, return_lse) -> str | None:
@@ -154,13 +153,10 @@ def _flex_reason(q, k, v, mask, return_lse) -> str | None:
             return "compiled FlexAttention on CPU does not return the log-sum-exp"
     elif q.device.type != "cuda":
         return f"FlexAttention runs on CPU and CUDA, not on {q.device.type} tensors"
-    why = fp32_gradient_reason(q, k, v, "FlexAttention")
-    if why:
-        return why
     if _flex_key(q, k, mask, return_lse) not in _flex_shapes and len(_flex_shapes) >= _recompile_limit():
         return (f"FlexAttention is already compiled for {len(_flex_shapes)} shapes, Dynamo's "
                 "recompile limit: another shape would run it eagerly with S x S scores")
-    return None
+    return fp32_gradient_reason(q, k, v, "FlexAttention")  # last: use_path may run past it
 
 
 def eligibility(q, k, v, mask, scale: float, return_lse: bool) -> dict[str, str | None]:

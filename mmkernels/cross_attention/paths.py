@@ -48,13 +48,13 @@ def eligibility(q, k, v, key_padding_mask, scale: float, dropout_p: float,
         why = "SDPA does not return the log-sum-exp (return_lse=True)"
     elif dropout_p > 0 and generator is not None:
         why = "SDPA draws its dropout from the default generator, not the given one"
-    elif fp32_gradient_reason(q, k, v, "SDPA"):
-        why = fp32_gradient_reason(q, k, v, "SDPA")
     else:
         keys = None  # a probe for SDPA's selector (not consulted inside a compiled graph)
         if key_padding_mask is not None and not torch.compiler.is_compiling():
             keys = torch.empty((q.shape[0], 1, 1, k.shape[2]), dtype=torch.bool, device=q.device)
-        why = sdpa_fallback_reason(q, k, v, keys, dropout_p, False, False, scale)
+        # a reason it cannot run first: use_path runs past a NotForAuto reason only
+        why = (sdpa_fallback_reason(q, k, v, keys, dropout_p, False, False, scale)
+               or fp32_gradient_reason(q, k, v, "SDPA"))
     return {"sdpa": why}
 
 

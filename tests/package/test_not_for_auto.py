@@ -38,3 +38,12 @@ def test_auto_skips_sdpa_but_use_path_runs_it():
     assert log.paths() == ["sdpa"]
     out.sum().backward()
     assert q.grad is not None
+
+
+def test_a_path_that_cannot_run_still_says_so_under_use_path():
+    """The NotForAuto reason never hides a reason the path cannot run the call at all."""
+    q, k, v = _qkv(torch.float32, True)
+    mask = mmkernels.MultimodalMask.blip2(4, torch.tensor([12, 9]), 12, "itg")
+    with pytest.raises(_dispatch.PathUnavailable, match="SDPA serves"):
+        with mmkernels.use_path("sdpa"):
+            mmkernels.multimodal_attention(q, k, v, mask)
